@@ -1,0 +1,85 @@
+"""`python -m allocator <command> [hydra overrides]` with commands search, profile, export, verify."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+USAGE = "usage: python -m allocator {search,profile,export,verify} [key=value ...] [-m for sweeps]"
+COMMANDS = ("search", "profile", "export", "verify")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger("allocator")
+
+
+def _known_options(group: str) -> set[str]:
+    return {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+
+
+def rewrite_shorthands(overrides: list[str]) -> list[str]:
+    """`model=<path or hub id>` and `data=<text file or dir>` are accepted beside the named configs."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key == "model" and value not in _known_options("model"):
+            out.append(f"model.name={value}")
+        elif sep and key == "data" and value not in _known_options("data"):
+            out += ["data=files", f"data.paths=[{value}]"]
+        else:
+            out.append(item)
+    return out
+
+
+def _task(command: str):
+    def task(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        from allocator.errors import UserInputError
+        from search import InfeasibleBudget
+
+        job = OmegaConf.to_object(cfg)
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            if command == "search":
+                from allocator.search_job import run_search
+
+                run_search(job, out_dir)
+            elif command == "profile":
+                from allocator.profile_job import run_profile
+
+                run_profile(job)
+            elif command == "export":
+                from allocator.export_job import run_export
+
+                run_export(job, out_dir)
+            else:
+                from allocator.verify_job import run_verify
+
+                run_verify(job)
+        except (UserInputError, InfeasibleBudget, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    return task
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"unknown command {argv[0]!r}", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    command = argv[0]
+    import hydra
+
+    from allocator.config import register_configs
+
+    register_configs()
+    sys.argv = [f"allocator {command}", *rewrite_shorthands(argv[1:])]
+    hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")(_task(command))()
+
+
+if __name__ == "__main__":
+    main()

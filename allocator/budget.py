@@ -1,0 +1,51 @@
+"""Budgets: validate early, turn a speedup or latency target into the knapsack's capacity, name the reachable range."""
+
+from __future__ import annotations
+
+from allocator.config import BudgetConfig
+from allocator.errors import UserInputError
+from allocator.space import Unit
+from profilers.table import RegimeCosts
+
+
+def validate_budget(cfg: BudgetConfig) -> None:
+    if (cfg.speedup is None) == (cfg.latency_ms is None):
+        raise UserInputError(
+            f"set exactly one of budget.speedup ({cfg.speedup}) and budget.latency_ms ({cfg.latency_ms}); "
+            "for a latency target use: budget=latency budget.latency_ms=<ms>"
+        )
+    if cfg.speedup is not None and cfg.speedup < 1.0:
+        raise UserInputError(f"budget.speedup={cfg.speedup} must be >= 1.0 (relative to the dense model)")
+    if cfg.latency_ms is not None and cfg.latency_ms <= 0:
+        raise UserInputError(f"budget.latency_ms={cfg.latency_ms} must be > 0")
+
+
+def unit_costs(costs: RegimeCosts, unit: Unit) -> list[float]:
+    return [costs.unit_ms[unit.kind][k] for k in unit.options]
+
+
+def predicted_dense_ms(costs: RegimeCosts, units: list[Unit]) -> float:
+    return costs.fixed_ms + sum(costs.unit_ms[u.kind][u.full] for u in units)
+
+
+def predicted_min_ms(costs: RegimeCosts, units: list[Unit]) -> float:
+    return costs.fixed_ms + sum(min(unit_costs(costs, u)) for u in units)
+
+
+def predicted_ms(costs: RegimeCosts, units: list[Unit], allocation: dict[str, int]) -> float:
+    return costs.fixed_ms + sum(costs.unit_ms[u.kind][allocation[u.name]] for u in units)
+
+
+def target_latency_ms(cfg: BudgetConfig, costs: RegimeCosts, units: list[Unit], profile: str) -> float:
+    """The latency the pruned model may take, after checking it is reachable with this space on this profile."""
+    validate_budget(cfg)
+    dense = predicted_dense_ms(costs, units)
+    fastest = predicted_min_ms(costs, units)
+    target = dense / cfg.speedup if cfg.speedup is not None else float(cfg.latency_ms)
+    if target < fastest:
+        asked = f"budget.speedup={cfg.speedup}" if cfg.speedup is not None else f"budget.latency_ms={cfg.latency_ms}"
+        raise UserInputError(
+            f"{asked} is unreachable on profile {profile} (regime {cfg.regime}): achievable speedup 1.00-"
+            f"{dense / fastest:.2f}x, latency {fastest:.1f}-{dense:.1f} ms (dense {dense:.1f} ms)"
+        )
+    return target

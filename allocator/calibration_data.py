@@ -1,0 +1,237 @@
+"""Calibration / held-out text: an embedded offline corpus or local files, cut into fixed-length token blocks.
+
+Everything is deterministic (no RNG): the same documents, tokenizer and config give bit-identical tensors and the
+same fingerprint, so pruning results and caches keyed on the fingerprint are reproducible.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import inspect
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from allocator.errors import UserInputError
+
+KNOWN_NAMES = ("python-docs", "files")
+MIN_DOC_CHARS = 200  # shorter docstrings are mostly one-liners: little text, many EOS separators
+CHUNK_CHARS = 2000  # target size when one large file has to be cut into documents
+TEXT_SUFFIXES = (".txt", ".md")
+
+# Pure-Python stdlib modules with substantial docstrings; part of the corpus definition, so keep the order fixed.
+# (unittest's classes live in unittest.case, hence both.)
+DOC_MODULES = (
+    "argparse", "collections", "json", "pathlib", "textwrap", "string", "functools", "itertools", "dataclasses",
+    "enum", "typing", "datetime", "decimal", "fractions", "statistics", "random", "heapq", "bisect", "contextlib",
+    "csv", "logging", "unittest", "subprocess", "threading", "queue", "email.message", "http.client",
+    "urllib.parse", "xml.etree.ElementTree", "shutil", "tempfile", "zipfile", "tarfile", "pickle", "copy",
+    "pprint", "inspect", "ast", "difflib", "calendar", "configparser", "glob", "fnmatch", "gettext", "base64",
+    "unittest.case", "doctest", "optparse", "smtplib", "ftplib", "codecs", "http.server",
+)
+
+
+@dataclass
+class DataConfig:
+    # "python-docs": embedded corpus (no paths); "files": the text files / directories in `paths`.
+    name: str = "python-docs"
+    # Files, or directories searched recursively for *.txt and *.md (sorted, so the order is reproducible).
+    paths: list[str] = field(default_factory=list)
+    seq_len: int = 256
+    calib_sequences: int = 32
+    eval_sequences: int = 16
+    # Share of documents (by content hash) held out for evaluation.
+    heldout_fraction: float = 0.2
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Cheap checks (no reading, no tokenizing) so the CLI fails in one line before loading a model."""
+    if cfg.name not in KNOWN_NAMES:
+        raise UserInputError(f"data.name={cfg.name!r} is unknown; use one of {', '.join(map(repr, KNOWN_NAMES))}")
+    paths = list(cfg.paths or [])
+    if cfg.name == "python-docs" and paths:
+        raise UserInputError("data.paths is set but data.name='python-docs'; use data.name=files to read local text")
+    if cfg.name == "files":
+        if not paths:
+            raise UserInputError("data.name=files needs data.paths (text files or directories of *.txt / *.md)")
+        for p in paths:
+            if not Path(p).exists():
+                raise FileNotFoundError(f"data.paths entry not found: {p}")
+    for key in ("seq_len", "calib_sequences", "eval_sequences"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserInputError(f"data.{key}={value!r} must be a positive integer")
+    if not 0.0 < float(cfg.heldout_fraction) < 1.0:
+        raise UserInputError(f"data.heldout_fraction={cfg.heldout_fraction!r} must be strictly between 0 and 1")
+
+
+@functools.lru_cache(maxsize=1)
+def _python_docs() -> tuple[str, ...]:
+    # Reading some docstrings (typing.io, typing.re) emits DeprecationWarning; it is noise here, and fatal under -W error.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _collect_python_docs()
+
+
+def _collect_python_docs() -> tuple[str, ...]:
+    # Cached: importing ~45 modules and walking their members costs ~0.1 s; a tuple so callers cannot mutate it.
+    from pydoc_data.topics import topics
+
+    docs = [topics[key] for key in sorted(topics)]
+    seen: set[str] = set()
+    for mod_name in DOC_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception:  # a stripped-down Python may lack some modules; the corpus just gets smaller
+            continue
+        texts = [inspect.getdoc(mod)]
+        for name, obj in sorted(vars(mod).items()):
+            # Only the module's own public classes/functions: re-exports would duplicate other modules' text.
+            if name.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            if getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            texts.append(inspect.getdoc(obj))
+            if inspect.isclass(obj):  # public methods defined by the class itself (inherited ones come with the parent)
+                texts.extend(inspect.getdoc(f) for m, f in sorted(vars(obj).items())
+                             if not m.startswith("_") and inspect.isfunction(f))
+        for text in texts:
+            # getdoc inherits a parent's docstring for undocumented subclasses; `seen` keeps each text once.
+            if text and len(text) >= MIN_DOC_CHARS and text not in seen:
+                seen.add(text)
+                docs.append(text)
+    return tuple(d for d in docs if len(d) >= MIN_DOC_CHARS)
+
+
+def _chunk(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """Cut text into ~size-char documents on blank lines (then on lines for huge paragraphs) so it can be split."""
+    pieces: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        pieces.extend(para.splitlines() if len(para) > size else [para])
+    chunks: list[str] = []
+    current = ""
+    for piece in filter(str.strip, pieces):
+        current = f"{current}\n\n{piece}" if current else piece
+        if len(current) >= size:
+            chunks.append(current)
+            current = ""
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _read_files(paths: list[str]) -> list[str]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES))
+        else:
+            files.append(p)
+    # errors="replace": a stray non-UTF-8 byte should not abort a long run; empty files carry no text.
+    docs = [t for t in (f.read_text(encoding="utf-8", errors="replace") for f in files) if t.strip()]
+    if not docs:
+        raise UserInputError(f"no readable text (*.txt / *.md, non-empty) in data.paths={paths}")
+    # A single document cannot be split into calibration and held-out parts, so cut it into chunks.
+    return _chunk(docs[0]) if len(docs) == 1 else docs
+
+
+def load_documents(cfg: DataConfig) -> list[str]:
+    validate_data_config(cfg)
+    if cfg.name == "python-docs":
+        return list(_python_docs())
+    return _read_files(list(cfg.paths))
+
+
+def _unit_hash(doc: str) -> float:
+    return int.from_bytes(hashlib.sha256(doc.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def split_documents(docs: list[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
+    """(calibration, held-out). A document's side depends only on its own content, so adding text never moves others."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise UserInputError(f"heldout_fraction={heldout_fraction!r} must be strictly between 0 and 1")
+    if len(docs) < 2:
+        raise UserInputError(f"need at least 2 documents to split into calibration and held-out, got {len(docs)}")
+    calib: list[str] = []
+    heldout: list[str] = []
+    for doc in docs:
+        (heldout if _unit_hash(doc) < heldout_fraction else calib).append(doc)
+    # Few documents can all hash to one side; both splits must exist, so move one across.
+    if not heldout:
+        heldout.append(calib.pop())
+    elif not calib:
+        calib.append(heldout.pop())
+    return calib, heldout
+
+
+def token_blocks(docs: list[str], tokenizer: Tokenizer, seq_len: int, n_blocks: int) -> torch.Tensor:
+    """The first n_blocks consecutive seq_len-token windows of the docs joined by EOS; (n_blocks, seq_len) int64."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserInputError("the tokenizer has no eos_token_id to separate documents")
+    need = seq_len * n_blocks
+    ids: list[int] = []
+    for i, doc in enumerate(docs):
+        if len(ids) >= need:  # stop early: a real tokenizer on the whole corpus would waste seconds
+            break
+        if i:
+            ids.append(eos)
+        ids.extend(tokenizer.encode(doc, add_special_tokens=False))
+    if len(ids) < need:
+        raise UserInputError(
+            f"text has {len(ids)} tokens but {n_blocks} blocks x {seq_len} tokens = {need} are needed; "
+            "lower data.calib_sequences / data.eval_sequences / data.seq_len or add text via data.paths"
+        )
+    return torch.tensor(ids[:need], dtype=torch.long).view(n_blocks, seq_len)
+
+
+# Fixed probes: two tokenizers with equal class name and vocab size but different merges still encode these differently.
+_PROBES = ("Hello, world!", "def f(x):\n    return x ** 2  # square", "naïve café – 東京 🙂", "   leading spaces\tand tabs")
+
+
+def _tokenizer_identity(tokenizer: Any) -> str:
+    probes = [list(map(int, tokenizer.encode(p, add_special_tokens=False))) for p in _PROBES]
+    size = getattr(tokenizer, "vocab_size", None)
+    total = len(tokenizer) if hasattr(tokenizer, "__len__") else size  # len() counts added tokens too
+    return f"{type(tokenizer).__name__}|{size}|{total}|{tokenizer.eos_token_id}|{probes}"
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: == on tensors is elementwise; compare fingerprints instead
+class CalibrationData:
+    calibration: torch.Tensor  # (calib_sequences, seq_len) int64
+    heldout: torch.Tensor  # (eval_sequences, seq_len) int64
+    fingerprint: str  # sha256 hex of documents, tokenizer identity and config values
+
+
+def build_calibration_data(cfg: DataConfig, tokenizer: Tokenizer) -> CalibrationData:
+    docs = load_documents(cfg)
+    calib_docs, heldout_docs = split_documents(docs, cfg.heldout_fraction)
+    blocks = {}
+    for split, split_docs, n in (("calibration", calib_docs, cfg.calib_sequences),
+                                 ("held-out", heldout_docs, cfg.eval_sequences)):
+        try:
+            blocks[split] = token_blocks(split_docs, tokenizer, cfg.seq_len, n)
+        except UserInputError as e:
+            raise UserInputError(f"{split} split: {e}") from None  # say which split ran short
+    h = hashlib.sha256()
+    for doc in docs:
+        # Length-prefixed so document boundaries count: ["ab", "c"] and ["a", "bc"] hash differently.
+        data = doc.encode("utf-8")
+        h.update(len(data).to_bytes(8, "big") + data)
+    h.update(_tokenizer_identity(tokenizer).encode("utf-8"))
+    # paths are left out on purpose: the same text moved to another directory is the same data.
+    h.update(repr((cfg.name, cfg.seq_len, cfg.calib_sequences, cfg.eval_sequences,
+                   float(cfg.heldout_fraction))).encode("utf-8"))
+    return CalibrationData(blocks["calibration"], blocks["held-out"], h.hexdigest())

@@ -1,0 +1,147 @@
+"""Typed Hydra schemas: registered in the ConfigStore so a typo or a wrong type fails at compose time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from allocator.calibration_data import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2-135m" (embedded GGUF), "tiny-llama" (random, for tests), a local directory or a Hugging Face id.
+    name: str = "smollm2-135m"
+    dtype: str = "float32"
+    # Shape of the random "tiny-llama" model (ignored for real models).
+    tiny_layers: int = 2
+    tiny_hidden: int = 64
+    tiny_heads: int = 4
+    tiny_kv_heads: int = 2
+    tiny_intermediate: int = 128
+    seed: int = 0
+
+
+@dataclass
+class SpaceConfig:
+    # MLP widths kept in steps of this many neurons; must be a multiple of width_multiple.
+    mlp_step: int = 128
+    width_multiple: int = 8
+    # Allow k = 0 (the whole attention or MLP block is dropped).
+    allow_drop: bool = True
+    # OBS dampening, relative to the mean Hessian diagonal.
+    damp: float = 0.01
+    # Which layer error the searchers add up: "relative" (||ΔWX||²/||WX||²) or "absolute".
+    error_metric: str = "relative"
+
+
+@dataclass
+class ProfileConfig:
+    name: str = "cpu"
+    # Timing repetitions (median is kept) and warm-up calls per measurement.
+    repeats: int = 5
+    warmup: int = 2
+    decode_batches: list[int] = field(default_factory=lambda: [1, 16])
+    decode_context: int = 512
+    prefill_batch: int = 1
+    prefill_length: int = 512
+    threads: int = 0  # 0: torch's default
+    # Measure again even when a table for this device fingerprint exists.
+    refresh: bool = False
+
+
+@dataclass
+class BudgetConfig:
+    # Exactly one of speedup / latency_ms, in the regime below.
+    speedup: Optional[float] = None
+    latency_ms: Optional[float] = None
+    regime: str = "prefill"
+
+
+@dataclass
+class SearcherConfig:
+    name: str = "dp"
+    n_buckets: int = 10000
+
+
+@dataclass
+class ScoreConfig:
+    # Calibration sequences used for the KL score (subset of data.calib_sequences).
+    kl_sequences: int = 8
+    batch_size: int = 4
+
+
+@dataclass
+class SearchJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    searcher: SearcherConfig = field(default_factory=SearcherConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    cache_dir: str = "runs/cache"
+    export: bool = True
+    verify: bool = True
+    seed: int = 0
+
+
+@dataclass
+class ProfileJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    cache_dir: str = "runs/cache"
+
+
+@dataclass
+class ExportBudget:
+    # Unset fields keep the source run's budget; setting one of speedup / latency_ms replaces the target.
+    speedup: Optional[float] = None
+    latency_ms: Optional[float] = None
+    regime: Optional[str] = None
+
+
+@dataclass
+class ExportJob:
+    # A search run directory (runs/search/<timestamp>): its model, data, space, profile and searcher are reused
+    # (all cached), the allocation is solved again for this budget, and the pruned model is exported and verified.
+    run: str = MISSING
+    budget: ExportBudget = field(default_factory=ExportBudget)
+    verify: bool = True
+
+
+@dataclass
+class VerifyJob:
+    # A search run directory or an exported model directory.
+    run: str = MISSING
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    regime: Optional[str] = None  # default: the regime of the plan's budget
+    cache_dir: str = "runs/cache"
+
+
+GROUP_SCHEMAS: dict[str, Any] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "space": SpaceConfig,
+    "profile": ProfileConfig,
+    "budget": BudgetConfig,
+    "searcher": SearcherConfig,
+}
+JOB_SCHEMAS: dict[str, Any] = {
+    "search": SearchJob,
+    "profile": ProfileJob,
+    "export": ExportJob,
+    "verify": VerifyJob,
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    for command, schema in JOB_SCHEMAS.items():
+        cs.store(name=f"{command}_schema", node=schema)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)

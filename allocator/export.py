@@ -1,0 +1,41 @@
+"""Write a physically shrunk checkpoint: safetensors + config (with per-layer widths) + tokenizer + plan.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+from allocator.pruned_model import WIDTHS_KEY
+
+WEIGHTS_FILE = "model.safetensors"
+PLAN_FILE = "plan.json"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def export_checkpoint(model: nn.Module, tokenizer, out_dir: Path, plan: dict) -> None:
+    """Weights are cloned contiguous tensors (stitched models share storage with the dense one); a tied lm_head
+    is stored once, as the embedding, and re-tied by the loader."""
+    if not hasattr(model.config, WIDTHS_KEY):
+        raise ValueError("export_checkpoint needs a model built by allocator.pruned_model (no widths in its config)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, out_dir / WEIGHTS_FILE)
+    model.config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    write_json_atomic(out_dir / PLAN_FILE, plan)

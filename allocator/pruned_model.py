@@ -1,0 +1,166 @@
+"""Physically shrink a Llama-family model to an allocation: smaller Linear layers, dropped blocks skipped.
+
+The same code builds the stitched model that the search scores, the models that the profiler times and the
+structure that the runtime loader fills from an exported checkpoint, so what is scored is what is timed and run.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from allocator.space import ATTN, MLP, ModelShape, unit_name
+
+WIDTHS_KEY = "sparsity_allocator_widths"
+
+
+@dataclass(frozen=True)
+class UnitWeights:
+    """A pruned level of one unit: the kept groups/neurons and the (OBS-updated) output projection over them."""
+
+    kept: torch.Tensor  # int64, ascending: KV-group indices (attention) or neuron indices (MLP)
+    out_weight: torch.Tensor  # o_proj (hidden, kept*group) or down_proj (hidden, kept)
+
+
+# (layer index, unit kind, kept count) → that level's weights
+LevelSource = Callable[[int, str, int], UnitWeights]
+
+
+class DroppedAttention(nn.Module):
+    """k = 0: no attention at all. Still appends one scalar per token to the KV cache, because transformers reads
+    the cache's position from its tensors' length and an empty tensor reads as length 0 (4 bytes/token, unread)."""
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            marker = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            past_key_values.update(marker, marker, self.layer_idx)
+        return hidden_states.new_zeros(()), None
+
+
+class DroppedMLP(nn.Module):
+    def forward(self, hidden_states):
+        return hidden_states.new_zeros(())
+
+
+def widths_of(allocation: dict[str, int], num_layers: int) -> dict[str, list[int]]:
+    return {
+        "attn_kv_groups": [allocation[unit_name(i, ATTN)] for i in range(num_layers)],
+        "mlp_neurons": [allocation[unit_name(i, MLP)] for i in range(num_layers)],
+    }
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+def _rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    bias = None if linear.bias is None else linear.bias[rows]
+    return _linear(linear.weight[rows], bias)
+
+
+def group_rows(groups: torch.Tensor, rows_per_group: int) -> torch.Tensor:
+    """Row indices of whole groups (heads of a KV group, or one KV head) in a projection's output."""
+    return (groups[:, None] * rows_per_group + torch.arange(rows_per_group)).reshape(-1)
+
+
+def _prune_attention(layer: nn.Module, shape: ModelShape, level: UnitWeights) -> None:
+    attn = layer.self_attn
+    q_rows = group_rows(level.kept, shape.heads_per_group * shape.head_dim)
+    kv_rows = group_rows(level.kept, shape.head_dim)
+    attn.q_proj = _rows(attn.q_proj, q_rows)
+    attn.k_proj = _rows(attn.k_proj, kv_rows)
+    attn.v_proj = _rows(attn.v_proj, kv_rows)
+    attn.o_proj = _linear(level.out_weight, attn.o_proj.bias)
+
+
+def _prune_mlp(layer: nn.Module, level: UnitWeights) -> None:
+    mlp = layer.mlp
+    mlp.gate_proj = _rows(mlp.gate_proj, level.kept)
+    mlp.up_proj = _rows(mlp.up_proj, level.kept)
+    mlp.down_proj = _linear(level.out_weight, mlp.down_proj.bias)
+
+
+def _drop(layer: nn.Module, kind: str, layer_idx: int) -> None:
+    if kind == ATTN:
+        layer.self_attn = DroppedAttention(layer_idx)
+        layer.input_layernorm = nn.Identity()
+    else:
+        layer.mlp = DroppedMLP()
+        layer.post_attention_layernorm = nn.Identity()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def full_width(shape: ModelShape, kind: str) -> int:
+    return shape.num_kv_heads if kind == ATTN else shape.intermediate
+
+
+def apply_allocation(model: nn.Module, shape: ModelShape, allocation: dict[str, int], source: LevelSource) -> None:
+    """Replace, in place, every unit of `model` that the allocation does not keep dense."""
+    layers = decoder_layers(model)
+    for i in range(shape.num_layers):
+        for kind in (ATTN, MLP):
+            kept = allocation[unit_name(i, kind)]
+            if kept == full_width(shape, kind):
+                continue
+            if kept == 0:
+                _drop(layers[i], kind, i)
+            elif kind == ATTN:
+                _prune_attention(layers[i], shape, source(i, kind, kept))
+            else:
+                _prune_mlp(layers[i], source(i, kind, kept))
+    setattr(model.config, WIDTHS_KEY, widths_of(allocation, shape.num_layers))
+
+
+def build_pruned_model(dense: nn.Module, shape: ModelShape, allocation: dict[str, int], source: LevelSource) -> nn.Module:
+    """A new model sharing every untouched tensor with `dense` (no copy), with pruned units replaced."""
+    shared = {id(t): t for t in [*dense.parameters(), *dense.buffers()]}
+    model = copy.deepcopy(dense, memo=shared)
+    apply_allocation(model, shape, allocation, source)
+    return model
+
+
+def leading_levels(dense: nn.Module, shape: ModelShape) -> LevelSource:
+    """Keep the first groups/neurons without any weight update: right shapes for timing, not for quality."""
+    layers = decoder_layers(dense)
+
+    def source(layer: int, kind: str, kept: int) -> UnitWeights:
+        idx = torch.arange(kept)
+        if kind == ATTN:
+            cols = group_rows(idx, shape.heads_per_group * shape.head_dim)
+            return UnitWeights(idx, layers[layer].self_attn.o_proj.weight[:, cols])
+        return UnitWeights(idx, layers[layer].mlp.down_proj.weight[:, :kept].contiguous())
+
+    return source
+
+
+def allocation_from_widths(widths: dict[str, list[int]]) -> dict[str, int]:
+    return {
+        **{unit_name(i, ATTN): k for i, k in enumerate(widths["attn_kv_groups"])},
+        **{unit_name(i, MLP): n for i, n in enumerate(widths["mlp_neurons"])},
+    }
+
+
+def shrink_to_widths(model: nn.Module, shape: ModelShape, widths: dict[str, list[int]]) -> None:
+    """Give an empty (meta-device) dense model the pruned module shapes so a checkpoint can be loaded into it."""
+    dtype = next(model.parameters()).dtype
+
+    def empty_level(layer: int, kind: str, kept: int) -> UnitWeights:
+        columns = kept * shape.heads_per_group * shape.head_dim if kind == ATTN else kept
+        return UnitWeights(torch.arange(kept), torch.empty(shape.hidden, columns, device="meta", dtype=dtype))
+
+    apply_allocation(model, shape, allocation_from_widths(widths), empty_level)

@@ -1,0 +1,65 @@
+"""The documented loader of exported models: `load_pruned(path)` rebuilds per-layer widths, then loads weights.
+
+Plain transformers cannot build per-layer head/neuron counts, so the dense architecture is instantiated
+empty (meta device, no memory), shrunk to the recorded widths and filled from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from allocator.byte_tokenizer import MARKER_FILE, ByteTokenizer
+from allocator.export import PLAN_FILE, WEIGHTS_FILE
+from allocator.pruned_model import WIDTHS_KEY, shrink_to_widths
+from allocator.space import ModelShape
+
+
+def _check_export_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"exported model directory {path} does not exist")
+    for name in ("config.json", WEIGHTS_FILE, PLAN_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not an exported model: {name} is missing")
+
+
+def load_tokenizer(path: Path):
+    if (path / MARKER_FILE).is_file():
+        return ByteTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_plan(path: str | Path) -> dict:
+    path = Path(path)
+    _check_export_dir(path)
+    return json.loads((path / PLAN_FILE).read_text())
+
+
+def load_pruned(path: str | Path) -> tuple[nn.Module, object, dict]:
+    """(model in eval mode, tokenizer, plan) of an exported checkpoint."""
+    path = Path(path)
+    plan = load_plan(path)
+    config = AutoConfig.from_pretrained(path)
+    widths = getattr(config, WIDTHS_KEY, None)
+    if widths is None:
+        raise ValueError(f"{path}/config.json has no {WIDTHS_KEY}: not written by sparsity-allocator's export")
+    state = load_file(path / WEIGHTS_FILE)
+    dtype = state["model.embed_tokens.weight"].dtype
+    with init_empty_weights(include_buffers=False):  # rotary buffers stay real, parameters cost nothing
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    shrink_to_widths(model, ModelShape.from_config(config), widths)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
+        raise ValueError(f"{path}: checkpoint does not match its widths (missing {missing}, unexpected {unexpected})")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.no_grad():
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model.eval(), load_tokenizer(path), plan

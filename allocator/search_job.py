@@ -1,0 +1,162 @@
+"""`python -m allocator search`: model → space → latency table → level database → searcher → score → export."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from allocator.budget import predicted_dense_ms, predicted_ms, target_latency_ms, unit_costs, validate_budget
+from allocator.calibration_data import build_calibration_data, validate_data_config
+from allocator.config import SearchJob
+from allocator.errors import UserInputError
+from allocator.export import export_checkpoint, write_json_atomic
+from allocator.level_database import ERROR_METRICS, LevelDatabase, open_or_build_database
+from allocator.model_loader import load_model, validate_model_config
+from allocator.profile_job import validate_profile_name
+from allocator.pruned_model import build_pruned_model, widths_of
+from allocator.quality import kl_to_dense, perplexity
+from allocator.report import allocation_lines, plot_allocation, summary_lines
+from allocator.space import ModelShape, Unit, build_space
+from allocator.verify_job import measure_speedup
+from profilers.cpu import profile_cpu
+from profilers.regimes import find_regime
+from profilers.table import CostTable, RegimeCosts
+from search import SEARCHERS, Allocation, AllocationProblem
+
+log = logging.getLogger(__name__)
+
+
+def validate_search_job(cfg: SearchJob) -> None:
+    """Everything checkable without loading weights, so bad input costs one line and no waiting."""
+    validate_model_config(cfg.model)
+    validate_data_config(cfg.data)
+    validate_budget(cfg.budget)
+    validate_profile_name(cfg.profile.name)
+    find_regime(cfg.profile, cfg.budget.regime)
+    SEARCHERS.get(cfg.searcher.name)
+    if cfg.space.error_metric not in ERROR_METRICS:
+        raise UserInputError(f"space.error_metric={cfg.space.error_metric!r}; valid: {', '.join(ERROR_METRICS)}")
+    if cfg.score.kl_sequences > cfg.data.calib_sequences:
+        raise UserInputError(
+            f"score.kl_sequences={cfg.score.kl_sequences} exceeds data.calib_sequences={cfg.data.calib_sequences}"
+        )
+
+
+def build_problem(
+    units: list[Unit], costs: RegimeCosts, db: LevelDatabase, metric: str, target_ms: float
+) -> AllocationProblem:
+    return AllocationProblem(
+        unit_names=tuple(u.name for u in units),
+        unit_kinds=tuple(u.kind for u in units),
+        options=tuple(u.options for u in units),
+        costs=tuple(torch.tensor(unit_costs(costs, u)).numpy() for u in units),
+        errors=tuple(torch.tensor([db.error(u.name, k, metric) for k in u.options]).numpy() for u in units),
+        budget=target_ms - costs.fixed_ms,
+    )
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() counts tied ones once
+
+
+def run_search(cfg: SearchJob, run_dir: Path) -> dict:
+    validate_search_job(cfg)
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.model, cfg.cache_dir)
+    dense, tokenizer = loaded.model, loaded.tokenizer
+    shape = ModelShape.from_config(dense.config)
+    units = build_space(shape, cfg.space)
+
+    budget_ms: dict[str, float] = {}
+
+    def check_budget(regime: str, costs: RegimeCosts) -> None:
+        budget_ms["target"] = target_latency_ms(cfg.budget, costs, units, cfg.profile.name)
+
+    table, table_path = profile_cpu(
+        dense, shape, units, cfg.profile, cfg.model.dtype, cfg.cache_dir, cfg.budget.regime, check_budget
+    )
+    costs = table.regime(cfg.budget.regime)
+    data = build_calibration_data(cfg.data, tokenizer)
+    db = open_or_build_database(
+        dense, shape, units, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir
+    )
+    problem = build_problem(units, costs, db, cfg.space.error_metric, budget_ms["target"])
+    searcher = SEARCHERS.get(cfg.searcher.name)(n_buckets=cfg.searcher.n_buckets)
+    found = searcher.search(problem, seed=cfg.seed)
+    uniform = SEARCHERS.get("uniform")().search(problem, seed=cfg.seed)
+    allocations = {"searched": found.labels(problem), "uniform": uniform.labels(problem)}
+    models = {name: build_pruned_model(dense, shape, alloc, db.source) for name, alloc in allocations.items()}
+
+    batch = cfg.score.batch_size
+    kl = kl_to_dense(dense, models, data.calibration[: cfg.score.kl_sequences], batch)
+    ppl = {name: perplexity(m, data.heldout, batch) for name, m in {"dense": dense, **models}.items()}
+    plan = make_plan(cfg, table, table_path, units, costs, budget_ms["target"], allocations, found, uniform)
+    plan["predicted"]["weight_bytes"] = weight_bytes(models["searched"])
+    plan["predicted"]["dense_weight_bytes"] = weight_bytes(dense)
+    plan["quality"] = {"kl": kl["searched"], "ppl_dense": ppl["dense"], "ppl_pruned": ppl["searched"]}
+    plan["uniform"].update({"kl": kl["uniform"], "ppl_dense": ppl["dense"], "ppl_pruned": ppl["uniform"]})
+    write_json_atomic(run_dir / "problem.json", problem_json(problem, costs))
+    if cfg.export:
+        export_checkpoint(models["searched"], tokenizer, run_dir, plan)
+        if cfg.verify:
+            plan["measured"] = measure_speedup(run_dir, cfg.profile, cfg.budget.regime, dense=dense, plan=plan)
+            write_json_atomic(run_dir / "plan.json", plan)
+    else:
+        write_json_atomic(run_dir / "plan.json", plan)
+    widths = widths_of(allocations["searched"], shape.num_layers)
+    uniform_widths = widths_of(allocations["uniform"], shape.num_layers)
+    plot_allocation(shape, widths, uniform_widths, run_dir / "allocation.png")
+    print("\n".join(allocation_lines(shape, widths, uniform_widths) + [""] + summary_lines(plan)))
+    print(f"run directory: {run_dir}")
+    return plan
+
+
+def make_plan(
+    cfg: SearchJob,
+    table: CostTable,
+    table_path: Path,
+    units: list[Unit],
+    costs: RegimeCosts,
+    target_ms: float,
+    allocations: dict[str, dict[str, int]],
+    found: Allocation,
+    uniform: Allocation,
+) -> dict:
+    dense_ms = predicted_dense_ms(costs, units)
+    searched_ms = predicted_ms(costs, units, allocations["searched"])
+    uniform_ms = predicted_ms(costs, units, allocations["uniform"])
+    return {
+        "allocation": allocations["searched"],
+        "budget": {**asdict(cfg.budget), "target_ms": target_ms},
+        "profile": {
+            "name": table.profile,
+            "source": table.source,
+            "fingerprint": table.fingerprint,
+            "table": str(table_path),
+        },
+        "model": cfg.model.name,
+        "model_spec": asdict(cfg.model),
+        "searcher": {"name": found.searcher, "proxy_error": found.error, "error_metric": cfg.space.error_metric},
+        "predicted": {"latency_ms": searched_ms, "dense_latency_ms": dense_ms, "speedup": dense_ms / searched_ms},
+        "uniform": {
+            "allocation": allocations["uniform"],
+            "proxy_error": uniform.error,
+            "predicted_latency_ms": uniform_ms,
+            "predicted_speedup": dense_ms / uniform_ms,
+        },
+    }
+
+
+def problem_json(problem: AllocationProblem, costs: RegimeCosts) -> dict:
+    return {
+        "fixed_ms": costs.fixed_ms,
+        "budget_ms": problem.budget,
+        "units": [
+            {"name": n, "kind": k, "options": list(o), "cost_ms": c.tolist(), "error": e.tolist()}
+            for n, k, o, c, e in zip(problem.unit_names, problem.unit_kinds, problem.options, problem.costs, problem.errors)
+        ],
+    }

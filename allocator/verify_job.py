@@ -1,0 +1,72 @@
+"""`python -m allocator verify`: measure an exported model end to end against the dense one; compare with the plan."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from torch import nn
+
+from allocator.config import ModelConfig, ProfileConfig, VerifyJob
+from allocator.export import write_json_atomic
+from allocator.model_loader import load_model
+from allocator.pruned_model import WIDTHS_KEY
+from allocator.runtime import load_plan, load_pruned
+from profilers.end_to_end import measure_models
+from profilers.regimes import find_regime
+from profilers.table import load_table
+
+log = logging.getLogger(__name__)
+
+
+def predicted_latency(plan: dict, regime: str, widths: dict[str, list[int]]) -> tuple[float, float]:
+    """(pruned, dense) latency that the plan's table predicts in `regime`."""
+    if regime == plan["budget"]["regime"]:
+        return plan["predicted"]["latency_ms"], plan["predicted"]["dense_latency_ms"]
+    costs = load_table(Path(plan["profile"]["table"])).regime(regime)
+    dense_widths = {kind: [max(costs.unit_ms[kind])] * len(ks) for kind, ks in widths.items()}  # max = full width
+    return costs.predict_ms(widths), costs.predict_ms(dense_widths)
+
+
+def measure_speedup(
+    run: Path, profile: ProfileConfig, regime_name: str, cache_dir: str = "runs/cache",
+    dense: nn.Module | None = None, plan: dict | None = None,
+) -> dict:
+    """Reload the exported checkpoint (what a user gets), time it and the dense model interleaved."""
+    model, _, saved_plan = load_pruned(run)
+    plan = plan or saved_plan
+    if dense is None:
+        dense = load_model(ModelConfig(**plan["model_spec"]), cache_dir).model
+    regime = find_regime(profile, regime_name)
+    stats = measure_models({"dense": dense, "pruned": model}, regime, profile.warmup, profile.repeats)
+    widths = getattr(model.config, WIDTHS_KEY)
+    widths = {"attn": widths["attn_kv_groups"], "mlp": widths["mlp_neurons"]}
+    predicted_ms, predicted_dense = predicted_latency(plan, regime.name, widths)
+    measured_ms, dense_ms = stats["pruned"].median_ms, stats["dense"].median_ms
+    return {
+        "regime": regime.name,
+        "latency_ms": measured_ms,
+        "dense_latency_ms": dense_ms,
+        "speedup": dense_ms / measured_ms,
+        "predicted_speedup": predicted_dense / predicted_ms,
+        "prediction_error": predicted_ms / measured_ms - 1.0,
+        "pruned_stats": asdict(stats["pruned"]),
+        "dense_stats": asdict(stats["dense"]),
+    }
+
+
+def run_verify(cfg: VerifyJob) -> dict:
+    run = Path(cfg.run)
+    plan = load_plan(run)
+    regime = cfg.regime or plan["budget"]["regime"]
+    measured = measure_speedup(run, cfg.profile, regime, cfg.cache_dir)
+    if regime == plan["budget"]["regime"]:
+        plan["measured"] = measured
+        write_json_atomic(run / "plan.json", plan)
+    print(
+        f"{run} ({regime}): predicted speedup {measured['predicted_speedup']:.2f}x, "
+        f"measured {measured['speedup']:.2f}x ({measured['latency_ms']:.1f} ms vs dense "
+        f"{measured['dense_latency_ms']:.1f} ms), latency prediction error {measured['prediction_error'] * 100:+.1f}%"
+    )
+    return measured

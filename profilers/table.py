@@ -1,0 +1,112 @@
+"""Latency tables: one versioned JSON per (device fingerprint, model shape, options, settings), with cleaning."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+TABLE_VERSION = 1
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_fingerprint(dtype: str, threads: int) -> dict:
+    return {
+        "device": cpu_name(),
+        "machine": platform.machine(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "dtype": dtype,
+    }
+
+
+@dataclass
+class RegimeCosts:
+    regime: dict  # Regime fields
+    fixed_ms: float  # everything that is not a prunable unit: embeddings, norms, lm_head, per-layer overhead
+    dense_ms: float  # the dense model, measured end to end
+    unit_ms: dict[str, dict[int, float]]  # kind → kept count → per-layer cost (cleaned, non-increasing with pruning)
+    raw: dict[str, dict] = field(default_factory=dict)  # variant → TimingStats fields, as measured
+
+    def predict_ms(self, widths: dict[str, list[int]]) -> float:
+        """fixed + Σ per-unit costs, for a {kind: [kept per layer]} description."""
+        return self.fixed_ms + sum(self.unit_ms[kind][k] for kind, ks in widths.items() for k in ks)
+
+
+@dataclass
+class CostTable:
+    profile: str
+    source: str  # "measured" (on this device) — later also "roofline"
+    fingerprint: dict
+    model_shape: dict
+    options: dict[str, list[int]]
+    settings: dict
+    regimes: dict[str, RegimeCosts]
+    version: int = TABLE_VERSION
+
+    def regime(self, name: str) -> RegimeCosts:
+        if name not in self.regimes:
+            raise ValueError(f"regime {name!r} is not in profile {self.profile!r}; known: {', '.join(self.regimes)}")
+        return self.regimes[name]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CostTable":
+        regimes = {}
+        for name, r in data["regimes"].items():
+            unit_ms = {kind: {int(k): float(v) for k, v in costs.items()} for kind, costs in r["unit_ms"].items()}
+            regimes[name] = RegimeCosts(r["regime"], float(r["fixed_ms"]), float(r["dense_ms"]), unit_ms, r["raw"])
+        fields = {k: data[k] for k in ("profile", "source", "fingerprint", "model_shape", "options", "settings")}
+        return cls(**fields, regimes=regimes, version=data["version"])
+
+
+def table_key(fingerprint: dict, model_shape: dict, options: dict, settings: dict) -> str:
+    blob = json.dumps([fingerprint, model_shape, options, settings], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_table(table: CostTable, path: Path) -> None:
+    """Atomic write: a crash never leaves a half-written table behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(table.to_json(), f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_table(path: Path) -> CostTable:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != TABLE_VERSION:
+            raise ValueError(f"version {data.get('version')!r}, expected {TABLE_VERSION}")
+        return CostTable.from_json(data)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"latency table {path} is corrupt or of another format ({exc}); delete it to re-measure") from None
+
+
+def clean_curve(costs: dict[int, float]) -> dict[int, float]:
+    """Non-increasing as pruning grows: walking from the most pruned option up, a cost never falls below the one
+    before. Rounding up keeps predictions pessimistic, so a plan that fits the table also fits the device."""
+    out: dict[int, float] = {}
+    running = 0.0
+    for kept in sorted(costs):
+        running = max(running, costs[kept])
+        out[kept] = running
+    return out

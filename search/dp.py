@@ -1,0 +1,85 @@
+"""Multiple-choice knapsack by dynamic programming over discretised cost (as in SPDY / ZipLM)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from search.base import SEARCHERS, Allocation, AllocationProblem
+
+
+def discretise(costs: np.ndarray, budget: float, n_buckets: int) -> np.ndarray:
+    """Integer cost per option in budget/n_buckets units, rounded UP so that an allocation whose
+    integer costs sum to <= n_buckets also has real costs summing to <= budget.
+    Options that can never fit get n_buckets + 1."""
+    unusable = n_buckets + 1
+    if budget <= 0:  # nothing to divide by: only free options fit
+        return np.where(costs == 0, 0, unusable).astype(np.int64)
+    # Multiply before dividing so that integer costs with budget == n_buckets stay exact.
+    scaled = np.minimum(costs * n_buckets / budget, unusable)
+    ints = np.ceil(scaled)
+    # Float rounding in `scaled` may have landed just below the true value; bump those up.
+    ints += (ints < unusable) & (ints * budget / n_buckets < costs)
+    return np.minimum(ints, unusable).astype(np.int64)
+
+
+@SEARCHERS.register("dp")
+class DPSearcher:
+    name = "dp"
+
+    def __init__(self, n_buckets: int = 10000) -> None:
+        if isinstance(n_buckets, bool) or not isinstance(n_buckets, (int, np.integer)) or n_buckets < 1:
+            raise ValueError(f"searcher dp: n_buckets must be an integer >= 1, got {n_buckets!r}")
+        self.n_buckets = int(n_buckets)
+
+    def search(self, problem: AllocationProblem, seed: int = 0) -> Allocation:
+        del seed  # exact and deterministic
+        if problem.min_cost() > problem.budget:
+            raise problem.infeasible()
+        n = self.n_buckets
+        width = n + 1
+        # err[b] / cost[b]: best (error, real cost) over the units so far with integer cost exactly b.
+        err = np.full(width, np.inf)
+        err[0] = 0.0
+        cost = np.zeros(width)
+        int_costs: list[np.ndarray] = []
+        picks: list[np.ndarray] = []  # per unit, the option chosen at each b, for backtracking
+        for c_real, e in zip(problem.costs, problem.errors):
+            c_int = discretise(c_real, problem.budget, n)
+            k = len(c_int)
+            cand_err = np.full((k, width), np.inf)
+            cand_cost = np.full((k, width), np.inf)
+            for j in range(k):
+                s = int(c_int[j])
+                if s <= n:
+                    cand_err[j, s:] = err[: width - s] + e[j]
+                    cand_cost[j, s:] = cost[: width - s] + c_real[j]
+            # Lexicographic (error, real cost) minimum: still exact, since both are additive.
+            best = cand_err.min(axis=0)
+            pick = np.where(cand_err == best, cand_cost, np.inf).argmin(axis=0)
+            cols = np.arange(width)
+            err, cost = best, cand_cost[pick, cols]
+            int_costs.append(c_int)
+            picks.append(pick.astype(np.int16 if k < 2**15 else np.int64))
+
+        reachable = np.isfinite(err)
+        if not reachable.any():
+            raise problem.infeasible(
+                f"with costs rounded up to multiples of budget/{n} nothing fits; increase n_buckets"
+            )
+        # Best error, then lower real cost, then fewer buckets (lexsort: last key is primary).
+        b = int(np.lexsort((np.arange(width), np.where(reachable, cost, np.inf), err))[0])
+        b_star, err_star = b, float(err[b])
+        choice = [0] * problem.n_units
+        for u in range(problem.n_units - 1, -1, -1):
+            j = int(picks[u][b])
+            choice[u] = j
+            b -= int(int_costs[u][j])
+        assert b == 0, "DP backtrack did not return to zero buckets"
+        choice_t = tuple(choice)
+        return Allocation(
+            choice=choice_t,
+            cost=problem.cost_of(choice_t),
+            error=problem.error_of(choice_t),
+            searcher=self.name,
+            info={"n_buckets": n, "discrete_cost": b_star, "discrete_error": err_star},
+        )
