@@ -8,11 +8,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from allocator.config import BudgetConfig, ExportJob, SearchJob
-from allocator.search_job import run_search
+from allocator.search_job import JOB_FILE, run_search
 
 
 def load_search_job(run: Path) -> SearchJob:
-    saved = run / ".hydra" / "config.yaml"
+    saved = run / JOB_FILE
     if not saved.is_file():
         raise FileNotFoundError(f"run={run} is not a search run directory: {saved} is missing")
     merged = OmegaConf.merge(OmegaConf.structured(SearchJob), OmegaConf.load(saved))

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from allocator.budget import predicted_dense_ms, predicted_ms, target_latency_ms, unit_costs, validate_budget
@@ -28,6 +29,7 @@ from profilers.table import CostTable, RegimeCosts
 from search import SEARCHERS, Allocation, AllocationProblem
 
 log = logging.getLogger(__name__)
+JOB_FILE = "search_job.yaml"
 
 
 def validate_search_job(cfg: SearchJob) -> None:
@@ -65,6 +67,8 @@ def weight_bytes(model: nn.Module) -> int:
 
 def run_search(cfg: SearchJob, run_dir: Path) -> dict:
     validate_search_job(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / JOB_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # what `export` re-runs
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, cfg.cache_dir)
     dense, tokenizer = loaded.model, loaded.tokenizer

@@ -1,0 +1,37 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from allocator.config import ModelConfig, SpaceConfig
+from allocator.model_loader import load_model
+from allocator.space import ModelShape, build_space
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random Llama (3 layers, GQA 4 heads / 2 KV groups) with its space."""
+    loaded = load_model(ModelConfig(name="tiny-llama", tiny_layers=3), tmp_path_factory.mktemp("cache"))
+    shape = ModelShape.from_config(loaded.model.config)
+    units = build_space(shape, SpaceConfig(mlp_step=32))
+    return loaded, shape, units
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "allocator", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def mixed_allocation(units) -> dict[str, int]:
+    """Every kind of option at least once: dropped, partial and dense units."""
+    return {u.name: u.options[i % len(u.options)] for i, u in enumerate(units)}
+
+
+torch.set_num_threads(max(1, torch.get_num_threads()))

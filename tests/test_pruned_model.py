@@ -1,0 +1,66 @@
+import torch
+
+from allocator.export import export_checkpoint
+from allocator.pruned_model import DroppedAttention, DroppedMLP, build_pruned_model, leading_levels
+from allocator.runtime import load_pruned
+
+from .conftest import mixed_allocation
+
+
+def test_dense_allocation_reproduces_dense_logits(tiny):
+    loaded, shape, units = tiny
+    dense_alloc = {u.name: u.full for u in units}
+    model = build_pruned_model(loaded.model, shape, dense_alloc, leading_levels(loaded.model, shape))
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, loaded.model(ids).logits, rtol=0, atol=0)
+
+
+def test_pruned_model_is_physically_smaller_and_drops_blocks(tiny):
+    loaded, shape, units = tiny
+    alloc = mixed_allocation(units)
+    model = build_pruned_model(loaded.model, shape, alloc, leading_levels(loaded.model, shape))
+    layers = model.model.layers
+    assert isinstance(layers[0].self_attn, DroppedAttention)
+    assert layers[1].mlp.gate_proj.out_features == alloc["layer01.mlp"]
+    kept_groups = alloc["layer02.attn"]
+    assert layers[2].self_attn.k_proj.out_features == kept_groups * shape.head_dim
+    assert layers[2].self_attn.q_proj.out_features == kept_groups * shape.heads_per_group * shape.head_dim
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in loaded.model.parameters())
+    # the dense model is untouched
+    assert loaded.model.model.layers[1].mlp.gate_proj.out_features == shape.intermediate
+
+
+def test_kv_cache_decode_matches_full_forward_with_dropped_blocks(tiny):
+    loaded, shape, units = tiny
+    alloc = {u.name: (0 if u.layer == 0 else u.options[1]) for u in units}  # layer 0 fully dropped
+    model = build_pruned_model(loaded.model, shape, alloc, leading_levels(loaded.model, shape))
+    assert isinstance(model.model.layers[0].mlp, DroppedMLP)
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        prefix = model(ids[:, :9], use_cache=True)
+        assert prefix.past_key_values.get_seq_length() == 9
+        step = model(ids[:, 9:], past_key_values=prefix.past_key_values)
+        torch.testing.assert_close(step.logits[:, -1], model(ids).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_export_reload_logits_equal_stitched(tiny, tmp_path):
+    loaded, shape, units = tiny
+    model = build_pruned_model(loaded.model, shape, mixed_allocation(units), leading_levels(loaded.model, shape))
+    export_checkpoint(model, loaded.tokenizer, tmp_path, {"allocation": mixed_allocation(units)})
+    reloaded, tokenizer, plan = load_pruned(tmp_path)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert plan["allocation"] == mixed_allocation(units)
+    assert tokenizer.encode("ab") == loaded.tokenizer.encode("ab")
+
+
+def test_load_pruned_names_missing_files(tmp_path):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pruned(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        load_pruned(tmp_path)

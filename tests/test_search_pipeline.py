@@ -1,0 +1,126 @@
+"""The whole search command on the tiny random Llama: profile, database, DP, scoring, export, verify."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from allocator.calibration_data import DataConfig
+from allocator.config import BudgetConfig, ModelConfig, ProfileConfig, ScoreConfig, SearchJob, SpaceConfig
+from allocator.level_database import LevelDatabase
+from allocator.pruned_model import build_pruned_model
+from allocator.runtime import load_pruned
+from allocator.search_job import run_search
+from allocator.space import ModelShape, build_space
+
+from .conftest import run_cli
+
+
+def tiny_job(cache_dir) -> SearchJob:
+    return SearchJob(
+        model=ModelConfig(name="tiny-llama", tiny_layers=3),
+        data=DataConfig(seq_len=64, calib_sequences=8, eval_sequences=4),
+        space=SpaceConfig(mlp_step=32),
+        profile=ProfileConfig(repeats=2, warmup=1, decode_batches=[1], decode_context=64, prefill_length=64),
+        budget=BudgetConfig(speedup=1.3),
+        score=ScoreConfig(kl_sequences=4, batch_size=4),
+        cache_dir=str(cache_dir),
+    )
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    run_dir = tmp_path_factory.mktemp("run")
+    plan = run_search(tiny_job(cache), run_dir)
+    return plan, run_dir, cache
+
+
+def test_plan_has_every_documented_field(searched):
+    plan, run_dir, _ = searched
+    saved = json.loads((run_dir / "plan.json").read_text())
+    assert saved == json.loads(json.dumps(plan))
+    for key in ("allocation", "budget", "profile", "predicted", "measured", "quality", "uniform"):
+        assert key in saved
+    assert set(saved["predicted"]) >= {"latency_ms", "speedup", "weight_bytes"}
+    assert set(saved["measured"]) >= {"latency_ms", "speedup"}
+    assert set(saved["quality"]) == {"kl", "ppl_dense", "ppl_pruned"}
+    assert set(saved["uniform"]) >= {"kl", "ppl_dense", "ppl_pruned"}
+    assert saved["profile"]["fingerprint"]["torch"] == torch.__version__
+    assert saved["predicted"]["latency_ms"] <= saved["budget"]["target_ms"] + 1e-9
+    assert saved["predicted"]["weight_bytes"] < saved["predicted"]["dense_weight_bytes"]
+    assert (run_dir / "allocation.png").stat().st_size > 0
+
+
+def test_exported_model_equals_the_scored_stitched_model(searched):
+    plan, run_dir, cache = searched
+    job = tiny_job(cache)
+    from allocator.model_loader import load_model
+
+    dense = load_model(job.model, cache).model
+    shape = ModelShape.from_config(dense.config)
+    units = build_space(shape, job.space)
+    (db_root,) = (cache / "databases").iterdir()
+    stitched = build_pruned_model(dense, shape, plan["allocation"], LevelDatabase(db_root, units).source)
+    reloaded, _, _ = load_pruned(run_dir)
+    ids = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, stitched(ids).logits, rtol=0, atol=0)
+
+
+def test_second_run_reuses_caches_and_finds_the_same_allocation(searched, tmp_path, caplog):
+    plan, _, cache = searched
+    job = replace(tiny_job(cache), verify=False)
+    with caplog.at_level("INFO"):
+        again = run_search(job, tmp_path)
+    assert again["allocation"] == plan["allocation"]
+    assert "latency table: reusing" in caplog.text and "level database: reusing" in caplog.text
+
+
+def test_cli_rejects_bad_input_with_one_line(searched, tmp_path):
+    _, _, cache = searched
+    common = ["model=tiny-llama", f"cache_dir={cache}", "data.seq_len=64", "space.mlp_step=32",
+              "profile.repeats=2", "profile.warmup=1", "profile.decode_batches=[1]", "profile.decode_context=64",
+              "profile.prefill_length=64", "model.tiny_layers=3"]
+    unreachable = run_cli("search", *common, "budget.speedup=50", cwd=tmp_path)
+    assert unreachable.returncode == 2
+    assert "error: budget.speedup=50.0 is unreachable on profile cpu (regime prefill): achievable speedup" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
+
+    missing = run_cli("search", *common, "data=does/not/exist.txt", cwd=tmp_path)
+    assert missing.returncode == 2 and "does/not/exist.txt" in missing.stderr and "Traceback" not in missing.stderr
+
+    arch = tmp_path / "gpt2-model"
+    arch.mkdir()
+    (arch / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    unknown = run_cli("search", f"model={arch}", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert "architecture 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3" in unknown.stderr
+
+    typo = run_cli("search", "budget.speedupp=2", cwd=tmp_path)
+    assert typo.returncode != 0 and "speedupp" in typo.stderr and "Traceback" not in typo.stderr
+    wrong_type = run_cli("search", "budget.speedup=fast", cwd=tmp_path)
+    assert wrong_type.returncode != 0 and "fast" in wrong_type.stderr
+
+    unknown_searcher = run_cli("search", "searcher=nope", cwd=tmp_path)
+    assert unknown_searcher.returncode != 0 and "dp" in unknown_searcher.stderr
+
+    command = run_cli("serach", cwd=tmp_path)
+    assert command.returncode == 2 and "usage: python -m allocator {search,profile,export,verify}" in command.stderr
+
+
+def test_export_with_new_latency_target_and_verify(searched, tmp_path):
+    plan, run_dir, cache = searched
+    target = plan["predicted"]["dense_latency_ms"] / 1.15
+    exported = run_cli("export", f"run={run_dir}", f"budget.latency_ms={target}", f"hydra.run.dir={tmp_path / 'exp'}",
+                       cwd=run_dir.parent)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    new_plan = json.loads((tmp_path / "exp" / "plan.json").read_text())
+    assert new_plan["budget"]["latency_ms"] == pytest.approx(target)
+    assert new_plan["predicted"]["latency_ms"] <= target + 1e-9
+    verified = run_cli("verify", f"run={tmp_path / 'exp'}", "profile.repeats=2", "profile.warmup=1",
+                       "profile.decode_batches=[1]", "profile.decode_context=64", "profile.prefill_length=64",
+                       f"cache_dir={cache}", cwd=run_dir.parent)
+    assert verified.returncode == 0, verified.stderr[-2000:]
+    assert "predicted speedup" in verified.stdout and "measured" in verified.stdout
