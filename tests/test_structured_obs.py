@@ -86,16 +86,17 @@ def test_every_step_is_the_greedy_optimum(group_size: int, sweep_dtype: torch.dt
     h_d = h + damp * h.diagonal().mean() * torch.eye(d_in, dtype=torch.float64)
     n_groups = d_in // group_size
     out = structured_obs_sweep(w, h, group_size, list(range(n_groups + 1)), damp=damp, sweep_dtype=sweep_dtype)
+
+    def columns(groups: list[int]) -> list[int]:
+        return [c for c in range(d_in) if c // group_size in groups]
+
     kept = list(range(n_groups))
     for level in range(n_groups - 1, 0, -1):
-        costs = {
-            grp: _damped_objective(w, h_d, [c for c in range(d_in) if c // group_size in kept and c // group_size != grp])
-            for grp in kept
-        }
+        costs = {grp: _damped_objective(w, h_d, columns([k for k in kept if k != grp])) for grp in kept}
         kept.remove(min(costs, key=costs.__getitem__))
         assert out[level].kept_groups.tolist() == kept
         # ...and the weight is the damped least-squares refit of the kept columns.
-        cols = [c for c in range(d_in) if c // group_size in kept]
+        cols = columns(kept)
         expected = torch.linalg.solve(h_d[cols][:, cols], (w @ h_d[:, cols]).T).T
         torch.testing.assert_close(out[level].weight, expected, rtol=1e-9, atol=1e-9)
 
