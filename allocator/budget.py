@@ -18,6 +18,8 @@ def validate_budget(cfg: BudgetConfig) -> None:
         raise UserInputError(f"budget.speedup={cfg.speedup} must be >= 1.0 (relative to the dense model)")
     if cfg.latency_ms is not None and cfg.latency_ms <= 0:
         raise UserInputError(f"budget.latency_ms={cfg.latency_ms} must be > 0")
+    if not 0.0 <= cfg.headroom < 0.5:
+        raise UserInputError(f"budget.headroom={cfg.headroom} must be in [0, 0.5)")
 
 
 def unit_costs(costs: RegimeCosts, unit: Unit) -> list[float]:
@@ -37,15 +39,17 @@ def predicted_ms(costs: RegimeCosts, units: list[Unit], allocation: dict[str, in
 
 
 def target_latency_ms(cfg: BudgetConfig, costs: RegimeCosts, units: list[Unit], profile: str) -> float:
-    """The latency the pruned model may take, after checking it is reachable with this space on this profile."""
+    """The latency the pruned model is planned for (the target less the headroom), after checking that the target
+    is reachable with this space on this profile (a target reachable only without headroom is planned exactly)."""
     validate_budget(cfg)
     dense = predicted_dense_ms(costs, units)
     fastest = predicted_min_ms(costs, units)
-    target = dense / cfg.speedup if cfg.speedup is not None else float(cfg.latency_ms)
-    if target < fastest:
-        asked = f"budget.speedup={cfg.speedup}" if cfg.speedup is not None else f"budget.latency_ms={cfg.latency_ms}"
+    asked = dense / cfg.speedup if cfg.speedup is not None else float(cfg.latency_ms)
+    target = asked / (1.0 + cfg.headroom)
+    if asked < fastest:
+        name = f"budget.speedup={cfg.speedup}" if cfg.speedup is not None else f"budget.latency_ms={cfg.latency_ms}"
         raise UserInputError(
-            f"{asked} is unreachable on profile {profile} (regime {cfg.regime}): achievable speedup 1.00-"
+            f"{name} is unreachable on profile {profile} (regime {cfg.regime}): achievable speedup 1.00-"
             f"{dense / fastest:.2f}x, latency {fastest:.1f}-{dense:.1f} ms (dense {dense:.1f} ms)"
         )
-    return target
+    return max(target, fastest)

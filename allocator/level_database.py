@@ -18,19 +18,22 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from allocator.compress.hessians import collect_hessians
-from allocator.compress.structured_obs import structured_obs_sweep
+from allocator.compress.fisher import collect_output_fisher
+from allocator.compress.structured_obs import PrunedLevel, structured_obs_sweep
 from allocator.config import SpaceConfig
-from allocator.pruned_model import LevelSource, UnitWeights, decoder_layers
+from allocator.pruned_model import LevelSource, UnitWeights, decoder_layers, group_rows
 from allocator.space import ATTN, ModelShape, Unit, unit_name
 
 log = logging.getLogger(__name__)
-DATABASE_VERSION = 1
-ERROR_METRICS = ("relative", "absolute")
+DATABASE_VERSION = 2
+# fisher: loss-aware estimate (default); relative: ||ΔWX||²/||WX||²; absolute: ||ΔWX||².
+ERROR_METRICS = ("fisher", "relative", "absolute")
 
 
 def database_key(model_fp: str, data_fp: str, units: list[Unit], cfg: SpaceConfig) -> str:
     blob = json.dumps(
-        [DATABASE_VERSION, model_fp, data_fp, [(u.name, u.options) for u in units], cfg.damp], sort_keys=True
+        [DATABASE_VERSION, model_fp, data_fp, [(u.name, u.options) for u in units], cfg.damp, cfg.fisher_sequences],
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -58,12 +61,26 @@ class LevelDatabase:
         return self.level
 
 
-def _build_unit(unit: Unit, weight: torch.Tensor, hessian: torch.Tensor, group: int, damp: float, root: Path) -> None:
+def fisher_error(weight: torch.Tensor, hessian: torch.Tensor, level: PrunedLevel, group: int, fisher: torch.Tensor) -> float:
+    """½ Σ_c F_c (ΔW H ΔWᵀ)_cc: the per-channel output error weighted by the loss's sensitivity to that channel."""
+    pruned = torch.zeros_like(weight, dtype=torch.float64)
+    pruned[:, group_rows(level.kept_groups, group)] = level.weight.double()
+    delta = weight.double() - pruned
+    return 0.5 * float(fisher @ ((delta @ hessian) * delta).sum(dim=1))
+
+
+def _build_unit(
+    unit: Unit, weight: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor, group: int, damp: float, root: Path
+) -> None:
     levels = structured_obs_sweep(weight, hessian, group, unit.options, damp=damp)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{unit.name}-"))
     errors = {}
     for kept, level in levels.items():
-        errors[kept] = {"absolute": level.error, "relative": level.relative_error}
+        errors[kept] = {
+            "absolute": level.error,
+            "relative": level.relative_error,
+            "fisher": fisher_error(weight, hessian, level, group, fisher),
+        }
         if 0 < kept < unit.full:  # dense and dropped need no stored weights
             save_file(
                 {"kept": level.kept_groups.contiguous(), "out_weight": level.weight.contiguous()},
@@ -94,14 +111,15 @@ def open_or_build_database(
         shutil.rmtree(stale, ignore_errors=True)
     log.info("level database: building %d of %d units into %s", len(todo), len(units), root)
     attn_h, mlp_h = collect_hessians(model, calibration, batch_size)
+    attn_f, mlp_f = collect_output_fisher(model, calibration[: cfg.fisher_sequences], batch_size)
     layers = decoder_layers(model)
     for unit in tqdm(todo, desc="structured OBS levels", unit="unit", leave=False):
         layer = layers[unit.layer]
         if unit.kind == ATTN:
-            weight, hessian = layer.self_attn.o_proj.weight, attn_h[unit.layer]
+            weight, hessian, fisher = layer.self_attn.o_proj.weight, attn_h[unit.layer], attn_f[unit.layer]
             group = shape.heads_per_group * shape.head_dim
         else:
-            weight, hessian, group = layer.mlp.down_proj.weight, mlp_h[unit.layer], 1
-        _build_unit(unit, weight.detach(), hessian, group, cfg.damp, root)
+            weight, hessian, fisher, group = layer.mlp.down_proj.weight, mlp_h[unit.layer], mlp_f[unit.layer], 1
+        _build_unit(unit, weight.detach(), hessian, fisher, group, cfg.damp, root)
     (root / "manifest.json").write_text(json.dumps({"version": DATABASE_VERSION, "units": [u.name for u in units]}))
     return LevelDatabase(root, units)

@@ -27,10 +27,11 @@ def summary_lines(plan: dict) -> list[str]:
     ]
     m = plan.get("measured")
     if m:
-        lines.append(
+        lines += [
             f"measured:  {m['latency_ms']:.1f} ms (dense {m['dense_latency_ms']:.1f} ms), speedup {m['speedup']:.2f}x "
-            f"(prediction error {m['prediction_error'] * 100:+.1f}%)"
-        )
+            f"(speedup prediction error {m['speedup_prediction_error'] * 100:+.1f}%)",
+            m["verdict"],
+        ]
     lines += [
         f"{'':10}{'KL to dense':>12}{'held-out ppl':>14}",
         f"{'dense':10}{0.0:>12.4f}{q['ppl_dense']:>14.2f}",

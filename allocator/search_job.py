@@ -42,6 +42,10 @@ def validate_search_job(cfg: SearchJob) -> None:
     SEARCHERS.get(cfg.searcher.name)
     if cfg.space.error_metric not in ERROR_METRICS:
         raise UserInputError(f"space.error_metric={cfg.space.error_metric!r}; valid: {', '.join(ERROR_METRICS)}")
+    if not 1 <= cfg.space.fisher_sequences <= cfg.data.calib_sequences:
+        raise UserInputError(
+            f"space.fisher_sequences={cfg.space.fisher_sequences} must be in 1..data.calib_sequences={cfg.data.calib_sequences}"
+        )
     if cfg.score.kl_sequences > cfg.data.calib_sequences:
         raise UserInputError(
             f"score.kl_sequences={cfg.score.kl_sequences} exceeds data.calib_sequences={cfg.data.calib_sequences}"

@@ -16,6 +16,7 @@ from allocator.runtime import load_plan, load_pruned
 from profilers.end_to_end import measure_models
 from profilers.regimes import find_regime
 from profilers.table import load_table
+from profilers.timing import paired_ratio
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +40,38 @@ def measure_speedup(
     if dense is None:
         dense = load_model(ModelConfig(**plan["model_spec"]), cache_dir).model
     regime = find_regime(profile, regime_name)
-    stats = measure_models({"dense": dense, "pruned": model}, regime, profile.warmup, profile.repeats)
+    stats = measure_models({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats)
     widths = getattr(model.config, WIDTHS_KEY)
     widths = {"attn": widths["attn_kv_groups"], "mlp": widths["mlp_neurons"]}
     predicted_ms, predicted_dense = predicted_latency(plan, regime.name, widths)
     measured_ms, dense_ms = stats["pruned"].median_ms, stats["dense"].median_ms
-    return {
+    speedup = paired_ratio(stats["dense"], stats["pruned"])
+    result = {
         "regime": regime.name,
         "latency_ms": measured_ms,
         "dense_latency_ms": dense_ms,
-        "speedup": dense_ms / measured_ms,
+        "speedup": speedup,
         "predicted_speedup": predicted_dense / predicted_ms,
-        "prediction_error": predicted_ms / measured_ms - 1.0,
+        "speedup_prediction_error": predicted_dense / predicted_ms / speedup - 1.0,
+        "latency_prediction_error": predicted_ms / measured_ms - 1.0,
         "pruned_stats": asdict(stats["pruned"]),
         "dense_stats": asdict(stats["dense"]),
     }
+    if regime.name == plan["budget"]["regime"]:
+        result.update(budget_verdict(plan["budget"], measured_ms, speedup))
+    return result
+
+
+def budget_verdict(budget: dict, latency_ms: float, speedup: float) -> dict:
+    """Whether the measured model meets the budget it was planned for, and by how much it missed if not."""
+    if budget.get("speedup") is not None:
+        met, shortfall = speedup >= budget["speedup"], 1.0 - speedup / budget["speedup"]
+        text = f"measured speedup {speedup:.3f}x vs target {budget['speedup']:.3f}x"
+    else:
+        met, shortfall = latency_ms <= budget["latency_ms"], latency_ms / budget["latency_ms"] - 1.0
+        text = f"measured latency {latency_ms:.1f} ms vs target {budget['latency_ms']:.1f} ms"
+    verdict = "target met" if met else f"TARGET MISSED by {shortfall * 100:.1f}%"
+    return {"target_met": met, "verdict": f"{verdict}: {text}"}
 
 
 def run_verify(cfg: VerifyJob) -> dict:
@@ -67,6 +85,9 @@ def run_verify(cfg: VerifyJob) -> dict:
     print(
         f"{run} ({regime}): predicted speedup {measured['predicted_speedup']:.2f}x, "
         f"measured {measured['speedup']:.2f}x ({measured['latency_ms']:.1f} ms vs dense "
-        f"{measured['dense_latency_ms']:.1f} ms), latency prediction error {measured['prediction_error'] * 100:+.1f}%"
+        f"{measured['dense_latency_ms']:.1f} ms), speedup prediction error "
+        f"{measured['speedup_prediction_error'] * 100:+.1f}%"
     )
+    if "verdict" in measured:
+        print(measured["verdict"])
     return measured

@@ -15,7 +15,7 @@ from allocator.pruned_model import build_pruned_model, leading_levels
 from allocator.space import ATTN, MLP, ModelShape, Unit
 from profilers.regimes import Regime, forward_call, regimes_of
 from profilers.table import CostTable, RegimeCosts, clean_curve, cpu_fingerprint, load_table, save_table, table_key
-from profilers.timing import time_interleaved
+from profilers.timing import paired_ratio, time_interleaved
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,21 @@ def measure_regime(
         name: forward_call(build_pruned_model(dense, shape, alloc, source), regime) for name, alloc in variants.items()
     }
     stats = time_interleaved(calls, cfg.warmup, cfg.repeats, desc=f"profile {regime.name}")
-    skeleton = stats["skeleton"].median_ms
-    layers = shape.num_layers
+    # This machine's speed drifts by tens of percent over seconds; costs are taken as fractions of the dense time
+    # of the same round (multiplicative drift cancels), then scaled back to ms by the dense median.
+    dense_ms = stats["dense"].median_ms
+    fixed_fraction = paired_ratio(stats["skeleton"], stats["dense"])
     unit_ms: dict[str, dict[int, float]] = {ATTN: {0: 0.0}, MLP: {0: 0.0}}
     for name, s in stats.items():
         if "=" in name:
             kind, kept = name.split("=")
-            unit_ms[kind][int(kept)] = max(0.0, (s.median_ms - skeleton) / layers)
+            fraction = paired_ratio(s, stats["dense"]) - fixed_fraction
+            unit_ms[kind][int(kept)] = max(0.0, fraction * dense_ms / shape.num_layers)
     unit_ms = {kind: clean_curve(costs) for kind, costs in unit_ms.items()}
     return RegimeCosts(
         regime=asdict(regime),
-        fixed_ms=skeleton,
-        dense_ms=stats["dense"].median_ms,
+        fixed_ms=fixed_fraction * dense_ms,
+        dense_ms=dense_ms,
         unit_ms=unit_ms,
         raw={name: asdict(s) for name, s in stats.items()},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -15,27 +16,36 @@ class TimingStats:
     median_ms: float
     p10_ms: float
     p90_ms: float
-    repeats: int
+    samples_ms: list[float]  # in round order, so two variants' samples can be paired
 
     @classmethod
     def of(cls, samples_ms: list[float]) -> "TimingStats":
         a = np.asarray(samples_ms)
-        return cls(float(np.median(a)), float(np.percentile(a, 10)), float(np.percentile(a, 90)), len(a))
+        return cls(float(np.median(a)), float(np.percentile(a, 10)), float(np.percentile(a, 90)), list(samples_ms))
+
+
+def paired_ratio(a: TimingStats, b: TimingStats) -> float:
+    """Median over rounds of a/b: samples of one round share the machine's momentary speed, so drift and
+    bursts of contention cancel instead of landing on one variant."""
+    return float(np.median(np.asarray(a.samples_ms) / np.asarray(b.samples_ms)))
 
 
 def time_interleaved(
     variants: dict[str, Callable[[], object]], warmup: int, repeats: int, desc: str = "timing"
 ) -> dict[str, TimingStats]:
-    """Round-robin over the variants: one call of each per round, the first `warmup` rounds discarded."""
+    """One call of each variant per round, in a fresh (seeded) order each round so drift within a round does not
+    always land on the same variants; the first `warmup` rounds are discarded."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
     samples: dict[str, list[float]] = {name: [] for name in variants}
     rounds = warmup + repeats
     with tqdm(total=rounds * len(variants), desc=desc, unit="call", leave=False) as bar:
         for r in range(rounds):
-            for name, fn in variants.items():
+            order = list(variants)
+            random.Random(r).shuffle(order)
+            for name in order:
                 start = time.perf_counter()
-                fn()
+                variants[name]()
                 elapsed = (time.perf_counter() - start) * 1e3
                 if r >= warmup:
                     samples[name].append(elapsed)

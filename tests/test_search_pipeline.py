@@ -21,7 +21,7 @@ def tiny_job(cache_dir) -> SearchJob:
     return SearchJob(
         model=ModelConfig(name="tiny-llama", tiny_layers=3),
         data=DataConfig(seq_len=64, calib_sequences=8, eval_sequences=4),
-        space=SpaceConfig(mlp_step=32),
+        space=SpaceConfig(mlp_step=32, fisher_sequences=4),
         profile=ProfileConfig(repeats=2, warmup=1, decode_batches=[1], decode_context=64, prefill_length=64),
         budget=BudgetConfig(speedup=1.3),
         score=ScoreConfig(kl_sequences=4, batch_size=4),
@@ -80,7 +80,7 @@ def test_second_run_reuses_caches_and_finds_the_same_allocation(searched, tmp_pa
 
 def test_cli_rejects_bad_input_with_one_line(searched, tmp_path):
     _, _, cache = searched
-    common = ["model=tiny-llama", f"cache_dir={cache}", "data.seq_len=64", "space.mlp_step=32",
+    common = ["model=tiny-llama", f"cache_dir={cache}", "data.seq_len=64", "space.mlp_step=32", "space.fisher_sequences=4", "data.calib_sequences=8",
               "profile.repeats=2", "profile.warmup=1", "profile.decode_batches=[1]", "profile.decode_context=64",
               "profile.prefill_length=64", "model.tiny_layers=3"]
     unreachable = run_cli("search", *common, "budget.speedup=50", cwd=tmp_path)

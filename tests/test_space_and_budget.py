@@ -36,20 +36,24 @@ def costs() -> RegimeCosts:
 def test_speedup_target_and_unreachable_budget_names_the_range():
     units = build_space(SHAPE, SpaceConfig(mlp_step=64))
     assert predicted_dense_ms(costs(), units) == 50.0
-    assert target_latency_ms(BudgetConfig(speedup=2.0), costs(), units, "cpu") == 25.0
+    assert target_latency_ms(BudgetConfig(speedup=2.0, headroom=0.0), costs(), units, "cpu") == 25.0
+    assert target_latency_ms(BudgetConfig(speedup=2.0, headroom=0.25), costs(), units, "cpu") == 20.0
+    # reachable only without headroom: planned at the fastest reachable latency, not refused
+    assert target_latency_ms(BudgetConfig(speedup=4.9, headroom=0.25), costs(), units, "cpu") == 10.0
     with pytest.raises(UserInputError, match=r"budget.speedup=50.0 is unreachable .* achievable speedup 1.00-5.00x"):
         target_latency_ms(BudgetConfig(speedup=50.0), costs(), units, "cpu")
     with pytest.raises(UserInputError, match=r"budget.latency_ms=5.0 is unreachable"):
-        target_latency_ms(BudgetConfig(latency_ms=5.0), costs(), units, "cpu")
+        target_latency_ms(BudgetConfig(speedup=None, latency_ms=5.0), costs(), units, "cpu")
 
 
 @pytest.mark.parametrize(
     "budget, message",
     [
-        (BudgetConfig(), "set exactly one"),
+        (BudgetConfig(speedup=None), "set exactly one"),
         (BudgetConfig(speedup=1.5, latency_ms=3.0), "set exactly one"),
         (BudgetConfig(speedup=0.5), "must be >= 1.0"),
-        (BudgetConfig(latency_ms=-1.0), "must be > 0"),
+        (BudgetConfig(speedup=None, latency_ms=-1.0), "must be > 0"),
+        (BudgetConfig(headroom=0.7), "budget.headroom=0.7 must be in"),
     ],
 )
 def test_bad_budgets(budget, message):
