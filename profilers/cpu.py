@@ -20,22 +20,19 @@ from profilers.timing import paired_ratio, time_interleaved
 log = logging.getLogger(__name__)
 
 
-def _uniform_allocation(units: list[Unit], attn: int | None, mlp: int | None) -> dict[str, int]:
-    """Every attention unit at `attn` kept, every MLP unit at `mlp` (None = dense)."""
-    choice = {ATTN: attn, MLP: mlp}
-    return {u.name: u.full if choice[u.kind] is None else choice[u.kind] for u in units}
-
-
 def _variants(units: list[Unit]) -> dict[str, dict[str, int]]:
-    """The models timed: the skeleton (every block dropped), dense, and each option applied to every layer of its
-    kind with the other kind dropped. An option's per-layer cost is (T(option everywhere) - T(skeleton)) / layers:
-    all layers of a Llama-family model share one shape, so the cost is measured in the model's real context
-    (caches, overheads) with totals large enough to time reliably."""
-    attn_options = next(u.options for u in units if u.kind == ATTN)
-    mlp_options = next(u.options for u in units if u.kind == MLP)
-    variants = {"skeleton": _uniform_allocation(units, 0, 0), "dense": _uniform_allocation(units, None, None)}
-    variants.update({f"attn={k}": _uniform_allocation(units, k, 0) for k in attn_options if k})
-    variants.update({f"mlp={n}": _uniform_allocation(units, 0, n) for n in mlp_options if n})
+    """The models timed: dense, and each option of a kind applied to every layer with the other kind dense.
+
+    All layers of a Llama-family model share one shape, so an option's per-layer cost is measured in the whole
+    model's real context (caches, overheads, the neighbouring block present, as in the plans searched for) with
+    totals large enough to time reliably: cost(kind, k) = (T(k everywhere) - T(cheapest everywhere)) / layers."""
+    dense = {u.name: u.full for u in units}
+    variants = {"dense": dense}
+    for unit in units[:2]:  # one attention and one MLP unit carry the option lists
+        for kept in unit.options[:-1]:
+            variants[f"{unit.kind}={kept}"] = {
+                name: kept if name.endswith("." + unit.kind) else full for name, full in dense.items()
+            }
     return variants
 
 
@@ -48,20 +45,20 @@ def measure_regime(
         name: forward_call(build_pruned_model(dense, shape, alloc, source), regime) for name, alloc in variants.items()
     }
     stats = time_interleaved(calls, cfg.warmup, cfg.repeats, desc=f"profile {regime.name}")
-    # This machine's speed drifts by tens of percent over seconds; costs are taken as fractions of the dense time
-    # of the same round (multiplicative drift cancels), then scaled back to ms by the dense median.
+    # This machine's speed drifts by tens of percent over seconds: each variant is taken as a fraction of the
+    # dense time of the same round (multiplicative drift cancels), then scaled back to ms by the dense median.
     dense_ms = stats["dense"].median_ms
-    fixed_fraction = paired_ratio(stats["skeleton"], stats["dense"])
-    unit_ms: dict[str, dict[int, float]] = {ATTN: {0: 0.0}, MLP: {0: 0.0}}
-    for name, s in stats.items():
-        if "=" in name:
-            kind, kept = name.split("=")
-            fraction = paired_ratio(s, stats["dense"]) - fixed_fraction
-            unit_ms[kind][int(kept)] = max(0.0, fraction * dense_ms / shape.num_layers)
-    unit_ms = {kind: clean_curve(costs) for kind, costs in unit_ms.items()}
+    fraction = {name: paired_ratio(s, stats["dense"]) for name, s in stats.items()}
+    unit_ms: dict[str, dict[int, float]] = {}
+    fixed = 1.0
+    for unit in units[:2]:
+        cheapest = fraction[f"{unit.kind}={unit.options[0]}"]
+        fixed -= 1.0 - cheapest
+        per_layer = {k: (fraction.get(f"{unit.kind}={k}", 1.0) - cheapest) * dense_ms / shape.num_layers for k in unit.options}
+        unit_ms[unit.kind] = clean_curve({k: max(0.0, v) for k, v in per_layer.items()})
     return RegimeCosts(
         regime=asdict(regime),
-        fixed_ms=fixed_fraction * dense_ms,
+        fixed_ms=max(0.0, fixed) * dense_ms,
         dense_ms=dense_ms,
         unit_ms=unit_ms,
         raw={name: asdict(s) for name, s in stats.items()},

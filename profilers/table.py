@@ -38,7 +38,7 @@ def cpu_fingerprint(dtype: str, threads: int) -> dict:
 @dataclass
 class RegimeCosts:
     regime: dict  # Regime fields
-    fixed_ms: float  # everything that is not a prunable unit: embeddings, norms, lm_head, per-layer overhead
+    fixed_ms: float  # every unit at its cheapest option (dropped, where allowed): embeddings, norms, lm_head, ...
     dense_ms: float  # the dense model, measured end to end
     unit_ms: dict[str, dict[int, float]]  # kind → kept count → per-layer cost (cleaned, non-increasing with pruning)
     raw: dict[str, dict] = field(default_factory=dict)  # variant → TimingStats fields, as measured
