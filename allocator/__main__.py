@@ -12,6 +12,15 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("allocator")
 
 
+def short_name(text: str, limit: int = 96) -> str:
+    """Sweep subdirectory names from the overrides, cut to a length every filesystem takes (hash keeps them unique)."""
+    import hashlib
+
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
 def _known_options(group: str) -> set[str]:
     return {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
 
@@ -76,7 +85,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from allocator.config import register_configs
 
+    from omegaconf import OmegaConf
+
     register_configs()
+    if not OmegaConf.has_resolver("short"):
+        OmegaConf.register_new_resolver("short", short_name)
     sys.argv = [f"allocator {command}", *rewrite_shorthands(argv[1:])]
     hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")(_task(command))()
 

@@ -152,5 +152,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for command, schema in JOB_SCHEMAS.items():
         cs.store(name=f"{command}_schema", node=schema)
+    # Group schemas live in their own "schema" group (YAMLs extend them with `/schema/<group>@_here_`), so they
+    # are not listed as choices when Hydra names the options of a group.
     for group, schema in GROUP_SCHEMAS.items():
-        cs.store(group=group, name=f"{group}_schema", node=schema)
+        cs.store(group="schema", name=group, node=schema)
