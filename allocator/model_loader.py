@@ -31,7 +31,6 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: Any
     fingerprint: str  # content hash of what produced the weights
-    spec: dict  # the ModelConfig it came from, to reload the dense model later
 
 
 def _sha256_json(obj: Any) -> str:
@@ -135,8 +134,7 @@ def _tiny_llama(cfg: ModelConfig) -> LoadedModel:
     )
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config).to(DTYPES[cfg.dtype]).eval()
-    spec = asdict(cfg)
-    return LoadedModel(model, tokenizer, _sha256_json(spec), spec)
+    return LoadedModel(model, tokenizer, _sha256_json(asdict(cfg)))
 
 
 def load_model(cfg: ModelConfig, cache_dir: str | Path) -> LoadedModel:
@@ -165,6 +163,5 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path) -> LoadedModel:
         )
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    spec = asdict(cfg)
-    return LoadedModel(model, tokenizer, _sha256_json({"weights": digest, "dtype": cfg.dtype}), spec)
+    return LoadedModel(model, tokenizer, _sha256_json({"weights": digest, "dtype": cfg.dtype}))
 

@@ -76,6 +76,3 @@ def build_space(shape: ModelShape, cfg: SpaceConfig) -> list[Unit]:
         units.append(Unit(unit_name(layer, MLP), layer, MLP, shape.intermediate, mlp_options))
     return units
 
-
-def dense_allocation(units: list[Unit]) -> dict[str, int]:
-    return {u.name: u.full for u in units}
