@@ -45,7 +45,7 @@ class SpaceConfig:
 class ProfileConfig:
     name: str = "cpu"
     # Timing repetitions (median is kept) and warm-up calls per measurement.
-    repeats: int = 5
+    repeats: int = 7
     warmup: int = 2
     # End-to-end verification: dense and pruned timed alternately this many rounds.
     verify_repeats: int = 15

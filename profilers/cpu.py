@@ -7,7 +7,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+from scipy.stats import theilslopes
 from torch import nn
 
 from allocator.config import ProfileConfig
@@ -15,7 +17,7 @@ from allocator.pruned_model import build_pruned_model, leading_levels
 from allocator.space import ATTN, MLP, ModelShape, Unit
 from profilers.regimes import Regime, forward_call, regimes_of
 from profilers.table import CostTable, RegimeCosts, clean_curve, cpu_fingerprint, load_table, save_table, table_key
-from profilers.timing import paired_ratio, time_interleaved
+from profilers.timing import time_interleaved
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,8 @@ def _variants(units: list[Unit]) -> dict[str, dict[str, int]]:
 
     All layers of a Llama-family model share one shape, so an option's per-layer cost is measured in the whole
     model's real context (caches, overheads, the neighbouring block present, as in the plans searched for) with
-    totals large enough to time reliably: cost(kind, k) = (T(k everywhere) - T(cheapest everywhere)) / layers."""
+    totals large enough to time reliably: cost(kind, k) = (T(k everywhere) - T(cheapest everywhere)) / layers,
+    with T(k) read off the fitted curve of `_fit_widths`."""
     dense = {u.name: u.full for u in units}
     variants = {"dense": dense}
     for unit in units[:2]:  # one attention and one MLP unit carry the option lists
@@ -34,6 +37,23 @@ def _variants(units: list[Unit]) -> dict[str, dict[str, int]]:
                 name: kept if name.endswith("." + unit.kind) else full for name, full in dense.items()
             }
     return variants
+
+
+def _fit_widths(kind: str, options: tuple[int, ...], fractions: dict[str, np.ndarray]) -> dict[int, float]:
+    """Fraction of the dense time with `kind` at each option. The cheapest option is its own median; the kept
+    widths above it follow a robust (Theil-Sen) line through every sample. Per-option medians of a few noisy
+    samples would do worse: the searcher picks exactly the options whose cost happened to be measured low, so
+    independent noise per option turns into systematically optimistic plans; the line pools all samples."""
+    cheapest, *kept = options
+    curve = {cheapest: float(np.median(fractions[f"{kind}={cheapest}"]))}
+    xs = np.concatenate([np.full(len(fractions["dense"]), k) for k in kept])
+    ys = np.concatenate([fractions.get(f"{kind}={k}", fractions["dense"]) for k in kept])
+    if len(set(kept)) >= 2:
+        slope, intercept = theilslopes(ys, xs)[:2]
+        curve.update({k: float(intercept + slope * k) for k in kept})
+    else:
+        curve.update({k: float(np.median(ys)) for k in kept})
+    return curve
 
 
 def measure_regime(
@@ -45,16 +65,17 @@ def measure_regime(
         name: forward_call(build_pruned_model(dense, shape, alloc, source), regime) for name, alloc in variants.items()
     }
     stats = time_interleaved(calls, cfg.warmup, cfg.repeats, desc=f"profile {regime.name}")
-    # This machine's speed drifts by tens of percent over seconds: each variant is taken as a fraction of the
+    # This machine's speed drifts by tens of percent within seconds: each sample is taken as a fraction of the
     # dense time of the same round (multiplicative drift cancels), then scaled back to ms by the dense median.
+    dense_samples = np.asarray(stats["dense"].samples_ms)
+    fractions = {name: np.asarray(s.samples_ms) / dense_samples for name, s in stats.items()}
     dense_ms = stats["dense"].median_ms
-    fraction = {name: paired_ratio(s, stats["dense"]) for name, s in stats.items()}
     unit_ms: dict[str, dict[int, float]] = {}
     fixed = 1.0
-    for unit in units[:2]:
-        cheapest = fraction[f"{unit.kind}={unit.options[0]}"]
-        fixed -= 1.0 - cheapest
-        per_layer = {k: (fraction.get(f"{unit.kind}={k}", 1.0) - cheapest) * dense_ms / shape.num_layers for k in unit.options}
+    for unit in units[:2]:  # one attention and one MLP unit carry the option lists
+        curve = _fit_widths(unit.kind, unit.options, fractions)
+        fixed -= 1.0 - curve[unit.options[0]]
+        per_layer = {k: (f - curve[unit.options[0]]) * dense_ms / shape.num_layers for k, f in curve.items()}
         unit_ms[unit.kind] = clean_curve({k: max(0.0, v) for k, v in per_layer.items()})
     return RegimeCosts(
         regime=asdict(regime),
