@@ -6,6 +6,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -39,7 +40,8 @@ def validate_search_job(cfg: SearchJob) -> None:
     validate_budget(cfg.budget)
     validate_profile_name(cfg.profile.name)
     find_regime(cfg.profile, cfg.budget.regime)
-    SEARCHERS.get(cfg.searcher.name)
+    if cfg.searcher.name not in SEARCHERS:
+        raise UserInputError(f"searcher.name={cfg.searcher.name!r} is unknown; known: {', '.join(SEARCHERS.names())}")
     if cfg.space.error_metric not in ERROR_METRICS:
         raise UserInputError(f"space.error_metric={cfg.space.error_metric!r}; valid: {', '.join(ERROR_METRICS)}")
     if not 1 <= cfg.space.fisher_sequences <= cfg.data.calib_sequences:
@@ -59,8 +61,8 @@ def build_problem(
         unit_names=tuple(u.name for u in units),
         unit_kinds=tuple(u.kind for u in units),
         options=tuple(u.options for u in units),
-        costs=tuple(torch.tensor(unit_costs(costs, u)).numpy() for u in units),
-        errors=tuple(torch.tensor([db.error(u.name, k, metric) for k in u.options]).numpy() for u in units),
+        costs=tuple(np.array(unit_costs(costs, u)) for u in units),
+        errors=tuple(np.array([db.error(u.name, k, metric) for k in u.options]) for u in units),
         budget=target_ms - costs.fixed_ms,
     )
 

@@ -20,6 +20,8 @@ from profilers.table import CostTable, RegimeCosts, clean_curve, cpu_fingerprint
 from profilers.timing import time_interleaved
 
 log = logging.getLogger(__name__)
+# How costs are derived from the timings; part of the table's cache key, so a change re-measures.
+METHOD = "neighbour-dense variants, per-round dense fractions, Theil-Sen width fit, median-residual intercept"
 
 
 def _variants(units: list[Unit]) -> dict[str, dict[str, int]]:
@@ -49,7 +51,8 @@ def _fit_widths(kind: str, options: tuple[int, ...], fractions: dict[str, np.nda
     xs = np.concatenate([np.full(len(fractions["dense"]), k) for k in kept])
     ys = np.concatenate([fractions.get(f"{kind}={k}", fractions["dense"]) for k in kept])
     if len(set(kept)) >= 2:
-        slope, intercept = theilslopes(ys, xs)[:2]
+        slope = theilslopes(ys, xs)[0]
+        intercept = np.median(ys - slope * xs)  # scipy's median(y) - slope*median(x) jumps between width groups
         curve.update({k: float(intercept + slope * k) for k in kept})
     else:
         curve.update({k: float(np.median(ys)) for k in kept})
@@ -102,7 +105,12 @@ def profile_cpu(
         torch.set_num_threads(cfg.threads)
     fingerprint = cpu_fingerprint(dtype, torch.get_num_threads())
     options = {ATTN: list(units[0].options), MLP: list(units[1].options)}
-    settings = {"warmup": cfg.warmup, "repeats": cfg.repeats, "regimes": [asdict(r) for r in regimes_of(cfg)]}
+    settings = {
+        "warmup": cfg.warmup,
+        "repeats": cfg.repeats,
+        "regimes": [asdict(r) for r in regimes_of(cfg)],
+        "method": METHOD,
+    }
     model_shape = asdict(shape)
     path = Path(cache_dir) / "profiles" / f"{cfg.name}-{table_key(fingerprint, model_shape, options, settings)}.json"
     if path.is_file() and not cfg.refresh:

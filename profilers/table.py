@@ -78,7 +78,7 @@ class CostTable:
 
 
 def table_key(fingerprint: dict, model_shape: dict, options: dict, settings: dict) -> str:
-    blob = json.dumps([fingerprint, model_shape, options, settings], sort_keys=True)
+    blob = json.dumps([TABLE_VERSION, fingerprint, model_shape, options, settings], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
