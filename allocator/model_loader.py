@@ -137,9 +137,20 @@ def _tiny_llama(cfg: ModelConfig) -> LoadedModel:
     return LoadedModel(model, tokenizer, _sha256_json(asdict(cfg)))
 
 
+def load_tokenizer(path: str | Path):
+    """The byte tokenizer of models saved from tiny-llama, else the model's own transformers tokenizer."""
+    from transformers import AutoTokenizer
+
+    from allocator.byte_tokenizer import MARKER_FILE, ByteTokenizer
+
+    if (Path(path) / MARKER_FILE).is_file():
+        return ByteTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_model(cfg: ModelConfig, cache_dir: str | Path) -> LoadedModel:
     """Load the dense model in eval mode (validating first, so bad names fail with one line)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     validate_model_config(cfg)
     if cfg.name == TINY_MODEL:
@@ -162,6 +173,6 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path) -> LoadedModel:
             else source
         )
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     return LoadedModel(model, tokenizer, _sha256_json({"weights": digest, "dtype": cfg.dtype}))
 

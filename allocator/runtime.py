@@ -12,10 +12,10 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from allocator.byte_tokenizer import MARKER_FILE, ByteTokenizer
 from allocator.export import PLAN_FILE, WEIGHTS_FILE
+from allocator.model_loader import load_tokenizer
 from allocator.pruned_model import WIDTHS_KEY, shrink_to_widths
 from allocator.space import ModelShape
 
@@ -26,12 +26,6 @@ def _check_export_dir(path: Path) -> None:
     for name in ("config.json", WEIGHTS_FILE, PLAN_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not an exported model: {name} is missing")
-
-
-def load_tokenizer(path: Path):
-    if (path / MARKER_FILE).is_file():
-        return ByteTokenizer.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
 
 
 def load_plan(path: str | Path) -> dict:

@@ -64,3 +64,17 @@ def test_load_pruned_names_missing_files(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         load_pruned(tmp_path)
+
+
+def test_model_option_takes_a_local_llama_directory(tiny, tmp_path):
+    from allocator.config import ModelConfig
+    from allocator.model_loader import load_model
+
+    loaded, _, _ = tiny
+    loaded.model.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    again = load_model(ModelConfig(name=str(tmp_path)), tmp_path / "cache")
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids).logits, loaded.model(ids).logits)
+    assert again.tokenizer.encode("x") == loaded.tokenizer.encode("x")
