@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 USAGE = "usage: python -m allocator {search,profile,export,verify} [key=value ...] [-m for sweeps]"
 COMMANDS = ("search", "profile", "export", "verify")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-log = logging.getLogger("allocator")
 
 
 def short_name(text: str, limit: int = 96) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from profilers.regimes import find_regime
 from profilers.table import CostTable, RegimeCosts
 from search import SEARCHERS, Allocation, AllocationProblem
 
-log = logging.getLogger(__name__)
 JOB_FILE = "search_job.yaml"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from profilers.regimes import find_regime
 from profilers.table import load_table
 from profilers.timing import paired_ratio
 
-log = logging.getLogger(__name__)
 
 
 def predicted_latency(plan: dict, regime: str, widths: dict[str, list[int]]) -> tuple[float, float]:
