@@ -119,14 +119,20 @@ def profile_cpu(
         if on_regime is not None and first_regime is not None:
             on_regime(first_regime, table.regime(first_regime))
         return table, path
-    regimes = sorted(regimes_of(cfg), key=lambda r: r.name != first_regime)
-    measured: dict[str, RegimeCosts] = {}
-    for regime in regimes:
-        log.info("measuring regime %s (batch %d, length %d)", regime.name, regime.batch, regime.length)
-        measured[regime.name] = measure_regime(dense, shape, units, regime, cfg)
+    # Regimes measured so far are kept in a partial table, so an interrupted profile resumes where it stopped.
+    partial = path.with_suffix(".partial.json")
+    table = CostTable(cfg.name, "measured", fingerprint, model_shape, options, settings, {})
+    if partial.is_file() and not cfg.refresh:
+        table.regimes = load_table(partial).regimes
+        log.info("latency table: resuming %s (%s measured)", partial, ", ".join(table.regimes) or "nothing")
+    for regime in sorted(regimes_of(cfg), key=lambda r: r.name != first_regime):
+        if regime.name not in table.regimes:
+            log.info("measuring regime %s (batch %d, length %d)", regime.name, regime.batch, regime.length)
+            table.regimes[regime.name] = measure_regime(dense, shape, units, regime, cfg)
+            save_table(table, partial)
         if on_regime is not None and regime.name == first_regime:
-            on_regime(regime.name, measured[regime.name])
-    table = CostTable(cfg.name, "measured", fingerprint, model_shape, options, settings, measured)
+            on_regime(regime.name, table.regimes[regime.name])
     save_table(table, path)
+    partial.unlink(missing_ok=True)
     log.info("latency table: measured and saved to %s", path)
     return table, path

@@ -54,3 +54,22 @@ def test_table_is_saved_reused_and_corruption_is_named(tiny, tmp_path):
     path.write_text(json.dumps({"version": 1, "regimes": {}}))
     with pytest.raises(ValueError, match=f"latency table {path} is corrupt"):
         load_table(path)
+
+
+def test_interrupted_profile_resumes_from_its_partial_table(tiny, tmp_path):
+    loaded, shape, units = tiny
+    cfg = ProfileConfig(repeats=2, warmup=0, decode_batches=[1], decode_context=16, prefill_length=16)
+    seen = []
+
+    def interrupt(regime, costs):
+        seen.append(regime)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        profile_cpu(loaded.model, shape, units, cfg, "float32", tmp_path, "prefill", interrupt)
+    (partial,) = (tmp_path / "profiles").glob("*.partial.json")
+    kept = load_table(partial).regimes["prefill"].raw
+    table, path = profile_cpu(loaded.model, shape, units, cfg, "float32", tmp_path, "prefill", lambda r, _: seen.append(r))
+    assert table.regimes["prefill"].raw == kept  # not measured again
+    assert set(table.regimes) == {"prefill", "decode_b1"} and seen == ["prefill", "prefill"]
+    assert path.is_file() and not partial.exists()
