@@ -12,6 +12,7 @@ from transformers import DynamicCache
 from allocator.config import ProfileConfig
 from allocator.errors import UserInputError
 from allocator.pruned_model import DroppedAttention, decoder_layers
+from allocator.space import ModelShape
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,7 @@ def find_regime(cfg: ProfileConfig, name: str) -> Regime:
 
 def _random_cache(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> DynamicCache:
     """A KV cache of `length` positions with each layer's own (pruned) KV head count, without running a prefill."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = ModelShape.from_config(model.config).head_dim
     dtype = next(model.parameters()).dtype
     cache = DynamicCache()
     for idx, layer in enumerate(decoder_layers(model)):
