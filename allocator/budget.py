@@ -26,16 +26,20 @@ def unit_costs(costs: RegimeCosts, unit: Unit) -> list[float]:
     return [costs.unit_ms[unit.kind][k] for k in unit.options]
 
 
+def predicted_ms(costs: RegimeCosts, units: list[Unit], allocation: dict[str, int]) -> float:
+    kept: dict[str, list[int]] = {}
+    for u in units:
+        kept.setdefault(u.kind, []).append(allocation[u.name])
+    return costs.predict_ms(kept)
+
+
 def predicted_dense_ms(costs: RegimeCosts, units: list[Unit]) -> float:
-    return costs.fixed_ms + sum(costs.unit_ms[u.kind][u.full] for u in units)
+    return predicted_ms(costs, units, {u.name: u.full for u in units})
 
 
 def predicted_min_ms(costs: RegimeCosts, units: list[Unit]) -> float:
-    return costs.fixed_ms + sum(min(unit_costs(costs, u)) for u in units)
-
-
-def predicted_ms(costs: RegimeCosts, units: list[Unit], allocation: dict[str, int]) -> float:
-    return costs.fixed_ms + sum(costs.unit_ms[u.kind][allocation[u.name]] for u in units)
+    cheapest = {u.name: min(u.options, key=lambda k: costs.unit_ms[u.kind][k]) for u in units}
+    return predicted_ms(costs, units, cheapest)
 
 
 def target_latency_ms(cfg: BudgetConfig, costs: RegimeCosts, units: list[Unit], profile: str) -> float:

@@ -44,7 +44,7 @@ class SpaceConfig:
 @dataclass
 class ProfileConfig:
     name: str = "cpu"
-    # Timing repetitions (median is kept) and warm-up calls per measurement.
+    # Timed rounds (one call of every variant each) and discarded warm-up rounds per regime.
     repeats: int = 7
     warmup: int = 2
     # End-to-end verification: dense and pruned timed alternately this many rounds.

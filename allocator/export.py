@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -10,17 +9,11 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
+from allocator.atomic_io import write_json_atomic
 from allocator.pruned_model import WIDTHS_KEY
 
 WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def export_checkpoint(model: nn.Module, tokenizer, out_dir: Path, plan: dict) -> None:

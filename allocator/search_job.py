@@ -14,7 +14,8 @@ from allocator.budget import predicted_dense_ms, predicted_ms, target_latency_ms
 from allocator.calibration_data import build_calibration_data, validate_data_config
 from allocator.config import SearchJob
 from allocator.errors import UserInputError
-from allocator.export import export_checkpoint, write_json_atomic
+from allocator.atomic_io import write_json_atomic
+from allocator.export import export_checkpoint
 from allocator.level_database import ERROR_METRICS, LevelDatabase, open_or_build_database
 from allocator.model_loader import load_model, validate_model_config
 from allocator.profile_job import validate_profile_name

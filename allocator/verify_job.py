@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from allocator.config import ModelConfig, ProfileConfig, VerifyJob
-from allocator.export import write_json_atomic
+from allocator.atomic_io import write_json_atomic
 from allocator.model_loader import load_model
 from allocator.pruned_model import WIDTHS_KEY
 from allocator.runtime import load_plan, load_pruned

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from allocator.atomic_io import write_json_atomic
 
 TABLE_VERSION = 1
 
@@ -83,12 +83,7 @@ def table_key(fingerprint: dict, model_shape: dict, options: dict, settings: dic
 
 
 def save_table(table: CostTable, path: Path) -> None:
-    """Atomic write: a crash never leaves a half-written table behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(table.to_json(), f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, table.to_json())
 
 
 def load_table(path: Path) -> CostTable:
