@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from allocator.calibration_data import DataConfig
+from search import SEARCHERS, SearcherConfig
 
 
 @dataclass
@@ -71,9 +72,11 @@ class BudgetConfig:
 
 
 @dataclass
-class SearcherConfig:
-    name: str = "dp"
-    n_buckets: int = 10000
+class FitnessConfig:
+    # Calibration sequences whose dense log-probabilities are cached for scoring candidates by KL to dense; an
+    # evaluation on t tokens uses the first ceil(t / data.seq_len) of them.
+    sequences: int = 16
+    batch_size: int = 4
 
 
 @dataclass
@@ -91,6 +94,7 @@ class SearchJob:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     searcher: SearcherConfig = field(default_factory=SearcherConfig)
+    fitness: FitnessConfig = field(default_factory=FitnessConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     cache_dir: str = "runs/cache"
     export: bool = True
@@ -138,7 +142,6 @@ GROUP_SCHEMAS: dict[str, Any] = {
     "space": SpaceConfig,
     "profile": ProfileConfig,
     "budget": BudgetConfig,
-    "searcher": SearcherConfig,
 }
 JOB_SCHEMAS: dict[str, Any] = {
     "search": SearchJob,
@@ -156,3 +159,6 @@ def register_configs() -> None:
     # are not listed as choices when Hydra names the options of a group.
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group="schema", name=group, node=schema)
+    # One schema per searcher (its own options on top of SearcherConfig): conf/searcher/<name>.yaml extends it.
+    for name in SEARCHERS:
+        cs.store(group="schema/searcher", name=name, node=SEARCHERS.get(name).Config)

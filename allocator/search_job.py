@@ -27,7 +27,7 @@ from allocator.verify_job import measure_speedup
 from profilers.cpu import profile_cpu
 from profilers.regimes import find_regime
 from profilers.table import CostTable, RegimeCosts
-from search import SEARCHERS, Allocation, AllocationProblem
+from search import SEARCHERS, Allocation, AllocationProblem, make_searcher
 
 JOB_FILE = "search_job.yaml"
 
@@ -94,7 +94,7 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
         dense, shape, units, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir
     )
     problem = build_problem(units, costs, db, cfg.space.error_metric, budget_ms["target"])
-    searcher = SEARCHERS.get(cfg.searcher.name)(n_buckets=cfg.searcher.n_buckets)
+    searcher = make_searcher(cfg.searcher)
     found = searcher.search(problem, seed=cfg.seed)
     uniform = SEARCHERS.get("uniform")().search(problem, seed=cfg.seed)
     allocations = {"searched": found.labels(problem), "uniform": uniform.labels(problem)}

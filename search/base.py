@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from allocator.errors import UserInputError
 from allocator.registry import Registry
+
+if TYPE_CHECKING:
+    from search.fitness import Fitness
 
 
 class InfeasibleBudget(UserInputError):
@@ -112,12 +115,89 @@ class Allocation:
         return {name: opts[j] for name, opts, j in zip(problem.unit_names, problem.options, self.choice)}
 
 
+@dataclass
+class SearcherConfig:
+    """Options every searcher accepts; each searcher extends it with its own (its `Config` class attribute)."""
+
+    name: str = "dp"
+    # Bounds on what a fitness-driven searcher (evo, bayes, tyr, random) may spend; 0 = unbounded.
+    # It stops at the first check after a bound is reached and returns its best so far.
+    max_tokens: int = 0
+    max_seconds: float = 0.0
+
+    def validate(self) -> None:
+        """Raise UserInputError naming the bad value; subclasses extend (call super)."""
+        if self.max_tokens < 0:
+            raise UserInputError(f"searcher.max_tokens={self.max_tokens} must be >= 0 (0 = unbounded)")
+        if self.max_seconds < 0:
+            raise UserInputError(f"searcher.max_seconds={self.max_seconds} must be >= 0 (0 = unbounded)")
+
+
 @runtime_checkable
 class Searcher(Protocol):
+    """Built from its config (`cls(cfg)`); `fitness` scores real candidates for the searchers that use one
+    (evo, bayes, tyr, random) and is ignored by those that optimise the additive proxy (dp, uniform, owl)."""
+
     name: str
 
-    def search(self, problem: AllocationProblem, seed: int) -> Allocation: ...
+    def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation: ...
 
 
-# Searcher classes, built with keyword options from the config: SEARCHERS.get("dp")(n_buckets=10000).
+# Searcher classes, each with a `Config` (a SearcherConfig subclass) and built as cls(cfg).
 SEARCHERS: Registry[type] = Registry("searcher")
+
+
+def make_searcher(cfg: SearcherConfig) -> Searcher:
+    cls = SEARCHERS.get(cfg.name)
+    if type(cfg) is SearcherConfig:  # only the shared options were given: the searcher's defaults for the rest
+        cfg = cls.Config(**{f.name: getattr(cfg, f.name) for f in fields(SearcherConfig)})
+    if not isinstance(cfg, cls.Config):
+        raise TypeError(f"searcher {cfg.name!r} needs a {cls.Config.__name__}, got {type(cfg).__name__}")
+    cfg.validate()
+    return cls(cfg)
+
+
+
+def cheaper_option(problem: AllocationProblem, unit: int, j: int) -> int | None:
+    """The costliest option of `unit` strictly cheaper than option j (the smallest step down), or None."""
+    costs = problem.costs[unit]
+    below = [i for i in range(len(costs)) if costs[i] < costs[j]]
+    return max(below, key=lambda i: (costs[i], i)) if below else None
+
+
+def costlier_option(problem: AllocationProblem, unit: int, j: int) -> int | None:
+    """The cheapest option of `unit` strictly costlier than option j (the smallest step up), or None."""
+    costs = problem.costs[unit]
+    above = [i for i in range(len(costs)) if costs[i] > costs[j]]
+    return min(above, key=lambda i: (costs[i], -i)) if above else None
+
+
+def repair(
+    problem: AllocationProblem, choice: Sequence[int], rng: np.random.Generator, protect: Sequence[int] = ()
+) -> tuple[int, ...]:
+    """Step random units down one option at a time until the choice fits the budget. Units in `protect` (say, the
+    ones a mutation just raised) are stepped down only once no other unit can be."""
+    if problem.min_cost() > problem.budget:
+        raise problem.infeasible()
+    out = list(choice)
+    cost = problem.cost_of(out)
+    protected = set(protect)
+    while cost > problem.budget:
+        movable = [u for u in range(problem.n_units) if u not in protected and cheaper_option(problem, u, out[u]) is not None]
+        if not movable:
+            if not protected:
+                raise problem.infeasible("repair ran out of cheaper options")  # unreachable when min_cost fits
+            protected = set()
+            continue
+        u = movable[int(rng.integers(len(movable)))]
+        j = cheaper_option(problem, u, out[u])
+        cost += float(problem.costs[u][j] - problem.costs[u][out[u]])
+        out[u] = j
+        cost = problem.cost_of(out) if cost <= problem.budget else cost  # exact re-sum before declaring it fits
+    return tuple(out)
+
+
+def allocation_from(problem: AllocationProblem, choice: Sequence[int], searcher: str, **info: Any) -> Allocation:
+    """An Allocation with cost and proxy error computed the one way every searcher reports them."""
+    choice_t = tuple(int(j) for j in choice)
+    return Allocation(choice_t, problem.cost_of(choice_t), problem.error_of(choice_t), searcher, dict(info))

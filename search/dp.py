@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from search.base import SEARCHERS, Allocation, AllocationProblem
+from allocator.errors import UserInputError
+from search.base import SEARCHERS, Allocation, AllocationProblem, SearcherConfig
 
 
 def discretise(costs: np.ndarray, budget: float, n_buckets: int) -> np.ndarray:
@@ -22,17 +25,30 @@ def discretise(costs: np.ndarray, budget: float, n_buckets: int) -> np.ndarray:
     return np.minimum(ints, unusable).astype(np.int64)
 
 
+@dataclass
+class DPConfig(SearcherConfig):
+    name: str = "dp"
+    # Cost resolution: the budget is cut into this many buckets; costs round up, so the plan never exceeds it.
+    n_buckets: int = 10000
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.n_buckets, bool) or not isinstance(self.n_buckets, (int, np.integer)) or self.n_buckets < 1:
+            raise UserInputError(f"searcher.n_buckets={self.n_buckets!r} must be an integer >= 1")
+
+
 @SEARCHERS.register("dp")
 class DPSearcher:
     name = "dp"
+    Config = DPConfig
 
-    def __init__(self, n_buckets: int = 10000) -> None:
-        if isinstance(n_buckets, bool) or not isinstance(n_buckets, (int, np.integer)) or n_buckets < 1:
-            raise ValueError(f"searcher dp: n_buckets must be an integer >= 1, got {n_buckets!r}")
-        self.n_buckets = int(n_buckets)
+    def __init__(self, cfg: DPConfig | None = None) -> None:
+        cfg = cfg or DPConfig()
+        cfg.validate()
+        self.n_buckets = int(cfg.n_buckets)
 
-    def search(self, problem: AllocationProblem, seed: int = 0) -> Allocation:
-        del seed  # exact and deterministic
+    def search(self, problem: AllocationProblem, seed: int = 0, fitness: object = None) -> Allocation:
+        del seed, fitness  # exact and deterministic, on the additive proxy
         if problem.min_cost() > problem.budget:
             raise problem.infeasible()
         n = self.n_buckets

@@ -5,19 +5,19 @@ from __future__ import annotations
 import itertools
 import math
 
-from search.base import SEARCHERS, Allocation, AllocationProblem, InfeasibleBudget
+from search.base import SEARCHERS, Allocation, AllocationProblem, InfeasibleBudget, SearcherConfig
 
 
 @SEARCHERS.register("uniform")
 class UniformSearcher:
     name = "uniform"
+    Config = SearcherConfig
 
-    def __init__(self, n_buckets: int | None = None) -> None:
-        # n_buckets is accepted and unused so one searcher config section fits every searcher.
-        del n_buckets
+    def __init__(self, cfg: SearcherConfig | None = None) -> None:
+        del cfg  # no options
 
-    def search(self, problem: AllocationProblem, seed: int = 0) -> Allocation:
-        del seed  # exhaustive and deterministic
+    def search(self, problem: AllocationProblem, seed: int = 0, fitness: object = None) -> Allocation:
+        del seed, fitness  # exhaustive and deterministic, on the additive proxy
         kinds: dict[str, list[int]] = {}  # kind -> unit indices, in order of first appearance
         for u, kind in enumerate(problem.unit_kinds):
             kinds.setdefault(kind, []).append(u)

@@ -11,7 +11,7 @@ import pytest
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from search import SEARCHERS, AllocationProblem, InfeasibleBudget
-from search.dp import DPSearcher, discretise
+from search.dp import DPConfig, DPSearcher, discretise
 
 
 def make_problem(rng: np.random.Generator, n_units: int, n_opts: int, budget: float,
@@ -68,9 +68,9 @@ def test_dp_matches_milp_on_integer_costs(seed: int) -> None:
     expected = milp_optimum(list(problem.costs), list(problem.errors), cap)
     if expected is None:
         with pytest.raises(InfeasibleBudget):
-            DPSearcher(n_buckets=cap).search(problem, seed=0)
+            DPSearcher(DPConfig(n_buckets=cap)).search(problem, seed=0)
         return
-    alloc = DPSearcher(n_buckets=cap).search(problem, seed=0)
+    alloc = DPSearcher(DPConfig(n_buckets=cap)).search(problem, seed=0)
     assert alloc.error == pytest.approx(expected, abs=1e-7)
     assert alloc.info["discrete_error"] == pytest.approx(expected, abs=1e-7)
     assert alloc.cost <= problem.budget
@@ -93,9 +93,9 @@ def test_dp_matches_brute_force_on_real_costs(seed: int, n_buckets: int) -> None
     )
     if best is None:  # rounding up made every choice overflow: the DP must say so
         with pytest.raises(InfeasibleBudget, match="n_buckets"):
-            DPSearcher(n_buckets=n_buckets).search(problem, seed=0)
+            DPSearcher(DPConfig(n_buckets=n_buckets)).search(problem, seed=0)
         return
-    alloc = DPSearcher(n_buckets=n_buckets).search(problem, seed=0)
+    alloc = DPSearcher(DPConfig(n_buckets=n_buckets)).search(problem, seed=0)
     assert alloc.error == pytest.approx(best, abs=1e-9)
     assert alloc.cost <= budget
     assert sum(int(i[j]) for i, j in zip(ints, alloc.choice)) == alloc.info["discrete_cost"] <= n_buckets
@@ -110,7 +110,7 @@ def test_dp_never_exceeds_budget(n_buckets: int) -> None:
         problem = AllocationProblem(problem.unit_names, problem.unit_kinds, problem.options,
                                     problem.costs, problem.errors, budget)
         try:
-            alloc = DPSearcher(n_buckets=n_buckets).search(problem, seed=0)
+            alloc = DPSearcher(DPConfig(n_buckets=n_buckets)).search(problem, seed=0)
         except InfeasibleBudget:
             continue
         assert alloc.cost <= budget
@@ -138,7 +138,7 @@ def test_dp_zero_budget_with_free_options() -> None:
     problem = AllocationProblem(("a", "b"), ("attn", "mlp"), ((0, 4, 8), (0, 8)),
                                 (np.array([0.0, 1.0, 2.0]), np.array([0.0, 3.0])),
                                 (np.array([5.0, 1.0, 0.0]), np.array([2.0, 0.0])), budget=0.0)
-    alloc = DPSearcher(n_buckets=100).search(problem, seed=0)
+    alloc = DPSearcher(DPConfig(n_buckets=100)).search(problem, seed=0)
     assert alloc.choice == (0, 0) and alloc.cost == 0.0 and alloc.error == 7.0
     assert alloc.labels(problem) == {"a": 0, "b": 0}
     with pytest.raises(InfeasibleBudget):
@@ -161,7 +161,7 @@ def test_dp_is_fast_at_model_scale() -> None:
     problem = make_problem(rng, 60, 15, 1.0)
     problem = AllocationProblem(problem.unit_names, problem.unit_kinds, problem.options, problem.costs,
                                 problem.errors, 0.6 * problem.max_cost())
-    searcher = SEARCHERS.get("dp")(n_buckets=10000)
+    searcher = DPSearcher(DPConfig(n_buckets=10000))
     t0 = time.perf_counter()
     alloc = searcher.search(problem, seed=0)
     assert time.perf_counter() - t0 < 1.0
@@ -172,7 +172,7 @@ def test_dp_is_fast_at_model_scale() -> None:
 @pytest.mark.parametrize("bad", [0, -5, 2.5, True])
 def test_dp_rejects_bad_n_buckets(bad: object) -> None:
     with pytest.raises(ValueError, match="n_buckets"):
-        DPSearcher(n_buckets=bad)  # type: ignore[arg-type]
+        DPSearcher(DPConfig(n_buckets=bad))  # type: ignore[arg-type]
 
 
 def test_problem_validation_names_unit() -> None:

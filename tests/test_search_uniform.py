@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from search import SEARCHERS, AllocationProblem, InfeasibleBudget
+from search.dp import DPConfig, DPSearcher
 
 
 def make_problem(rng: np.random.Generator, n_layers: int, budget: float | None = None) -> AllocationProblem:
@@ -54,7 +55,7 @@ def test_uniform_matches_brute_force(seed: int) -> None:
 
 def test_uniform_generous_budget_takes_least_error() -> None:
     problem = make_problem(np.random.default_rng(0), 3, budget=1e9)
-    alloc = SEARCHERS.get("uniform")(n_buckets=10000).search(problem, seed=0)
+    alloc = SEARCHERS.get("uniform")().search(problem, seed=0)
     assert alloc.error == pytest.approx(sum(float(e.min()) for e in problem.errors))
     assert alloc.searcher == "uniform"
 
@@ -87,7 +88,7 @@ def test_uniform_never_beats_dp() -> None:
         except InfeasibleBudget:
             continue
         n = 100000
-        d = SEARCHERS.get("dp")(n_buckets=n).search(problem, seed=0)
+        d = DPSearcher(DPConfig(n_buckets=n)).search(problem, seed=0)
         assert d.cost <= problem.budget
         if sum(int(discretise(c, problem.budget, n)[j]) for c, j in zip(problem.costs, u.choice)) <= n:
             assert d.error <= u.error + 1e-9
