@@ -139,6 +139,10 @@ class Searcher(Protocol):
     (evo, bayes, tyr, random) and is ignored by those that optimise the additive proxy (dp, uniform, owl)."""
 
     name: str
+    Config: type[SearcherConfig]
+    stochastic: bool  # whether the seed can change the result
+    baseline: bool  # a reference point (uniform, owl, random), not expected to beat random
+    uses_fitness: bool  # scores real candidates with the Fitness it is given (else: the additive proxy)
 
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation: ...
 

@@ -40,6 +40,9 @@ class DPConfig(SearcherConfig):
 @SEARCHERS.register("dp")
 class DPSearcher:
     name = "dp"
+    stochastic = False  # exact: the seed changes nothing
+    baseline = False
+    uses_fitness = False
     Config = DPConfig
 
     def __init__(self, cfg: DPConfig | None = None) -> None:

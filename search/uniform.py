@@ -11,6 +11,9 @@ from search.base import SEARCHERS, Allocation, AllocationProblem, InfeasibleBudg
 @SEARCHERS.register("uniform")
 class UniformSearcher:
     name = "uniform"
+    stochastic = False
+    baseline = True
+    uses_fitness = False
     Config = SearcherConfig
 
     def __init__(self, cfg: SearcherConfig | None = None) -> None:
