@@ -126,6 +126,29 @@ def apply_allocation(model: nn.Module, shape: ModelShape, allocation: dict[str, 
     setattr(model.config, WIDTHS_KEY, widths_of(allocation, shape.num_layers))
 
 
+# The layer attributes one unit owns: its block and the norm in front of it (dropped together).
+UNIT_ATTRIBUTES = {ATTN: ("input_layernorm", "self_attn"), MLP: ("post_attention_layernorm", "mlp")}
+
+
+def unit_modules(
+    dense: nn.Module, shape: ModelShape, layer: int, kind: str, kept: int, source: LevelSource
+) -> dict[str, nn.Module]:
+    """The modules one unit at `kept` puts into decoder layer `layer` (attribute name → module), built like
+    apply_allocation builds them and sharing every untouched tensor with `dense`."""
+    original = decoder_layers(dense)[layer]
+    if kept == full_width(shape, kind):
+        return {name: getattr(original, name) for name in UNIT_ATTRIBUTES[kind]}
+    shared = {id(t): t for t in [*original.parameters(), *original.buffers()]}
+    holder = copy.deepcopy(original, memo=shared)
+    if kept == 0:
+        _drop(holder, kind, layer)
+    elif kind == ATTN:
+        _prune_attention(holder, shape, source(layer, kind, kept))
+    else:
+        _prune_mlp(holder, source(layer, kind, kept))
+    return {name: getattr(holder, name) for name in UNIT_ATTRIBUTES[kind]}
+
+
 def build_pruned_model(dense: nn.Module, shape: ModelShape, allocation: dict[str, int], source: LevelSource) -> nn.Module:
     """A new model sharing every untouched tensor with `dense` (no copy), with pruned units replaced."""
     shared = {id(t): t for t in [*dense.parameters(), *dense.buffers()]}

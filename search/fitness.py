@@ -38,6 +38,7 @@ class Fitness:
         self.evaluations = 0
         self.started = time.perf_counter()
         self.trace: list[dict[str, Any]] = []
+        self._memo: dict[tuple[tuple[int, ...], int], float] = {}
 
     def sequences_for(self, tokens: int) -> int:
         """Whole sequences covering `tokens`, at least one and at most the pool."""
@@ -46,12 +47,17 @@ class Fitness:
         return min(self.pool_sequences, math.ceil(tokens / self.seq_len))
 
     def score(self, choices: Sequence[Sequence[int]], tokens: int) -> list[float]:
-        """Fitness of each choice on the first ceil(tokens / seq_len) pool sequences (the same for all)."""
+        """Fitness of each choice on the first ceil(tokens / seq_len) pool sequences (the same for all). Scores are
+        deterministic per (choice, sequences), so a repeat is answered from a memo and costs no tokens."""
         n_seq = self.sequences_for(tokens)
-        values = self._score([tuple(int(j) for j in c) for c in choices], n_seq)
-        self.tokens_spent += n_seq * self.seq_len * len(choices)
-        self.evaluations += len(choices)
-        return values
+        keys = [tuple(int(j) for j in c) for c in choices]
+        fresh = list(dict.fromkeys(k for k in keys if (k, n_seq) not in self._memo))
+        if fresh:
+            for key, value in zip(fresh, self._score(fresh, n_seq)):
+                self._memo[(key, n_seq)] = value
+            self.tokens_spent += n_seq * self.seq_len * len(fresh)
+            self.evaluations += len(fresh)
+        return [self._memo[(k, n_seq)] for k in keys]
 
     def _score(self, choices: list[tuple[int, ...]], n_sequences: int) -> list[float]:
         raise NotImplementedError
