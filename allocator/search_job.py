@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +16,12 @@ from allocator.config import SearchJob
 from allocator.errors import UserInputError
 from allocator.atomic_io import write_json_atomic
 from allocator.export import export_checkpoint
+from allocator.fitness_engine import StitchedKLFitness
 from allocator.level_database import ERROR_METRICS, LevelDatabase, open_or_build_database
 from allocator.model_loader import load_model, validate_model_config
 from allocator.profile_job import validate_profile_name
 from allocator.pruned_model import build_pruned_model, widths_of
+from allocator.pareto_plot import plot_pareto_front
 from allocator.quality import kl_to_dense, perplexity
 from allocator.report import allocation_lines, plot_allocation, summary_lines
 from allocator.space import ModelShape, Unit, build_space
@@ -28,6 +30,7 @@ from profilers.cpu import profile_cpu
 from profilers.regimes import find_regime
 from profilers.table import CostTable, RegimeCosts
 from search import SEARCHERS, Allocation, AllocationProblem, make_searcher
+from search.bayes import BayesConfig
 
 JOB_FILE = "search_job.yaml"
 
@@ -47,6 +50,12 @@ def validate_search_job(cfg: SearchJob) -> None:
         raise UserInputError(
             f"space.fisher_sequences={cfg.space.fisher_sequences} must be in 1..data.calib_sequences={cfg.data.calib_sequences}"
         )
+    if not 1 <= cfg.fitness.sequences <= cfg.data.calib_sequences:
+        raise UserInputError(
+            f"fitness.sequences={cfg.fitness.sequences} must be in 1..data.calib_sequences={cfg.data.calib_sequences}"
+        )
+    if cfg.fitness.batch_size < 1:
+        raise UserInputError(f"fitness.batch_size={cfg.fitness.batch_size} must be >= 1")
     if cfg.score.kl_sequences > cfg.data.calib_sequences:
         raise UserInputError(
             f"score.kl_sequences={cfg.score.kl_sequences} exceeds data.calib_sequences={cfg.data.calib_sequences}"
@@ -94,8 +103,7 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
         dense, shape, units, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir
     )
     problem = build_problem(units, costs, db, cfg.space.error_metric, budget_ms["target"])
-    searcher = make_searcher(cfg.searcher)
-    found = searcher.search(problem, seed=cfg.seed)
+    found = run_searcher(cfg, run_dir, problem, dense, shape, units, db, data.calibration)
     uniform = SEARCHERS.get("uniform")().search(problem, seed=cfg.seed)
     allocations = {"searched": found.labels(problem), "uniform": uniform.labels(problem)}
     models = {name: build_pruned_model(dense, shape, alloc, db.source) for name, alloc in allocations.items()}
@@ -124,6 +132,34 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
     return plan
 
 
+def run_searcher(
+    cfg: SearchJob,
+    run_dir: Path,
+    problem: AllocationProblem,
+    dense: nn.Module,
+    shape: ModelShape,
+    units: list[Unit],
+    db: LevelDatabase,
+    calibration: torch.Tensor,
+) -> Allocation:
+    """Run the configured searcher (with the KL fitness engine if it scores real candidates); its trace and, for a
+    multi-objective search, its Pareto front land in the run directory."""
+    searcher_cfg = cfg.searcher
+    if isinstance(searcher_cfg, BayesConfig) and not searcher_cfg.storage:  # a killed study resumes from here
+        searcher_cfg = replace(searcher_cfg, storage=f"sqlite:///{(run_dir / 'study.db').resolve()}")
+    searcher = make_searcher(searcher_cfg)
+    fitness = None
+    if searcher.uses_fitness:
+        pool = calibration[: cfg.fitness.sequences]
+        fitness = StitchedKLFitness(dense, shape, units, db.source, pool, batch_size=cfg.fitness.batch_size)
+    found = searcher.search(problem, seed=cfg.seed, fitness=fitness)
+    if "trace" in found.info:
+        write_json_atomic(run_dir / "search_trace.json", found.info)
+    if "pareto_front" in found.info:
+        plot_pareto_front(found.info["pareto_front"], run_dir / "pareto.png", problem.budget, f"{cfg.model.name}: NSGA-II front")
+    return found
+
+
 def make_plan(
     cfg: SearchJob,
     table: CostTable,
@@ -149,7 +185,12 @@ def make_plan(
         },
         "model": cfg.model.name,
         "model_spec": asdict(cfg.model),
-        "searcher": {"name": found.searcher, "proxy_error": found.error, "error_metric": cfg.space.error_metric},
+        "searcher": {
+            "name": found.searcher,
+            "proxy_error": found.error,
+            "error_metric": cfg.space.error_metric,
+            **{k: found.info[k] for k in ("fitness", "tokens_spent", "evaluations", "seconds") if k in found.info},
+        },
         "predicted": {"latency_ms": searched_ms, "dense_latency_ms": dense_ms, "speedup": dense_ms / searched_ms},
         "uniform": {
             "allocation": allocations["uniform"],

@@ -1,0 +1,244 @@
+"""Model-based search with Optuna (TPE, CMA-ES, GP; NSGA-II for a cost/fitness Pareto front), resumable from storage.
+
+Every trial suggests one option index per unit, is repaired into the budget and scored on the real fitness; the
+study lives in an Optuna storage (a SQLite file for search jobs), so a killed run continues where it stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
+
+from allocator.errors import UserInputError
+from search.base import SEARCHERS, Allocation, AllocationProblem, SearcherConfig, allocation_from, repair
+from search.fitness import Fitness
+
+SAMPLERS = ("tpe", "cmaes", "gp")
+# Config fields that do not change what a trial means: a study may be resumed with other values of these.
+_NOT_IN_STUDY_KEY = ("name", "max_tokens", "max_seconds", "n_trials", "storage", "study_name")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass
+class BayesConfig(SearcherConfig):
+    name: str = "bayes"
+    # Model-based sampler for the single-objective search: tpe, cmaes or gp (ignored when multi_objective).
+    sampler: str = "tpe"
+    # Total trials the study should have, counting complete trials already in storage.
+    n_trials: int = 64
+    # Tokens per trial evaluation (rounded up to whole sequences by the fitness).
+    trial_tokens: int = 2048
+    # Random trials before the model-based sampler takes over.
+    startup_trials: int = 16
+    # Minimise (cost, fitness) with NSGA-II and report the Pareto front; the budget still bounds every point.
+    multi_objective: bool = False
+    population_size: int = 16  # NSGA-II
+    # SQLAlchemy URL, e.g. sqlite:///run/study.db; empty = in memory (nothing to resume).
+    storage: str = ""
+    # Empty = derived from a hash of the problem, the seed and the options above, so a resume must be the same search.
+    study_name: str = ""
+    # Enqueue the DP and uniform solutions of the additive proxy as the first trials of a new study.
+    warm_start: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.sampler not in SAMPLERS:
+            raise UserInputError(f"searcher.sampler={self.sampler!r} is unknown; valid: {', '.join(SAMPLERS)}")
+        for field, low in (("n_trials", 1), ("trial_tokens", 1), ("startup_trials", 0), ("population_size", 2)):
+            value = getattr(self, field)
+            if not _is_int(value) or value < low:
+                raise UserInputError(f"searcher.{field}={value!r} must be an integer >= {low}")
+        for field in ("multi_objective", "warm_start"):
+            if not isinstance(getattr(self, field), bool):
+                raise UserInputError(f"searcher.{field}={getattr(self, field)!r} must be true or false")
+        for field in ("storage", "study_name"):
+            if not isinstance(getattr(self, field), str):
+                raise UserInputError(f"searcher.{field}={getattr(self, field)!r} must be a string (empty = default)")
+
+
+def problem_digest(problem: AllocationProblem) -> str:
+    """Hash of everything that defines the problem: a stored study is only resumed for the same one."""
+    h = hashlib.sha256()
+    h.update(repr((problem.unit_names, problem.options, problem.budget)).encode())
+    for arr in (*problem.costs, *problem.errors):
+        h.update(np.ascontiguousarray(arr, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def _warm_starts(problem: AllocationProblem) -> list[tuple[int, ...]]:
+    """DP and uniform optima of the additive proxy (distinct, skipping any that cannot be built)."""
+    from search.dp import DPSearcher  # here, not at the top: the registry module imports every searcher
+    from search.uniform import UniformSearcher
+
+    out: list[tuple[int, ...]] = []
+    for searcher in (DPSearcher(), UniformSearcher()):
+        try:
+            choice = searcher.search(problem).choice
+        except ValueError:  # e.g. uniform with differing labels within a kind: just no warm start from it
+            continue
+        if choice not in out:
+            out.append(choice)
+    return out
+
+
+@SEARCHERS.register("bayes")
+class BayesSearcher:
+    name = "bayes"
+    stochastic = True
+    baseline = False
+    uses_fitness = True
+    Config = BayesConfig
+
+    def __init__(self, cfg: BayesConfig | None = None) -> None:
+        self.cfg = cfg or BayesConfig()
+        self.cfg.validate()
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        cfg = self.cfg
+        if cfg.multi_objective:
+            return optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=seed)
+        if cfg.sampler == "tpe":
+            return optuna.samplers.TPESampler(n_startup_trials=cfg.startup_trials, seed=seed)
+        if cfg.sampler == "cmaes":
+            return optuna.samplers.CmaEsSampler(n_startup_trials=cfg.startup_trials, seed=seed)
+        return optuna.samplers.GPSampler(n_startup_trials=cfg.startup_trials, seed=seed)
+
+    def _study_key(self, problem: AllocationProblem, seed: int) -> dict[str, Any]:
+        opts = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in _NOT_IN_STUDY_KEY}
+        return {"problem": problem_digest(problem), "seed": seed, **opts}
+
+    def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation:
+        if fitness is None:
+            raise ValueError("searcher bayes scores candidates on a fitness: pass fitness=... (got None)")
+        if problem.min_cost() > problem.budget:
+            raise problem.infeasible()
+        cfg = self.cfg
+        key = self._study_key(problem, seed)
+        key_json = json.dumps(key, sort_keys=True)
+        study_name = cfg.study_name or "bayes-" + hashlib.sha256(key_json.encode()).hexdigest()[:16]
+        directions = ["minimize", "minimize"] if cfg.multi_objective else ["minimize"]
+
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial otherwise
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study = optuna.create_study(
+                    storage=cfg.storage or None, sampler=self._sampler(seed), study_name=study_name,
+                    directions=directions, load_if_exists=True,
+                )
+                new = self._prepare(study, key, key_json)
+                if new and cfg.warm_start:
+                    for choice in _warm_starts(problem):
+                        study.enqueue_trial(dict(zip(problem.unit_names, choice)))
+                n_run = self._optimize(study, problem, seed, fitness)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            raise RuntimeError(f"searcher bayes: no trial of study {study_name!r} completed (every score was not finite)")
+        info: dict[str, Any] = {
+            "study_name": study_name,
+            "storage": cfg.storage,
+            "n_trials_total": len(complete),
+            "n_trials_this_run": n_run,
+            "sampler": "nsga2" if cfg.multi_objective else cfg.sampler,
+        }
+        if cfg.multi_objective:
+            front = pareto_front(problem, study.best_trials)
+            info["pareto_front"] = front
+            best = min(front, key=lambda p: (p["fitness"], p["cost"]))["choice"]
+        else:
+            best = study.best_trial.user_attrs["choice"]
+        return allocation_from(problem, best, self.name, **info, **fitness.summary())
+
+    def _prepare(self, study: optuna.Study, key: dict[str, Any], key_json: str) -> bool:
+        """Check a loaded study is this search, fail trials a killed run left RUNNING; True if the study is new."""
+        trials = study.get_trials(deepcopy=False)
+        stored = study.user_attrs.get("search_key")
+        if stored is None and not trials:
+            study.set_user_attr("search_key", key_json)
+            return True
+        if stored != key_json:
+            theirs = json.loads(stored) if stored else {}
+            diff = sorted(k for k in key.keys() | theirs.keys() if key.get(k) != theirs.get(k))
+            raise UserInputError(
+                f"searcher.study_name={study.study_name!r} in storage {self.cfg.storage!r} holds a different search "
+                f"(differs in: {', '.join(diff) or 'everything'}); use another study_name or storage"
+            )
+        # One process runs a study at a time: a RUNNING trial is one whose process died. Marked FAIL so it neither
+        # counts nor steers the sampler (TPE's constant liar treats running trials as bad points).
+        for t in trials:
+            if t.state == TrialState.RUNNING:
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        return False
+
+    def _optimize(self, study: optuna.Study, problem: AllocationProblem, seed: int, fitness: Fitness) -> int:
+        """Run the trials still missing; returns how many ran in this call."""
+        cfg = self.cfg
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        # Same repaired choice, same tokens: the fitness is deterministic, so reuse the score, spending nothing.
+        seen: dict[tuple[int, ...], float] = {tuple(t.user_attrs["choice"]): _fitness_of(t) for t in complete}
+        best = min(seen.values(), default=math.inf)
+        fitness.begin(max_tokens=cfg.max_tokens, max_seconds=cfg.max_seconds)
+        if complete:  # the incumbent a resumed run starts from, at no tokens spent in this run
+            t = min(complete, key=_fitness_of)
+            fitness.note_best(t.user_attrs["choice"], best, cfg.trial_tokens)
+        remaining = max(0, cfg.n_trials - len(complete))
+        n_run = 0
+        for _ in tqdm(range(remaining), desc="bayes", leave=False):
+            trial = study.ask()
+            try:
+                raw = [trial.suggest_int(name, 0, len(opts) - 1) for name, opts in zip(problem.unit_names, problem.options)]
+                rng = np.random.default_rng([seed, trial.number])  # deterministic repair per trial
+                choice = repair(problem, raw, rng)
+                cost = problem.cost_of(choice)
+                trial.set_user_attr("choice", list(choice))
+                trial.set_user_attr("cost", cost)
+                if choice in seen:
+                    value = seen[choice]
+                    trial.set_user_attr("cached", True)
+                else:
+                    value = float(fitness.score([choice], cfg.trial_tokens)[0])
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            n_run += 1
+            if not math.isfinite(value):  # a broken candidate: recorded as failed, not as a score
+                study.tell(trial, state=TrialState.FAIL)
+                continue
+            trial.set_user_attr("fitness", value)
+            seen[choice] = value
+            study.tell(trial, [cost, value] if cfg.multi_objective else value)
+            if value < best:
+                best = value
+                fitness.note_best(choice, value, cfg.trial_tokens)
+            if fitness.exhausted():
+                break
+        return n_run
+
+
+def _fitness_of(trial: FrozenTrial) -> float:
+    return float(trial.user_attrs["fitness"])
+
+
+def pareto_front(problem: AllocationProblem, trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
+    """Distinct non-dominated points, by cost: {"choice", "cost", "fitness"}."""
+    points: dict[tuple[int, ...], dict[str, Any]] = {}
+    for t in trials:
+        choice = tuple(int(j) for j in t.user_attrs["choice"])
+        points[choice] = {"choice": list(choice), "cost": problem.cost_of(choice), "fitness": _fitness_of(t)}
+    return sorted(points.values(), key=lambda p: (p["cost"], p["fitness"]))

@@ -1,0 +1,84 @@
+"""Týr-the-Pruner-style coarse-to-fine search: evolve on a coarse level grid, then on finer grids from the best.
+
+Stage s moves levels `strides[s]` options at a time, so it explores the grid of every strides[s]-th option around
+its start; the first stage starts from the DP (or uniform) optimum of the additive proxy restricted to the coarsest
+grid, each later stage from the previous stage's result. Defaults follow Týr's schedule of halving the grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from deap import tools
+
+from allocator.errors import UserInputError
+from search.base import SEARCHERS, Allocation, AllocationProblem, allocation_from
+from search.evo import EvoConfig, evolution_info, evolve, initial_choice, require_fitness
+from search.fitness import Fitness
+
+
+@dataclass
+class TyrConfig(EvoConfig):
+    name: str = "tyr"
+    # Grid steps (in options, cost order), coarse to fine, and the generations spent on each.
+    strides: list[int] = field(default_factory=lambda: [4, 2, 1])
+    stage_generations: list[int] = field(default_factory=lambda: [10, 10, 20])
+
+    def validate(self) -> None:
+        super().validate()
+        strides, gens = list(self.strides), list(self.stage_generations)
+        if not strides or len(strides) != len(gens):
+            raise UserInputError(
+                f"searcher.strides={strides} and searcher.stage_generations={gens} must be non-empty and of equal length"
+            )
+        if any(s < 1 for s in strides) or strides != sorted(strides, reverse=True) or strides[-1] != 1:
+            raise UserInputError(f"searcher.strides={strides} must be >= 1, non-increasing and end in 1")
+        if any(g < 0 for g in gens):
+            raise UserInputError(f"searcher.stage_generations={gens} must be >= 0")
+
+
+def coarse_grid(problem: AllocationProblem, stride: int) -> list[list[int]]:
+    """Per unit, the option indices at every stride-th position in cost order, plus the costliest (dense)."""
+    grids = []
+    for costs in problem.costs:
+        order = [int(j) for j in np.argsort(costs, kind="stable")]
+        grids.append(sorted(set(order[::stride]) | {order[-1]}))
+    return grids
+
+
+def coarse_start(problem: AllocationProblem, stride: int, init: str) -> tuple[int, ...]:
+    """The proxy optimum on the coarse grid, as option indices of the full problem."""
+    grids = coarse_grid(problem, stride)
+    sub = AllocationProblem(
+        unit_names=problem.unit_names,
+        unit_kinds=problem.unit_kinds,
+        options=tuple(tuple(problem.options[u][j] for j in grid) for u, grid in enumerate(grids)),
+        costs=tuple(problem.costs[u][grid] for u, grid in enumerate(grids)),
+        errors=tuple(problem.errors[u][grid] for u, grid in enumerate(grids)),
+        budget=problem.budget,
+    )
+    return tuple(grids[u][j] for u, j in enumerate(initial_choice(sub, init)))
+
+
+@SEARCHERS.register("tyr")
+class TyrSearcher:
+    name = "tyr"
+    stochastic = True
+    baseline = False
+    uses_fitness = True
+    Config = TyrConfig
+
+    def __init__(self, cfg: TyrConfig | None = None) -> None:
+        self.cfg = cfg or TyrConfig()
+        self.cfg.validate()
+
+    def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation:
+        fitness = require_fitness(fitness, self.name)
+        fitness.begin(max_tokens=self.cfg.max_tokens, max_seconds=self.cfg.max_seconds)
+        rng = np.random.default_rng(seed)
+        logbook = tools.Logbook()
+        choice = coarse_start(problem, self.cfg.strides[0], self.cfg.init)
+        value = float("nan")
+        for stride, generations in zip(self.cfg.strides, self.cfg.stage_generations):
+            choice, value = evolve(problem, fitness, choice, self.cfg, rng, generations, stride=stride, logbook=logbook)
+        return allocation_from(problem, choice, self.name, **evolution_info(value, logbook, fitness))
