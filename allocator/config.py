@@ -61,9 +61,11 @@ class ProfileConfig:
 
 @dataclass
 class BudgetConfig:
-    # Exactly one of speedup / latency_ms, in the regime below.
+    # Exactly one of speedup / latency_ms (in the regime below) / sparsity (share of the decoder layers' linear
+    # weights removed, EvoPress's setting; exact, no headroom).
     speedup: Optional[float] = 1.5
     latency_ms: Optional[float] = None
+    sparsity: Optional[float] = None
     regime: str = "prefill"
     # Plan this much faster than asked (0.05 = 5%): CPU timings drift by several percent between the profile and
     # the verification, and a plan exactly at the target misses it about half the time. Verification compares
@@ -112,9 +114,10 @@ class ProfileJob:
 
 @dataclass
 class ExportBudget:
-    # Unset fields keep the source run's budget; setting one of speedup / latency_ms replaces the target.
+    # Unset fields keep the source run's budget; setting one of speedup / latency_ms / sparsity replaces the target.
     speedup: Optional[float] = None
     latency_ms: Optional[float] = None
+    sparsity: Optional[float] = None
     regime: Optional[str] = None
 
 

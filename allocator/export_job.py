@@ -9,21 +9,26 @@ from omegaconf import OmegaConf
 
 from allocator.config import BudgetConfig, ExportJob, SearchJob
 from allocator.search_job import JOB_FILE, run_search
+from search import SEARCHERS
 
 
 def load_search_job(run: Path) -> SearchJob:
     saved = run / JOB_FILE
     if not saved.is_file():
         raise FileNotFoundError(f"run={run} is not a search run directory: {saved} is missing")
-    merged = OmegaConf.merge(OmegaConf.structured(SearchJob), OmegaConf.load(saved))
+    saved_cfg = OmegaConf.load(saved)
+    # The searcher section has that searcher's own schema: start from it so its options merge and stay typed.
+    searcher_schema = SEARCHERS.get(saved_cfg.searcher.name).Config()
+    merged = OmegaConf.merge(OmegaConf.structured(SearchJob(searcher=searcher_schema)), saved_cfg)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 def run_export(cfg: ExportJob, out_dir: Path) -> dict:
     job = load_search_job(Path(cfg.run))
     budget: BudgetConfig = job.budget
-    if cfg.budget.speedup is not None or cfg.budget.latency_ms is not None:
-        budget = replace(budget, speedup=cfg.budget.speedup, latency_ms=cfg.budget.latency_ms)
+    targets = {"speedup": cfg.budget.speedup, "latency_ms": cfg.budget.latency_ms, "sparsity": cfg.budget.sparsity}
+    if any(v is not None for v in targets.values()):
+        budget = replace(budget, **targets)
     if cfg.budget.regime is not None:
         budget = replace(budget, regime=cfg.budget.regime)
     job = replace(job, budget=budget, export=True, verify=cfg.verify)

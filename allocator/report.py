@@ -19,11 +19,12 @@ def allocation_lines(shape: ModelShape, widths: dict[str, list[int]], uniform: d
 
 
 def summary_lines(plan: dict) -> list[str]:
-    q, u, p = plan["quality"], plan["uniform"], plan["predicted"]
+    q, u, p, b = plan["quality"], plan["uniform"], plan["predicted"], plan["budget"]
+    budget = f"{b['target_ms']:.1f} ms" if b["target_ms"] is not None else f"{b['sparsity']:.0%} of weights removed"
     lines = [
-        f"profile {plan['profile']['name']} ({plan['profile']['source']}), regime {plan['budget']['regime']}, "
-        f"budget {plan['budget']['target_ms']:.1f} ms",
-        f"predicted: {p['latency_ms']:.1f} ms, speedup {p['speedup']:.2f}x, weights {p['weight_bytes'] / 2**20:.1f} MiB",
+        f"profile {plan['profile']['name']} ({plan['profile']['source']}), regime {b['regime']}, budget {budget}",
+        f"predicted: {p['latency_ms']:.1f} ms, speedup {p['speedup']:.2f}x, weights {p['weight_bytes'] / 2**20:.1f} MiB, "
+        f"parameter sparsity {p['param_sparsity']:.3f}",
     ]
     m = plan.get("measured")
     if m:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +10,21 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from allocator.budget import predicted_dense_ms, predicted_ms, target_latency_ms, unit_costs, validate_budget
-from allocator.calibration_data import build_calibration_data, validate_data_config
+from allocator.budget import (
+    is_param_budget,
+    param_sparsity,
+    predicted_dense_ms,
+    predicted_ms,
+    target_latency_ms,
+    target_params,
+    unit_costs,
+    validate_budget,
+)
+from allocator.calibration_data import CalibrationData, build_calibration_data, validate_data_config
 from allocator.config import SearchJob
 from allocator.errors import UserInputError
 from allocator.atomic_io import write_json_atomic
+from allocator.compress.outliers import layer_outlier_ratios
 from allocator.export import export_checkpoint
 from allocator.fitness_engine import StitchedKLFitness
 from allocator.level_database import ERROR_METRICS, LevelDatabase, open_or_build_database
@@ -24,7 +34,7 @@ from allocator.pruned_model import build_pruned_model, widths_of
 from allocator.pareto_plot import plot_pareto_front
 from allocator.quality import kl_to_dense, perplexity
 from allocator.report import allocation_lines, plot_allocation, summary_lines
-from allocator.space import ModelShape, Unit, build_space
+from allocator.space import ModelShape, Unit, build_space, option_params
 from allocator.verify_job import measure_speedup
 from profilers.cpu import profile_cpu
 from profilers.regimes import find_regime
@@ -50,7 +60,8 @@ def validate_search_job(cfg: SearchJob) -> None:
         raise UserInputError(
             f"space.fisher_sequences={cfg.space.fisher_sequences} must be in 1..data.calib_sequences={cfg.data.calib_sequences}"
         )
-    if not 1 <= cfg.fitness.sequences <= cfg.data.calib_sequences:
+    uses_fitness = SEARCHERS.get(cfg.searcher.name).uses_fitness
+    if uses_fitness and not 1 <= cfg.fitness.sequences <= cfg.data.calib_sequences:
         raise UserInputError(
             f"fitness.sequences={cfg.fitness.sequences} must be in 1..data.calib_sequences={cfg.data.calib_sequences}"
         )
@@ -63,16 +74,72 @@ def validate_search_job(cfg: SearchJob) -> None:
 
 
 def build_problem(
-    units: list[Unit], costs: RegimeCosts, db: LevelDatabase, metric: str, target_ms: float
+    cfg: SearchJob, shape: ModelShape, units: list[Unit], costs: RegimeCosts, db: LevelDatabase, target_ms: float | None
 ) -> AllocationProblem:
+    """Costs are latency (ms, less the fixed part) under a speedup/latency budget, kept weights under a sparsity one."""
+    if is_param_budget(cfg.budget):
+        unit_cost = [np.array([float(option_params(shape, u.kind, k)) for k in u.options]) for u in units]
+        capacity = target_params(cfg.budget, shape, units)
+    else:
+        unit_cost = [np.array(unit_costs(costs, u)) for u in units]
+        capacity = target_ms - costs.fixed_ms
     return AllocationProblem(
         unit_names=tuple(u.name for u in units),
         unit_kinds=tuple(u.kind for u in units),
         options=tuple(u.options for u in units),
-        costs=tuple(np.array(unit_costs(costs, u)) for u in units),
-        errors=tuple(np.array([db.error(u.name, k, metric) for k in u.options]) for u in units),
-        budget=target_ms - costs.fixed_ms,
+        costs=tuple(unit_cost),
+        errors=tuple(np.array([db.error(u.name, k, cfg.space.error_metric) for k in u.options]) for u in units),
+        budget=capacity,
     )
+
+
+@dataclass
+class SearchSetup:
+    """Everything a searcher needs, built (or loaded from the caches) once."""
+
+    dense: nn.Module
+    tokenizer: object
+    shape: ModelShape
+    units: list[Unit]
+    table: CostTable
+    table_path: Path
+    costs: RegimeCosts
+    target_ms: float | None
+    data: CalibrationData
+    db: LevelDatabase
+    problem: AllocationProblem
+
+
+def prepare_search(cfg: SearchJob) -> SearchSetup:
+    """Model, space, latency table, calibration data and level database, and the allocation problem they define."""
+    validate_search_job(cfg)
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.model, cfg.cache_dir)
+    dense = loaded.model
+    shape = ModelShape.from_config(dense.config)
+    units = build_space(shape, cfg.space)
+    budget_ms: dict[str, float] = {}
+    if is_param_budget(cfg.budget):
+        target_params(cfg.budget, shape, units)  # unreachable: fail now, not after profiling
+
+    def check_budget(regime: str, costs: RegimeCosts) -> None:
+        if not is_param_budget(cfg.budget):
+            budget_ms["target"] = target_latency_ms(cfg.budget, costs, units, cfg.profile.name)
+
+    table, table_path = profile_cpu(
+        dense, shape, units, cfg.profile, cfg.model.dtype, cfg.cache_dir, cfg.budget.regime, check_budget
+    )
+    costs = table.regime(cfg.budget.regime)
+    data = build_calibration_data(cfg.data, loaded.tokenizer)
+    db = open_or_build_database(
+        dense, shape, units, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir
+    )
+    target_ms = budget_ms.get("target")
+    problem = build_problem(cfg, shape, units, costs, db, target_ms)
+    if cfg.searcher.name == "owl":  # OWL allocates by each layer's activation-outlier ratio
+        ratios = layer_outlier_ratios(dense, data.calibration[: cfg.fitness.sequences], batch_size=cfg.fitness.batch_size)
+        problem = replace(problem, outlier_ratios=tuple(ratios[u.layer] for u in units))
+    return SearchSetup(dense, loaded.tokenizer, shape, units, table, table_path, costs, target_ms, data, db, problem)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -83,26 +150,10 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
     validate_search_job(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / JOB_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # what `export` re-runs
-    torch.manual_seed(cfg.seed)
-    loaded = load_model(cfg.model, cfg.cache_dir)
-    dense, tokenizer = loaded.model, loaded.tokenizer
-    shape = ModelShape.from_config(dense.config)
-    units = build_space(shape, cfg.space)
-
-    budget_ms: dict[str, float] = {}
-
-    def check_budget(regime: str, costs: RegimeCosts) -> None:
-        budget_ms["target"] = target_latency_ms(cfg.budget, costs, units, cfg.profile.name)
-
-    table, table_path = profile_cpu(
-        dense, shape, units, cfg.profile, cfg.model.dtype, cfg.cache_dir, cfg.budget.regime, check_budget
+    setup = prepare_search(cfg)
+    dense, tokenizer, shape, units, costs, data, db, problem = (
+        setup.dense, setup.tokenizer, setup.shape, setup.units, setup.costs, setup.data, setup.db, setup.problem
     )
-    costs = table.regime(cfg.budget.regime)
-    data = build_calibration_data(cfg.data, tokenizer)
-    db = open_or_build_database(
-        dense, shape, units, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir
-    )
-    problem = build_problem(units, costs, db, cfg.space.error_metric, budget_ms["target"])
     found = run_searcher(cfg, run_dir, problem, dense, shape, units, db, data.calibration)
     uniform = SEARCHERS.get("uniform")().search(problem, seed=cfg.seed)
     allocations = {"searched": found.labels(problem), "uniform": uniform.labels(problem)}
@@ -111,12 +162,12 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
     batch = cfg.score.batch_size
     kl = kl_to_dense(dense, models, data.calibration[: cfg.score.kl_sequences], batch)
     ppl = {name: perplexity(m, data.heldout, batch) for name, m in {"dense": dense, **models}.items()}
-    plan = make_plan(cfg, table, table_path, units, costs, budget_ms["target"], allocations, found, uniform)
+    plan = make_plan(cfg, setup, allocations, found, uniform)
     plan["predicted"]["weight_bytes"] = weight_bytes(models["searched"])
     plan["predicted"]["dense_weight_bytes"] = weight_bytes(dense)
     plan["quality"] = {"kl": kl["searched"], "ppl_dense": ppl["dense"], "ppl_pruned": ppl["searched"]}
     plan["uniform"].update({"kl": kl["uniform"], "ppl_dense": ppl["dense"], "ppl_pruned": ppl["uniform"]})
-    write_json_atomic(run_dir / "problem.json", problem_json(problem, costs))
+    write_json_atomic(run_dir / "problem.json", problem_json(problem, costs, is_param_budget(cfg.budget)))
     if cfg.export:
         export_checkpoint(models["searched"], tokenizer, run_dir, plan)
         if cfg.verify:
@@ -161,27 +212,23 @@ def run_searcher(
 
 
 def make_plan(
-    cfg: SearchJob,
-    table: CostTable,
-    table_path: Path,
-    units: list[Unit],
-    costs: RegimeCosts,
-    target_ms: float,
-    allocations: dict[str, dict[str, int]],
-    found: Allocation,
-    uniform: Allocation,
+    cfg: SearchJob, setup: SearchSetup, allocations: dict[str, dict[str, int]], found: Allocation, uniform: Allocation
 ) -> dict:
+    costs, units, table = setup.costs, setup.units, setup.table
     dense_ms = predicted_dense_ms(costs, units)
     searched_ms = predicted_ms(costs, units, allocations["searched"])
     uniform_ms = predicted_ms(costs, units, allocations["uniform"])
+    budget = {**asdict(cfg.budget), "target_ms": setup.target_ms}
+    if is_param_budget(cfg.budget):
+        budget["target_params"] = setup.problem.budget
     return {
         "allocation": allocations["searched"],
-        "budget": {**asdict(cfg.budget), "target_ms": target_ms},
+        "budget": budget,
         "profile": {
             "name": table.profile,
             "source": table.source,
             "fingerprint": table.fingerprint,
-            "table": str(table_path),
+            "table": str(setup.table_path),
         },
         "model": cfg.model.name,
         "model_spec": asdict(cfg.model),
@@ -191,22 +238,30 @@ def make_plan(
             "error_metric": cfg.space.error_metric,
             **{k: found.info[k] for k in ("fitness", "tokens_spent", "evaluations", "seconds") if k in found.info},
         },
-        "predicted": {"latency_ms": searched_ms, "dense_latency_ms": dense_ms, "speedup": dense_ms / searched_ms},
+        "predicted": {
+            "latency_ms": searched_ms,
+            "dense_latency_ms": dense_ms,
+            "speedup": dense_ms / searched_ms,
+            "param_sparsity": param_sparsity(setup.shape, units, allocations["searched"]),
+        },
         "uniform": {
             "allocation": allocations["uniform"],
             "proxy_error": uniform.error,
             "predicted_latency_ms": uniform_ms,
             "predicted_speedup": dense_ms / uniform_ms,
+            "param_sparsity": param_sparsity(setup.shape, units, allocations["uniform"]),
         },
     }
 
 
-def problem_json(problem: AllocationProblem, costs: RegimeCosts) -> dict:
+def problem_json(problem: AllocationProblem, costs: RegimeCosts, param_budget: bool) -> dict:
     return {
+        # Latency budgets: per-unit ms on top of the fixed part; parameter budgets: kept weights.
+        "cost_unit": "params" if param_budget else "ms",
         "fixed_ms": costs.fixed_ms,
-        "budget_ms": problem.budget,
+        "budget": problem.budget,
         "units": [
-            {"name": n, "kind": k, "options": list(o), "cost_ms": c.tolist(), "error": e.tolist()}
+            {"name": n, "kind": k, "options": list(o), "cost": c.tolist(), "error": e.tolist()}
             for n, k, o, c, e in zip(problem.unit_names, problem.unit_kinds, problem.options, problem.costs, problem.errors)
         ],
     }

@@ -50,6 +50,14 @@ class Unit:
     options: tuple[int, ...]
 
 
+def option_params(shape: ModelShape, kind: str, kept: int) -> int:
+    """Linear weights a unit keeps: q, k, v, o for `kept` KV groups, or gate, up, down for `kept` neurons."""
+    if kind == ATTN:
+        q_and_o = 2 * shape.hidden * kept * shape.heads_per_group * shape.head_dim
+        return q_and_o + 2 * shape.hidden * kept * shape.head_dim
+    return 3 * shape.hidden * kept
+
+
 def unit_name(layer: int, kind: str) -> str:
     return f"layer{layer:02d}.{kind}"
 

@@ -10,7 +10,7 @@ from torch import nn
 from allocator.config import ModelConfig, ProfileConfig, VerifyJob
 from allocator.atomic_io import write_json_atomic
 from allocator.model_loader import load_model
-from allocator.pruned_model import WIDTHS_KEY
+from allocator.pruned_model import WIDTHS_KEY, decoder_layers
 from allocator.runtime import load_plan, load_pruned
 from profilers.end_to_end import measure_models
 from profilers.regimes import find_regime
@@ -55,14 +55,25 @@ def measure_speedup(
         "pruned_stats": asdict(stats["pruned"]),
         "dense_stats": asdict(stats["dense"]),
     }
-    if regime.name == plan["budget"]["regime"]:
+    if plan["budget"].get("sparsity") is not None:  # a weight budget: counted in the reloaded model
+        result["param_sparsity"] = 1.0 - decoder_weights(model) / decoder_weights(dense)
+        result.update(budget_verdict(plan["budget"], measured_ms, speedup, result["param_sparsity"]))
+    elif regime.name == plan["budget"]["regime"]:
         result.update(budget_verdict(plan["budget"], measured_ms, speedup))
     return result
 
 
-def budget_verdict(budget: dict, latency_ms: float, speedup: float) -> dict:
+def decoder_weights(model: nn.Module) -> int:
+    """Elements of the linear weights inside the decoder layers: what budget.sparsity counts."""
+    return sum(m.weight.numel() for m in decoder_layers(model).modules() if isinstance(m, nn.Linear))
+
+
+def budget_verdict(budget: dict, latency_ms: float, speedup: float, sparsity: float | None = None) -> dict:
     """Whether the measured model meets the budget it was planned for, and by how much it missed if not."""
-    if budget.get("speedup") is not None:
+    if budget.get("sparsity") is not None:
+        met, shortfall = sparsity >= budget["sparsity"] - 1e-9, budget["sparsity"] - sparsity
+        text = f"parameter sparsity {sparsity:.4f} vs target {budget['sparsity']:.4f} (counted in the exported weights)"
+    elif budget.get("speedup") is not None:
         met, shortfall = speedup >= budget["speedup"], 1.0 - speedup / budget["speedup"]
         text = f"measured speedup {speedup:.3f}x vs target {budget['speedup']:.3f}x"
     else:

@@ -40,6 +40,8 @@ class AllocationProblem:
     costs: tuple[np.ndarray, ...]
     errors: tuple[np.ndarray, ...]
     budget: float
+    # Per unit, OWL's outlier ratio of the unit's layer (from a model run); only the owl searcher needs it.
+    outlier_ratios: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.unit_names)
@@ -70,6 +72,14 @@ class AllocationProblem:
         object.__setattr__(self, "costs", tuple(costs))
         object.__setattr__(self, "errors", tuple(errors))
         object.__setattr__(self, "budget", float(self.budget))
+        if self.outlier_ratios is not None:
+            ratios = np.array(self.outlier_ratios, dtype=np.float64)
+            if ratios.shape != (n,) or not np.all(np.isfinite(ratios)) or np.any(ratios < 0):
+                raise ValueError(
+                    f"allocation problem: outlier_ratios must be {n} finite values >= 0 (one per unit), "
+                    f"got {self.outlier_ratios!r}"
+                )
+            object.__setattr__(self, "outlier_ratios", tuple(float(r) for r in ratios))
 
     @property
     def n_units(self) -> int:
@@ -184,9 +194,8 @@ def repair(
     if problem.min_cost() > problem.budget:
         raise problem.infeasible()
     out = list(choice)
-    cost = problem.cost_of(out)
     protected = set(protect)
-    while cost > problem.budget:
+    while problem.cost_of(out) > problem.budget:  # exact re-sum each step: no drift at a budget of exactly min_cost
         movable = [u for u in range(problem.n_units) if u not in protected and cheaper_option(problem, u, out[u]) is not None]
         if not movable:
             if not protected:
@@ -194,10 +203,7 @@ def repair(
             protected = set()
             continue
         u = movable[int(rng.integers(len(movable)))]
-        j = cheaper_option(problem, u, out[u])
-        cost += float(problem.costs[u][j] - problem.costs[u][out[u]])
-        out[u] = j
-        cost = problem.cost_of(out) if cost <= problem.budget else cost  # exact re-sum before declaring it fits
+        out[u] = cheaper_option(problem, u, out[u])
     return tuple(out)
 
 

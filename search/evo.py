@@ -124,8 +124,10 @@ def evolve(
     generations: int,
     stride: int = 1,
     logbook: tools.Logbook | None = None,
+    token_limit: int = 0,
 ) -> tuple[tuple[int, ...], float]:
-    """Run up to `generations` generations from `start`; returns the final parent and its last-stage fitness."""
+    """Run up to `generations` generations from `start` (and, if token_limit > 0, until the fitness has spent that
+    many tokens in total); returns the final parent and its last-stage fitness."""
     mover = LevelMover(problem, stride)
     toolbox = base.Toolbox()
     toolbox.register("mutate", lambda ind: creator.AllocationIndividual(mover.mutate(ind, rng, cfg.max_moves)))
@@ -136,12 +138,15 @@ def evolve(
     if not fitness.trace or fitness.trace[-1]["choice"] != list(parent):
         fitness.note_best(parent, parent.fitness.values[0], final_tokens)
     bar = tqdm(range(generations), desc=f"evolution (stride {stride})", unit="gen", leave=False)
+    def out_of_tokens() -> bool:
+        return fitness.exhausted() or 0 < token_limit <= fitness.tokens_spent
+
     for gen in bar:
-        if fitness.exhausted():
+        if out_of_tokens():
             break
         pool = [toolbox.mutate(parent) for _ in range(cfg.offspring)]
         for tokens, survivors in zip(cfg.stage_tokens, cfg.stage_survivors):
-            if fitness.exhausted():
+            if fitness.exhausted():  # the hard bound; a token_limit only stops new generations
                 return tuple(parent), parent.fitness.values[0]
             for ind, value in zip(pool, fitness.score(pool, tokens)):
                 ind.fitness.values = (value,)

@@ -2,7 +2,8 @@
 
 Stage s moves levels `strides[s]` options at a time, so it explores the grid of every strides[s]-th option around
 its start; the first stage starts from the DP (or uniform) optimum of the additive proxy restricted to the coarsest
-grid, each later stage from the previous stage's result. Defaults follow Týr's schedule of halving the grid."""
+grid, each later stage from the previous stage's result. Defaults follow Týr's schedule of halving the grid.
+Under searcher.max_tokens each stage gets an equal share of the tokens still left."""
 
 from __future__ import annotations
 
@@ -79,6 +80,13 @@ class TyrSearcher:
         logbook = tools.Logbook()
         choice = coarse_start(problem, self.cfg.strides[0], self.cfg.init)
         value = float("nan")
-        for stride, generations in zip(self.cfg.strides, self.cfg.stage_generations):
-            choice, value = evolve(problem, fitness, choice, self.cfg, rng, generations, stride=stride, logbook=logbook)
+        stages = list(zip(self.cfg.strides, self.cfg.stage_generations))
+        for i, (stride, generations) in enumerate(stages):
+            # Under a token bound, each stage may spend an equal share of what is left, so the fine grids run too.
+            limit = 0
+            if self.cfg.max_tokens:
+                limit = fitness.tokens_spent + (self.cfg.max_tokens - fitness.tokens_spent) // (len(stages) - i)
+            choice, value = evolve(
+                problem, fitness, choice, self.cfg, rng, generations, stride=stride, logbook=logbook, token_limit=limit
+            )
         return allocation_from(problem, choice, self.name, **evolution_info(value, logbook, fitness))

@@ -1,0 +1,67 @@
+"""Baseline: random feasible allocations scored on the fitness, best kept — what any real searcher must beat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from allocator.errors import UserInputError
+from search.base import SEARCHERS, Allocation, AllocationProblem, SearcherConfig, allocation_from, repair
+from search.fitness import Fitness
+
+
+@dataclass
+class RandomConfig(SearcherConfig):
+    name: str = "random"
+    # Allocations drawn at most (max_tokens / max_seconds may stop it earlier).
+    samples: int = 64
+    # Tokens per evaluation (rounded up to whole sequences by the fitness).
+    sample_tokens: int = 2048
+
+    def validate(self) -> None:
+        super().validate()
+        for field in ("samples", "sample_tokens"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise UserInputError(f"searcher.{field}={value!r} must be an integer >= 1")
+
+
+@SEARCHERS.register("random")
+class RandomSearcher:
+    name = "random"
+    stochastic = True
+    baseline = True
+    uses_fitness = True
+    Config = RandomConfig
+
+    def __init__(self, cfg: RandomConfig | None = None) -> None:
+        self.cfg = cfg or RandomConfig()
+        self.cfg.validate()
+
+    def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation:
+        if fitness is None:
+            raise ValueError("searcher random scores candidates on a fitness; none was given")
+        if problem.min_cost() > problem.budget:
+            raise problem.infeasible()
+        cfg = self.cfg
+        fitness.begin(max_tokens=cfg.max_tokens, max_seconds=cfg.max_seconds)
+        rng = np.random.default_rng(seed)
+        best: tuple[float, tuple[int, ...]] | None = None
+        drawn = 0
+        while drawn < cfg.samples:
+            # Uniform over each unit's options, then stepped down at random until it fits: covers the feasible set
+            # with a bias toward the budget boundary, where the good allocations are.
+            choice = repair(problem, [int(rng.integers(len(o))) for o in problem.options], rng)
+            value = fitness.score([choice], cfg.sample_tokens)[0]
+            drawn += 1
+            if best is None or value < best[0]:
+                best = (value, choice)
+                fitness.note_best(choice, value, cfg.sample_tokens)
+            if fitness.exhausted():  # checked after scoring, so at least one allocation is always returned
+                break
+        assert best is not None
+        return allocation_from(
+            problem, best[1], self.name, fitness=best[0], samples=drawn, sample_tokens=cfg.sample_tokens,
+            **fitness.summary(),
+        )
