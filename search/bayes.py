@@ -24,7 +24,7 @@ from search.fitness import Fitness
 
 SAMPLERS = ("tpe", "cmaes", "gp")
 # Config fields that do not change what a trial means: a study may be resumed with other values of these.
-_NOT_IN_STUDY_KEY = ("name", "max_tokens", "max_seconds", "n_trials", "storage", "study_name")
+_NOT_IN_STUDY_KEY = ("name", "max_tokens", "max_seconds", "n_trials", "storage", "study_name", "heartbeat_seconds")
 
 
 def _is_int(value: Any) -> bool:
@@ -39,7 +39,7 @@ class BayesConfig(SearcherConfig):
     # Total trials the study should have, counting complete trials already in storage.
     n_trials: int = 64
     # Tokens per trial evaluation (rounded up to whole sequences by the fitness).
-    trial_tokens: int = 2048
+    trial_tokens: int = 1024
     # Random trials before the model-based sampler takes over.
     startup_trials: int = 16
     # Minimise (cost, fitness) with NSGA-II and report the Pareto front; the budget still bounds every point.
@@ -51,12 +51,17 @@ class BayesConfig(SearcherConfig):
     study_name: str = ""
     # Enqueue the DP and uniform solutions of the additive proxy as the first trials of a new study.
     warm_start: bool = True
+    # Workers beat every this many seconds; a RUNNING trial silent for twice as long belonged to a dead worker and
+    # is failed, so a killed run resumes and several workers can share one study (RDB storage only).
+    heartbeat_seconds: int = 30
 
     def validate(self) -> None:
         super().validate()
         if self.sampler not in SAMPLERS:
             raise UserInputError(f"searcher.sampler={self.sampler!r} is unknown; valid: {', '.join(SAMPLERS)}")
-        for field, low in (("n_trials", 1), ("trial_tokens", 1), ("startup_trials", 0), ("population_size", 2)):
+        for field, low in (
+            ("n_trials", 1), ("trial_tokens", 1), ("startup_trials", 0), ("population_size", 2), ("heartbeat_seconds", 1)
+        ):
             value = getattr(self, field)
             if not _is_int(value) or value < low:
                 raise UserInputError(f"searcher.{field}={value!r} must be an integer >= {low}")
@@ -105,6 +110,12 @@ class BayesSearcher:
         self.cfg = cfg or BayesConfig()
         self.cfg.validate()
 
+    def _storage(self) -> optuna.storages.BaseStorage | None:
+        if not self.cfg.storage:
+            return None  # in memory
+        beat = self.cfg.heartbeat_seconds
+        return optuna.storages.RDBStorage(self.cfg.storage, heartbeat_interval=beat, grace_period=2 * beat)
+
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         cfg = self.cfg
         if cfg.multi_objective:
@@ -136,7 +147,7 @@ class BayesSearcher:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study = optuna.create_study(
-                    storage=cfg.storage or None, sampler=self._sampler(seed), study_name=study_name,
+                    storage=self._storage(), sampler=self._sampler(seed), study_name=study_name,
                     directions=directions, load_if_exists=True,
                 )
                 new = self._prepare(study, key, key_json)
@@ -179,11 +190,9 @@ class BayesSearcher:
                 f"searcher.study_name={study.study_name!r} in storage {self.cfg.storage!r} holds a different search "
                 f"(differs in: {', '.join(diff) or 'everything'}); use another study_name or storage"
             )
-        # One process runs a study at a time: a RUNNING trial is one whose process died. Marked FAIL so it neither
-        # counts nor steers the sampler (TPE's constant liar treats running trials as bad points).
-        for t in trials:
-            if t.state == TrialState.RUNNING:
-                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        # Trials of workers that died (no heartbeat within the grace period) are failed: they neither count nor
+        # steer the sampler. Live workers' running trials are left alone, so several workers can share the study.
+        optuna.storages.fail_stale_trials(study)
         return False
 
     def _optimize(self, study: optuna.Study, problem: AllocationProblem, seed: int, fitness: Fitness) -> int:
@@ -198,37 +207,42 @@ class BayesSearcher:
             t = min(complete, key=_fitness_of)
             fitness.note_best(t.user_attrs["choice"], best, cfg.trial_tokens)
         remaining = max(0, cfg.n_trials - len(complete))
-        n_run = 0
-        for _ in tqdm(range(remaining), desc="bayes", leave=False):
-            trial = study.ask()
-            try:
-                raw = [trial.suggest_int(name, 0, len(opts) - 1) for name, opts in zip(problem.unit_names, problem.options)]
-                rng = np.random.default_rng([seed, trial.number])  # deterministic repair per trial
-                choice = repair(problem, raw, rng)
-                cost = problem.cost_of(choice)
-                trial.set_user_attr("choice", list(choice))
-                trial.set_user_attr("cost", cost)
-                if choice in seen:
-                    value = seen[choice]
-                    trial.set_user_attr("cached", True)
-                else:
-                    value = float(fitness.score([choice], cfg.trial_tokens)[0])
-            except BaseException:
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            n_run += 1
-            if not math.isfinite(value):  # a broken candidate: recorded as failed, not as a score
-                study.tell(trial, state=TrialState.FAIL)
-                continue
-            trial.set_user_attr("fitness", value)
-            seen[choice] = value
-            study.tell(trial, [cost, value] if cfg.multi_objective else value)
-            if value < best:
-                best = value
-                fitness.note_best(choice, value, cfg.trial_tokens)
-            if fitness.exhausted():
-                break
-        return n_run
+        bar = tqdm(total=remaining, desc="bayes", unit="trial", leave=False)
+        ran = [0]
+
+        def objective(trial: optuna.Trial) -> float | list[float]:
+            raw = [trial.suggest_int(name, 0, len(opts) - 1) for name, opts in zip(problem.unit_names, problem.options)]
+            choice = repair(problem, raw, np.random.default_rng([seed, trial.number]))  # deterministic per trial
+            cost = problem.cost_of(choice)
+            trial.set_user_attr("choice", list(choice))
+            trial.set_user_attr("cost", cost)
+            if choice in seen:
+                value = seen[choice]
+                trial.set_user_attr("cached", True)
+            else:
+                value = float(fitness.score([choice], cfg.trial_tokens)[0])
+            if math.isfinite(value):  # a non-finite value makes Optuna record the trial as failed
+                trial.set_user_attr("fitness", value)
+                seen[choice] = value
+            return [cost, value] if cfg.multi_objective else value
+
+        def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+            nonlocal best
+            ran[0] += 1
+            bar.update()
+            if trial.state == TrialState.COMPLETE and _fitness_of(trial) < best:
+                best = _fitness_of(trial)
+                fitness.note_best(trial.user_attrs["choice"], best, cfg.trial_tokens)
+            # Other workers may complete trials too: n_trials bounds the study, not this worker.
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            if fitness.exhausted() or done >= cfg.n_trials:
+                study.stop()
+
+        if remaining:
+            # study.optimize (not ask/tell) so Optuna keeps each trial's heartbeat while it runs.
+            study.optimize(objective, n_trials=remaining, callbacks=[after_trial], gc_after_trial=False)
+        bar.close()
+        return ran[0]
 
 
 def _fitness_of(trial: FrozenTrial) -> float:

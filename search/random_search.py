@@ -17,7 +17,7 @@ class RandomConfig(SearcherConfig):
     # Allocations drawn at most (max_tokens / max_seconds may stop it earlier).
     samples: int = 64
     # Tokens per evaluation (rounded up to whole sequences by the fitness).
-    sample_tokens: int = 2048
+    sample_tokens: int = 1024
 
     def validate(self) -> None:
         super().validate()

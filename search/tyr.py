@@ -81,6 +81,7 @@ class TyrSearcher:
         choice = coarse_start(problem, self.cfg.strides[0], self.cfg.init)
         value = float("nan")
         stages = list(zip(self.cfg.strides, self.cfg.stage_generations))
+        stage_log: list[dict] = []
         for i, (stride, generations) in enumerate(stages):
             # Under a token bound, each stage may spend an equal share of what is left, so the fine grids run too.
             limit = 0
@@ -89,4 +90,6 @@ class TyrSearcher:
             choice, value = evolve(
                 problem, fitness, choice, self.cfg, rng, generations, stride=stride, logbook=logbook, token_limit=limit
             )
-        return allocation_from(problem, choice, self.name, **evolution_info(value, logbook, fitness))
+            ran = sum(row["stride"] == stride for row in logbook)
+            stage_log.append({"stride": stride, "generations": ran, "tokens_spent": fitness.tokens_spent, "fitness": value})
+        return allocation_from(problem, choice, self.name, stages=stage_log, **evolution_info(value, logbook, fitness))
