@@ -1,22 +1,28 @@
-"""`python -m allocator <command> [hydra overrides]` with commands search, profile, export, verify."""
+"""`python -m allocator <command> [hydra overrides]` with commands search, profile, export, verify;
+`python -m allocator summarize <sweep dir>` (no Hydra) re-summarises a `search -m` sweep."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-USAGE = "usage: python -m allocator {search,profile,export,verify} [key=value ...] [-m for sweeps]"
+USAGE = (
+    "usage: python -m allocator {search,profile,export,verify} [key=value ...] [-m for sweeps]\n"
+    "       python -m allocator summarize <sweep dir>"
+)
 COMMANDS = ("search", "profile", "export", "verify")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def short_name(text: str, limit: int = 96) -> str:
-    """Sweep subdirectory names from the overrides, cut to a length every filesystem takes (hash keeps them unique)."""
+    """Sweep subdirectory names from the overrides: one path level ('/' in a path override becomes '_'), cut to a
+    length every filesystem takes (a hash of the full text keeps cut names unique)."""
     import hashlib
 
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    flat = text.replace("/", "_")
+    if len(flat) <= limit and flat == text:
+        return flat
+    return f"{flat[:limit]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def _known_options(group: str) -> set[str]:
@@ -73,6 +79,10 @@ def _task(command: str):
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "summarize":  # reads a sweep directory: no config to compose
+        from allocator.sweep_summary import main as summarize
+
+        sys.exit(summarize(argv[1:]))
     if not argv or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"unknown command {argv[0]!r}", file=sys.stderr)

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from allocator.config import BudgetConfig
 from allocator.errors import UserInputError
+from allocator.memory import option_bytes
 from allocator.space import ModelShape, Unit, option_params
 from profilers.table import RegimeCosts
 
 
 def validate_budget(cfg: BudgetConfig) -> None:
-    if sum(v is not None for v in (cfg.speedup, cfg.latency_ms, cfg.sparsity)) != 1:
+    targets = sum(v is not None for v in (cfg.speedup, cfg.latency_ms, cfg.sparsity))
+    if targets > 1 or (targets == 0 and cfg.memory_gb is None):
         raise UserInputError(
-            f"set exactly one of budget.speedup ({cfg.speedup}), budget.latency_ms ({cfg.latency_ms}) and "
-            f"budget.sparsity ({cfg.sparsity}); for a latency target use: budget=latency budget.latency_ms=<ms>, "
-            "for a parameter budget: budget=sparsity budget.sparsity=<0..1>"
+            f"set one of budget.speedup ({cfg.speedup}), budget.latency_ms ({cfg.latency_ms}) and budget.sparsity "
+            f"({cfg.sparsity}), and/or budget.memory_gb ({cfg.memory_gb}); for a latency target use: budget=latency "
+            "budget.latency_ms=<ms>, for a parameter budget: budget=sparsity budget.sparsity=<0..1>, for memory only: "
+            "budget=memory budget.memory_gb=<GB>"
+        )
+    if cfg.memory_gb is not None and cfg.memory_gb <= 0:
+        raise UserInputError(f"budget.memory_gb={cfg.memory_gb} must be > 0")
+    if cfg.memory_batch < 1 or cfg.memory_context < 1:
+        raise UserInputError(
+            f"budget.memory_batch={cfg.memory_batch} and budget.memory_context={cfg.memory_context} must be >= 1"
         )
     if cfg.sparsity is not None and not 0.0 < cfg.sparsity < 1.0:
         raise UserInputError(f"budget.sparsity={cfg.sparsity} must be in (0, 1): the share of weights removed")
@@ -27,6 +36,31 @@ def validate_budget(cfg: BudgetConfig) -> None:
 
 def is_param_budget(cfg: BudgetConfig) -> bool:
     return cfg.sparsity is not None
+
+
+def is_latency_budget(cfg: BudgetConfig) -> bool:
+    return cfg.speedup is not None or cfg.latency_ms is not None
+
+
+def memory_costs(cfg: BudgetConfig, shape: ModelShape, units: list[Unit], dtype_bytes: int) -> list[list[float]]:
+    """Per unit, bytes of each option: weights, plus the KV cache for attention."""
+    return [
+        [float(option_bytes(shape, u.kind, k, cfg.memory_batch, cfg.memory_context, dtype_bytes)) for k in u.options]
+        for u in units
+    ]
+
+
+def memory_capacity(cfg: BudgetConfig, units_bytes: list[list[float]], fixed: int) -> float:
+    """Bytes the prunable units may use under budget.memory_gb, after checking the space can get that low."""
+    asked = cfg.memory_gb * 1e9
+    least = fixed + sum(min(b) for b in units_bytes)
+    dense = fixed + sum(max(b) for b in units_bytes)
+    if asked < least:
+        raise UserInputError(
+            f"budget.memory_gb={cfg.memory_gb} is unreachable: with batch {cfg.memory_batch} x context "
+            f"{cfg.memory_context} the model needs {least / 1e9:.4f}-{dense / 1e9:.4f} GB (dense {dense / 1e9:.4f} GB)"
+        )
+    return asked - fixed
 
 
 def target_params(cfg: BudgetConfig, shape: ModelShape, units: list[Unit]) -> float:

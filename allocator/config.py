@@ -66,6 +66,11 @@ class BudgetConfig:
     speedup: Optional[float] = 1.5
     latency_ms: Optional[float] = None
     sparsity: Optional[float] = None
+    # Memory (GB = 1e9 bytes): weights plus the KV cache of memory_batch sequences of memory_context tokens. Alone,
+    # or as a second limit beside one of the targets above.
+    memory_gb: Optional[float] = None
+    memory_batch: int = 1
+    memory_context: int = 2048
     regime: str = "prefill"
     # Plan this much faster than asked (0.05 = 5%): CPU timings drift by several percent between the profile and
     # the verification, and a plan exactly at the target misses it about half the time. Verification compares

@@ -20,11 +20,18 @@ def allocation_lines(shape: ModelShape, widths: dict[str, list[int]], uniform: d
 
 def summary_lines(plan: dict) -> list[str]:
     q, u, p, b = plan["quality"], plan["uniform"], plan["predicted"], plan["budget"]
-    budget = f"{b['target_ms']:.1f} ms" if b["target_ms"] is not None else f"{b['sparsity']:.0%} of weights removed"
+    parts = []
+    if b.get("target_ms") is not None:
+        parts.append(f"{b['target_ms']:.1f} ms")
+    if b.get("sparsity") is not None:
+        parts.append(f"{b['sparsity']:.0%} of weights removed")
+    if b.get("memory_gb") is not None:
+        parts.append(f"{b['memory_gb']} GB (batch {b['memory_batch']} x {b['memory_context']} tokens of KV cache)")
+    budget = " and ".join(parts)
     lines = [
         f"profile {plan['profile']['name']} ({plan['profile']['source']}), regime {b['regime']}, budget {budget}",
         f"predicted: {p['latency_ms']:.1f} ms, speedup {p['speedup']:.2f}x, weights {p['weight_bytes'] / 2**20:.1f} MiB, "
-        f"parameter sparsity {p['param_sparsity']:.3f}",
+        f"parameter sparsity {p['param_sparsity']:.3f}, weights + KV cache {p['memory_bytes'] / 1e9:.4f} GB",
     ]
     m = plan.get("measured")
     if m:

@@ -11,7 +11,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from allocator.budget import (
+    is_latency_budget,
     is_param_budget,
+    memory_capacity,
+    memory_costs,
     param_sparsity,
     predicted_dense_ms,
     predicted_ms,
@@ -27,6 +30,7 @@ from allocator.atomic_io import write_json_atomic
 from allocator.compress.outliers import layer_outlier_ratios
 from allocator.export import export_checkpoint
 from allocator.fitness_engine import StitchedKLFitness
+from allocator.memory import fixed_bytes, kv_bytes
 from allocator.level_database import ERROR_METRICS, LevelDatabase, open_or_build_database
 from allocator.model_loader import load_model, validate_model_config
 from allocator.profile_job import validate_profile_name
@@ -34,9 +38,9 @@ from allocator.pruned_model import build_pruned_model, widths_of
 from allocator.pareto_plot import plot_pareto_front
 from allocator.quality import kl_to_dense, perplexity
 from allocator.report import allocation_lines, plot_allocation, summary_lines
-from allocator.space import ModelShape, Unit, build_space, option_params
+from allocator.space import ATTN, ModelShape, Unit, build_space, option_params
 from allocator.verify_job import measure_speedup
-from profilers.cpu import profile_cpu
+from profilers.registry import device_present, get_cost_table
 from profilers.regimes import find_regime
 from profilers.table import CostTable, RegimeCosts
 from search import SEARCHERS, Allocation, AllocationProblem, make_searcher
@@ -73,23 +77,46 @@ def validate_search_job(cfg: SearchJob) -> None:
         )
 
 
+def memory_limit(cfg: SearchJob, dense: nn.Module, shape: ModelShape, units: list[Unit]) -> tuple[list, float] | None:
+    """(per-unit option bytes, capacity for the units) under budget.memory_gb, or None without a memory budget."""
+    if cfg.budget.memory_gb is None:
+        return None
+    per_unit = memory_costs(cfg.budget, shape, units, next(dense.parameters()).element_size())
+    return per_unit, memory_capacity(cfg.budget, per_unit, fixed_bytes(dense, shape, units))
+
+
 def build_problem(
-    cfg: SearchJob, shape: ModelShape, units: list[Unit], costs: RegimeCosts, db: LevelDatabase, target_ms: float | None
+    cfg: SearchJob,
+    dense: nn.Module,
+    shape: ModelShape,
+    units: list[Unit],
+    costs: RegimeCosts,
+    db: LevelDatabase,
+    target_ms: float | None,
 ) -> AllocationProblem:
-    """Costs are latency (ms, less the fixed part) under a speedup/latency budget, kept weights under a sparsity one."""
+    """The budget's costs: latency (ms, less the fixed part) under a speedup/latency target, kept weights under a
+    sparsity one, bytes under memory alone; memory beside a target becomes the problem's second limit."""
+    memory = memory_limit(cfg, dense, shape, units)
+    second = None
     if is_param_budget(cfg.budget):
-        unit_cost = [np.array([float(option_params(shape, u.kind, k)) for k in u.options]) for u in units]
+        unit_cost = [[float(option_params(shape, u.kind, k)) for k in u.options] for u in units]
         capacity = target_params(cfg.budget, shape, units)
-    else:
-        unit_cost = [np.array(unit_costs(costs, u)) for u in units]
+        second = memory
+    elif is_latency_budget(cfg.budget):
+        unit_cost = [unit_costs(costs, u) for u in units]
         capacity = target_ms - costs.fixed_ms
+        second = memory
+    else:
+        unit_cost, capacity = memory
     return AllocationProblem(
         unit_names=tuple(u.name for u in units),
         unit_kinds=tuple(u.kind for u in units),
         options=tuple(u.options for u in units),
-        costs=tuple(unit_cost),
+        costs=tuple(np.array(c) for c in unit_cost),
         errors=tuple(np.array([db.error(u.name, k, cfg.space.error_metric) for k in u.options]) for u in units),
         budget=capacity,
+        second_costs=None if second is None else tuple(np.array(c) for c in second[0]),
+        second_budget=None if second is None else second[1],
     )
 
 
@@ -119,15 +146,16 @@ def prepare_search(cfg: SearchJob) -> SearchSetup:
     shape = ModelShape.from_config(dense.config)
     units = build_space(shape, cfg.space)
     budget_ms: dict[str, float] = {}
-    if is_param_budget(cfg.budget):
-        target_params(cfg.budget, shape, units)  # unreachable: fail now, not after profiling
+    if is_param_budget(cfg.budget):  # unreachable budgets fail now, not after profiling
+        target_params(cfg.budget, shape, units)
+    memory_limit(cfg, dense, shape, units)
 
     def check_budget(regime: str, costs: RegimeCosts) -> None:
-        if not is_param_budget(cfg.budget):
+        if is_latency_budget(cfg.budget):
             budget_ms["target"] = target_latency_ms(cfg.budget, costs, units, cfg.profile.name)
 
-    table, table_path = profile_cpu(
-        dense, shape, units, cfg.profile, cfg.model.dtype, cfg.cache_dir, cfg.budget.regime, check_budget
+    table, table_path = get_cost_table(
+        cfg.profile.name, dense, shape, units, cfg.profile, cfg.model.dtype, cfg.cache_dir, cfg.budget.regime, check_budget
     )
     costs = table.regime(cfg.budget.regime)
     data = build_calibration_data(cfg.data, loaded.tokenizer)
@@ -135,7 +163,7 @@ def prepare_search(cfg: SearchJob) -> SearchSetup:
         dense, shape, units, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir
     )
     target_ms = budget_ms.get("target")
-    problem = build_problem(cfg, shape, units, costs, db, target_ms)
+    problem = build_problem(cfg, dense, shape, units, costs, db, target_ms)
     if cfg.searcher.name == "owl":  # OWL allocates by each layer's activation-outlier ratio
         ratios = layer_outlier_ratios(dense, data.calibration[: cfg.fitness.sequences], batch_size=cfg.fitness.batch_size)
         problem = replace(problem, outlier_ratios=tuple(ratios[u.layer] for u in units))
@@ -165,14 +193,27 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
     plan = make_plan(cfg, setup, allocations, found, uniform)
     plan["predicted"]["weight_bytes"] = weight_bytes(models["searched"])
     plan["predicted"]["dense_weight_bytes"] = weight_bytes(dense)
+    # KV cache of budget.memory_batch sequences of budget.memory_context tokens (reported with or without a memory budget)
+    dtype_bytes = next(dense.parameters()).element_size()
+    b = cfg.budget
+    kv = sum(
+        kv_bytes(shape, allocations["searched"][u.name], b.memory_batch, b.memory_context, dtype_bytes)
+        for u in units if u.kind == ATTN
+    )
+    plan["predicted"]["kv_cache_bytes"] = kv
+    plan["predicted"]["memory_bytes"] = plan["predicted"]["weight_bytes"] + kv
     plan["quality"] = {"kl": kl["searched"], "ppl_dense": ppl["dense"], "ppl_pruned": ppl["searched"]}
     plan["uniform"].update({"kl": kl["uniform"], "ppl_dense": ppl["dense"], "ppl_pruned": ppl["uniform"]})
     write_json_atomic(run_dir / "problem.json", problem_json(problem, costs, is_param_budget(cfg.budget)))
     if cfg.export:
         export_checkpoint(models["searched"], tokenizer, run_dir, plan)
-        if cfg.verify:
+        if cfg.verify and not device_present(cfg.profile.name):
+            # Timing here would measure this machine, not the device the plan is for.
+            plan["verify_skipped"] = f"profile {cfg.profile.name} is for a device not present on this machine"
+            print(f"verification skipped: {plan['verify_skipped']}")
+        elif cfg.verify:
             plan["measured"] = measure_speedup(run_dir, cfg.profile, cfg.budget.regime, dense=dense, plan=plan)
-            write_json_atomic(run_dir / "plan.json", plan)
+        write_json_atomic(run_dir / "plan.json", plan)
     else:
         write_json_atomic(run_dir / "plan.json", plan)
     widths = widths_of(allocations["searched"], shape.num_layers)

@@ -10,7 +10,8 @@ from torch import nn
 from allocator.config import ModelConfig, ProfileConfig, VerifyJob
 from allocator.atomic_io import write_json_atomic
 from allocator.model_loader import load_model
-from allocator.pruned_model import WIDTHS_KEY, decoder_layers
+from allocator.memory import decoder_weight_count, measured_kv_bytes_per_token
+from allocator.pruned_model import WIDTHS_KEY
 from allocator.runtime import load_plan, load_pruned
 from profilers.end_to_end import measure_models
 from profilers.regimes import find_regime
@@ -55,32 +56,40 @@ def measure_speedup(
         "pruned_stats": asdict(stats["pruned"]),
         "dense_stats": asdict(stats["dense"]),
     }
-    if plan["budget"].get("sparsity") is not None:  # a weight budget: counted in the reloaded model
-        result["param_sparsity"] = 1.0 - decoder_weights(model) / decoder_weights(dense)
-        result.update(budget_verdict(plan["budget"], measured_ms, speedup, result["param_sparsity"]))
-    elif regime.name == plan["budget"]["regime"]:
-        result.update(budget_verdict(plan["budget"], measured_ms, speedup))
+    budget = plan["budget"]
+    if budget.get("sparsity") is not None:  # a weight budget: counted in the reloaded model
+        result["param_sparsity"] = 1.0 - decoder_weight_count(model) / decoder_weight_count(dense)
+    if budget.get("memory_gb") is not None:  # weights as loaded, KV cache read off a real cache
+        kv = measured_kv_bytes_per_token(model) * budget["memory_batch"] * budget["memory_context"]
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        result["memory"] = {"weight_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv}
+    result.update(budget_verdict(budget, result, regime.name == budget["regime"]))
     return result
 
 
-def decoder_weights(model: nn.Module) -> int:
-    """Elements of the linear weights inside the decoder layers: what budget.sparsity counts."""
-    return sum(m.weight.numel() for m in decoder_layers(model).modules() if isinstance(m, nn.Linear))
-
-
-def budget_verdict(budget: dict, latency_ms: float, speedup: float, sparsity: float | None = None) -> dict:
-    """Whether the measured model meets the budget it was planned for, and by how much it missed if not."""
+def budget_verdict(budget: dict, measured: dict, same_regime: bool) -> dict:
+    """Whether the measured model meets every limit it was planned for, and by how much each missed if not."""
+    checks: list[tuple[bool, float, str]] = []  # (met, shortfall, text)
     if budget.get("sparsity") is not None:
-        met, shortfall = sparsity >= budget["sparsity"] - 1e-9, budget["sparsity"] - sparsity
-        text = f"parameter sparsity {sparsity:.4f} vs target {budget['sparsity']:.4f} (counted in the exported weights)"
-    elif budget.get("speedup") is not None:
-        met, shortfall = speedup >= budget["speedup"], 1.0 - speedup / budget["speedup"]
-        text = f"measured speedup {speedup:.3f}x vs target {budget['speedup']:.3f}x"
-    else:
-        met, shortfall = latency_ms <= budget["latency_ms"], latency_ms / budget["latency_ms"] - 1.0
-        text = f"measured latency {latency_ms:.1f} ms vs target {budget['latency_ms']:.1f} ms"
-    verdict = "target met" if met else f"TARGET MISSED by {shortfall * 100:.1f}%"
-    return {"target_met": met, "verdict": f"{verdict}: {text}"}
+        s = measured["param_sparsity"]
+        checks.append((s >= budget["sparsity"] - 1e-9, budget["sparsity"] - s,
+                       f"parameter sparsity {s:.4f} vs target {budget['sparsity']:.4f} (counted in the exported weights)"))
+    if budget.get("memory_gb") is not None:
+        total, cap = measured["memory"]["total_bytes"], budget["memory_gb"] * 1e9
+        checks.append((total <= cap, total / cap - 1.0,
+                       f"memory {total / 1e9:.4f} GB (weights as loaded + measured KV cache) vs {budget['memory_gb']} GB"))
+    if same_regime and budget.get("speedup") is not None:
+        speedup = measured["speedup"]
+        checks.append((speedup >= budget["speedup"], 1.0 - speedup / budget["speedup"],
+                       f"measured speedup {speedup:.3f}x vs target {budget['speedup']:.3f}x"))
+    elif same_regime and budget.get("latency_ms") is not None:
+        ms = measured["latency_ms"]
+        checks.append((ms <= budget["latency_ms"], ms / budget["latency_ms"] - 1.0,
+                       f"measured latency {ms:.1f} ms vs target {budget['latency_ms']:.1f} ms"))
+    if not checks:
+        return {}
+    texts = [("target met" if met else f"TARGET MISSED by {short * 100:.1f}%") + f": {text}" for met, short, text in checks]
+    return {"target_met": all(met for met, _, _ in checks), "verdict": "; ".join(texts)}
 
 
 def run_verify(cfg: VerifyJob) -> dict:

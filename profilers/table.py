@@ -51,7 +51,7 @@ class RegimeCosts:
 @dataclass
 class CostTable:
     profile: str
-    source: str  # "measured" (on this device) — later also "roofline"
+    source: str  # "measured" (on the profile's device) or "roofline" (from its datasheet: profilers/roofline.py)
     fingerprint: dict
     model_shape: dict
     options: dict[str, list[int]]

@@ -42,6 +42,9 @@ class AllocationProblem:
     budget: float
     # Per unit, OWL's outlier ratio of the unit's layer (from a model run); only the owl searcher needs it.
     outlier_ratios: tuple[float, ...] | None = None
+    # An optional second limit beside `budget` (memory bytes beside latency): each option's cost under it, and its cap.
+    second_costs: tuple[np.ndarray, ...] | None = None
+    second_budget: float | None = None
 
     def __post_init__(self) -> None:
         n = len(self.unit_names)
@@ -72,6 +75,14 @@ class AllocationProblem:
         object.__setattr__(self, "costs", tuple(costs))
         object.__setattr__(self, "errors", tuple(errors))
         object.__setattr__(self, "budget", float(self.budget))
+        if (self.second_costs is None) != (self.second_budget is None):
+            raise ValueError("allocation problem: second_costs and second_budget come together")
+        if self.second_costs is not None:
+            if len(self.second_costs) != n or not math.isfinite(self.second_budget):
+                raise ValueError(f"allocation problem: second_costs needs {n} entries and a finite second_budget")
+            second = tuple(_as_vector(c, "second costs", u, len(o)) for u, o, c in zip(self.unit_names, options, self.second_costs))
+            object.__setattr__(self, "second_costs", second)
+            object.__setattr__(self, "second_budget", float(self.second_budget))
         if self.outlier_ratios is not None:
             ratios = np.array(self.outlier_ratios, dtype=np.float64)
             if ratios.shape != (n,) or not np.all(np.isfinite(ratios)) or np.any(ratios < 0):
@@ -106,9 +117,31 @@ class AllocationProblem:
         self._check_choice(choice)
         return math.fsum(float(e[j]) for e, j in zip(self.errors, choice))
 
+    def second_cost_of(self, choice: Sequence[int]) -> float:
+        self._check_choice(choice)
+        if self.second_costs is None:
+            return 0.0
+        return math.fsum(float(c[j]) for c, j in zip(self.second_costs, choice))
+
+    def fits(self, choice: Sequence[int]) -> bool:
+        """Within the budget, and within the second limit if there is one."""
+        if self.cost_of(choice) > self.budget:
+            return False
+        return self.second_costs is None or self.second_cost_of(choice) <= self.second_budget
+
+    def check_feasible(self) -> None:
+        """Raise InfeasibleBudget when even each limit's cheapest allocation exceeds it."""
+        if self.min_cost() > self.budget:
+            raise self.infeasible()
+        if self.second_costs is not None and math.fsum(float(c.min()) for c in self.second_costs) > self.second_budget:
+            raise self.infeasible("the second limit cannot be met")
+
     def infeasible(self, detail: str = "") -> InfeasibleBudget:
-        """The error to raise when nothing fits; names the budget and the cheapest achievable cost."""
+        """The error to raise when nothing fits; names the budget(s) and the cheapest achievable cost(s)."""
         msg = f"no allocation fits budget {self.budget:.6g}; the minimum achievable cost is {self.min_cost():.6g}"
+        if self.second_costs is not None:
+            least = math.fsum(float(c.min()) for c in self.second_costs)
+            msg += f"; second limit {self.second_budget:.6g}, its minimum {least:.6g}"
         return InfeasibleBudget(msg + (f" ({detail})" if detail else ""))
 
 
@@ -172,11 +205,12 @@ def make_searcher(cfg: SearcherConfig) -> Searcher:
 
 
 
-def cheaper_option(problem: AllocationProblem, unit: int, j: int) -> int | None:
-    """The costliest option of `unit` strictly cheaper than option j (the smallest step down), or None."""
-    costs = problem.costs[unit]
-    below = [i for i in range(len(costs)) if costs[i] < costs[j]]
-    return max(below, key=lambda i: (costs[i], i)) if below else None
+def cheaper_option(problem: AllocationProblem, unit: int, j: int, costs: Sequence[np.ndarray] | None = None) -> int | None:
+    """The costliest option of `unit` strictly cheaper than option j (the smallest step down), or None.
+    `costs` picks the limit to step under (default: the budget's costs)."""
+    c = (costs or problem.costs)[unit]
+    below = [i for i in range(len(c)) if c[i] < c[j]]
+    return max(below, key=lambda i: (c[i], i)) if below else None
 
 
 def costlier_option(problem: AllocationProblem, unit: int, j: int) -> int | None:
@@ -189,21 +223,24 @@ def costlier_option(problem: AllocationProblem, unit: int, j: int) -> int | None
 def repair(
     problem: AllocationProblem, choice: Sequence[int], rng: np.random.Generator, protect: Sequence[int] = ()
 ) -> tuple[int, ...]:
-    """Step random units down one option at a time until the choice fits the budget. Units in `protect` (say, the
-    ones a mutation just raised) are stepped down only once no other unit can be."""
-    if problem.min_cost() > problem.budget:
-        raise problem.infeasible()
+    """Step random units down one option at a time until the choice fits the budget (and the second limit). Units
+    in `protect` (say, the ones a mutation just raised) are stepped down only once no other unit can be."""
+    problem.check_feasible()
     out = list(choice)
     protected = set(protect)
-    while problem.cost_of(out) > problem.budget:  # exact re-sum each step: no drift at a budget of exactly min_cost
-        movable = [u for u in range(problem.n_units) if u not in protected and cheaper_option(problem, u, out[u]) is not None]
+    while not problem.fits(out):  # exact re-sums each step: no drift at a budget of exactly min_cost
+        over_first = problem.cost_of(out) > problem.budget
+        costs = problem.costs if over_first else problem.second_costs
+        movable = [
+            u for u in range(problem.n_units) if u not in protected and cheaper_option(problem, u, out[u], costs) is not None
+        ]
         if not movable:
             if not protected:
-                raise problem.infeasible("repair ran out of cheaper options")  # unreachable when min_cost fits
+                raise problem.infeasible("repair ran out of cheaper options")
             protected = set()
             continue
         u = movable[int(rng.integers(len(movable)))]
-        out[u] = cheaper_option(problem, u, out[u])
+        out[u] = cheaper_option(problem, u, out[u], costs)
     return tuple(out)
 
 

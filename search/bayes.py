@@ -133,8 +133,7 @@ class BayesSearcher:
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation:
         if fitness is None:
             raise ValueError("searcher bayes scores candidates on a fitness: pass fitness=... (got None)")
-        if problem.min_cost() > problem.budget:
-            raise problem.infeasible()
+        problem.check_feasible()
         cfg = self.cfg
         key = self._study_key(problem, seed)
         key_json = json.dumps(key, sort_keys=True)

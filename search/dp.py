@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -52,8 +52,46 @@ class DPSearcher:
 
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: object = None) -> Allocation:
         del seed, fitness  # exact and deterministic, on the additive proxy
-        if problem.min_cost() > problem.budget:
-            raise problem.infeasible()
+        problem.check_feasible()
+        if problem.second_costs is None:
+            return self._knapsack(problem, problem.errors)
+        return self._with_second_limit(problem)
+
+    def _with_second_limit(self, problem: AllocationProblem) -> Allocation:
+        """Lagrangian relaxation of the second limit: the DP minimises error + λ·second cost under the budget, with
+        λ found by bisection as the smallest weight whose optimum meets the second limit. Exact when that optimum
+        is the constrained one; otherwise an upper bound within the duality gap (reported in info)."""
+        def solve(lam: float) -> Allocation:
+            errors = tuple(e + lam * c for e, c in zip(problem.errors, problem.second_costs))
+            return self._knapsack(problem, errors)
+
+        free = solve(0.0)
+        if problem.fits(free.choice):
+            return free
+        spread = max(float(np.ptp(np.concatenate(problem.errors))), 1e-12)
+        unit = max(float(np.ptp(np.concatenate(problem.second_costs))), 1e-12)
+        hi = spread / unit
+        best = None
+        for _ in range(60):  # find a weight large enough that the second limit holds
+            best = solve(hi)
+            if problem.fits(best.choice):
+                break
+            hi *= 4
+        else:
+            raise problem.infeasible("no weight on the second limit makes it fit")
+        lo = 0.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            cand = solve(mid)
+            if problem.fits(cand.choice):
+                hi = mid
+                best = cand if cand.error < best.error else best
+            else:
+                lo = mid
+        return replace(best, info={**best.info, "second_limit_weight": hi})
+
+    def _knapsack(self, problem: AllocationProblem, objective: tuple[np.ndarray, ...]) -> Allocation:
+        """Least Σ objective under the budget (rounded-up costs); the result reports the problem's real error."""
         n = self.n_buckets
         width = n + 1
         # err[b] / cost[b]: best (error, real cost) over the units so far with integer cost exactly b.
@@ -62,7 +100,7 @@ class DPSearcher:
         cost = np.zeros(width)
         int_costs: list[np.ndarray] = []
         picks: list[np.ndarray] = []  # per unit, the option chosen at each b, for backtracking
-        for c_real, e in zip(problem.costs, problem.errors):
+        for c_real, e in zip(problem.costs, objective):
             c_int = discretise(c_real, problem.budget, n)
             k = len(c_int)
             cand_err = np.full((k, width), np.inf)

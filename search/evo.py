@@ -107,13 +107,13 @@ class LevelMover:
                 v = downs[int(rng.integers(len(downs)))]
                 out[v] = self.step(v, out[v], up=False)
         out = list(repair(problem, out, rng, protect=raised))
-        slack = problem.budget - problem.cost_of(out)
         for u in rng.permutation(len(out))[:n_moves]:
             j = self.step(int(u), out[u], up=True)
-            if j is not None and problem.costs[u][j] - problem.costs[u][out[u]] <= slack:
-                slack -= problem.costs[u][j] - problem.costs[u][out[u]]
-                out[u] = j
-        return tuple(out) if problem.cost_of(out) <= problem.budget else repair(problem, out, rng)
+            if j is not None:
+                previous, out[u] = out[u], j
+                if not problem.fits(out):
+                    out[u] = previous
+        return tuple(out)
 
 
 def evolve(

@@ -53,8 +53,7 @@ class OwlSearcher:
                 "searcher owl needs the problem's outlier_ratios, which come from a calibration run of the model "
                 "(allocator.compress.outliers.layer_outlier_ratios)"
             )
-        if problem.min_cost() > problem.budget:
-            raise problem.infeasible()
+        problem.check_feasible()
         lam = float(self.cfg.lam)
         shift = lam * normalised_ratios(problem.outlier_ratios)
         # Unit u takes option j once base >= its j-th breakpoint: the midpoint between the kept fractions of options
@@ -77,7 +76,7 @@ class OwlSearcher:
                 fits.append((base, tuple(choice)))
         # The running sum may drift; the exact re-sum decides, largest base first.
         for base, fit in reversed(fits):
-            if problem.cost_of(fit) <= problem.budget:
+            if problem.fits(fit):
                 return allocation_from(problem, fit, self.name, base=base, lam=lam, repaired=False)
         # Even the lowest kept fractions do not fit (costs not increasing with kept count): step down at random,
         # with a fixed generator so the result stays deterministic.

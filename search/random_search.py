@@ -42,8 +42,7 @@ class RandomSearcher:
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation:
         if fitness is None:
             raise ValueError("searcher random scores candidates on a fitness; none was given")
-        if problem.min_cost() > problem.budget:
-            raise problem.infeasible()
+        problem.check_feasible()
         cfg = self.cfg
         fitness.begin(max_tokens=cfg.max_tokens, max_seconds=cfg.max_seconds)
         rng = np.random.default_rng(seed)

@@ -57,6 +57,8 @@ def coarse_start(problem: AllocationProblem, stride: int, init: str) -> tuple[in
         costs=tuple(problem.costs[u][grid] for u, grid in enumerate(grids)),
         errors=tuple(problem.errors[u][grid] for u, grid in enumerate(grids)),
         budget=problem.budget,
+        second_costs=None if problem.second_costs is None else tuple(c[g] for c, g in zip(problem.second_costs, grids)),
+        second_budget=problem.second_budget,
     )
     return tuple(grids[u][j] for u, j in enumerate(initial_choice(sub, init)))
 

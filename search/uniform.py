@@ -21,6 +21,7 @@ class UniformSearcher:
 
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: object = None) -> Allocation:
         del seed, fitness  # exhaustive and deterministic, on the additive proxy
+        problem.check_feasible()
         kinds: dict[str, list[int]] = {}  # kind -> unit indices, in order of first appearance
         for u, kind in enumerate(problem.unit_kinds):
             kinds.setdefault(kind, []).append(u)
@@ -45,7 +46,7 @@ class UniformSearcher:
             # Same summation as Allocation.cost, so the budget check is the one the result reports.
             cost = problem.cost_of(choice)
             cheapest = min(cheapest, cost)
-            if cost > problem.budget:
+            if not problem.fits(choice):
                 continue
             n_fit += 1
             key = (problem.error_of(choice), cost, choice)
@@ -53,8 +54,9 @@ class UniformSearcher:
                 best = key
         if best is None:
             raise InfeasibleBudget(
-                f"no uniform allocation fits budget {problem.budget:.6g}; the minimum achievable cost "
-                f"with one option label per unit kind is {cheapest:.6g}"
+                f"no uniform allocation fits budget {problem.budget:.6g}"
+                + (" and the second limit" if problem.second_costs is not None else "")
+                + f"; the minimum achievable cost with one option label per unit kind is {cheapest:.6g}"
             )
         error, cost, choice = best
         return Allocation(

@@ -4,6 +4,8 @@ honoured. Every module of the `search` package is imported, so a searcher added 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import importlib
 import itertools
 import pkgutil
@@ -118,6 +120,26 @@ def test_respects_budget(name: str) -> None:
     for problem in problems:
         alloc = run(name, problem)
         assert alloc.cost <= problem.budget, (name, problem.budget, alloc)
+
+
+def with_second_limit(problem: AllocationProblem, frac: float, seed: int = 0) -> AllocationProblem:
+    """A memory-like second limit: per-unit costs proportional to the kept label with their own scale."""
+    rng = np.random.default_rng(seed)
+    second = tuple(np.asarray(o, dtype=np.float64) * rng.uniform(0.5, 2.0) + 1.0 for o in problem.options)
+    least, most = sum(c.min() for c in second), sum(c.max() for c in second)
+    return replace(problem, second_costs=second, second_budget=least + frac * (most - least))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_respects_a_second_limit(name: str) -> None:
+    for seed, (budget_frac, second_frac) in enumerate([(0.9, 0.3), (0.4, 0.6), (0.85, 0.05)]):
+        problem = with_second_limit(synthetic(10 + seed, 3, budget_frac), second_frac, seed)
+        alloc = run(name, problem)
+        assert problem.fits(alloc.choice), (name, seed, alloc)
+    tight = with_second_limit(synthetic(20, 3, 0.9), 0.3)
+    impossible = replace(tight, second_budget=sum(c.min() for c in tight.second_costs) - 1.0)
+    with pytest.raises(InfeasibleBudget, match="second limit"):
+        run(name, impossible)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -49,8 +49,8 @@ def test_speedup_target_and_unreachable_budget_names_the_range():
 @pytest.mark.parametrize(
     "budget, message",
     [
-        (BudgetConfig(speedup=None), "set exactly one"),
-        (BudgetConfig(speedup=1.5, latency_ms=3.0), "set exactly one"),
+        (BudgetConfig(speedup=None), "set one of budget.speedup"),
+        (BudgetConfig(speedup=1.5, latency_ms=3.0), "set one of budget.speedup"),
         (BudgetConfig(speedup=0.5), "must be >= 1.0"),
         (BudgetConfig(speedup=None, latency_ms=-1.0), "must be > 0"),
         (BudgetConfig(headroom=0.7), "budget.headroom=0.7 must be in"),

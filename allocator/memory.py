@@ -1,0 +1,55 @@
+"""Memory of a pruned model: weight bytes per option plus KV-cache bytes for a batch and context (GQA included).
+
+GB here is 10^9 bytes. What is not a decoder linear (embeddings, lm_head if untied, norms) is fixed."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from allocator.pruned_model import decoder_layers
+from allocator.space import ATTN, ModelShape, Unit, option_params
+
+
+def kv_bytes(shape: ModelShape, kept: int, batch: int, context: int, dtype_bytes: int) -> int:
+    """K and V of one attention unit keeping `kept` KV groups; a dropped one still stores one scalar per token
+    (DroppedAttention's position marker)."""
+    per_token = kept * shape.head_dim if kept else 1
+    return 2 * batch * context * per_token * dtype_bytes
+
+
+def unit_weight_bytes(shape: ModelShape, kind: str, kept: int, dtype_bytes: int) -> int:
+    """The unit's linears plus the norm in front of it, which a dropped block loses too."""
+    return (option_params(shape, kind, kept) + (shape.hidden if kept else 0)) * dtype_bytes
+
+
+def option_bytes(shape: ModelShape, kind: str, kept: int, batch: int, context: int, dtype_bytes: int) -> int:
+    kv = kv_bytes(shape, kept, batch, context, dtype_bytes) if kind == ATTN else 0
+    return unit_weight_bytes(shape, kind, kept, dtype_bytes) + kv
+
+
+def fixed_bytes(dense: nn.Module, shape: ModelShape, units: list[Unit]) -> int:
+    """Every parameter byte outside the prunable units (parameters() counts tied embeddings once)."""
+    dtype_bytes = next(dense.parameters()).element_size()
+    total = sum(p.numel() * p.element_size() for p in dense.parameters())
+    return total - sum(unit_weight_bytes(shape, u.kind, u.full, dtype_bytes) for u in units)
+
+
+@torch.inference_mode()
+def measured_kv_bytes_per_token(model: nn.Module, probe_tokens: int = 8) -> float:
+    """KV-cache bytes per token per sequence, read off the cache tensors after a short forward."""
+    ids = torch.zeros(1, probe_tokens, dtype=torch.long)
+    cache = DynamicCache(config=model.config)
+    model(ids, past_key_values=cache, use_cache=True)
+    total = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total / probe_tokens
+
+
+def decoder_weight_count(model: nn.Module) -> int:
+    """Elements of the linear weights inside the decoder layers: what budget.sparsity counts."""
+    return sum(m.weight.numel() for m in decoder_layers(model).modules() if isinstance(m, nn.Linear))

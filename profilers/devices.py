@@ -1,0 +1,44 @@
+"""Datasheet specs of the devices a roofline latency table can be built for without the device being present."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    key: str  # profile name (conf/profile/<key>.yaml)
+    name: str  # what torch.cuda.get_device_name() reports on it: how a measured table's fingerprint names it
+    bandwidth: float  # memory bandwidth, bytes/s
+    flops: float  # dense bf16/fp16 tensor throughput (fp32 accumulate), FLOP/s
+    sparse_tensor_cores: bool  # 2:4 structured sparsity runs at twice the dense rate
+    memory_gb: float
+    # Per-kernel cost beyond its roofline (launch, ramp-up, tail), s. Not a datasheet number: ~4 µs is the usual
+    # back-to-back kernel gap on recent NVIDIA GPUs in eager PyTorch; it dominates small models at batch 1.
+    launch_s: float = 4e-6
+    is_gpu: bool = True
+
+
+DEVICES: dict[str, DeviceSpec] = {
+    d.key: d
+    for d in (
+        # NVIDIA H100 Tensor Core GPU datasheet, SXM5 column: 3.35 TB/s HBM3, BF16 1,979 TFLOPS with sparsity
+        # (989.5 dense), 80 GB.
+        DeviceSpec("h100", "NVIDIA H100 80GB HBM3", 3.35e12, 989.5e12, True, 80),
+        # NVIDIA H200 Tensor Core GPU datasheet, SXM column: 4.8 TB/s HBM3e, BF16 1,979 TFLOPS with sparsity
+        # (989.5 dense), 141 GB.
+        DeviceSpec("h200", "NVIDIA H200", 4.8e12, 989.5e12, True, 141),
+        # NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM column: 2,039 GB/s HBM2e, BF16 312 TFLOPS dense
+        # (624 with sparsity), 80 GB.
+        DeviceSpec("a100", "NVIDIA A100-SXM4-80GB", 2.039e12, 312e12, True, 80),
+        # NVIDIA L4 Tensor Core GPU datasheet: 300 GB/s GDDR6, BF16 242 TFLOPS with sparsity (121 dense), 24 GB.
+        DeviceSpec("l4", "NVIDIA L4", 300e9, 121e12, True, 24),
+        # NVIDIA Ada GPU Architecture whitepaper, appendix table for the GeForce RTX 4090: 1,008 GB/s GDDR6X, peak
+        # BF16 tensor 165.2 TFLOPS with FP32 accumulate (330.4 with sparsity), 24 GB.
+        DeviceSpec("rtx4090", "NVIDIA GeForce RTX 4090", 1.008e12, 165.2e12, True, 24),
+        # Assumed, not a datasheet: a desktop/small-server CPU with dual-channel DDR5-6400 (2 x 8 B x 6.4 GT/s =
+        # 102.4 GB/s, ~100 usable), ~1 TFLOP/s achievable bf16 GEMM (8 cores with AVX-512 BF16/AMX-less FMA), no
+        # 2:4 hardware, 64 GB, ~5 µs framework dispatch per op.
+        DeviceSpec("cpu-generic", "generic CPU (assumed)", 100e9, 1e12, False, 64, launch_s=5e-6, is_gpu=False),
+    )
+}

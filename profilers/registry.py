@@ -1,0 +1,164 @@
+"""Profile name → how its latency table is obtained: measured on this CPU, a measured table of the named device
+when one exists, else that device's roofline. `get_cost_table` is the one entry point of the jobs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from allocator.config import ProfileConfig
+from allocator.errors import UserInputError
+from allocator.registry import Registry
+from allocator.space import ATTN, MLP, ModelShape, Unit
+from profilers.cpu import profile_cpu
+from profilers.devices import DEVICES, DeviceSpec
+from profilers.regimes import Regime, regimes_of
+from profilers.roofline import deploy_dtype, roofline_table
+from profilers.table import CostTable, RegimeCosts, cpu_fingerprint, load_table, save_table, table_key
+
+log = logging.getLogger(__name__)
+
+# Measured tables committed with the repository: profiles/tables/<profile>-*.json.
+TABLES_DIR = Path(__file__).resolve().parent.parent / "profiles" / "tables"
+
+OnRegime = Optional[Callable[[str, RegimeCosts], None]]
+# (name, dense, shape, units, cfg, dtype, cache_dir, first_regime, on_regime, tables_dir) → (table, its file)
+Obtain = Callable[..., tuple[CostTable, Path]]
+PROFILES: Registry[Obtain] = Registry("profile")
+
+
+def get_cost_table(
+    name: str,
+    dense: nn.Module | None,
+    shape: ModelShape,
+    units: list[Unit],
+    cfg: ProfileConfig,
+    dtype: str,
+    cache_dir: str | Path,
+    first_regime: str | None = None,
+    on_regime: OnRegime = None,
+    *,
+    tables_dir: Path | None = None,
+) -> tuple[CostTable, Path]:
+    """The latency table of profile `name` and its file; table.source says "measured" or "roofline"."""
+    if name not in PROFILES:
+        raise UserInputError(f"profile={name!r} is unknown; known: {', '.join(PROFILES.names())}")
+    tables_dir = TABLES_DIR if tables_dir is None else tables_dir
+    obtain = PROFILES.get(name)
+    return obtain(name, dense, shape, units, cfg, dtype, Path(cache_dir), first_regime, on_regime, tables_dir)
+
+
+def device_present(name: str) -> bool:
+    """Whether end-to-end timing on this machine measures the profile's device."""
+    if name == "cpu":
+        return True
+    spec = DEVICES[name]
+    if not spec.is_gpu or not torch.cuda.is_available():
+        return False
+    return any(torch.cuda.get_device_name(i) == spec.name for i in range(torch.cuda.device_count()))
+
+
+def fingerprint_mismatch(expected: dict, found: dict) -> str | None:
+    """The first field in which a table's fingerprint differs from this device's, worded; None if all agree."""
+    for key, value in expected.items():
+        if found.get(key) != value:
+            return f"fingerprint field {key!r} is {found.get(key)!r}, this device has {value!r}"
+    return None
+
+
+def _load(path: Path) -> CostTable:
+    try:
+        return load_table(path)
+    except ValueError as exc:  # names the file; a UserInputError reaches the CLI as one line
+        raise UserInputError(str(exc)) from None
+
+
+def _measured_cpu(
+    name: str, dense: nn.Module | None, shape: ModelShape, units: list[Unit], cfg: ProfileConfig, dtype: str,
+    cache_dir: Path, first_regime: str | None, on_regime: OnRegime, tables_dir: Path,
+) -> tuple[CostTable, Path]:
+    if dense is None:
+        raise UserInputError("profile=cpu measures the model: its weights must be loaded")
+    # profile_cpu calls on_regime after the first regime, so a budget fails before the other regimes are measured.
+    # The fingerprint is part of its file name, so only a renamed or copied file can disagree below.
+    table, path = profile_cpu(dense, shape, units, cfg, dtype, cache_dir, first_regime, on_regime)
+    reason = fingerprint_mismatch(cpu_fingerprint(dtype, torch.get_num_threads()), table.fingerprint)
+    if reason is not None:
+        raise UserInputError(f"latency table {path} was measured on another device ({reason}); "
+                             "re-measure with profile.refresh=true")
+    return table, path
+
+
+def _covers(table: CostTable, shape: ModelShape, options: dict, regimes: list[Regime]) -> bool:
+    """The table is for this model and space and has every regime asked for (else it is another model's table)."""
+    return (
+        table.model_shape == asdict(shape)
+        and table.options == options
+        and all(r.name in table.regimes and table.regimes[r.name].regime == asdict(r) for r in regimes)
+    )
+
+
+def find_measured(
+    spec: DeviceSpec, shape: ModelShape, options: dict, regimes: list[Regime], dtype: str, dirs: list[Path]
+) -> tuple[CostTable, Path] | None:
+    """A measured table of `spec` for this model, from `dirs` in order; refused, naming the field, if the only
+    ones for this model were measured on another device or in another precision."""
+    expected = {"device": spec.name, "dtype": deploy_dtype(dtype)}
+    refused = []
+    for directory in dirs:
+        for path in sorted(directory.glob(f"{spec.key}-*.json")):
+            if path.name.startswith(f"{spec.key}-roofline-") or path.name.endswith(".partial.json"):
+                continue
+            table = _load(path)
+            if table.source != "measured" or not _covers(table, shape, options, regimes):
+                continue
+            reason = fingerprint_mismatch(expected, table.fingerprint)
+            if reason is None:
+                return table, path
+            refused.append(f"{path} ({reason})")
+    if refused:
+        raise UserInputError(
+            f"measured latency table for profile {spec.key} refused: {'; '.join(refused)}. Re-measure it on "
+            f"{spec.name}, or move it away to plan with the roofline"
+        )
+    return None
+
+
+def _device_table(
+    spec: DeviceSpec, name: str, dense: nn.Module | None, shape: ModelShape, units: list[Unit], cfg: ProfileConfig,
+    dtype: str, cache_dir: Path, first_regime: str | None, on_regime: OnRegime, tables_dir: Path,
+) -> tuple[CostTable, Path]:
+    if cfg.refresh:  # nothing here measures a GPU, and a generic CPU is no machine to measure
+        if not spec.is_gpu:
+            raise UserInputError(f"profile.refresh=true: profile {name} is an assumed device, not one to measure; "
+                                 "use profile=cpu to measure this machine")
+        if not device_present(name):
+            raise UserInputError(f"profile.refresh=true: cannot measure profile {name}: device {spec.name} is not "
+                                 "present on this machine")
+        raise UserInputError(f"profile.refresh=true: measuring {spec.name} is not implemented (only profile=cpu)")
+    regimes = regimes_of(cfg)
+    options = {ATTN: list(units[0].options), MLP: list(units[1].options)}
+    found = find_measured(spec, shape, options, regimes, dtype, [cache_dir / "profiles", tables_dir])
+    if found is not None:
+        table, path = found
+        log.info("latency table: measured table of %s: %s", spec.name, path)
+    else:
+        table = roofline_table(spec, shape, units, regimes, dtype)
+        key = table_key(table.fingerprint, table.model_shape, table.options, table.settings)
+        path = cache_dir / "profiles" / f"{name}-roofline-{key}.json"
+        save_table(table, path)  # so a plan names the table it was made with
+        log.info("latency table: no measured table of %s, roofline from its datasheet: %s", spec.name, path)
+    if on_regime is not None and first_regime is not None:
+        on_regime(first_regime, table.regime(first_regime))
+    return table, path
+
+
+PROFILES.register("cpu")(_measured_cpu)
+for _key, _spec in DEVICES.items():
+    PROFILES.register(_key)(partial(_device_table, _spec))
