@@ -24,8 +24,8 @@ from profilers.table import CostTable, RegimeCosts, cpu_fingerprint, load_table,
 
 log = logging.getLogger(__name__)
 
-# Measured tables committed with the repository: profiles/tables/<profile>-*.json.
-TABLES_DIR = Path(__file__).resolve().parent.parent / "profiles" / "tables"
+# Measured tables committed with the repository: profilers/tables/<profile>-*.json.
+TABLES_DIR = Path(__file__).resolve().parent / "tables"
 
 OnRegime = Optional[Callable[[str, RegimeCosts], None]]
 # (name, dense, shape, units, cfg, dtype, cache_dir, first_regime, on_regime, tables_dir) → (table, its file)

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from allocator.errors import UserInputError
 from search.base import SEARCHERS, Allocation, AllocationProblem, SearcherConfig, allocation_from, repair
+from search.dp import DPSearcher
 from search.fitness import Fitness
+from search.uniform import UniformSearcher
 
 SAMPLERS = ("tpe", "cmaes", "gp")
 # Config fields that do not change what a trial means: a study may be resumed with other values of these.
@@ -51,6 +53,9 @@ class BayesConfig(SearcherConfig):
     study_name: str = ""
     # Enqueue the DP and uniform solutions of the additive proxy as the first trials of a new study.
     warm_start: bool = True
+    # Search each unit within this many options of the DP solution of the proxy (a trust region: in tens of
+    # dimensions a model-based sampler learns little from a few hundred trials over the full range); 0 = full range.
+    radius: int = 2
     # Workers beat every this many seconds; a RUNNING trial silent for twice as long belonged to a dead worker and
     # is failed, so a killed run resumes and several workers can share one study (RDB storage only).
     heartbeat_seconds: int = 30
@@ -60,7 +65,7 @@ class BayesConfig(SearcherConfig):
         if self.sampler not in SAMPLERS:
             raise UserInputError(f"searcher.sampler={self.sampler!r} is unknown; valid: {', '.join(SAMPLERS)}")
         for field, low in (
-            ("n_trials", 1), ("trial_tokens", 1), ("startup_trials", 0), ("population_size", 2), ("heartbeat_seconds", 1)
+            ("n_trials", 1), ("trial_tokens", 1), ("startup_trials", 0), ("population_size", 2), ("heartbeat_seconds", 1), ("radius", 0)
         ):
             value = getattr(self, field)
             if not _is_int(value) or value < low:
@@ -84,9 +89,6 @@ def problem_digest(problem: AllocationProblem) -> str:
 
 def _warm_starts(problem: AllocationProblem) -> list[tuple[int, ...]]:
     """DP and uniform optima of the additive proxy (distinct, skipping any that cannot be built)."""
-    from search.dp import DPSearcher  # here, not at the top: the registry module imports every searcher
-    from search.uniform import UniformSearcher
-
     out: list[tuple[int, ...]] = []
     for searcher in (DPSearcher(), UniformSearcher()):
         try:
@@ -109,6 +111,27 @@ class BayesSearcher:
     def __init__(self, cfg: BayesConfig | None = None) -> None:
         self.cfg = cfg or BayesConfig()
         self.cfg.validate()
+
+    def _suggest(self, trial: optuna.Trial, problem: AllocationProblem, center: tuple[int, ...] | None) -> list[int]:
+        """One option index per unit: absolute, or an offset within `radius` of the DP solution (clipped)."""
+        if center is None:
+            return [trial.suggest_int(name, 0, len(opts) - 1) for name, opts in zip(problem.unit_names, problem.options)]
+        r = self.cfg.radius
+        return [
+            min(max(c + trial.suggest_int(name, -r, r), 0), len(opts) - 1)
+            for name, opts, c in zip(problem.unit_names, problem.options, center)
+        ]
+
+    def _params_of(
+        self, problem: AllocationProblem, choice: Sequence[int], center: tuple[int, ...] | None
+    ) -> dict[str, int] | None:
+        """The trial parameters that suggest `choice`, or None if it lies outside the trust region."""
+        if center is None:
+            return dict(zip(problem.unit_names, choice))
+        offsets = [j - c for j, c in zip(choice, center)]
+        if any(abs(o) > self.cfg.radius for o in offsets):
+            return None
+        return dict(zip(problem.unit_names, offsets))
 
     def _storage(self) -> optuna.storages.BaseStorage | None:
         if not self.cfg.storage:
@@ -139,6 +162,7 @@ class BayesSearcher:
         key_json = json.dumps(key, sort_keys=True)
         study_name = cfg.study_name or "bayes-" + hashlib.sha256(key_json.encode()).hexdigest()[:16]
         directions = ["minimize", "minimize"] if cfg.multi_objective else ["minimize"]
+        center = DPSearcher().search(problem).choice if cfg.radius else None
 
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial otherwise
@@ -152,8 +176,10 @@ class BayesSearcher:
                 new = self._prepare(study, key, key_json)
                 if new and cfg.warm_start:
                     for choice in _warm_starts(problem):
-                        study.enqueue_trial(dict(zip(problem.unit_names, choice)))
-                n_run = self._optimize(study, problem, seed, fitness)
+                        params = self._params_of(problem, choice, center)
+                        if params is not None:
+                            study.enqueue_trial(params)
+                n_run = self._optimize(study, problem, seed, fitness, center)
         finally:
             optuna.logging.set_verbosity(verbosity)
 
@@ -194,7 +220,9 @@ class BayesSearcher:
         optuna.storages.fail_stale_trials(study)
         return False
 
-    def _optimize(self, study: optuna.Study, problem: AllocationProblem, seed: int, fitness: Fitness) -> int:
+    def _optimize(
+        self, study: optuna.Study, problem: AllocationProblem, seed: int, fitness: Fitness, center: tuple[int, ...] | None
+    ) -> int:
         """Run the trials still missing; returns how many ran in this call."""
         cfg = self.cfg
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -210,7 +238,7 @@ class BayesSearcher:
         ran = [0]
 
         def objective(trial: optuna.Trial) -> float | list[float]:
-            raw = [trial.suggest_int(name, 0, len(opts) - 1) for name, opts in zip(problem.unit_names, problem.options)]
+            raw = self._suggest(trial, problem, center)
             choice = repair(problem, raw, np.random.default_rng([seed, trial.number]))  # deterministic per trial
             cost = problem.cost_of(choice)
             trial.set_user_attr("choice", list(choice))

@@ -190,3 +190,15 @@ def test_hydra_yaml_composes_to_the_config() -> None:
     obj = OmegaConf.to_object(cfg.searcher)
     assert isinstance(obj, BayesConfig) and (obj.sampler, obj.n_trials) == ("cmaes", 9)
     assert obj == BayesConfig(sampler="cmaes", n_trials=9)  # and every other option at its default
+
+
+def test_trust_region_keeps_trials_near_the_dp_solution(tmp_path: Path) -> None:
+    problem = make_problem(3, n_units=8, n_opts=7)
+    storage = f"sqlite:///{tmp_path / 'r.db'}"
+    a = run(problem, n_trials=24, startup_trials=4, radius=1, storage=storage)
+    study = optuna.load_study(study_name=a.info["study_name"], storage=storage)
+    offsets = [v for t in study.get_trials() for v in t.params.values()]
+    assert offsets and all(-1 <= v <= 1 for v in offsets)
+    assert study.get_trials()[0].params == dict.fromkeys(problem.unit_names, 0)  # the DP warm start
+    full = run(make_problem(3, n_units=8, n_opts=7), n_trials=24, startup_trials=4, radius=0)
+    assert full.cost <= problem.budget and a.cost <= problem.budget
