@@ -41,7 +41,7 @@ class BayesConfig(SearcherConfig):
     # Total trials the study should have, counting complete trials already in storage.
     n_trials: int = 64
     # Tokens per trial evaluation (rounded up to whole sequences by the fitness).
-    trial_tokens: int = 1024
+    trial_tokens: int = 2048
     # Random trials before the model-based sampler takes over.
     startup_trials: int = 16
     # Minimise (cost, fitness) with NSGA-II and report the Pareto front; the budget still bounds every point.
