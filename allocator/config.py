@@ -55,6 +55,10 @@ class ProfileConfig:
     prefill_batch: int = 1
     prefill_length: int = 512
     threads: int = 0  # 0: torch's default
+    # GPU profiles (profilers/gpu.py) also measure decode at these batches (cheap there); with decode_batches above.
+    gpu_decode_batches: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    # Weight copies a GPU step rotates through so each replay reads from memory, not L2; 0: from the L2 size.
+    l2_rotations: int = 0
     # Measure again even when a table for this device fingerprint exists.
     refresh: bool = False
 

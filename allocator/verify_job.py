@@ -5,16 +5,19 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from allocator.config import ModelConfig, ProfileConfig, VerifyJob
 from allocator.atomic_io import write_json_atomic
-from allocator.model_loader import load_model
+from allocator.model_loader import DTYPES, load_model
 from allocator.memory import decoder_weight_count, measured_kv_bytes_per_token
 from allocator.pruned_model import WIDTHS_KEY
 from allocator.runtime import load_plan, load_pruned
-from profilers.end_to_end import measure_models
-from profilers.regimes import find_regime
+from profilers.end_to_end import measure_models, measure_models_gpu
+from profilers.gpu import cuda_device_for_profile, find_gpu_regime
+from profilers.regimes import Regime, find_regime
+from profilers.roofline import deploy_dtype
 from profilers.table import load_table
 from profilers.timing import paired_ratio
 
@@ -29,17 +32,31 @@ def predicted_latency(plan: dict, regime: str, widths: dict[str, list[int]]) -> 
     return costs.predict_ms(widths), costs.predict_ms(dense_widths)
 
 
+def _planned_regime(plan: dict, profile: ProfileConfig, name: str) -> Regime:
+    """The regime as the plan's table measured it (batch, context), so the GPU times what was predicted."""
+    table = Path(plan["profile"]["table"])
+    return Regime(**load_table(table).regime(name).regime) if table.is_file() else find_gpu_regime(profile, name)
+
+
 def measure_speedup(
     run: Path, profile: ProfileConfig, regime_name: str, cache_dir: str = "runs/cache",
     dense: nn.Module | None = None, plan: dict | None = None,
 ) -> dict:
-    """Reload the exported checkpoint (what a user gets), time it and the dense model interleaved."""
-    model, _, saved_plan = load_pruned(run)
-    plan = plan or saved_plan
+    """Reload the exported checkpoint (what a user gets), time it and the dense model interleaved: on this CPU, or
+    on the plan's GPU when its profile is one (CUDA graphs, as profilers/gpu.py measured the table)."""
+    plan = plan or load_plan(run)
+    gpu = cuda_device_for_profile(plan["profile"]["name"])  # before any loading: no usable GPU fails at once
+    model, _, _ = load_pruned(run)
     if dense is None:
         dense = load_model(ModelConfig(**plan["model_spec"]), cache_dir).model
-    regime = find_regime(profile, regime_name)
-    stats = measure_models({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats)
+    if gpu is None:
+        regime = find_regime(profile, regime_name)
+        stats = measure_models({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats)
+    else:
+        regime = _planned_regime(plan, profile, regime_name)
+        dtype = DTYPES[plan["profile"]["fingerprint"].get("dtype") or deploy_dtype(plan["model_spec"]["dtype"])]
+        stats = measure_models_gpu({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats,
+                                   gpu, dtype, profile.l2_rotations)
     widths = getattr(model.config, WIDTHS_KEY)
     widths = {"attn": widths["attn_kv_groups"], "mlp": widths["mlp_neurons"]}
     predicted_ms, predicted_dense = predicted_latency(plan, regime.name, widths)
@@ -63,6 +80,8 @@ def measure_speedup(
         kv = measured_kv_bytes_per_token(model) * budget["memory_batch"] * budget["memory_context"]
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         result["memory"] = {"weight_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv}
+    if gpu is not None:
+        result["device"] = torch.cuda.get_device_name(gpu)
     result.update(budget_verdict(budget, result, regime.name == budget["regime"]))
     return result
 

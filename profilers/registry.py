@@ -1,10 +1,11 @@
 """Profile name → how its latency table is obtained: measured on this CPU, a measured table of the named device
-when one exists, else that device's roofline. `get_cost_table` is the one entry point of the jobs."""
+when one exists, measured on it when it is present (profilers/gpu.py), else that device's roofline.
+`get_cost_table` is the one entry point of the jobs."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,6 +19,7 @@ from allocator.registry import Registry
 from allocator.space import ATTN, MLP, ModelShape, Unit
 from profilers.cpu import profile_cpu
 from profilers.devices import DEVICES, DeviceSpec
+from profilers.gpu import cuda_device_named, profile_gpu
 from profilers.regimes import Regime, regimes_of
 from profilers.roofline import deploy_dtype, roofline_table
 from profilers.table import CostTable, RegimeCosts, cpu_fingerprint, load_table, save_table, table_key
@@ -134,20 +136,23 @@ def _device_table(
     spec: DeviceSpec, name: str, dense: nn.Module | None, shape: ModelShape, units: list[Unit], cfg: ProfileConfig,
     dtype: str, cache_dir: Path, first_regime: str | None, on_regime: OnRegime, tables_dir: Path,
 ) -> tuple[CostTable, Path]:
-    if cfg.refresh:  # nothing here measures a GPU, and a generic CPU is no machine to measure
+    present = spec.is_gpu and device_present(name)
+    if cfg.refresh:  # a generic CPU is no machine to measure
         if not spec.is_gpu:
             raise UserInputError(f"profile.refresh=true: profile {name} is an assumed device, not one to measure; "
                                  "use profile=cpu to measure this machine")
-        if not device_present(name):
+        if not present:
             raise UserInputError(f"profile.refresh=true: cannot measure profile {name}: device {spec.name} is not "
                                  "present on this machine")
-        raise UserInputError(f"profile.refresh=true: measuring {spec.name} is not implemented (only profile=cpu)")
+        return _measured_gpu(spec, name, dense, shape, units, cfg, dtype, cache_dir, first_regime, on_regime)
     regimes = regimes_of(cfg)
     options = {ATTN: list(units[0].options), MLP: list(units[1].options)}
     found = find_measured(spec, shape, options, regimes, dtype, [cache_dir / "profiles", tables_dir])
     if found is not None:
         table, path = found
         log.info("latency table: measured table of %s: %s", spec.name, path)
+    elif present and dense is not None:  # the device is here: measure it rather than trust its datasheet
+        return _measured_gpu(spec, name, dense, shape, units, cfg, dtype, cache_dir, first_regime, on_regime)
     else:
         table = roofline_table(spec, shape, units, regimes, dtype)
         key = table_key(table.fingerprint, table.model_shape, table.options, table.settings)
@@ -157,6 +162,21 @@ def _device_table(
     if on_regime is not None and first_regime is not None:
         on_regime(first_regime, table.regime(first_regime))
     return table, path
+
+
+def _measured_gpu(
+    spec: DeviceSpec, name: str, dense: nn.Module | None, shape: ModelShape, units: list[Unit], cfg: ProfileConfig,
+    dtype: str, cache_dir: Path, first_regime: str | None, on_regime: OnRegime,
+) -> tuple[CostTable, Path]:
+    """Measure (or reuse this GPU's cached measurement of) the table on the present device. The table's file name
+    holds its fingerprint's key (device, driver, torch, triton, dtype), so it is only reused under the same ones."""
+    if dense is None:
+        raise UserInputError(f"measuring profile {name} on {spec.name} times the model: its weights must be loaded")
+    device = cuda_device_named(spec.name)
+    if device is None:
+        raise UserInputError(f"cannot measure profile {name}: device {spec.name} is not present on this machine")
+    return profile_gpu(dense, shape, units, replace(cfg, name=name), dtype, cache_dir, first_regime, on_regime,
+                       device=device)
 
 
 PROFILES.register("cpu")(_measured_cpu)

@@ -190,6 +190,22 @@ class Searcher(Protocol):
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation: ...
 
 
+class ConfiguredSearcher:
+    """Base of searchers with options: holds the validated config. Subclasses set name, traits and Config."""
+
+    name: str
+    Config: type[SearcherConfig] = SearcherConfig
+
+    def __init__(self, cfg: SearcherConfig | None = None) -> None:
+        self.cfg = cfg if cfg is not None else self.Config()
+        self.cfg.validate()
+
+    def require_fitness(self, fitness: Fitness | None) -> Fitness:
+        if fitness is None:
+            raise ValueError(f"searcher {self.name} scores real candidates and needs a Fitness (e.g. KL to dense)")
+        return fitness
+
+
 # Searcher classes, each with a `Config` (a SearcherConfig subclass) and built as cls(cfg).
 SEARCHERS: Registry[type] = Registry("searcher")
 

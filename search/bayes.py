@@ -19,7 +19,15 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from allocator.errors import UserInputError
-from search.base import SEARCHERS, Allocation, AllocationProblem, SearcherConfig, allocation_from, repair
+from search.base import (
+    SEARCHERS,
+    Allocation,
+    AllocationProblem,
+    ConfiguredSearcher,
+    SearcherConfig,
+    allocation_from,
+    repair,
+)
 from search.dp import DPSearcher
 from search.fitness import Fitness
 from search.uniform import UniformSearcher
@@ -101,16 +109,12 @@ def _warm_starts(problem: AllocationProblem) -> list[tuple[int, ...]]:
 
 
 @SEARCHERS.register("bayes")
-class BayesSearcher:
+class BayesSearcher(ConfiguredSearcher):
     name = "bayes"
     stochastic = True
     baseline = False
     uses_fitness = True
     Config = BayesConfig
-
-    def __init__(self, cfg: BayesConfig | None = None) -> None:
-        self.cfg = cfg or BayesConfig()
-        self.cfg.validate()
 
     def _suggest(self, trial: optuna.Trial, problem: AllocationProblem, center: tuple[int, ...] | None) -> list[int]:
         """One option index per unit: absolute, or an offset within `radius` of the DP solution (clipped)."""
@@ -154,8 +158,7 @@ class BayesSearcher:
         return {"problem": problem_digest(problem), "seed": seed, **opts}
 
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation:
-        if fitness is None:
-            raise ValueError("searcher bayes scores candidates on a fitness: pass fitness=... (got None)")
+        fitness = self.require_fitness(fitness)
         problem.check_feasible()
         cfg = self.cfg
         key = self._study_key(problem, seed)

@@ -16,7 +16,15 @@ from deap import base, creator, tools
 from tqdm import tqdm
 
 from allocator.errors import UserInputError
-from search.base import SEARCHERS, Allocation, AllocationProblem, SearcherConfig, allocation_from, repair
+from search.base import (
+    SEARCHERS,
+    Allocation,
+    AllocationProblem,
+    ConfiguredSearcher,
+    SearcherConfig,
+    allocation_from,
+    repair,
+)
 from search.dp import DPConfig, DPSearcher
 from search.fitness import Fitness
 from search.uniform import UniformSearcher
@@ -170,26 +178,16 @@ def evolve(
     return tuple(parent), parent.fitness.values[0]
 
 
-def require_fitness(fitness: Fitness | None, searcher: str) -> Fitness:
-    if fitness is None:
-        raise ValueError(f"searcher {searcher} scores real candidates and needs a Fitness (e.g. KL to dense)")
-    return fitness
-
-
 @SEARCHERS.register("evo")
-class EvoSearcher:
+class EvoSearcher(ConfiguredSearcher):
     name = "evo"
     stochastic = True
     baseline = False
     uses_fitness = True
     Config = EvoConfig
 
-    def __init__(self, cfg: EvoConfig | None = None) -> None:
-        self.cfg = cfg or EvoConfig()
-        self.cfg.validate()
-
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation:
-        fitness = require_fitness(fitness, self.name)
+        fitness = self.require_fitness(fitness)
         fitness.begin(max_tokens=self.cfg.max_tokens, max_seconds=self.cfg.max_seconds)
         rng = np.random.default_rng(seed)
         logbook = tools.Logbook()

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from allocator.errors import UserInputError
-from search.base import SEARCHERS, Allocation, AllocationProblem, SearcherConfig, allocation_from, repair
+from search.base import (
+    SEARCHERS,
+    Allocation,
+    AllocationProblem,
+    ConfiguredSearcher,
+    SearcherConfig,
+    allocation_from,
+    repair,
+)
 
 
 @dataclass
@@ -35,16 +43,12 @@ def normalised_ratios(ratios: tuple[float, ...]) -> np.ndarray:
 
 
 @SEARCHERS.register("owl")
-class OwlSearcher:
+class OwlSearcher(ConfiguredSearcher):
     name = "owl"
     stochastic = False
     baseline = True
     uses_fitness = False
     Config = OwlConfig
-
-    def __init__(self, cfg: OwlConfig | None = None) -> None:
-        self.cfg = cfg or OwlConfig()
-        self.cfg.validate()
 
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: object = None) -> Allocation:
         del seed, fitness  # deterministic, from the outlier ratios and the budget only

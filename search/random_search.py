@@ -7,7 +7,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from allocator.errors import UserInputError
-from search.base import SEARCHERS, Allocation, AllocationProblem, SearcherConfig, allocation_from, repair
+from search.base import (
+    SEARCHERS,
+    Allocation,
+    AllocationProblem,
+    ConfiguredSearcher,
+    SearcherConfig,
+    allocation_from,
+    repair,
+)
 from search.fitness import Fitness
 
 
@@ -28,20 +36,15 @@ class RandomConfig(SearcherConfig):
 
 
 @SEARCHERS.register("random")
-class RandomSearcher:
+class RandomSearcher(ConfiguredSearcher):
     name = "random"
     stochastic = True
     baseline = True
     uses_fitness = True
     Config = RandomConfig
 
-    def __init__(self, cfg: RandomConfig | None = None) -> None:
-        self.cfg = cfg or RandomConfig()
-        self.cfg.validate()
-
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation:
-        if fitness is None:
-            raise ValueError("searcher random scores candidates on a fitness; none was given")
+        fitness = self.require_fitness(fitness)
         problem.check_feasible()
         cfg = self.cfg
         fitness.begin(max_tokens=cfg.max_tokens, max_seconds=cfg.max_seconds)

@@ -13,8 +13,8 @@ import numpy as np
 from deap import tools
 
 from allocator.errors import UserInputError
-from search.base import SEARCHERS, Allocation, AllocationProblem, allocation_from
-from search.evo import EvoConfig, evolution_info, evolve, initial_choice, require_fitness
+from search.base import SEARCHERS, Allocation, AllocationProblem, ConfiguredSearcher, allocation_from
+from search.evo import EvoConfig, evolution_info, evolve, initial_choice
 from search.fitness import Fitness
 
 
@@ -64,19 +64,15 @@ def coarse_start(problem: AllocationProblem, stride: int, init: str) -> tuple[in
 
 
 @SEARCHERS.register("tyr")
-class TyrSearcher:
+class TyrSearcher(ConfiguredSearcher):
     name = "tyr"
     stochastic = True
     baseline = False
     uses_fitness = True
     Config = TyrConfig
 
-    def __init__(self, cfg: TyrConfig | None = None) -> None:
-        self.cfg = cfg or TyrConfig()
-        self.cfg.validate()
-
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation:
-        fitness = require_fitness(fitness, self.name)
+        fitness = self.require_fitness(fitness)
         fitness.begin(max_tokens=self.cfg.max_tokens, max_seconds=self.cfg.max_seconds)
         rng = np.random.default_rng(seed)
         logbook = tools.Logbook()

@@ -137,7 +137,7 @@ def test_random_stops_at_max_tokens() -> None:
 
 def test_random_errors() -> None:
     p = problem([0.0, 0.0], 0.5)
-    with pytest.raises(ValueError, match="fitness"):
+    with pytest.raises(ValueError, match="needs a Fitness"):
         make_searcher(RandomConfig()).search(p, fitness=None)
     with pytest.raises(InfeasibleBudget):
         random_search(problem([0.0, 0.0], -0.1))

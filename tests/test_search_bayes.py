@@ -92,7 +92,7 @@ def test_max_tokens_stops_the_search() -> None:
 
 
 def test_needs_a_fitness() -> None:
-    with pytest.raises(ValueError, match="fitness"):
+    with pytest.raises(ValueError, match="needs a Fitness"):
         make_searcher(BayesConfig()).search(make_problem(), fitness=None)
 
 

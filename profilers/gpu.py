@@ -1,0 +1,626 @@
+"""GPU profiler: what each (unit, option) costs inside the real model on a CUDA device, timed as CUDA graphs.
+
+Same variants and table format as profilers/cpu.py. Each variant's forward step (one regime) is captured once as a
+CUDA graph over several copies of the weights it reads, so a replay reads every weight from memory rather than L2
+(a deployed model is far larger than L2; a small model timed alone would not be), and replayed interleaved with
+the other variants. Everything but the CUDA calls (the `CudaTimer`) also runs on CPU with `device="cpu"`, so the
+whole pipeline is tested on machines without a GPU."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib.metadata
+import logging
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from allocator.config import ProfileConfig
+from allocator.errors import UserInputError
+from allocator.memory import kv_bytes, unit_weight_bytes
+from allocator.model_loader import DTYPES
+from allocator.pruned_model import DroppedAttention, build_pruned_model, decoder_layers, leading_levels
+from allocator.space import ATTN, MLP, ModelShape, Unit
+from profilers.devices import DEVICES
+from profilers.regimes import Regime
+from profilers.roofline import deploy_dtype
+from profilers.table import CostTable, RegimeCosts, clean_curve, cpu_name, load_table, save_table, table_key
+from profilers.timing import TimingStats
+
+log = logging.getLogger(__name__)
+# How costs are derived from the timings; part of the table's cache key, so a change re-measures.
+METHOD = ("cuda-graph steps over L2-rotated weight copies, neighbour-dense variants, measured fixed, "
+          "per-variant medians, per-layer cost = (variant - cheapest variant) / layers")
+MAX_ROTATIONS = 1024  # bounds graph capture time for tiny models (whose copies would otherwise number thousands)
+MEMORY_FRACTION = 0.6  # of free device memory for one group of variants; the rest for graph pools and activations
+WARMUP_STEPS = 2  # eager runs before capture: lazy allocations (cuBLAS workspaces, caches) must precede it
+WARMUP_REPLAYS = 3
+
+
+# ---- pure helpers (tested on CPU) ----
+
+def gpu_regimes(cfg: ProfileConfig) -> list[Regime]:
+    """Prefill and decode at decode_batches ∪ gpu_decode_batches: a superset of regimes_of(cfg), so the registry
+    finds every regime a search may ask for."""
+    batches = sorted(set(cfg.decode_batches) | set(cfg.gpu_decode_batches))
+    out = [Regime("prefill", "prefill", cfg.prefill_batch, cfg.prefill_length)]
+    return out + [Regime(f"decode_b{b}", "decode", b, cfg.decode_context) for b in batches]
+
+
+def find_gpu_regime(cfg: ProfileConfig, name: str) -> Regime:
+    by_name = {r.name: r for r in gpu_regimes(cfg)}
+    if name not in by_name:
+        raise UserInputError(f"regime {name!r} is not profiled on GPU; known: {', '.join(by_name)} "
+                             "(see profile.decode_batches, profile.gpu_decode_batches)")
+    return by_name[name]
+
+
+def rotation_count(l2_bytes: int, bytes_per_copy: int, override: int = 0, limit: int = MAX_ROTATIONS) -> int:
+    """Copies to rotate through so their total exceeds 2x L2: by the time a copy is read again, twice the cache's
+    size has streamed past and evicted it. `override` > 0 is taken as is; no L2 (CPU timer) needs no copies."""
+    if override < 0:
+        raise ValueError(f"l2_rotations={override} must be >= 0 (0: from the L2 size)")
+    if override:
+        return override
+    if l2_bytes <= 0:
+        return 1
+    if bytes_per_copy <= 0:
+        return limit
+    return min(limit, 2 * l2_bytes // bytes_per_copy + 1)
+
+
+def interleaved_schedule(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    """One permutation of `names` per round, seeded: drift within a round does not always land on the same
+    variants, and a re-run times them in the same order."""
+    rng = random.Random(seed)
+    schedule = []
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        schedule.append(order)
+    return schedule
+
+
+def round_stats(samples: dict[str, list[float]], warmup: int) -> dict[str, TimingStats]:
+    """Median and 10th/90th percentiles per variant over its rounds, the first `warmup` discarded."""
+    out = {}
+    for name, s in samples.items():
+        if len(s) <= warmup:
+            raise ValueError(f"variant {name!r} has {len(s)} samples, not more than warmup={warmup}")
+        out[name] = TimingStats.of(s[warmup:])
+    return out
+
+
+def memory_groups(sizes: dict[str, int], budget: int | None) -> list[list[str]]:
+    """Consecutive variants whose device bytes fit `budget` together (None: all in one group). A large model's
+    variants cannot all be resident at once: each pruned one holds its own shrunk weights and KV cache."""
+    if budget is None:
+        return [list(sizes)] if sizes else []
+    groups: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, size in sizes.items():
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def variant_name(kind: str, kept: int, full: int) -> str:
+    return "dense" if kept == full else f"{kind}={kept}"
+
+
+def gpu_variants(units: list[Unit]) -> dict[str, dict[str, int]]:
+    """dense; fixed (every unit at its cheapest option); and each option of a kind in every layer with the other
+    kind dense, so an option is timed beside the neighbouring block it will run with."""
+    dense = {u.name: u.full for u in units}
+    variants = {"dense": dense, "fixed": {u.name: u.options[0] for u in units}}
+    for unit in units[:2]:  # one attention and one MLP unit carry the option lists
+        for kept in unit.options[:-1]:
+            variants[variant_name(unit.kind, kept, unit.full)] = {
+                u.name: kept if u.kind == unit.kind else u.full for u in units
+            }
+    return variants
+
+
+def variant_bytes(
+    shape: ModelShape, units: list[Unit], allocation: dict[str, int], regime: Regime, element_bytes: int
+) -> tuple[int, int]:
+    """(bytes one step reads: kept weights, norms, lm_head, KV cache; bytes the variant owns beyond the dense model:
+    its shrunk weights and its KV cache). The untied input embedding is left out: a step gathers a few rows."""
+    context = regime.length + 1 if regime.kind == "decode" else regime.length
+    read = own = 0
+    for u in units:
+        kept = allocation[u.name]
+        weights = unit_weight_bytes(shape, u.kind, kept, element_bytes)
+        read += weights
+        own += weights if 0 < kept < u.full else 0
+        if u.kind == ATTN:
+            kv = kv_bytes(shape, kept, regime.batch, context, element_bytes)
+            read, own = read + kv, own + kv
+    read += (shape.vocab + 1) * shape.hidden * element_bytes  # lm_head and the final norm
+    return read, own
+
+
+def regime_costs(
+    regime: Regime, num_layers: int, options: dict[str, list[int]], stats: dict[str, TimingStats], raw: dict
+) -> RegimeCosts:
+    """fixed = the measured all-cheapest model; a kind's per-layer cost at k = (T(k everywhere, other kind dense)
+    - T(cheapest everywhere, other kind dense)) / layers, clipped at 0 and cleaned non-decreasing in k (noise can
+    order two close widths wrongly; rounding up keeps predictions pessimistic)."""
+    unit_ms = {}
+    for kind, opts in options.items():
+        full = opts[-1]
+        base = stats[variant_name(kind, opts[0], full)].median_ms
+        per_layer = {k: (stats[variant_name(kind, k, full)].median_ms - base) / num_layers for k in opts}
+        unit_ms[kind] = clean_curve({k: max(0.0, v) for k, v in per_layer.items()})
+    return RegimeCosts(asdict(regime), stats["fixed"].median_ms, stats["dense"].median_ms, unit_ms, raw)
+
+
+def gpu_fingerprint(
+    device: str, cuda: str | None, driver: str | None, torch_version: str, triton: str | None, dtype: str
+) -> dict:
+    """What makes a measurement valid: a table measured under one of these never stands for another."""
+    return {
+        "device": device,
+        "driver": f"CUDA {cuda or 'none'} / driver {driver or 'unknown'}",
+        "torch": torch_version,
+        "triton": triton,
+        "dtype": dtype,
+    }
+
+
+def parse_driver_version(text: str) -> str | None:
+    """The version in /proc/driver/nvidia/version ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15 ...")."""
+    match = re.search(r"Kernel Module\s+([0-9][0-9.]*)", text)
+    return match.group(1) if match else None
+
+
+# ---- environment probes ----
+
+def _package_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def driver_version() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # pynvml missing or no NVML: fall back to the kernel module's own report
+        try:
+            return parse_driver_version(Path("/proc/driver/nvidia/version").read_text())
+        except OSError:
+            return None
+
+
+def current_fingerprint(device: torch.device, dtype: str) -> dict:
+    if device.type == "cuda":
+        name, cuda, driver = torch.cuda.get_device_name(device), torch.version.cuda, driver_version()
+    else:
+        name, cuda, driver = cpu_name(), None, None
+    return gpu_fingerprint(name, cuda, driver, torch.__version__, _package_version("triton", "pytorch-triton"), dtype)
+
+
+def cuda_device_named(name: str) -> torch.device | None:
+    """The first CUDA device that reports `name` (what DeviceSpec.name holds), or None."""
+    if not torch.cuda.is_available():
+        return None
+    for i in range(torch.cuda.device_count()):
+        if torch.cuda.get_device_name(i) == name:
+            return torch.device("cuda", i)
+    return None
+
+
+def require_cuda(what: str) -> None:
+    if not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise UserInputError(f"{what} needs a CUDA GPU, but torch.cuda.is_available() is False on this machine "
+                             f"(torch {torch.__version__}, {build})")
+
+
+def cuda_device_for_profile(profile: str) -> torch.device | None:
+    """The CUDA device that verifying a plan of `profile` must time on; None when the profile is no GPU (timed on
+    this CPU as before). Raises, naming why, when it is a GPU that cannot be timed here."""
+    spec = DEVICES.get(profile)
+    if spec is None or not spec.is_gpu:
+        return None
+    require_cuda(f"verifying a plan for profile {profile} ({spec.name})")
+    device = cuda_device_named(spec.name)
+    if device is None:
+        found = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        raise UserInputError(f"verifying a plan for profile {profile} needs {spec.name}; this machine has {found}")
+    return device
+
+
+# ---- timers: CUDA graphs + events on a GPU, perf_counter on CPU ----
+
+Sampler = Callable[[], float]  # runs the prepared steps once, returns ms per step
+
+
+class Timer(Protocol):
+    device: torch.device
+    l2_bytes: int
+
+    def prepare(self, steps: list[Callable[[], object]]) -> Sampler: ...
+    def state(self) -> dict[str, float | None]: ...
+    def memory_budget(self) -> int | None: ...
+    def release(self) -> None: ...
+
+
+class CpuTimer:
+    """No graphs, no L2 rotation: the same pipeline as on a GPU, for tests and machines without one."""
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.l2_bytes = 0
+
+    def prepare(self, steps: list[Callable[[], object]]) -> Sampler:
+        for step in steps:
+            step()
+
+        def sample() -> float:
+            start = time.perf_counter()
+            for step in steps:
+                step()
+            return (time.perf_counter() - start) * 1e3 / len(steps)
+
+        return sample
+
+    def state(self) -> dict[str, float | None]:
+        return {"clock_mhz": None, "temperature_c": None}
+
+    def memory_budget(self) -> int | None:
+        return None
+
+    def release(self) -> None:
+        gc.collect()
+
+
+class CudaTimer:
+    """Captures all steps as one CUDA graph; a sample is one replay timed by CUDA events, divided by the steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        require_cuda("timing on CUDA")
+        self.device = device
+        self.l2_bytes = int(torch.cuda.get_device_properties(device).L2_cache_size)
+        self._probes = {"clock_mhz": torch.cuda.clock_rate, "temperature_c": torch.cuda.temperature}
+
+    def prepare(self, steps: list[Callable[[], object]]) -> Sampler:
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    for step in steps:
+                        step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    for step in steps:
+                        step()
+            except RuntimeError as exc:
+                raise RuntimeError(f"CUDA graph capture of the forward step failed on {self.device}: {exc}") from exc
+            for _ in range(WARMUP_REPLAYS):
+                graph.replay()
+            torch.cuda.synchronize(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def sample() -> float:
+            with torch.cuda.device(self.device):
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+            return start.elapsed_time(end) / len(steps)
+
+        sample.keep_alive = (graph, steps)  # type: ignore[attr-defined]  # the graph reads the steps' tensors
+        return sample
+
+    def state(self) -> dict[str, float | None]:
+        """SM clock and temperature; they need pynvml, so None (and not asked again) where it is missing."""
+        out: dict[str, float | None] = {}
+        for key, probe in list(self._probes.items()):
+            try:
+                out[key] = float(probe(self.device))
+            except Exception:
+                self._probes.pop(key)
+        return {k: out.get(k) for k in ("clock_mhz", "temperature_c")}
+
+    def memory_budget(self) -> int | None:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(MEMORY_FRACTION * free)
+
+    def release(self) -> None:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def make_timer(device: str | torch.device) -> Timer:
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            require_cuda("timing on cuda")
+            device = torch.device("cuda", torch.cuda.current_device())
+        return CudaTimer(device)
+    if device.type == "cpu":
+        return CpuTimer()
+    raise ValueError(f"device {device} is not supported; valid: cuda, cuda:<index>, cpu")
+
+
+# ---- models and steps ----
+
+class FixedContextLayer(DynamicLayer):
+    """A KV-cache layer of fixed context: new tokens are written in place after `context` positions and the
+    context never grows, so one captured decode step replays identically (a static cache, as servers keep)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, context: int) -> None:
+        super().__init__()
+        self.keys, self.values, self.context = keys, values, context
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.context + key_states.shape[-2]
+        self.keys[:, :, self.context:end].copy_(key_states)
+        self.values[:, :, self.context:end].copy_(value_states)
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.context
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[-2]
+
+
+def fixed_context_cache(model: nn.Module, batch: int, context: int, generator: torch.Generator) -> DynamicCache:
+    """Random keys/values for `context` positions plus one slot for the new token, each layer with its own
+    (pruned) KV head count; a dropped attention gets DroppedAttention's one-scalar marker."""
+    head_dim = ModelShape.from_config(model.config).head_dim
+    param = next(model.parameters())
+    cache = DynamicCache()
+    layers = []
+    for layer in decoder_layers(model):
+        attn = layer.self_attn
+        heads, dim = (1, 1) if isinstance(attn, DroppedAttention) else (attn.k_proj.out_features // head_dim, head_dim)
+        size = (batch, heads, context + 1, dim)
+        keys, values = (torch.randn(size, generator=generator, device=param.device, dtype=param.dtype) for _ in "kv")
+        layers.append(FixedContextLayer(keys, values, context))
+    cache.layers = layers
+    return cache
+
+
+def _kv_width(layer: nn.Module) -> int:
+    """K (or V) elements per token a decoder layer caches: KV heads x head dim, or DroppedAttention's marker."""
+    attn = layer.self_attn
+    return 1 if isinstance(attn, DroppedAttention) else attn.k_proj.out_features
+
+
+@dataclass
+class Step:
+    run: Callable[[], object]
+    kv_bytes: int  # the KV cache this step reads (decode) or writes (prefill)
+
+
+def forward_step(model: nn.Module, regime: Regime, seed: int = 0) -> Step:
+    """One step of `regime` with inputs on the model's device: a prefill of batch x length tokens, or one new
+    token per sequence over a fixed context of `length` (last-token logits only, as generation keeps)."""
+    param = next(model.parameters())
+    generator = torch.Generator(device=param.device).manual_seed(seed)
+    vocab = model.config.vocab_size
+    if regime.kind == "prefill":
+        ids = torch.randint(0, vocab, (regime.batch, regime.length), generator=generator, device=param.device)
+        kv = 2 * ids.numel() * sum(map(_kv_width, decoder_layers(model))) * param.element_size()
+
+        def prefill() -> object:
+            with torch.inference_mode():
+                return model(ids, use_cache=True, logits_to_keep=1)
+
+        return Step(prefill, kv)
+    if regime.kind != "decode":
+        raise ValueError(f"unknown regime kind {regime.kind!r}; valid: prefill, decode")
+    ids = torch.randint(0, vocab, (regime.batch, 1), generator=generator, device=param.device)
+    positions = torch.full((regime.batch, 1), regime.length, device=param.device)
+    cache = fixed_context_cache(model, regime.batch, regime.length, generator)
+
+    def decode() -> object:
+        with torch.inference_mode():
+            return model(ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return Step(decode, kv)
+
+
+def device_copy(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """`model` on `device` with its parameters in `dtype`, leaving the original untouched (the search goes on
+    using it); buffers (rotary frequencies) keep their dtype. Tied weights stay tied."""
+    memo: dict[int, object] = {}
+    with torch.no_grad():
+        for p in model.parameters():
+            memo[id(p)] = nn.Parameter(p.detach().to(device, dtype), requires_grad=False)
+        for b in model.buffers():
+            memo[id(b)] = b.to(device)
+    return copy.deepcopy(model, memo)
+
+
+def _untied_embedding(model: nn.Module) -> torch.Tensor | None:
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    return None if output is not None and output.weight is embedding else embedding
+
+
+def weight_read_bytes(model: nn.Module) -> int:
+    """Parameter bytes one step reads: all but an untied input embedding (a step gathers a few of its rows)."""
+    skip = _untied_embedding(model)
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not skip)
+
+
+def weight_copies(model: nn.Module, n: int) -> list[nn.Module]:
+    """`model` and n-1 copies with their own weights (buffers and an untied input embedding shared)."""
+    shared = [*model.buffers()]
+    embedding = _untied_embedding(model)
+    if embedding is not None:
+        shared.append(embedding)
+    with torch.no_grad():
+        return [model] + [copy.deepcopy(model, {id(t): t for t in shared}) for _ in range(n - 1)]
+
+
+def time_models(
+    build: dict[str, Callable[[], nn.Module]],
+    regime: Regime,
+    timer: Timer,
+    warmup: int,
+    repeats: int,
+    l2_rotations: int = 0,
+    groups: list[list[str]] | None = None,
+    seed: int = 0,
+    desc: str = "timing",
+) -> tuple[dict[str, TimingStats], dict]:
+    """Time one `regime` step of each built model, interleaved per round. The first model is the anchor: it is
+    kept and timed in every group (its samples pooled); each group's other models are built, timed, and freed.
+    Returns the stats and a log: {"rotations": {name: copies}, "rounds": [device state per round]}."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    anchor, *others = build
+    groups = [others] if groups is None else groups
+    samples: dict[str, list[float]] = {name: [] for name in build}
+    rotations: dict[str, int] = {}
+    rounds: list[dict] = []
+
+    def prepare(name: str) -> Sampler:
+        model = build[name]()
+        first = forward_step(model, regime, seed)
+        read = weight_read_bytes(model) + first.kv_bytes
+        n = rotation_count(timer.l2_bytes, read, l2_rotations)
+        if timer.l2_bytes and n * read <= 2 * timer.l2_bytes:
+            log.warning("%s: %d weight copies (%.1f MB) do not exceed 2x L2 (%.1f MB); replays partly hit L2",
+                        name, n, n * read / 1e6, 2 * timer.l2_bytes / 1e6)
+        rotations[name] = n
+        steps = [first] + [forward_step(m, regime, seed) for m in weight_copies(model, n)[1:]]
+        return timer.prepare([s.run for s in steps])
+
+    anchor_sampler = prepare(anchor)
+    total = (warmup + repeats) * sum(len(g) + 1 for g in groups)
+    with tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
+        for index, group in enumerate(groups):
+            samplers = {anchor: anchor_sampler, **{name: prepare(name) for name in group}}
+            per_round = {name: [] for name in samplers}
+            for r, order in enumerate(interleaved_schedule(list(samplers), warmup + repeats, seed * 1000 + index)):
+                if r >= warmup:
+                    rounds.append({"group": index, **timer.state()})
+                for name in order:
+                    per_round[name].append(samplers[name]())
+                    bar.update()
+            for name, s in per_round.items():
+                samples[name] += s[warmup:]
+            del samplers
+            timer.release()
+    return round_stats(samples, 0), {"rotations": rotations, "rounds": rounds}
+
+
+# ---- the profiler ----
+
+def measure_regime(
+    dense: nn.Module, shape: ModelShape, units: list[Unit], regime: Regime, cfg: ProfileConfig, timer: Timer
+) -> RegimeCosts:
+    """`dense` is already on the timer's device in the timed dtype."""
+    source = leading_levels(dense, shape)
+    variants = gpu_variants(units)
+    element_bytes = next(dense.parameters()).element_size()
+    sizes = {}
+    for name, alloc in variants.items():
+        read, own = variant_bytes(shape, units, alloc, regime, element_bytes)
+        sizes[name] = own + (rotation_count(timer.l2_bytes, read, cfg.l2_rotations) - 1) * read
+    budget = timer.memory_budget()
+    groups = memory_groups({n: s for n, s in sizes.items() if n != "dense"},
+                           None if budget is None else max(0, budget - sizes["dense"]))
+    build = {name: (lambda a=alloc: build_pruned_model(dense, shape, a, source)) for name, alloc in variants.items()}
+    build["dense"] = lambda: dense
+    stats, info = time_models(build, regime, timer, cfg.warmup, cfg.repeats, cfg.l2_rotations, groups,
+                              desc=f"profile {regime.name} on {timer.device}")
+    raw: dict = {name: {**asdict(s), "rotations": info["rotations"][name]} for name, s in stats.items()}
+    raw["_rounds"] = info["rounds"]  # clock and temperature per timed round, to tell throttling from noise
+    options = {ATTN: list(units[0].options), MLP: list(units[1].options)}
+    return regime_costs(regime, shape.num_layers, options, stats, raw)
+
+
+def profile_gpu(
+    dense: nn.Module,
+    shape: ModelShape,
+    units: list[Unit],
+    cfg: ProfileConfig,
+    dtype: str,
+    cache_dir: str | Path,
+    first_regime: str | None = None,
+    on_regime: Callable[[str, RegimeCosts], None] | None = None,
+    *,
+    device: str | torch.device = "cuda",
+) -> tuple[CostTable, Path]:
+    """Load the table for this GPU/software/model/options, or measure it (`first_regime` first, so `on_regime` can
+    check a budget before the other regimes are spent on). Timed in the deployment dtype (16-bit) on `device`;
+    device="cpu" runs the same pipeline without graphs, for tests."""
+    timer = make_timer(device)
+    timed_dtype = deploy_dtype(dtype)
+    fingerprint = current_fingerprint(timer.device, timed_dtype)
+    options = {ATTN: list(units[0].options), MLP: list(units[1].options)}
+    regimes = gpu_regimes(cfg)
+    settings = {
+        "warmup": cfg.warmup,
+        "repeats": cfg.repeats,
+        "l2_rotations": cfg.l2_rotations,
+        "timer": type(timer).__name__,
+        "regimes": [asdict(r) for r in regimes],
+        "method": METHOD,
+    }
+    model_shape = asdict(shape)
+    path = Path(cache_dir) / "profiles" / f"{cfg.name}-{table_key(fingerprint, model_shape, options, settings)}.json"
+    if path.is_file() and not cfg.refresh:
+        table = load_table(path)
+        log.info("latency table: reusing %s (fingerprint matches)", path)
+        if on_regime is not None and first_regime is not None:
+            on_regime(first_regime, table.regime(first_regime))
+        return table, path
+    partial = path.with_suffix(".partial.json")  # regimes measured so far: an interrupted profile resumes
+    table = CostTable(cfg.name, "measured", fingerprint, model_shape, options, settings, {})
+    if partial.is_file() and not cfg.refresh:
+        table.regimes = load_table(partial).regimes
+        log.info("latency table: resuming %s (%s measured)", partial, ", ".join(table.regimes) or "nothing")
+    on_device = None
+    for regime in sorted(regimes, key=lambda r: r.name != first_regime):
+        if regime.name not in table.regimes:
+            if on_device is None:
+                on_device = device_copy(dense, timer.device, DTYPES[timed_dtype])
+            log.info("measuring regime %s (batch %d, length %d) on %s", regime.name, regime.batch, regime.length,
+                     fingerprint["device"])
+            table.regimes[regime.name] = measure_regime(on_device, shape, units, regime, cfg, timer)
+            save_table(table, partial)
+        if on_regime is not None and regime.name == first_regime:
+            on_regime(regime.name, table.regimes[regime.name])
+    del on_device
+    timer.release()
+    save_table(table, path)
+    partial.unlink(missing_ok=True)
+    log.info("latency table: measured and saved to %s", path)
+    return table, path
