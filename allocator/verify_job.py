@@ -81,7 +81,7 @@ def measure_speedup(
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         result["memory"] = {"weight_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv}
     if gpu is not None:
-        result["device"] = torch.cuda.get_device_name(gpu)
+        result["device"] = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else str(gpu)
     result.update(budget_verdict(budget, result, regime.name == budget["regime"]))
     return result
 
