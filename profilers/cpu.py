@@ -16,7 +16,7 @@ from allocator.config import ProfileConfig
 from allocator.pruned_model import build_pruned_model, leading_levels
 from allocator.space import ATTN, MLP, ModelShape, Unit
 from profilers.regimes import Regime, forward_call, regimes_of
-from profilers.table import CostTable, RegimeCosts, clean_curve, cpu_fingerprint, load_table, save_table, table_key
+from profilers.table import CostTable, RegimeCosts, clean_curve, cpu_fingerprint, load_or_measure
 from profilers.timing import time_interleaved
 
 log = logging.getLogger(__name__)
@@ -111,28 +111,14 @@ def profile_cpu(
         "regimes": [asdict(r) for r in regimes_of(cfg)],
         "method": METHOD,
     }
-    model_shape = asdict(shape)
-    path = Path(cache_dir) / "profiles" / f"{cfg.name}-{table_key(fingerprint, model_shape, options, settings)}.json"
-    if path.is_file() and not cfg.refresh:
-        table = load_table(path)
-        log.info("latency table: reusing %s (fingerprint matches)", path)
-        if on_regime is not None and first_regime is not None:
-            on_regime(first_regime, table.regime(first_regime))
-        return table, path
-    # Regimes measured so far are kept in a partial table, so an interrupted profile resumes where it stopped.
-    partial = path.with_suffix(".partial.json")
-    table = CostTable(cfg.name, "measured", fingerprint, model_shape, options, settings, {})
-    if partial.is_file() and not cfg.refresh:
-        table.regimes = load_table(partial).regimes
-        log.info("latency table: resuming %s (%s measured)", partial, ", ".join(table.regimes) or "nothing")
-    for regime in sorted(regimes_of(cfg), key=lambda r: r.name != first_regime):
-        if regime.name not in table.regimes:
-            log.info("measuring regime %s (batch %d, length %d)", regime.name, regime.batch, regime.length)
-            table.regimes[regime.name] = measure_regime(dense, shape, units, regime, cfg)
-            save_table(table, partial)
-        if on_regime is not None and regime.name == first_regime:
-            on_regime(regime.name, table.regimes[regime.name])
-    save_table(table, path)
-    partial.unlink(missing_ok=True)
-    log.info("latency table: measured and saved to %s", path)
-    return table, path
+    by_name = {r.name: r for r in regimes_of(cfg)}
+
+    def measure(name: str) -> RegimeCosts:
+        regime = by_name[name]
+        log.info("measuring regime %s (batch %d, length %d)", regime.name, regime.batch, regime.length)
+        return measure_regime(dense, shape, units, regime, cfg)
+
+    return load_or_measure(
+        cfg.name, cache_dir, fingerprint, asdict(shape), options, settings, list(by_name), measure,
+        cfg.refresh, first_regime, on_regime,
+    )

@@ -34,7 +34,7 @@ from allocator.space import ATTN, MLP, ModelShape, Unit
 from profilers.devices import DEVICES
 from profilers.regimes import Regime
 from profilers.roofline import deploy_dtype
-from profilers.table import CostTable, RegimeCosts, clean_curve, cpu_name, load_table, save_table, table_key
+from profilers.table import CostTable, RegimeCosts, clean_curve, cpu_name, load_or_measure
 from profilers.timing import TimingStats
 
 log = logging.getLogger(__name__)
@@ -593,33 +593,22 @@ def profile_gpu(
         "regimes": [asdict(r) for r in regimes],
         "method": METHOD,
     }
-    model_shape = asdict(shape)
-    path = Path(cache_dir) / "profiles" / f"{cfg.name}-{table_key(fingerprint, model_shape, options, settings)}.json"
-    if path.is_file() and not cfg.refresh:
-        table = load_table(path)
-        log.info("latency table: reusing %s (fingerprint matches)", path)
-        if on_regime is not None and first_regime is not None:
-            on_regime(first_regime, table.regime(first_regime))
-        return table, path
-    partial = path.with_suffix(".partial.json")  # regimes measured so far: an interrupted profile resumes
-    table = CostTable(cfg.name, "measured", fingerprint, model_shape, options, settings, {})
-    if partial.is_file() and not cfg.refresh:
-        table.regimes = load_table(partial).regimes
-        log.info("latency table: resuming %s (%s measured)", partial, ", ".join(table.regimes) or "nothing")
-    on_device = None
-    for regime in sorted(regimes, key=lambda r: r.name != first_regime):
-        if regime.name not in table.regimes:
-            if on_device is None:
-                on_device = device_copy(dense, timer.device, DTYPES[timed_dtype])
-            log.info("measuring regime %s (batch %d, length %d) on %s", regime.name, regime.batch, regime.length,
-                     fingerprint["device"])
-            table.regimes[regime.name] = measure_regime(on_device, shape, units, regime, cfg, timer)
-            save_table(table, partial)
-        if on_regime is not None and regime.name == first_regime:
-            on_regime(regime.name, table.regimes[regime.name])
-    del on_device
-    timer.release()
-    save_table(table, path)
-    partial.unlink(missing_ok=True)
-    log.info("latency table: measured and saved to %s", path)
-    return table, path
+    by_name = {r.name: r for r in regimes}
+    on_device: list[nn.Module] = []  # the timed copy, made only if some regime has to be measured
+
+    def measure(name: str) -> RegimeCosts:
+        regime = by_name[name]
+        if not on_device:
+            on_device.append(device_copy(dense, timer.device, DTYPES[timed_dtype]))
+        log.info("measuring regime %s (batch %d, length %d) on %s", regime.name, regime.batch, regime.length,
+                 fingerprint["device"])
+        return measure_regime(on_device[0], shape, units, regime, cfg, timer)
+
+    try:
+        return load_or_measure(
+            cfg.name, cache_dir, fingerprint, asdict(shape), options, settings, list(by_name), measure,
+            cfg.refresh, first_regime, on_regime,
+        )
+    finally:
+        on_device.clear()
+        timer.release()

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
+from typing import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from allocator.atomic_io import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 TABLE_VERSION = 1
 
@@ -94,6 +98,46 @@ def load_table(path: Path) -> CostTable:
         return CostTable.from_json(data)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"latency table {path} is corrupt or of another format ({exc}); delete it to re-measure") from None
+
+
+def load_or_measure(
+    profile: str,
+    cache_dir: str | Path,
+    fingerprint: dict,
+    model_shape: dict,
+    options: dict,
+    settings: dict,
+    regime_names: list[str],
+    measure: Callable[[str], RegimeCosts],
+    refresh: bool = False,
+    first_regime: str | None = None,
+    on_regime: Callable[[str, RegimeCosts], None] | None = None,
+) -> tuple[CostTable, Path]:
+    """The cached table for this key, or one measured regime by regime with `measure` (`first_regime` first, so
+    `on_regime` can check a budget before the others are spent on). Regimes measured so far are kept in a partial
+    table, so an interrupted profile resumes where it stopped."""
+    path = Path(cache_dir) / "profiles" / f"{profile}-{table_key(fingerprint, model_shape, options, settings)}.json"
+    if path.is_file() and not refresh:
+        table = load_table(path)
+        log.info("latency table: reusing %s (fingerprint matches)", path)
+        if on_regime is not None and first_regime is not None:
+            on_regime(first_regime, table.regime(first_regime))
+        return table, path
+    partial = path.with_suffix(".partial.json")
+    table = CostTable(profile, "measured", fingerprint, model_shape, options, settings, {})
+    if partial.is_file() and not refresh:
+        table.regimes = load_table(partial).regimes
+        log.info("latency table: resuming %s (%s measured)", partial, ", ".join(table.regimes) or "nothing")
+    for name in sorted(regime_names, key=lambda n: n != first_regime):
+        if name not in table.regimes:
+            table.regimes[name] = measure(name)
+            save_table(table, partial)
+        if on_regime is not None and name == first_regime:
+            on_regime(name, table.regimes[name])
+    save_table(table, path)
+    partial.unlink(missing_ok=True)
+    log.info("latency table: measured and saved to %s", path)
+    return table, path
 
 
 def clean_curve(costs: dict[int, float]) -> dict[int, float]:
