@@ -158,6 +158,13 @@ class Allocation:
         return {name: opts[j] for name, opts, j in zip(problem.unit_names, problem.options, self.choice)}
 
 
+def check_int_option(cfg: object, field: str, low: int) -> None:
+    """Raise UserInputError unless searcher.<field> is an integer (not a bool) >= low."""
+    value = getattr(cfg, field)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise UserInputError(f"searcher.{field}={value!r} must be an integer >= {low}")
+
+
 @dataclass
 class SearcherConfig:
     """Options every searcher accepts; each searcher extends it with its own (its `Config` class attribute)."""
@@ -203,6 +210,12 @@ class ConfiguredSearcher:
     def require_fitness(self, fitness: Fitness | None) -> Fitness:
         if fitness is None:
             raise ValueError(f"searcher {self.name} scores real candidates and needs a Fitness (e.g. KL to dense)")
+        return fitness
+
+    def begin_fitness(self, fitness: Fitness | None) -> Fitness:
+        """The fitness, required, with its counters reset and this search's token and time bounds set."""
+        fitness = self.require_fitness(fitness)
+        fitness.begin(max_tokens=self.cfg.max_tokens, max_seconds=self.cfg.max_seconds)
         return fitness
 
 

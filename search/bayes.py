@@ -27,6 +27,7 @@ from search.base import (
     SearcherConfig,
     allocation_from,
     repair,
+    check_int_option,
 )
 from search.dp import DPSearcher
 from search.fitness import Fitness
@@ -35,10 +36,6 @@ from search.uniform import UniformSearcher
 SAMPLERS = ("tpe", "cmaes", "gp")
 # Config fields that do not change what a trial means: a study may be resumed with other values of these.
 _NOT_IN_STUDY_KEY = ("name", "max_tokens", "max_seconds", "n_trials", "storage", "study_name", "heartbeat_seconds")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -72,12 +69,10 @@ class BayesConfig(SearcherConfig):
         super().validate()
         if self.sampler not in SAMPLERS:
             raise UserInputError(f"searcher.sampler={self.sampler!r} is unknown; valid: {', '.join(SAMPLERS)}")
-        for field, low in (
-            ("n_trials", 1), ("trial_tokens", 1), ("startup_trials", 0), ("population_size", 2), ("heartbeat_seconds", 1), ("radius", 0)
-        ):
-            value = getattr(self, field)
-            if not _is_int(value) or value < low:
-                raise UserInputError(f"searcher.{field}={value!r} must be an integer >= {low}")
+        minimums = {"n_trials": 1, "trial_tokens": 1, "startup_trials": 0, "population_size": 2, "heartbeat_seconds": 1,
+                    "radius": 0}
+        for field, low in minimums.items():
+            check_int_option(self, field, low)
         for field in ("multi_objective", "warm_start"):
             if not isinstance(getattr(self, field), bool):
                 raise UserInputError(f"searcher.{field}={getattr(self, field)!r} must be true or false")

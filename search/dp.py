@@ -6,8 +6,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from allocator.errors import UserInputError
-from search.base import SEARCHERS, Allocation, AllocationProblem, SearcherConfig
+from search.base import SEARCHERS, Allocation, AllocationProblem, SearcherConfig, check_int_option
 
 
 def discretise(costs: np.ndarray, budget: float, n_buckets: int) -> np.ndarray:
@@ -33,8 +32,7 @@ class DPConfig(SearcherConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.n_buckets, bool) or not isinstance(self.n_buckets, (int, np.integer)) or self.n_buckets < 1:
-            raise UserInputError(f"searcher.n_buckets={self.n_buckets!r} must be an integer >= 1")
+        check_int_option(self, "n_buckets", 1)
 
 
 @SEARCHERS.register("dp")

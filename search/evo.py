@@ -187,8 +187,7 @@ class EvoSearcher(ConfiguredSearcher):
     Config = EvoConfig
 
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation:
-        fitness = self.require_fitness(fitness)
-        fitness.begin(max_tokens=self.cfg.max_tokens, max_seconds=self.cfg.max_seconds)
+        fitness = self.begin_fitness(fitness)
         rng = np.random.default_rng(seed)
         logbook = tools.Logbook()
         choice, value = evolve(

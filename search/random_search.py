@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from allocator.errors import UserInputError
 from search.base import (
     SEARCHERS,
     Allocation,
@@ -15,6 +14,7 @@ from search.base import (
     SearcherConfig,
     allocation_from,
     repair,
+    check_int_option,
 )
 from search.fitness import Fitness
 
@@ -30,9 +30,7 @@ class RandomConfig(SearcherConfig):
     def validate(self) -> None:
         super().validate()
         for field in ("samples", "sample_tokens"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise UserInputError(f"searcher.{field}={value!r} must be an integer >= 1")
+            check_int_option(self, field, 1)
 
 
 @SEARCHERS.register("random")
@@ -44,10 +42,9 @@ class RandomSearcher(ConfiguredSearcher):
     Config = RandomConfig
 
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: Fitness | None = None) -> Allocation:
-        fitness = self.require_fitness(fitness)
+        fitness = self.begin_fitness(fitness)
         problem.check_feasible()
         cfg = self.cfg
-        fitness.begin(max_tokens=cfg.max_tokens, max_seconds=cfg.max_seconds)
         rng = np.random.default_rng(seed)
         best: tuple[float, tuple[int, ...]] | None = None
         drawn = 0
