@@ -27,6 +27,16 @@ from search.fitness import Fitness
 LayerKey = tuple[int, ...]  # the option indices of one decoder layer's units
 
 
+@torch.inference_mode()
+def dense_log_probs(dense: nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Log-probabilities of every position, kept in float16 (half the memory; KL agrees to a few 1e-3)."""
+    out = []
+    for start in range(0, tokens.shape[0], batch_size):
+        logits = dense(tokens[start : start + batch_size]).logits.float()
+        out.append(F.log_softmax(logits, dim=-1).to(torch.float16))
+    return torch.cat(out)
+
+
 class StitchedKLFitness(Fitness):
     def __init__(
         self,
@@ -52,19 +62,11 @@ class StitchedKLFitness(Fitness):
         shared = {id(t): t for t in [*dense.parameters(), *dense.buffers()]}
         self.model = copy.deepcopy(dense, memo=shared)
         self._current = [u.options.index(u.full) for u in units]
-        self._dense_logp = self._dense_log_probs()
+        self._dense_logp = dense_log_probs(dense, pool, batch_size)
         # n_sequences → LRU of (layer keys, inputs of every layer + the final hidden state)
         self._refs: dict[int, OrderedDict[tuple[LayerKey, ...], list[torch.Tensor]]] = {}
         self.layers_computed = 0
         self.layers_reused = 0
-
-    @torch.inference_mode()
-    def _dense_log_probs(self) -> torch.Tensor:
-        out = []
-        for start in range(0, self.pool.shape[0], self.batch_size):
-            logits = self.dense(self.pool[start : start + self.batch_size]).logits.float()
-            out.append(F.log_softmax(logits, dim=-1).to(torch.float16))
-        return torch.cat(out)
 
     def _unit(self, u: int, j: int) -> dict[str, nn.Module]:
         key = (u, j)

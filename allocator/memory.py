@@ -29,11 +29,14 @@ def option_bytes(shape: ModelShape, kind: str, kept: int, batch: int, context: i
     return unit_weight_bytes(shape, kind, kept, dtype_bytes) + kv
 
 
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() counts tied ones once
+
+
 def fixed_bytes(dense: nn.Module, shape: ModelShape, units: list[Unit]) -> int:
-    """Every parameter byte outside the prunable units (parameters() counts tied embeddings once)."""
+    """Every parameter byte outside the prunable units."""
     dtype_bytes = next(dense.parameters()).element_size()
-    total = sum(p.numel() * p.element_size() for p in dense.parameters())
-    return total - sum(unit_weight_bytes(shape, u.kind, u.full, dtype_bytes) for u in units)
+    return weight_bytes(dense) - sum(unit_weight_bytes(shape, u.kind, u.full, dtype_bytes) for u in units)
 
 
 @torch.inference_mode()

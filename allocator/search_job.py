@@ -30,7 +30,7 @@ from allocator.atomic_io import write_json_atomic
 from allocator.compress.outliers import layer_outlier_ratios
 from allocator.export import export_checkpoint
 from allocator.fitness_engine import StitchedKLFitness
-from allocator.memory import fixed_bytes, kv_bytes
+from allocator.memory import fixed_bytes, kv_bytes, weight_bytes
 from allocator.level_database import ERROR_METRICS, LevelDatabase, open_or_build_database
 from allocator.model_loader import load_model, validate_model_config
 from allocator.profile_job import validate_profile_name
@@ -168,10 +168,6 @@ def prepare_search(cfg: SearchJob) -> SearchSetup:
         ratios = layer_outlier_ratios(dense, data.calibration[: cfg.fitness.sequences], batch_size=cfg.fitness.batch_size)
         problem = replace(problem, outlier_ratios=tuple(ratios[u.layer] for u in units))
     return SearchSetup(dense, loaded.tokenizer, shape, units, table, table_path, costs, target_ms, data, db, problem)
-
-
-def weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() counts tied ones once
 
 
 def run_search(cfg: SearchJob, run_dir: Path) -> dict:

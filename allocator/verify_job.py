@@ -11,7 +11,7 @@ from torch import nn
 from allocator.config import ModelConfig, ProfileConfig, VerifyJob
 from allocator.atomic_io import write_json_atomic
 from allocator.model_loader import DTYPES, load_model
-from allocator.memory import decoder_weight_count, measured_kv_bytes_per_token
+from allocator.memory import decoder_weight_count, measured_kv_bytes_per_token, weight_bytes
 from allocator.pruned_model import WIDTHS_KEY
 from allocator.runtime import load_plan, load_pruned
 from profilers.end_to_end import measure_models, measure_models_gpu
@@ -78,7 +78,7 @@ def measure_speedup(
         result["param_sparsity"] = 1.0 - decoder_weight_count(model) / decoder_weight_count(dense)
     if budget.get("memory_gb") is not None:  # weights as loaded, KV cache read off a real cache
         kv = measured_kv_bytes_per_token(model) * budget["memory_batch"] * budget["memory_context"]
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights = weight_bytes(model)
         result["memory"] = {"weight_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv}
     if gpu is not None:
         result["device"] = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else str(gpu)

@@ -24,7 +24,7 @@ from torch import nn
 
 from allocator.benchmarks.common import search_job, write_result
 from allocator.compress.outliers import layer_outlier_ratios
-from allocator.fitness_engine import StitchedKLFitness
+from allocator.fitness_engine import StitchedKLFitness, dense_log_probs
 from allocator.pruned_model import build_pruned_model
 from allocator.search_job import SearchSetup, prepare_search
 from search import SEARCHERS, make_searcher
@@ -48,13 +48,6 @@ def heldout_quality(model: nn.Module, dense_logp: torch.Tensor, tokens: torch.Te
     return {"ppl": math.exp(nll / tokens[:, 1:].numel()), "kl": kl / tokens.numel()}
 
 
-@torch.inference_mode()
-def dense_log_probs(dense: nn.Module, tokens: torch.Tensor, batch: int = 4) -> torch.Tensor:
-    return torch.cat(
-        [F.log_softmax(dense(tokens[s : s + batch]).logits.float(), -1).half() for s in range(0, len(tokens), batch)]
-    )
-
-
 def searcher_config(name: str, max_tokens: int):
     cls = SEARCHERS.get(name)
     cfg = cls.Config(name=name, max_tokens=max_tokens if cls.uses_fitness else 0)
@@ -65,7 +58,7 @@ def run_budget(label: str, overrides: list[str], max_tokens: int, saved: dict) -
     cfg = search_job(overrides)
     setup: SearchSetup = prepare_search(cfg)
     heldout = setup.data.heldout
-    dense_logp = dense_log_probs(setup.dense, heldout)
+    dense_logp = dense_log_probs(setup.dense, heldout, cfg.fitness.batch_size)
     pool = setup.data.calibration[: cfg.fitness.sequences]
     fitness = StitchedKLFitness(setup.dense, setup.shape, setup.units, setup.db.source, pool, cfg.fitness.batch_size)
     results = saved["results"].setdefault(label, {})
