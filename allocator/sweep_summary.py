@@ -192,19 +192,29 @@ def _row(name: str, overrides: list[str], plan: dict, varying: set[str], full: d
 
 
 def budget_label(budget: dict) -> str:
+    """The budget as asked: its target (speedup, latency or sparsity) and, alone or beside it, its memory limit."""
+    parts = []
     if budget.get("sparsity") is not None:
-        return f"sparsity {budget['sparsity']:.0%}"
-    target = f"speedup {budget['speedup']:.2f}x" if budget.get("speedup") is not None else f"{budget['latency_ms']:.1f} ms"
-    return f"{target} ({budget.get('regime')})"
+        parts.append(f"sparsity {budget['sparsity']:.0%}")
+    elif budget.get("speedup") is not None:
+        parts.append(f"speedup {budget['speedup']:.2f}x ({budget.get('regime')})")
+    elif budget.get("latency_ms") is not None:
+        parts.append(f"{budget['latency_ms']:.1f} ms ({budget.get('regime')})")
+    if budget.get("memory_gb") is not None:
+        parts.append(f"memory {budget['memory_gb']} GB")
+    return " + ".join(parts)
 
 
 def _budget_key(budget: dict) -> tuple:
-    """Budgets of one kind from loose to tight (a lower latency target is tighter)."""
+    """Budgets of one kind from loose to tight (a lower latency or memory target is tighter)."""
+    memory = -budget["memory_gb"] if budget.get("memory_gb") is not None else 0.0
     if budget.get("sparsity") is not None:
-        return (2, "", budget["sparsity"])
+        return (2, "", budget["sparsity"], memory)
     if budget.get("speedup") is not None:
-        return (0, budget.get("regime") or "", budget["speedup"])
-    return (1, budget.get("regime") or "", -budget["latency_ms"])
+        return (0, budget.get("regime") or "", budget["speedup"], memory)
+    if budget.get("latency_ms") is not None:
+        return (1, budget.get("regime") or "", -budget["latency_ms"], memory)
+    return (3, "", 0.0, memory)  # memory only
 
 
 # --- comparing devices ----------------------------------------------------------------------------------------------

@@ -170,3 +170,14 @@ def test_real_sweep_writes_summary_at_the_end(tmp_path):
     assert "| cpu | measured | speedup 1.20x (prefill) |" in done.stdout  # printed at the end of the sweep
     assert (sweep / "summary.md").read_text() in done.stdout
     assert (sweep / "sweep.png").stat().st_size > 0
+
+
+def test_budget_labels_cover_memory_limits():
+    from allocator.sweep_summary import _budget_key, budget_label
+
+    memory_only = {"speedup": None, "latency_ms": None, "sparsity": None, "memory_gb": 0.4, "regime": "prefill"}
+    beside = {"speedup": 1.5, "latency_ms": None, "sparsity": None, "memory_gb": 0.4, "regime": "prefill"}
+    assert budget_label(memory_only) == "memory 0.4 GB"
+    assert budget_label(beside) == "speedup 1.50x (prefill) + memory 0.4 GB"
+    tighter = {**memory_only, "memory_gb": 0.3}
+    assert sorted([tighter, memory_only], key=_budget_key) == [memory_only, tighter]
