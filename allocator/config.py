@@ -28,6 +28,16 @@ class ModelConfig:
 
 @dataclass
 class SpaceConfig:
+    # "structured": KV groups and neurons kept (structured OBS); "unstructured": every linear of a unit pruned to one
+    # of `sparsities`; "nm": to one of `nm_patterns`; "mixed": all of those plus block sparsity (`block_sparsities`).
+    kind: str = "structured"
+    # Sparse options: fractions of a unit's weights removed, N:M patterns, block shape and block fractions.
+    sparsities: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    nm_patterns: list[str] = field(default_factory=lambda: ["2:4", "4:8"])
+    block: list[int] = field(default_factory=lambda: [16, 16])
+    block_sparsities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    # Pruner of the sparse options: "sparsegpt" (OBS reconstruction), "wanda" or "magnitude".
+    pruner: str = "sparsegpt"
     # MLP widths kept in steps of this many neurons; must be a multiple of width_multiple.
     mlp_step: int = 128
     width_multiple: int = 8

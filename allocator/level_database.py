@@ -1,4 +1,5 @@
-"""The level database: every (unit, option) pruned once by structured OBS, stored as safetensors with its error.
+"""The level database: every (unit, option) pruned once (structured OBS for widths, a sparse pruner for pattern
+options), stored as safetensors with its error.
 
 Keyed by a content hash of model, calibration data and options; built unit by unit with atomic renames, so an
 interrupted build resumes where it stopped and never leaves a half-written entry."""
@@ -19,10 +20,14 @@ from tqdm import tqdm
 
 from allocator.compress.hessians import collect_hessians
 from allocator.compress.fisher import collect_output_fisher
+from allocator.compress.linear_hessians import collect_linear_hessians
 from allocator.compress.structured_obs import PrunedLevel, structured_obs_sweep
 from allocator.config import SpaceConfig
-from allocator.pruned_model import LevelSource, UnitWeights, decoder_layers, group_rows
-from allocator.space import ATTN, ModelShape, Unit, unit_name
+from allocator.pruned_model import LevelSource, SparseUnitWeights, UnitWeights, decoder_layers, group_rows
+from allocator.space import (
+    ATTN, ModelShape, Option, Unit, is_sparse, option_key, parse_option_key, sparse_pattern, unit_name,
+)
+from allocator.sparse_levels import block_output_errors, prune_unit, record_block_calls, unit_block
 
 log = logging.getLogger(__name__)
 DATABASE_VERSION = 2
@@ -30,12 +35,20 @@ DATABASE_VERSION = 2
 ERROR_METRICS = ("fisher", "relative", "absolute")
 
 
+def has_sparse(unit: Unit) -> bool:
+    return any(is_sparse(o) for o in unit.options)
+
+
 def database_key(model_fp: str, data_fp: str, units: list[Unit], cfg: SpaceConfig) -> str:
-    blob = json.dumps(
-        [DATABASE_VERSION, model_fp, data_fp, [(u.name, u.options) for u in units], cfg.damp, cfg.fisher_sequences],
-        sort_keys=True,
-    )
+    content = [DATABASE_VERSION, model_fp, data_fp, [(u.name, u.options) for u in units], cfg.damp, cfg.fisher_sequences]
+    if any(has_sparse(u) for u in units):  # structured-only databases keep their key
+        content.append(cfg.pruner)
+    blob = json.dumps(content, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def level_file(root: Path, unit: str, option: Option) -> Path:
+    return root / unit / f"{option_key(option)}.safetensors"
 
 
 class LevelDatabase:
@@ -44,16 +57,18 @@ class LevelDatabase:
     def __init__(self, root: Path, units: list[Unit]) -> None:
         self.root = root
         self.units = {u.name: u for u in units}
-        self.errors: dict[str, dict[int, dict[str, float]]] = {}
+        self.errors: dict[str, dict[Option, dict[str, float]]] = {}
         for unit in units:
             data = json.loads((root / unit.name / "errors.json").read_text())
-            self.errors[unit.name] = {int(k): v for k, v in data.items()}
+            self.errors[unit.name] = {parse_option_key(k): v for k, v in data.items()}
 
-    def error(self, unit: str, kept: int, metric: str) -> float:
+    def error(self, unit: str, kept: Option, metric: str) -> float:
         return self.errors[unit][kept][metric]
 
-    def level(self, layer: int, kind: str, kept: int) -> UnitWeights:
-        tensors = load_file(self.root / unit_name(layer, kind) / f"{kept}.safetensors")
+    def level(self, layer: int, kind: str, kept: Option) -> UnitWeights | SparseUnitWeights:
+        tensors = load_file(level_file(self.root, unit_name(layer, kind), kept))
+        if is_sparse(kept):
+            return SparseUnitWeights(tensors)
         return UnitWeights(tensors["kept"], tensors["out_weight"])
 
     @property
@@ -69,12 +84,12 @@ def fisher_error(weight: torch.Tensor, hessian: torch.Tensor, level: PrunedLevel
     return 0.5 * float(fisher @ ((delta @ hessian) * delta).sum(dim=1))
 
 
-def _build_unit(
-    unit: Unit, weight: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor, group: int, damp: float, root: Path
-) -> None:
-    levels = structured_obs_sweep(weight, hessian, group, unit.options, damp=damp)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{unit.name}-"))
-    errors = {}
+def _structured_levels(
+    unit: Unit, weight: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor, group: int, damp: float, tmp: Path
+) -> dict[Option, dict[str, float]]:
+    widths = tuple(o for o in unit.options if not is_sparse(o))
+    levels = structured_obs_sweep(weight, hessian, group, widths, damp=damp)
+    errors: dict[Option, dict[str, float]] = {}
     for kept, level in levels.items():
         errors[kept] = {
             "absolute": level.error,
@@ -84,9 +99,42 @@ def _build_unit(
         if 0 < kept < unit.full:  # dense and dropped need no stored weights
             save_file(
                 {"kept": level.kept_groups.contiguous(), "out_weight": level.weight.contiguous()},
-                tmp / f"{kept}.safetensors",
+                level_file(tmp.parent, tmp.name, kept),
             )
-    (tmp / "errors.json").write_text(json.dumps(errors))
+    return errors
+
+
+class SparseInputs:
+    """What the sparse levels need, collected once per build: every linear's input Hessian and the dense
+    block inputs/outputs on the Fisher sequences."""
+
+    def __init__(self, model: torch.nn.Module, units: list[Unit], calibration: torch.Tensor, cfg: SpaceConfig,
+                 batch_size: int) -> None:
+        self.hessians = collect_linear_hessians(model, calibration, batch_size)
+        measured = calibration[: cfg.fisher_sequences]
+        self.calls = record_block_calls(model, measured, batch_size, {(u.layer, u.kind) for u in units if has_sparse(u)})
+        self.scale = calibration.numel() / measured.numel()
+
+
+def _sparse_levels(
+    model: torch.nn.Module, unit: Unit, inputs: SparseInputs, fisher: torch.Tensor, cfg: SpaceConfig, tmp: Path
+) -> dict[Option, dict[str, float]]:
+    block = unit_block(model, unit.layer, unit.kind)
+    patterns = [sparse_pattern(o) for o in unit.options if is_sparse(o)]
+    levels = prune_unit(block, unit.kind, unit.layer, inputs.hessians, patterns, cfg.pruner, cfg.damp)
+    errors: dict[Option, dict[str, float]] = {}
+    for label, weights in levels.items():
+        calls = inputs.calls[(unit.layer, unit.kind)]
+        errors[label] = block_output_errors(block, unit.kind, calls, weights, fisher, inputs.scale)
+        save_file(weights, level_file(tmp.parent, tmp.name, label))
+    return errors
+
+
+def _build_unit(build_levels, unit: Unit, root: Path) -> None:
+    """Write one unit's levels and errors into a temporary directory, then rename it into place (atomic)."""
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{unit.name}-"))
+    errors = build_levels(tmp)
+    (tmp / "errors.json").write_text(json.dumps({option_key(k): v for k, v in errors.items()}))
     os.replace(tmp, root / unit.name)
 
 
@@ -112,14 +160,23 @@ def open_or_build_database(
     log.info("level database: building %d of %d units into %s", len(todo), len(units), root)
     attn_h, mlp_h = collect_hessians(model, calibration, batch_size)
     attn_f, mlp_f = collect_output_fisher(model, calibration[: cfg.fisher_sequences], batch_size)
+    sparse = [u for u in todo if has_sparse(u)]
+    inputs = SparseInputs(model, sparse, calibration, cfg, batch_size) if sparse else None
     layers = decoder_layers(model)
-    for unit in tqdm(todo, desc="structured OBS levels", unit="unit", leave=False):
+    for unit in tqdm(todo, desc=f"{cfg.kind} levels ({cfg.pruner if sparse else 'OBS'})", unit="unit", leave=False):
         layer = layers[unit.layer]
         if unit.kind == ATTN:
             weight, hessian, fisher = layer.self_attn.o_proj.weight, attn_h[unit.layer], attn_f[unit.layer]
             group = shape.heads_per_group * shape.head_dim
         else:
             weight, hessian, fisher, group = layer.mlp.down_proj.weight, mlp_h[unit.layer], mlp_f[unit.layer], 1
-        _build_unit(unit, weight.detach(), hessian, fisher, group, cfg.damp, root)
+
+        def build_levels(tmp: Path, unit=unit, weight=weight.detach(), hessian=hessian, fisher=fisher, group=group):
+            errors = _structured_levels(unit, weight, hessian, fisher, group, cfg.damp, tmp)
+            if inputs is not None and has_sparse(unit):
+                errors.update(_sparse_levels(model, unit, inputs, fisher, cfg, tmp))
+            return errors
+
+        _build_unit(build_levels, unit, root)
     (root / "manifest.json").write_text(json.dumps({"version": DATABASE_VERSION, "units": [u.name for u in units]}))
     return LevelDatabase(root, units)

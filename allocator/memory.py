@@ -9,28 +9,36 @@ from torch import nn
 from transformers import DynamicCache
 
 from allocator.pruned_model import decoder_layers
-from allocator.space import ATTN, ModelShape, Unit, option_params
+from allocator.space import ATTN, ModelShape, Option, Unit, is_sparse, kept_width, option_params, sparse_pattern
 
 
-def kv_bytes(shape: ModelShape, kept: int, batch: int, context: int, dtype_bytes: int) -> int:
-    """K and V of one attention unit keeping `kept` KV groups; a dropped one still stores one scalar per token
-    (DroppedAttention's position marker)."""
+def kv_bytes(shape: ModelShape, kept: Option, batch: int, context: int, dtype_bytes: int) -> int:
+    """K and V of one attention unit keeping `kept` KV groups (all of them for a sparse option); a dropped one still
+    stores one scalar per token (DroppedAttention's position marker)."""
+    kept = kept_width(shape, ATTN, kept)
     per_token = kept * shape.head_dim if kept else 1
     return 2 * batch * context * per_token * dtype_bytes
 
 
-def unit_weight_bytes(shape: ModelShape, kind: str, kept: int, dtype_bytes: int) -> int:
-    """The unit's linears plus the norm in front of it, which a dropped block loses too."""
+def unit_weight_bytes(shape: ModelShape, kind: str, kept: Option, dtype_bytes: int) -> int:
+    """The unit's linears (a sparse option: in its export format) plus the norm in front of it, which a dropped
+    block loses too."""
+    if is_sparse(kept):
+        from allocator.sparse_export import sparse_unit_bytes  # kernels load only for sparse spaces
+
+        return sparse_unit_bytes(shape, kind, sparse_pattern(kept), dtype_bytes) + shape.hidden * dtype_bytes
     return (option_params(shape, kind, kept) + (shape.hidden if kept else 0)) * dtype_bytes
 
 
-def option_bytes(shape: ModelShape, kind: str, kept: int, batch: int, context: int, dtype_bytes: int) -> int:
+def option_bytes(shape: ModelShape, kind: str, kept: Option, batch: int, context: int, dtype_bytes: int) -> int:
     kv = kv_bytes(shape, kept, batch, context, dtype_bytes) if kind == ATTN else 0
     return unit_weight_bytes(shape, kind, kept, dtype_bytes) + kv
 
 
 def weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() counts tied ones once
+    """Parameters (tied ones once) plus the compressed weights that SparseLinear modules hold as buffers."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return params + sum(getattr(m, "weight_nbytes", 0) for m in model.modules() if not list(m.parameters(recurse=False)))
 
 
 def fixed_bytes(dense: nn.Module, shape: ModelShape, units: list[Unit]) -> int:
@@ -54,5 +62,12 @@ def measured_kv_bytes_per_token(model: nn.Module, probe_tokens: int = 8) -> floa
 
 
 def decoder_weight_count(model: nn.Module) -> int:
-    """Elements of the linear weights inside the decoder layers: what budget.sparsity counts."""
-    return sum(m.weight.numel() for m in decoder_layers(model).modules() if isinstance(m, nn.Linear))
+    """Weights of the linears inside the decoder layers, what budget.sparsity counts: every element of a dense
+    linear, the stored non-zeros of a sparse one (SparseLinear)."""
+    count = 0
+    for m in decoder_layers(model).modules():
+        if isinstance(m, nn.Linear):
+            count += m.weight.numel()
+        elif hasattr(m, "to_dense") and hasattr(m, "weight_nbytes"):
+            count += int(m.to_dense().count_nonzero())
+    return count

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from torch import nn
 
-from allocator.space import ATTN, MLP, ModelShape, unit_name
+from allocator.compress.masks import select_mask
+from allocator.space import ATTN, MLP, ModelShape, Option, full_width, is_sparse, kept_width, sparse_pattern, unit_name
 
 WIDTHS_KEY = "sparsity_allocator_widths"
+SPARSE_KEY = "sparsity_allocator_sparse"  # per kind, per layer: the sparse option's label, or null
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,18 @@ class UnitWeights:
     out_weight: torch.Tensor  # o_proj (hidden, kept*group) or down_proj (hidden, kept)
 
 
-# (layer index, unit kind, kept count) → that level's weights
-LevelSource = Callable[[int, str, int], UnitWeights]
+@dataclass(frozen=True)
+class SparseUnitWeights:
+    """A sparse level of one unit: every linear's weight (q/k/v/o_proj or gate/up/down_proj), zeros where pruned."""
+
+    weights: dict[str, torch.Tensor]
+
+
+UNIT_LINEARS = {ATTN: ("q_proj", "k_proj", "v_proj", "o_proj"), MLP: ("gate_proj", "up_proj", "down_proj")}
+BLOCK_ATTRIBUTE = {ATTN: "self_attn", MLP: "mlp"}
+
+# (layer index, unit kind, option) → that level's weights
+LevelSource = Callable[[int, str, Option], Union[UnitWeights, SparseUnitWeights]]
 
 
 class DroppedAttention(nn.Module):
@@ -50,11 +62,20 @@ class DroppedMLP(nn.Module):
         return hidden_states.new_zeros(())
 
 
-def widths_of(allocation: dict[str, int], num_layers: int) -> dict[str, list[int]]:
+def widths_of(allocation: dict[str, Option], shape: ModelShape) -> dict[str, list[int]]:
+    """Structured widths per layer (a sparse unit keeps its full width)."""
     return {
-        "attn_kv_groups": [allocation[unit_name(i, ATTN)] for i in range(num_layers)],
-        "mlp_neurons": [allocation[unit_name(i, MLP)] for i in range(num_layers)],
+        "attn_kv_groups": [kept_width(shape, ATTN, allocation[unit_name(i, ATTN)]) for i in range(shape.num_layers)],
+        "mlp_neurons": [kept_width(shape, MLP, allocation[unit_name(i, MLP)]) for i in range(shape.num_layers)],
     }
+
+
+def sparse_of(allocation: dict[str, Option], num_layers: int) -> dict[str, list[str | None]] | None:
+    """Per kind, per layer, the sparse option's label (None where the unit is structured or dense); None when the
+    allocation has no sparse unit, so structured exports keep their plain config."""
+    out = {kind: [allocation[unit_name(i, kind)] for i in range(num_layers)] for kind in (ATTN, MLP)}
+    out = {kind: [o if is_sparse(o) else None for o in opts] for kind, opts in out.items()}
+    return out if any(o is not None for opts in out.values() for o in opts) else None
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -92,6 +113,26 @@ def _prune_mlp(layer: nn.Module, level: UnitWeights) -> None:
     mlp.down_proj = _linear(level.out_weight, mlp.down_proj.bias)
 
 
+def _sparsify(layer: nn.Module, kind: str, level: SparseUnitWeights) -> None:
+    block = getattr(layer, BLOCK_ATTRIBUTE[kind])
+    for name in UNIT_LINEARS[kind]:
+        setattr(block, name, _linear(level.weights[name], getattr(block, name).bias))
+
+
+def _apply_unit(layer: nn.Module, shape: ModelShape, kind: str, layer_idx: int, option: Option, source: LevelSource) -> None:
+    """Put `option` into one unit of `layer` (a dense option leaves it untouched)."""
+    if option == full_width(shape, kind):
+        return
+    if option == 0:
+        _drop(layer, kind, layer_idx)
+    elif is_sparse(option):
+        _sparsify(layer, kind, source(layer_idx, kind, option))
+    elif kind == ATTN:
+        _prune_attention(layer, shape, source(layer_idx, kind, option))
+    else:
+        _prune_mlp(layer, source(layer_idx, kind, option))
+
+
 def _drop(layer: nn.Module, kind: str, layer_idx: int) -> None:
     if kind == ATTN:
         layer.self_attn = DroppedAttention(layer_idx)
@@ -105,25 +146,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
-def full_width(shape: ModelShape, kind: str) -> int:
-    return shape.num_kv_heads if kind == ATTN else shape.intermediate
-
-
-def apply_allocation(model: nn.Module, shape: ModelShape, allocation: dict[str, int], source: LevelSource) -> None:
+def apply_allocation(model: nn.Module, shape: ModelShape, allocation: dict[str, Option], source: LevelSource) -> None:
     """Replace, in place, every unit of `model` that the allocation does not keep dense."""
     layers = decoder_layers(model)
     for i in range(shape.num_layers):
         for kind in (ATTN, MLP):
-            kept = allocation[unit_name(i, kind)]
-            if kept == full_width(shape, kind):
-                continue
-            if kept == 0:
-                _drop(layers[i], kind, i)
-            elif kind == ATTN:
-                _prune_attention(layers[i], shape, source(i, kind, kept))
-            else:
-                _prune_mlp(layers[i], source(i, kind, kept))
-    setattr(model.config, WIDTHS_KEY, widths_of(allocation, shape.num_layers))
+            _apply_unit(layers[i], shape, kind, i, allocation[unit_name(i, kind)], source)
+    setattr(model.config, WIDTHS_KEY, widths_of(allocation, shape))
+    setattr(model.config, SPARSE_KEY, sparse_of(allocation, shape.num_layers))
 
 
 # The layer attributes one unit owns: its block and the norm in front of it (dropped together).
@@ -131,25 +161,20 @@ UNIT_ATTRIBUTES = {ATTN: ("input_layernorm", "self_attn"), MLP: ("post_attention
 
 
 def unit_modules(
-    dense: nn.Module, shape: ModelShape, layer: int, kind: str, kept: int, source: LevelSource
+    dense: nn.Module, shape: ModelShape, layer: int, kind: str, kept: Option, source: LevelSource
 ) -> dict[str, nn.Module]:
-    """The modules one unit at `kept` puts into decoder layer `layer` (attribute name → module), built like
+    """The modules one unit at option `kept` puts into decoder layer `layer` (attribute name → module), built like
     apply_allocation builds them and sharing every untouched tensor with `dense`."""
     original = decoder_layers(dense)[layer]
     if kept == full_width(shape, kind):
         return {name: getattr(original, name) for name in UNIT_ATTRIBUTES[kind]}
     shared = {id(t): t for t in [*original.parameters(), *original.buffers()]}
     holder = copy.deepcopy(original, memo=shared)
-    if kept == 0:
-        _drop(holder, kind, layer)
-    elif kind == ATTN:
-        _prune_attention(holder, shape, source(layer, kind, kept))
-    else:
-        _prune_mlp(holder, source(layer, kind, kept))
+    _apply_unit(holder, shape, kind, layer, kept, source)
     return {name: getattr(holder, name) for name in UNIT_ATTRIBUTES[kind]}
 
 
-def build_pruned_model(dense: nn.Module, shape: ModelShape, allocation: dict[str, int], source: LevelSource) -> nn.Module:
+def build_pruned_model(dense: nn.Module, shape: ModelShape, allocation: dict[str, Option], source: LevelSource) -> nn.Module:
     """A new model sharing every untouched tensor with `dense` (no copy), with pruned units replaced."""
     shared = {id(t): t for t in [*dense.parameters(), *dense.buffers()]}
     model = copy.deepcopy(dense, memo=shared)
@@ -158,10 +183,19 @@ def build_pruned_model(dense: nn.Module, shape: ModelShape, allocation: dict[str
 
 
 def leading_levels(dense: nn.Module, shape: ModelShape) -> LevelSource:
-    """Keep the first groups/neurons without any weight update: right shapes for timing, not for quality."""
+    """Keep the first groups/neurons (sparse options: the largest weights) without any weight update: right shapes
+    and patterns for timing, not for quality."""
     layers = decoder_layers(dense)
 
-    def source(layer: int, kind: str, kept: int) -> UnitWeights:
+    def source(layer: int, kind: str, kept: Option) -> UnitWeights | SparseUnitWeights:
+        if is_sparse(kept):
+            pattern = sparse_pattern(kept)
+            block = getattr(layers[layer], BLOCK_ATTRIBUTE[kind])
+            weights = {}
+            for name in UNIT_LINEARS[kind]:
+                w = getattr(block, name).weight.detach()
+                weights[name] = w * select_mask(w.abs().float(), pattern).to(w.dtype)
+            return SparseUnitWeights(weights)
         idx = torch.arange(kept)
         if kind == ATTN:
             cols = group_rows(idx, shape.heads_per_group * shape.head_dim)
@@ -171,11 +205,15 @@ def leading_levels(dense: nn.Module, shape: ModelShape) -> LevelSource:
     return source
 
 
-def allocation_from_widths(widths: dict[str, list[int]]) -> dict[str, int]:
-    return {
+def allocation_from_widths(widths: dict[str, list[int]], sparse: dict[str, list[str | None]] | None = None) -> dict[str, Option]:
+    """The allocation a model's config records: widths, with the sparse units' labels over them."""
+    allocation: dict[str, Option] = {
         **{unit_name(i, ATTN): k for i, k in enumerate(widths["attn_kv_groups"])},
         **{unit_name(i, MLP): n for i, n in enumerate(widths["mlp_neurons"])},
     }
+    for kind, labels in (sparse or {}).items():
+        allocation.update({unit_name(i, kind): label for i, label in enumerate(labels) if label is not None})
+    return allocation
 
 
 def shrink_to_widths(model: nn.Module, shape: ModelShape, widths: dict[str, list[int]]) -> None:

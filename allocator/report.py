@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from allocator.space import ATTN, MLP, ModelShape
+from allocator.space import ATTN, MLP, ModelShape, Option, full_width, is_sparse, option_params, unit_name
 
 
-def allocation_lines(shape: ModelShape, widths: dict[str, list[int]], uniform: dict[str, list[int]]) -> list[str]:
-    lines = [f"{'layer':>5}  {'attn KV groups':>14}  {'MLP neurons':>11}   {'uniform attn/mlp':>16}"]
+def option_text(shape: ModelShape, kind: str, option: Option) -> str:
+    """A width as kept/full, a sparse option by its label."""
+    return option if is_sparse(option) else f"{option}/{full_width(shape, kind)}"
+
+
+def allocation_lines(shape: ModelShape, searched: dict[str, Option], uniform: dict[str, Option]) -> list[str]:
+    lines = [f"{'layer':>5}  {'attention':>16}  {'MLP':>16}   {'uniform attn / mlp':>30}"]
     for i in range(shape.num_layers):
+        attn, mlp = unit_name(i, ATTN), unit_name(i, MLP)
         lines.append(
-            f"{i:>5}  {widths['attn_kv_groups'][i]:>6}/{shape.num_kv_heads:<7}  "
-            f"{widths['mlp_neurons'][i]:>5}/{shape.intermediate:<5}   "
-            f"{uniform['attn_kv_groups'][i]:>7}/{uniform['mlp_neurons'][i]:<8}"
+            f"{i:>5}  {option_text(shape, ATTN, searched[attn]):>16}  {option_text(shape, MLP, searched[mlp]):>16}   "
+            f"{option_text(shape, ATTN, uniform[attn]):>14} / {option_text(shape, MLP, uniform[mlp]):<14}"
         )
     return lines
 
@@ -49,7 +54,12 @@ def summary_lines(plan: dict) -> list[str]:
     return lines
 
 
-def plot_allocation(shape: ModelShape, widths: dict[str, list[int]], uniform: dict[str, list[int]], path: Path) -> None:
+def kept_share(shape: ModelShape, kind: str, option: Option) -> float:
+    return option_params(shape, kind, option) / option_params(shape, kind, full_width(shape, kind))
+
+
+def plot_allocation(shape: ModelShape, searched: dict[str, Option], uniform: dict[str, Option], path: Path) -> None:
+    """Share of each unit's weights kept per layer; bars of sparse options are hatched and labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,12 +67,16 @@ def plot_allocation(shape: ModelShape, widths: dict[str, list[int]], uniform: di
 
     layers = range(shape.num_layers)
     fig, axes = plt.subplots(2, 1, figsize=(10, 5), sharex=True)
-    for ax, kind, key, full in (
-        (axes[0], ATTN, "attn_kv_groups", shape.num_kv_heads),
-        (axes[1], MLP, "mlp_neurons", shape.intermediate),
-    ):
-        ax.bar(layers, [w / full for w in widths[key]], label="searched", color="tab:blue")
-        ax.step(layers, [w / full for w in uniform[key]], where="mid", color="tab:orange", label="uniform")
+    for ax, kind in ((axes[0], ATTN), (axes[1], MLP)):
+        options = [searched[unit_name(i, kind)] for i in layers]
+        bars = ax.bar(layers, [kept_share(shape, kind, o) for o in options], label="searched", color="tab:blue")
+        for bar, option in zip(bars, options):
+            if is_sparse(option):
+                bar.set_hatch("//")
+                ax.annotate(option, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                            va="bottom", fontsize=6, rotation=90)
+        shares = [kept_share(shape, kind, uniform[unit_name(i, kind)]) for i in layers]
+        ax.step(layers, shares, where="mid", color="tab:orange", label="uniform")
         ax.set_ylabel(f"{kind} kept")
         ax.set_ylim(0, 1.05)
     axes[0].legend(loc="lower right")

@@ -1,7 +1,8 @@
 """The documented loader of exported models: `load_pruned(path)` rebuilds per-layer widths, then loads weights.
 
 Plain transformers cannot build per-layer head/neuron counts, so the dense architecture is instantiated
-empty (meta device, no memory), shrunk to the recorded widths and filled from the checkpoint."""
+empty (meta device, no memory), shrunk to the recorded widths and filled from the checkpoint; sparse units get
+SparseLinear modules (compressed formats, run by the Triton kernels on a GPU)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from allocator.export import PLAN_FILE, WEIGHTS_FILE
 from allocator.model_loader import load_tokenizer
-from allocator.pruned_model import WIDTHS_KEY, shrink_to_widths
+from allocator.pruned_model import SPARSE_KEY, WIDTHS_KEY, shrink_to_widths
 from allocator.space import ModelShape
 
 
@@ -46,7 +47,13 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, object, dict]:
     dtype = state["model.embed_tokens.weight"].dtype
     with init_empty_weights(include_buffers=False):  # rotary buffers stay real, parameters cost nothing
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    sparse = getattr(config, SPARSE_KEY, None)
     shrink_to_widths(model, ModelShape.from_config(config), widths)
+    if sparse:  # sparse units: SparseLinear modules rebuilt from their compressed tensors
+        from allocator.sparse_export import load_sparse_units  # kernels load only for sparse exports
+
+        setattr(model.config, SPARSE_KEY, sparse)
+        load_sparse_units(model, state)
     tied = getattr(config, "tie_word_embeddings", False)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):

@@ -29,16 +29,17 @@ from allocator.errors import UserInputError
 from allocator.atomic_io import write_json_atomic
 from allocator.compress.outliers import layer_outlier_ratios
 from allocator.export import export_checkpoint
+from allocator.sparse_export import build_deployable
 from allocator.fitness_engine import StitchedKLFitness
 from allocator.memory import fixed_bytes, kv_bytes, weight_bytes
 from allocator.level_database import ERROR_METRICS, LevelDatabase, open_or_build_database
 from allocator.model_loader import load_model, validate_model_config
 from allocator.profile_job import validate_profile_name
-from allocator.pruned_model import build_pruned_model, widths_of
+from allocator.pruned_model import build_pruned_model
 from allocator.pareto_plot import plot_pareto_front
 from allocator.quality import kl_to_dense, perplexity
 from allocator.report import allocation_lines, plot_allocation, summary_lines
-from allocator.space import ATTN, ModelShape, Unit, build_space, option_params
+from allocator.space import ATTN, ModelShape, Unit, build_space, is_sparse, option_params, sparse_patterns
 from allocator.verify_job import measure_speedup
 from profilers.registry import device_present, get_cost_table
 from profilers.regimes import find_regime
@@ -58,6 +59,7 @@ def validate_search_job(cfg: SearchJob) -> None:
     find_regime(cfg.profile, cfg.budget.regime)
     if cfg.searcher.name not in SEARCHERS:
         raise UserInputError(f"searcher.name={cfg.searcher.name!r} is unknown; known: {', '.join(SEARCHERS.names())}")
+    sparse_patterns(cfg.space)
     if cfg.space.error_metric not in ERROR_METRICS:
         raise UserInputError(f"space.error_metric={cfg.space.error_metric!r}; valid: {', '.join(ERROR_METRICS)}")
     if not 1 <= cfg.space.fisher_sequences <= cfg.data.calib_sequences:
@@ -115,6 +117,10 @@ def build_problem(
         costs=tuple(np.array(c) for c in unit_cost),
         errors=tuple(np.array([db.error(u.name, k, cfg.space.error_metric) for k in u.options]) for u in units),
         budget=capacity,
+        kept_fractions=tuple(
+            np.array([option_params(shape, u.kind, k) for k in u.options]) / option_params(shape, u.kind, u.full)
+            for u in units
+        ),
         second_costs=None if second is None else tuple(np.array(c) for c in second[0]),
         second_budget=None if second is None else second[1],
     )
@@ -182,12 +188,15 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
     uniform = SEARCHERS.get("uniform")().search(problem, seed=cfg.seed)
     allocations = {"searched": found.labels(problem), "uniform": uniform.labels(problem)}
     models = {name: build_pruned_model(dense, shape, alloc, db.source) for name, alloc in allocations.items()}
+    has_sparse_units = any(is_sparse(o) for o in allocations["searched"].values())
 
     batch = cfg.score.batch_size
     kl = kl_to_dense(dense, models, data.calibration[: cfg.score.kl_sequences], batch)
     ppl = {name: perplexity(m, data.heldout, batch) for name, m in {"dense": dense, **models}.items()}
     plan = make_plan(cfg, setup, allocations, found, uniform)
-    plan["predicted"]["weight_bytes"] = weight_bytes(models["searched"])
+    # What is exported and run: sparse units in their compressed formats (the same model as the masked one).
+    deployed = build_deployable(dense, shape, allocations["searched"], db.source) if has_sparse_units else models["searched"]
+    plan["predicted"]["weight_bytes"] = weight_bytes(deployed)
     plan["predicted"]["dense_weight_bytes"] = weight_bytes(dense)
     # KV cache of budget.memory_batch sequences of budget.memory_context tokens (reported with or without a memory budget)
     dtype_bytes = next(dense.parameters()).element_size()
@@ -202,7 +211,7 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
     plan["uniform"].update({"kl": kl["uniform"], "ppl_dense": ppl["dense"], "ppl_pruned": ppl["uniform"]})
     write_json_atomic(run_dir / "problem.json", problem_json(problem, costs, is_param_budget(cfg.budget)))
     if cfg.export:
-        export_checkpoint(models["searched"], tokenizer, run_dir, plan)
+        export_checkpoint(deployed, tokenizer, run_dir, plan)
         if cfg.verify and not device_present(cfg.profile.name):
             # Timing here would measure this machine, not the device the plan is for.
             plan["verify_skipped"] = f"profile {cfg.profile.name} is for a device not present on this machine"
@@ -212,10 +221,8 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
         write_json_atomic(run_dir / "plan.json", plan)
     else:
         write_json_atomic(run_dir / "plan.json", plan)
-    widths = widths_of(allocations["searched"], shape.num_layers)
-    uniform_widths = widths_of(allocations["uniform"], shape.num_layers)
-    plot_allocation(shape, widths, uniform_widths, run_dir / "allocation.png")
-    print("\n".join(allocation_lines(shape, widths, uniform_widths) + [""] + summary_lines(plan)))
+    plot_allocation(shape, allocations["searched"], allocations["uniform"], run_dir / "allocation.png")
+    print("\n".join(allocation_lines(shape, allocations["searched"], allocations["uniform"]) + [""] + summary_lines(plan)))
     print(f"run directory: {run_dir}")
     return plan
 

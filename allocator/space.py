@@ -1,14 +1,23 @@
-"""The structured search space: per decoder layer an attention unit (KV groups kept) and an MLP unit (neurons kept)."""
+"""The search space: per decoder layer an attention unit and an MLP unit, each with its options.
+
+An option is either an int, the structured width kept (KV groups or neurons; the full width is the dense unit),
+or a str, a sparsity pattern label ("unstructured70", "2:4", "block16x16-50") applied to every linear of the
+unit at full width. `space.kind` picks which options a unit has."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
+from allocator.compress.masks import SparsityPattern, kept_count
 from allocator.config import SpaceConfig
 from allocator.errors import UserInputError
 
 ATTN = "attn"
 MLP = "mlp"
+SPACE_KINDS = ("structured", "unstructured", "nm", "mixed")
+PRUNER_NAMES = ("sparsegpt", "wanda", "magnitude")
+Option = Union[int, str]
 
 
 @dataclass(frozen=True)
@@ -47,11 +56,49 @@ class Unit:
     layer: int
     kind: str
     full: int
-    options: tuple[int, ...]
+    options: tuple[Option, ...]
 
 
-def option_params(shape: ModelShape, kind: str, kept: int) -> int:
-    """Linear weights a unit keeps: q, k, v, o for `kept` KV groups, or gate, up, down for `kept` neurons."""
+def is_sparse(option: Option) -> bool:
+    return isinstance(option, str)
+
+
+def sparse_pattern(option: Option) -> SparsityPattern:
+    return SparsityPattern.parse(option)
+
+
+def kept_width(shape: ModelShape, kind: str, option: Option) -> int:
+    """Structured width an option keeps: a sparse option keeps every KV group / neuron."""
+    return full_width(shape, kind) if is_sparse(option) else option
+
+
+def full_width(shape: ModelShape, kind: str) -> int:
+    return shape.num_kv_heads if kind == ATTN else shape.intermediate
+
+
+def option_key(option: Option) -> str:
+    """The option as a JSON key / file stem; `parse_option_key` inverts it."""
+    return str(option)
+
+
+def parse_option_key(key: str) -> Option:
+    return int(key) if key.isdigit() else key
+
+
+def unit_linear_shapes(shape: ModelShape, kind: str) -> list[tuple[int, int]]:
+    """(out, in) of a full-width unit's linears: q, k, v, o or gate, up, down."""
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    if kind == ATTN:
+        return [(q, shape.hidden), (kv, shape.hidden), (kv, shape.hidden), (shape.hidden, q)]
+    return [(shape.intermediate, shape.hidden), (shape.intermediate, shape.hidden), (shape.hidden, shape.intermediate)]
+
+
+def option_params(shape: ModelShape, kind: str, kept: Option) -> int:
+    """Linear weights (non-zeros) a unit keeps: q, k, v, o for `kept` KV groups, or gate, up, down for `kept`
+    neurons; a sparse option keeps exactly its pattern's count in each full-width linear."""
+    if is_sparse(kept):
+        pattern = sparse_pattern(kept)
+        return sum(kept_count(pattern, rows, cols) for rows, cols in unit_linear_shapes(shape, kind))
     if kind == ATTN:
         q_and_o = 2 * shape.hidden * kept * shape.heads_per_group * shape.head_dim
         return q_and_o + 2 * shape.hidden * kept * shape.head_dim
@@ -75,9 +122,70 @@ def mlp_levels(intermediate: int, cfg: SpaceConfig) -> tuple[int, ...]:
     return tuple(sorted(levels))
 
 
+def _fraction_patterns(kind: str, fractions: list[float], field: str, **extra) -> list[SparsityPattern]:
+    patterns = []
+    for f in fractions:
+        if not 0.0 < f < 1.0:
+            raise UserInputError(f"space.{field} has {f}; each fraction of weights removed must be in (0, 1)")
+        patterns.append(SparsityPattern(kind, float(f), **extra))
+    return patterns
+
+
+def sparse_patterns(cfg: SpaceConfig) -> list[SparsityPattern]:
+    """The sparse patterns of `space.kind` (none for "structured"), validated."""
+    if cfg.kind not in SPACE_KINDS:
+        raise UserInputError(f"space.kind={cfg.kind!r} is unknown; valid: {', '.join(SPACE_KINDS)}")
+    if cfg.pruner not in PRUNER_NAMES:
+        raise UserInputError(f"space.pruner={cfg.pruner!r} is unknown; valid: {', '.join(PRUNER_NAMES)}")
+    patterns: list[SparsityPattern] = []
+    if cfg.kind in ("unstructured", "mixed"):
+        patterns += _fraction_patterns("unstructured", cfg.sparsities, "sparsities")
+    if cfg.kind in ("nm", "mixed"):
+        for label in cfg.nm_patterns:
+            try:
+                pattern = SparsityPattern.parse(label)
+            except ValueError as exc:
+                raise UserInputError(f"space.nm_patterns has {label!r}: {exc}") from None
+            if pattern.kind != "nm" or pattern.n == pattern.m:
+                raise UserInputError(f"space.nm_patterns has {label!r}; expected '<n>:<m>' with n < m, e.g. 2:4")
+            patterns.append(pattern)
+    if cfg.kind == "mixed":
+        if len(cfg.block) != 2 or min(cfg.block) < 1:
+            raise UserInputError(f"space.block={list(cfg.block)} must be two positive ints [rows, cols]")
+        patterns += _fraction_patterns("block", cfg.block_sparsities, "block_sparsities", block=tuple(cfg.block))
+    if cfg.kind != "structured" and not patterns:
+        raise UserInputError(f"space.kind={cfg.kind} has no sparse options: its option lists are empty")
+    return patterns
+
+
+def check_pattern_fits(shape: ModelShape, pattern: SparsityPattern) -> None:
+    """Every linear of both unit kinds must carry the pattern exactly (N:M groups, whole blocks)."""
+    for rows, cols in {s for kind in (ATTN, MLP) for s in unit_linear_shapes(shape, kind)}:
+        try:
+            pattern.check_shape((rows, cols))
+        except ValueError as exc:
+            raise UserInputError(f"space option {pattern.label} does not fit this model: {exc}") from None
+
+
 def build_space(shape: ModelShape, cfg: SpaceConfig) -> list[Unit]:
-    attn_options = tuple(range(0 if cfg.allow_drop else 1, shape.num_kv_heads + 1))
-    mlp_options = mlp_levels(shape.intermediate, cfg)
+    """Options ascending in kept weights (ties in label order), the dense one last."""
+    patterns = sparse_patterns(cfg)
+    for pattern in patterns:
+        check_pattern_fits(shape, pattern)
+    labels = sorted({p.label for p in patterns})
+    if cfg.kind == "structured" or cfg.kind == "mixed":
+        attn_widths = tuple(range(0 if cfg.allow_drop else 1, shape.num_kv_heads + 1))
+        mlp_widths = mlp_levels(shape.intermediate, cfg)
+    else:  # sparse spaces keep every unit at full width (or drop it, when allowed)
+        attn_widths = (0, shape.num_kv_heads) if cfg.allow_drop else (shape.num_kv_heads,)
+        mlp_widths = (0, shape.intermediate) if cfg.allow_drop else (shape.intermediate,)
+
+    def ordered(widths: tuple[int, ...], kind: str) -> tuple[Option, ...]:
+        options: list[Option] = [*widths[:-1], *labels]
+        options.sort(key=lambda o: (option_params(shape, kind, o), is_sparse(o), str(o)))
+        return (*options, widths[-1])
+
+    attn_options, mlp_options = ordered(attn_widths, ATTN), ordered(mlp_widths, MLP)
     units = []
     for layer in range(shape.num_layers):
         units.append(Unit(unit_name(layer, ATTN), layer, ATTN, shape.num_kv_heads, attn_options))

@@ -12,7 +12,8 @@ from allocator.config import ModelConfig, ProfileConfig, VerifyJob
 from allocator.atomic_io import write_json_atomic
 from allocator.model_loader import DTYPES, load_model
 from allocator.memory import decoder_weight_count, measured_kv_bytes_per_token, weight_bytes
-from allocator.pruned_model import WIDTHS_KEY
+from allocator.pruned_model import SPARSE_KEY, WIDTHS_KEY, allocation_from_widths
+from allocator.space import ATTN, MLP, Option, is_sparse, unit_name
 from allocator.runtime import load_plan, load_pruned
 from profilers.end_to_end import measure_models, measure_models_gpu
 from profilers.gpu import cuda_device_for_profile, find_gpu_regime
@@ -23,12 +24,13 @@ from profilers.timing import paired_ratio
 
 
 
-def predicted_latency(plan: dict, regime: str, widths: dict[str, list[int]]) -> tuple[float, float]:
-    """(pruned, dense) latency that the plan's table predicts in `regime`."""
+def predicted_latency(plan: dict, regime: str, widths: dict[str, list[Option]]) -> tuple[float, float]:
+    """(pruned, dense) latency that the plan's table predicts in `regime`; `widths`: per kind, each layer's option."""
     if regime == plan["budget"]["regime"]:
         return plan["predicted"]["latency_ms"], plan["predicted"]["dense_latency_ms"]
     costs = load_table(Path(plan["profile"]["table"])).regime(regime)
-    dense_widths = {kind: [max(costs.unit_ms[kind])] * len(ks) for kind, ks in widths.items()}  # max = full width
+    full = {kind: max(k for k in costs.unit_ms[kind] if not is_sparse(k)) for kind in widths}
+    dense_widths = {kind: [full[kind]] * len(ks) for kind, ks in widths.items()}
     return costs.predict_ms(widths), costs.predict_ms(dense_widths)
 
 
@@ -57,8 +59,10 @@ def measure_speedup(
         dtype = DTYPES[plan["profile"]["fingerprint"].get("dtype") or deploy_dtype(plan["model_spec"]["dtype"])]
         stats = measure_models_gpu({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats,
                                    gpu, dtype, profile.l2_rotations)
-    widths = getattr(model.config, WIDTHS_KEY)
-    widths = {"attn": widths["attn_kv_groups"], "mlp": widths["mlp_neurons"]}
+    recorded = getattr(model.config, WIDTHS_KEY)
+    allocation = allocation_from_widths(recorded, getattr(model.config, SPARSE_KEY, None))
+    layers = len(recorded["attn_kv_groups"])
+    widths = {kind: [allocation[unit_name(i, kind)] for i in range(layers)] for kind in (ATTN, MLP)}
     predicted_ms, predicted_dense = predicted_latency(plan, regime.name, widths)
     measured_ms, dense_ms = stats["pruned"].median_ms, stats["dense"].median_ms
     speedup = paired_ratio(stats["dense"], stats["pruned"])

@@ -13,18 +13,22 @@ from scipy.stats import theilslopes
 from torch import nn
 
 from allocator.config import ProfileConfig
-from allocator.pruned_model import build_pruned_model, leading_levels
-from allocator.space import ATTN, MLP, ModelShape, Unit
+from allocator.pruned_model import leading_levels
+from allocator.space import ATTN, MLP, ModelShape, Option, Unit, is_sparse
+from allocator.sparse_export import build_deployable
 from profilers.regimes import Regime, forward_call, regimes_of
 from profilers.table import CostTable, RegimeCosts, clean_curve, cpu_fingerprint, load_or_measure
 from profilers.timing import time_interleaved
 
 log = logging.getLogger(__name__)
 # How costs are derived from the timings; part of the table's cache key, so a change re-measures.
-METHOD = "neighbour-dense variants, per-round dense fractions, Theil-Sen width fit, median-residual intercept"
+METHOD = (
+    "neighbour-dense variants, per-round dense fractions, Theil-Sen width fit, median-residual intercept; "
+    "sparse options: per-option medians, costs above the cheapest option"
+)
 
 
-def _variants(units: list[Unit]) -> dict[str, dict[str, int]]:
+def _variants(units: list[Unit]) -> dict[str, dict[str, Option]]:
     """The models timed: dense, and each option of a kind applied to every layer with the other kind dense.
 
     All layers of a Llama-family model share one shape, so an option's per-layer cost is measured in the whole
@@ -42,10 +46,12 @@ def _variants(units: list[Unit]) -> dict[str, dict[str, int]]:
 
 
 def _fit_widths(kind: str, options: tuple[int, ...], fractions: dict[str, np.ndarray]) -> dict[int, float]:
-    """Fraction of the dense time with `kind` at each option. The cheapest option is its own median; the kept
+    """Fraction of the dense time with `kind` at each width. The cheapest width is its own median; the kept
     widths above it follow a robust (Theil-Sen) line through every sample. Per-option medians of a few noisy
     samples would do worse: the searcher picks exactly the options whose cost happened to be measured low, so
     independent noise per option turns into systematically optimistic plans; the line pools all samples."""
+    if len(options) == 1:  # only the full width (a sparse space without dropping)
+        return {options[0]: 1.0}
     cheapest, *kept = options
     curve = {cheapest: float(np.median(fractions[f"{kind}={cheapest}"]))}
     xs = np.concatenate([np.full(len(fractions["dense"]), k) for k in kept])
@@ -65,7 +71,7 @@ def measure_regime(
     source = leading_levels(dense, shape)
     variants = _variants(units)
     calls = {
-        name: forward_call(build_pruned_model(dense, shape, alloc, source), regime) for name, alloc in variants.items()
+        name: forward_call(build_deployable(dense, shape, alloc, source), regime) for name, alloc in variants.items()
     }
     stats = time_interleaved(calls, cfg.warmup, cfg.repeats, desc=f"profile {regime.name}")
     # This machine's speed drifts by tens of percent within seconds: each sample is taken as a fraction of the
@@ -76,9 +82,15 @@ def measure_regime(
     unit_ms: dict[str, dict[int, float]] = {}
     fixed = 1.0
     for unit in units[:2]:  # one attention and one MLP unit carry the option lists
-        curve = _fit_widths(unit.kind, unit.options, fractions)
-        fixed -= 1.0 - curve[unit.options[0]]
-        per_layer = {k: (f - curve[unit.options[0]]) * dense_ms / shape.num_layers for k, f in curve.items()}
+        widths = tuple(o for o in unit.options if not is_sparse(o))
+        curve: dict[Option, float] = _fit_widths(unit.kind, widths, fractions)
+        sparse = {o: float(np.median(fractions[f"{unit.kind}={o}"])) for o in unit.options if is_sparse(o)}
+        curve.update(sparse)
+        # The fixed part is the model with every unit at its cheapest option: the narrowest width, or a sparse
+        # format that beats it (a sparse space without dropping has only the full width).
+        cheapest = min([curve[widths[0]], *sparse.values()])
+        fixed -= 1.0 - cheapest
+        per_layer = {k: (f - cheapest) * dense_ms / shape.num_layers for k, f in curve.items()}
         unit_ms[unit.kind] = clean_curve({k: max(0.0, v) for k, v in per_layer.items()})
     return RegimeCosts(
         regime=asdict(regime),

@@ -29,8 +29,9 @@ from allocator.config import ProfileConfig
 from allocator.errors import UserInputError
 from allocator.memory import kv_bytes, unit_weight_bytes
 from allocator.model_loader import DTYPES
-from allocator.pruned_model import DroppedAttention, build_pruned_model, decoder_layers, leading_levels
-from allocator.space import ATTN, MLP, ModelShape, Unit
+from allocator.pruned_model import DroppedAttention, decoder_layers, leading_levels
+from allocator.sparse_export import build_deployable
+from allocator.space import ATTN, MLP, ModelShape, Unit, is_sparse
 from profilers.devices import DEVICES
 from profilers.regimes import Regime
 from profilers.roofline import deploy_dtype
@@ -148,7 +149,7 @@ def variant_bytes(
         kept = allocation[u.name]
         weights = unit_weight_bytes(shape, u.kind, kept, element_bytes)
         read += weights
-        own += weights if 0 < kept < u.full else 0
+        own += weights if kept not in (0, u.full) else 0
         if u.kind == ATTN:
             kv = kv_bytes(shape, kept, regime.batch, context, element_bytes)
             read, own = read + kv, own + kv
@@ -159,16 +160,25 @@ def variant_bytes(
 def regime_costs(
     regime: Regime, num_layers: int, options: dict[str, list[int]], stats: dict[str, TimingStats], raw: dict
 ) -> RegimeCosts:
-    """fixed = the measured all-cheapest model; a kind's per-layer cost at k = (T(k everywhere, other kind dense)
-    - T(cheapest everywhere, other kind dense)) / layers, clipped at 0 and cleaned non-decreasing in k (noise can
-    order two close widths wrongly; rounding up keeps predictions pessimistic)."""
+    """A kind's per-layer cost at option k = (T(k everywhere, other kind dense) - T(its cheapest option everywhere,
+    other kind dense)) / layers, clipped at 0, widths cleaned non-decreasing in k (noise can order two close widths
+    wrongly; rounding up keeps predictions pessimistic). The cheapest option is the narrowest width, or a sparse
+    format faster than it. fixed = the measured model with every unit at its first option when that is the
+    cheapest (structured spaces), else dense less what each kind's cheapest option saves."""
     unit_ms = {}
+    saved = 0.0
+    first_is_cheapest = True
     for kind, opts in options.items():
         full = opts[-1]
-        base = stats[variant_name(kind, opts[0], full)].median_ms
-        per_layer = {k: (stats[variant_name(kind, k, full)].median_ms - base) / num_layers for k in opts}
-        unit_ms[kind] = clean_curve({k: max(0.0, v) for k, v in per_layer.items()})
-    return RegimeCosts(asdict(regime), stats["fixed"].median_ms, stats["dense"].median_ms, unit_ms, raw)
+        times = {k: stats[variant_name(kind, k, full)].median_ms for k in opts}
+        narrowest = min(k for k in opts if not is_sparse(k))
+        base = min([times[narrowest], *(t for k, t in times.items() if is_sparse(k))])
+        first_is_cheapest &= opts[0] == narrowest and times[narrowest] == base
+        saved += times[full] - base
+        unit_ms[kind] = clean_curve({k: max(0.0, (t - base) / num_layers) for k, t in times.items()})
+    dense_ms = stats["dense"].median_ms
+    fixed_ms = stats["fixed"].median_ms if first_is_cheapest else dense_ms - saved
+    return RegimeCosts(asdict(regime), fixed_ms, dense_ms, unit_ms, raw)
 
 
 def gpu_fingerprint(
@@ -555,7 +565,7 @@ def measure_regime(
     budget = timer.memory_budget()
     groups = memory_groups({n: s for n, s in sizes.items() if n != "dense"},
                            None if budget is None else max(0, budget - sizes["dense"]))
-    build = {name: (lambda a=alloc: build_pruned_model(dense, shape, a, source)) for name, alloc in variants.items()}
+    build = {name: (lambda a=alloc: build_deployable(dense, shape, a, source)) for name, alloc in variants.items()}
     build["dense"] = lambda: dense
     stats, info = time_models(build, regime, timer, cfg.warmup, cfg.repeats, cfg.l2_rotations, groups,
                               desc=f"profile {regime.name} on {timer.device}")

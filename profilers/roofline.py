@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
-from allocator.space import ATTN, MLP, ModelShape, Unit, option_params
+from allocator.compress.masks import SparsityPattern
+from allocator.space import ATTN, MLP, ModelShape, Option, Unit, is_sparse, option_params, sparse_pattern
 from profilers.devices import DeviceSpec
 from profilers.regimes import Regime
 from profilers.table import CostTable, RegimeCosts, clean_curve
@@ -103,6 +104,27 @@ def _dense(device: DeviceSpec, m: int, in_features: int, out_features: int) -> f
     return linear_seconds(device, "dense", m, in_features, out_features) if in_features and out_features else 0.0
 
 
+def pattern_linear_seconds(device: DeviceSpec, pattern: SparsityPattern, m: int, in_features: int, out_features: int) -> float:
+    """A linear pruned to `pattern`, priced in the format it is exported as: unstructured as bitmap, 2:4 as 2:4,
+    other N:M as bitmap at their density (their kernel expands to dense tiles too), block sparsity as a dense
+    product over the kept blocks."""
+    if pattern.kind == "nm" and (pattern.n, pattern.m) == (2, 4):
+        fmt = "2:4"
+    elif pattern.kind == "block":
+        fmt = "structured"
+    else:
+        fmt = "bitmap"
+    return linear_seconds(device, fmt, m, in_features, out_features, pattern.sparsity)
+
+
+def _linears(device: DeviceSpec, m: int, option: Option):
+    """Prices a unit's linears: dense (at their structured width) or in the sparse option's format."""
+    if not is_sparse(option):
+        return lambda i, o: _dense(device, m, i, o)
+    pattern = sparse_pattern(option)
+    return lambda i, o: pattern_linear_seconds(device, pattern, m, i, o)
+
+
 def _elementwise(device: DeviceSpec, nbytes: float) -> float:
     return kernel_cost(device, nbytes, 0.0).seconds
 
@@ -131,23 +153,27 @@ def attention_core_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime
     return kernel_cost(device, kv_bytes + qo_bytes, flops).seconds
 
 
-def attention_unit_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime, kept: int) -> float:
-    """Input norm, q/k/v/o for `kept` KV groups and the attention itself; 0 when dropped (the norm goes with the
+def attention_unit_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option) -> float:
+    """Input norm, q/k/v/o for the kept KV groups and the attention itself; 0 when dropped (the norm goes with the
     block, as in allocator.pruned_model)."""
-    if kept == 0:
+    if option == 0:
         return 0.0
+    kept = shape.num_kv_heads if is_sparse(option) else option
     m, hidden = tokens(regime), shape.hidden
     q, kv = kept * shape.heads_per_group * shape.head_dim, kept * shape.head_dim
-    linears = _dense(device, m, hidden, q) + 2 * _dense(device, m, hidden, kv) + _dense(device, m, q, hidden)
+    linear = _linears(device, m, option)
+    linears = linear(hidden, q) + 2 * linear(hidden, kv) + linear(q, hidden)
     return _norm(device, m, hidden) + linears + attention_core_seconds(device, shape, regime, kept)
 
 
-def mlp_unit_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime, kept: int) -> float:
-    """Post-attention norm, gate/up/down for `kept` neurons and the SiLU(gate) * up between them; 0 when dropped."""
-    if kept == 0:
+def mlp_unit_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option) -> float:
+    """Post-attention norm, gate/up/down for the kept neurons and the SiLU(gate) * up between them; 0 when dropped."""
+    if option == 0:
         return 0.0
+    kept = shape.intermediate if is_sparse(option) else option
     m, hidden = tokens(regime), shape.hidden
-    linears = 2 * _dense(device, m, hidden, kept) + _dense(device, m, kept, hidden)
+    linear = _linears(device, m, option)
+    linears = 2 * linear(hidden, kept) + linear(kept, hidden)
     return _norm(device, m, hidden) + linears + _elementwise(device, 3 * ELEMENT_BYTES * m * kept)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from allocator.atomic_io import write_json_atomic
+from allocator.space import Option, is_sparse, parse_option_key
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,11 @@ class RegimeCosts:
     regime: dict  # Regime fields
     fixed_ms: float  # every unit at its cheapest option (dropped, where allowed): embeddings, norms, lm_head, ...
     dense_ms: float  # the dense model, measured end to end
-    unit_ms: dict[str, dict[int, float]]  # kind → kept count → per-layer cost (cleaned, non-increasing with pruning)
+    unit_ms: dict[str, dict[Option, float]]  # kind → option → per-layer cost (widths cleaned: non-increasing with pruning)
     raw: dict[str, dict] = field(default_factory=dict)  # variant → TimingStats fields, as measured
 
-    def predict_ms(self, widths: dict[str, list[int]]) -> float:
-        """fixed + Σ per-unit costs, for a {kind: [kept per layer]} description."""
+    def predict_ms(self, widths: dict[str, list[Option]]) -> float:
+        """fixed + Σ per-unit costs, for a {kind: [option per layer]} description."""
         return self.fixed_ms + sum(self.unit_ms[kind][k] for kind, ks in widths.items() for k in ks)
 
 
@@ -75,7 +76,9 @@ class CostTable:
     def from_json(cls, data: dict) -> "CostTable":
         regimes = {}
         for name, r in data["regimes"].items():
-            unit_ms = {kind: {int(k): float(v) for k, v in costs.items()} for kind, costs in r["unit_ms"].items()}
+            unit_ms = {
+                kind: {parse_option_key(str(k)): float(v) for k, v in costs.items()} for kind, costs in r["unit_ms"].items()
+            }
             regimes[name] = RegimeCosts(r["regime"], float(r["fixed_ms"]), float(r["dense_ms"]), unit_ms, r["raw"])
         fields = {k: data[k] for k in ("profile", "source", "fingerprint", "model_shape", "options", "settings")}
         return cls(**fields, regimes=regimes, version=data["version"])
@@ -140,12 +143,14 @@ def load_or_measure(
     return table, path
 
 
-def clean_curve(costs: dict[int, float]) -> dict[int, float]:
-    """Non-increasing as pruning grows: walking from the most pruned option up, a cost never falls below the one
-    before. Rounding up keeps predictions pessimistic, so a plan that fits the table also fits the device."""
-    out: dict[int, float] = {}
+def clean_curve(costs: dict[Option, float]) -> dict[Option, float]:
+    """Widths non-increasing as pruning grows: walking from the most pruned width up, a cost never falls below the
+    one before. Rounding up keeps predictions pessimistic, so a plan that fits the table also fits the device.
+    Sparse options have no order among themselves (a format may cost more than dense) and pass unchanged."""
+    out: dict[Option, float] = {}
     running = 0.0
-    for kept in sorted(costs):
+    for kept in sorted(k for k in costs if not is_sparse(k)):
         running = max(running, costs[kept])
         out[kept] = running
+    out.update({k: v for k, v in costs.items() if is_sparse(k)})
     return out

@@ -34,8 +34,8 @@ def _as_vector(values: Any, what: str, unit: str, n: int) -> np.ndarray:
 class AllocationProblem:
     unit_names: tuple[str, ...]
     unit_kinds: tuple[str, ...]
-    # Per unit, option labels (kept counts), strictly ascending.
-    options: tuple[tuple[int, ...], ...]
+    # Per unit, option labels: kept counts (strictly ascending) or, in sparse spaces, any distinct labels.
+    options: tuple[tuple[int | str, ...], ...]
     # Per unit, cost (e.g. ms) and proxy error of each option, aligned with `options`.
     costs: tuple[np.ndarray, ...]
     errors: tuple[np.ndarray, ...]
@@ -45,6 +45,9 @@ class AllocationProblem:
     # An optional second limit beside `budget` (memory bytes beside latency): each option's cost under it, and its cap.
     second_costs: tuple[np.ndarray, ...] | None = None
     second_budget: float | None = None
+    # Per unit, the share of the unit's weights each option keeps, for fraction-based baselines (owl); default:
+    # each kept count over the largest.
+    kept_fractions: tuple[np.ndarray, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.unit_names)
@@ -61,11 +64,14 @@ class AllocationProblem:
             raise ValueError(f"allocation problem: budget must be finite, got {self.budget}")
         options, costs, errors = [], [], []
         for name, opts, c, e in zip(self.unit_names, self.options, self.costs, self.errors):
-            opts = tuple(int(o) for o in opts)
+            opts = tuple(o if isinstance(o, str) else int(o) for o in opts)
             if not opts:
                 raise ValueError(f"allocation problem: unit {name!r} has no options")
-            if any(a >= b for a, b in zip(opts, opts[1:])):
+            numeric = not any(isinstance(o, str) for o in opts)
+            if numeric and any(a >= b for a, b in zip(opts, opts[1:])):
                 raise ValueError(f"allocation problem: unit {name!r} option labels are not strictly ascending: {opts}")
+            if len(set(opts)) != len(opts):
+                raise ValueError(f"allocation problem: unit {name!r} has repeated option labels: {opts}")
             options.append(opts)
             costs.append(_as_vector(c, "costs", name, len(opts)))
             errors.append(_as_vector(e, "errors", name, len(opts)))
@@ -83,6 +89,11 @@ class AllocationProblem:
             second = tuple(_as_vector(c, "second costs", u, len(o)) for u, o, c in zip(self.unit_names, options, self.second_costs))
             object.__setattr__(self, "second_costs", second)
             object.__setattr__(self, "second_budget", float(self.second_budget))
+        if self.kept_fractions is not None:
+            if len(self.kept_fractions) != n:
+                raise ValueError(f"allocation problem: kept_fractions needs {n} entries (one per unit)")
+            fractions = tuple(_as_vector(f, "kept fractions", u, len(o)) for u, o, f in zip(self.unit_names, options, self.kept_fractions))
+            object.__setattr__(self, "kept_fractions", fractions)
         if self.outlier_ratios is not None:
             ratios = np.array(self.outlier_ratios, dtype=np.float64)
             if ratios.shape != (n,) or not np.all(np.isfinite(ratios)) or np.any(ratios < 0):
@@ -95,6 +106,15 @@ class AllocationProblem:
     @property
     def n_units(self) -> int:
         return len(self.unit_names)
+
+    def fractions(self, unit: int) -> np.ndarray:
+        """The share of the unit's weights each option keeps (kept_fractions, or each count over the largest)."""
+        if self.kept_fractions is not None:
+            return self.kept_fractions[unit]
+        opts = self.options[unit]
+        if any(isinstance(o, str) for o in opts):
+            raise ValueError(f"unit {self.unit_names[unit]!r} has label options {opts}: the problem needs kept_fractions")
+        return np.asarray(opts, dtype=np.float64) / opts[-1] if opts[-1] > 0 else np.ones(len(opts))
 
     def min_cost(self) -> float:
         return math.fsum(float(c.min()) for c in self.costs)

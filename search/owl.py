@@ -65,7 +65,7 @@ class OwlSearcher(ConfiguredSearcher):
         # so sweeping them in order visits every allocation OWL can produce, each one option step from the last.
         events: list[tuple[float, int]] = []
         for u, opts in enumerate(problem.options):
-            frac = np.asarray(opts, dtype=np.float64) / opts[-1] if opts[-1] > 0 else np.ones(len(opts))
+            frac = problem.fractions(u)
             events += [(float((frac[j - 1] + frac[j]) / 2 - shift[u]), u) for j in range(1, len(opts))]
         events.sort()
         choice = [0] * problem.n_units

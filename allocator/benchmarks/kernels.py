@@ -1,0 +1,512 @@
+"""GPU benchmark of the sparse-format kernels against cuBLAS dense and torch's own 2:4 semi-structured matmul.
+
+Kernels, all fp16, y = x W^T for x (M, K) and W (N, K):
+- cublas-dense: F.linear on the pruned weight stored dense (the baseline every speedup is relative to);
+- torch-2:4-cusparselt / torch-2:4-cutlass: torch.sparse.to_sparse_semi_structured (sparse tensor cores), 50 % only;
+- triton-nm-2:4 (kernels.nm), triton-bitmap (kernels.bitmap), triton-bsr-16x16 / -32x32 (kernels.bsr);
+on Llama-3-8B's (4096x4096, 14336x4096, 4096x14336) and SmolLM2-135M's (576x576, 1536x576, 576x1536) weight
+shapes, M = 1 .. 1024, 50 / 70 / 90 % sparsity. Unsupported combinations are recorded with their reason.
+
+Timing: each variant's call is captured in a CUDA graph over enough copies of its weight that the copies exceed
+2x L2 (a deployed model is far larger than L2; one small weight replayed alone would be served from it), the
+replay timed with CUDA events and divided by the copies. Variants of one (shape, M) are sampled in a fresh seeded
+order each round, so drift hits all alike; speedups are medians of per-round ratios to cuBLAS.
+
+Roofline model (`roofline_ideal_speedup`): in the memory-bound regime (small M) a linear costs its bytes over the
+memory bandwidth, so the ideal speedup of a format is (dense weight bytes + activation bytes) / (format `nbytes` +
+activation bytes), activations being x read and y written once in fp16. `fraction_of_ideal` = measured speedup /
+ideal. It only bounds kernels that are memory bound: `dense_memory_bound` says whether dense cuBLAS is, on a GPU
+whose datasheet numbers profilers.devices knows. Where it is compute bound, formats that expand to dense tiles
+(bitmap, N:M, BSR) can at best match dense, and only the 2:4 sparse tensor cores can beat it.
+
+python -m allocator.benchmarks.kernels [--quick]  →  runs/bench/kernels/<gpu-name>[-quick].json and .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from allocator.benchmarks.common import environment, spread, write_result
+from allocator.errors import UserInputError
+
+DTYPE = torch.float16
+ELEMENT_BYTES = 2
+SHAPES: dict[str, tuple[int, int]] = {  # (N, K) = (out_features, in_features)
+    "llama3-8b attn q/o": (4096, 4096),
+    "llama3-8b mlp gate/up": (14336, 4096),
+    "llama3-8b mlp down": (4096, 14336),
+    "smollm2-135m attn q/o": (576, 576),
+    "smollm2-135m mlp gate/up": (1536, 576),
+    "smollm2-135m mlp down": (576, 1536),
+}
+MS = (1, 4, 16, 64, 256, 1024)
+SPARSITIES = (0.5, 0.7, 0.9)
+PLOT_SHAPE = (4096, 14336)
+QUICK_SHAPES = ("llama3-8b mlp down", "smollm2-135m mlp down")
+QUICK_MS = (1, 16, 256)
+BSR_BLOCKS = ((16, 16), (32, 32))
+MAX_COPIES = 1024  # bounds capture time for tiny compressed weights
+WARMUP_CALLS = 3  # eager calls before capture: autotuning, lazy cuBLAS/cuSPARSELt initialisation
+TOLERANCE = 2e-2  # max |y - y_dense| relative to max |y_dense|: fp16 outputs, different summation orders
+BASELINE = "cublas-dense"
+
+
+@dataclass(frozen=True)
+class Spec:
+    kernel: str  # name in the results
+    fmt: str  # "dense", "2:4", "bitmap", "bsr"
+    sparsity: float
+    block: tuple[int, int] | None = None  # bsr only
+
+    @property
+    def label(self) -> str:
+        return self.kernel if self.fmt in ("dense", "2:4") else f"{self.kernel} {round(self.sparsity * 100)}%"
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    shapes: dict[str, tuple[int, int]]
+    ms: tuple[int, ...]
+    sparsities: tuple[float, ...]
+    repeats: int
+    warmup_rounds: int
+
+
+# ---- pure helpers (tested without a GPU) ----
+
+def settings(quick: bool) -> Settings:
+    if quick:
+        return Settings(True, {k: SHAPES[k] for k in QUICK_SHAPES}, QUICK_MS, SPARSITIES, repeats=10, warmup_rounds=2)
+    return Settings(False, dict(SHAPES), MS, SPARSITIES, repeats=50, warmup_rounds=5)
+
+
+def variant_specs(sparsities: tuple[float, ...]) -> list[Spec]:
+    """The baseline first, then every kernel at every sparsity it supports (2:4 formats only at 50 %)."""
+    specs = [Spec(BASELINE, "dense", 0.0)]
+    if 0.5 in sparsities:
+        specs += [Spec("torch-2:4-cusparselt", "2:4", 0.5), Spec("torch-2:4-cutlass", "2:4", 0.5),
+                  Spec("triton-nm-2:4", "2:4", 0.5)]
+    for s in sparsities:
+        specs.append(Spec("triton-bitmap", "bitmap", s))
+        specs += [Spec(f"triton-bsr-{b[0]}x{b[1]}", "bsr", s, b) for b in BSR_BLOCKS]
+    return specs
+
+
+def roofline_ideal_speedup(dense_bytes: float, sparse_bytes: float, activation_bytes: float = 0.0) -> float:
+    """Speedup over dense when both read their weights (and the same activations) at full memory bandwidth."""
+    if dense_bytes <= 0 or sparse_bytes <= 0 or activation_bytes < 0:
+        raise ValueError(f"bytes must be positive (dense={dense_bytes}, sparse={sparse_bytes}) and "
+                         f"activation_bytes={activation_bytes} >= 0")
+    return (dense_bytes + activation_bytes) / (sparse_bytes + activation_bytes)
+
+
+def activation_bytes(m: int, n: int, k: int) -> int:
+    return ELEMENT_BYTES * m * (k + n)
+
+
+def dense_memory_bound(m: int, n: int, k: int, bandwidth: float | None, flops: float | None) -> bool | None:
+    """Whether dense x W^T takes longer to move its bytes than to do its FLOPs (None: device numbers unknown)."""
+    if not bandwidth or not flops:
+        return None
+    nbytes = ELEMENT_BYTES * n * k + activation_bytes(m, n, k)
+    return nbytes / bandwidth >= 2.0 * m * n * k / flops
+
+
+def summarise(samples: list[float]) -> dict:
+    """Median and nearest-rank p10/p90 (common.spread) without the raw samples, which would bloat the JSON."""
+    if not samples:
+        raise ValueError("no samples to summarise")
+    out = spread(samples)
+    out.pop("samples")
+    return out
+
+
+def paired_speedup(baseline_us: list[float], variant_us: list[float]) -> dict:
+    """Per-round baseline/variant ratios, summarised: samples of one round share the GPU's momentary state."""
+    if len(baseline_us) != len(variant_us) or not baseline_us:
+        raise ValueError(f"need equally many rounds, got {len(baseline_us)} and {len(variant_us)}")
+    return summarise([b / v for b, v in zip(baseline_us, variant_us)])
+
+
+def result_name(gpu_name: str, quick: bool) -> str:
+    """File stem for a GPU: its name with runs of anything but letters, digits, '.', '-' turned into '_'."""
+    stem = re.sub(r"[^A-Za-z0-9.-]+", "_", gpu_name).strip("_") or "unknown-gpu"
+    return f"{stem}-quick" if quick else stem
+
+
+def schedule(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        out.append(order)
+    return out
+
+
+# ---- pruning: weights with each format's pattern at an exact sparsity (pure torch, any device) ----
+
+def prune_unstructured(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keeps the largest-magnitude round((1 - s) K) entries of each row."""
+    keep = w.shape[1] - round(sparsity * w.shape[1])
+    idx = w.abs().topk(keep, dim=1).indices
+    mask = torch.zeros_like(w, dtype=torch.bool).scatter_(1, idx, True)
+    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def prune_2_4(w: torch.Tensor) -> torch.Tensor:
+    """Keeps the 2 largest-magnitude entries of every group of 4 consecutive inputs."""
+    n, k = w.shape
+    groups = w.reshape(n, k // 4, 4)
+    idx = groups.abs().topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+    return torch.where(mask, groups, torch.zeros((), dtype=w.dtype, device=w.device)).reshape(n, k)
+
+
+def prune_blocks(w: torch.Tensor, block: tuple[int, int], sparsity: float) -> torch.Tensor:
+    """Keeps the round((1 - s) B) blocks of largest L2 norm over the whole weight (block-rows end up uneven, as
+    in a pruned model)."""
+    n, k = w.shape
+    br, bc = block
+    tiles = w.reshape(n // br, br, k // bc, bc)
+    norms = tiles.float().pow(2).sum(dim=(1, 3)).flatten()
+    keep = norms.numel() - round(sparsity * norms.numel())
+    mask = torch.zeros_like(norms, dtype=torch.bool)
+    mask[norms.topk(keep).indices] = True
+    mask = mask.reshape(n // br, 1, k // bc, 1).expand_as(tiles).reshape(n, k)
+    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def pruned_weight(base: torch.Tensor, spec: Spec) -> torch.Tensor:
+    if spec.fmt == "dense":
+        return base
+    if spec.fmt == "2:4":
+        return prune_2_4(base)
+    if spec.fmt == "bsr":
+        assert spec.block is not None
+        return prune_blocks(base, spec.block, spec.sparsity)
+    return prune_unstructured(base, spec.sparsity)
+
+
+# ---- building the variants (CUDA) ----
+
+@dataclass
+class Variant:
+    spec: Spec
+    dense: torch.Tensor  # the pruned weight, dense: what the kernel must reproduce
+    call: Callable[[torch.Tensor, object], torch.Tensor]  # (x, weight copy) -> y
+    copies: list[object]  # the weight (compressed or not) several times over, for L2 rotation
+    nbytes: int  # of one copy
+
+
+def _kernel_module(name: str):
+    """Imported only when used, so a missing format module costs its variants, not the benchmark."""
+    return importlib.import_module(f"kernels.{name}")
+
+
+def _clone(module, w: object) -> object:
+    return type(w).from_tensors({k: v.clone() for k, v in w.tensors().items()})  # type: ignore[attr-defined]
+
+
+def _semi_structured(dense: torch.Tensor, cutlass: bool) -> object:
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    if not cutlass and not torch.backends.cusparselt.is_available():
+        raise RuntimeError("cuSPARSELt is not available in this torch build")
+    previous = SparseSemiStructuredTensor._FORCE_CUTLASS
+    SparseSemiStructuredTensor._FORCE_CUTLASS = cutlass
+    try:
+        return to_sparse_semi_structured(dense)
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = previous
+
+
+def _semi_structured_nbytes(w: object) -> int:
+    """The packed values (with metadata, cuSPARSELt) plus separate metadata (CUTLASS) that a matmul reads."""
+    return sum(t.numel() * t.element_size() for t in (getattr(w, "packed", None), getattr(w, "meta", None))
+               if t is not None)
+
+
+def build_variant(spec: Spec, base: torch.Tensor, l2_bytes: int) -> Variant:
+    from profilers.gpu import rotation_count
+
+    dense = pruned_weight(base, spec)
+    if spec.fmt == "dense":
+        def make() -> object:
+            return dense.clone()
+        call, nbytes = F.linear, dense.numel() * dense.element_size()
+    elif spec.kernel.startswith("torch-2:4"):
+        cutlass = spec.kernel.endswith("cutlass")
+
+        def make() -> object:
+            return _semi_structured(dense, cutlass)
+        call, nbytes = F.linear, _semi_structured_nbytes(make())
+    else:
+        module = _kernel_module({"2:4": "nm", "bitmap": "bitmap", "bsr": "bsr"}[spec.fmt])
+        if spec.fmt == "2:4":
+            first = module.compress(dense, 2, 4)
+        elif spec.fmt == "bsr":
+            first = module.compress(dense, spec.block)
+        else:
+            first = module.compress(dense)
+
+        def make() -> object:
+            return _clone(module, first)
+        call, nbytes = module.triton_matmul, int(first.nbytes)
+    copies = [make() for _ in range(rotation_count(l2_bytes, nbytes, limit=MAX_COPIES))]
+    return Variant(spec, dense, call, copies, nbytes)
+
+
+# ---- timing (CUDA) ----
+
+def make_sampler(calls: list[Callable[[], object]]) -> tuple[Callable[[], float], str, object]:
+    """(sample() -> µs per call, timing method, what must stay alive). A CUDA graph over all calls; eager calls
+    between CUDA events where capture fails (a kernel that syncs or reads the host)."""
+    for _ in range(WARMUP_CALLS):
+        calls[0]()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    method = "cuda-graph"
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # as CudaTimer: warm the capture stream's allocator and workspaces
+            calls[0]()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            for call in calls:
+                call()
+
+        def run() -> None:
+            graph.replay()
+    except Exception as exc:  # capture failed: time the same calls eagerly
+        torch.cuda.synchronize()
+        method = f"eager ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+
+        def run() -> None:
+            for call in calls:
+                call()
+    for _ in range(2):
+        run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def sample() -> float:
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / len(calls)
+
+    return sample, method, (graph, calls)
+
+
+def _error(y: torch.Tensor, expect: torch.Tensor) -> float:
+    return float((y.float() - expect.float()).abs().max() / expect.float().abs().max().clamp_min(1e-6))
+
+
+def _row(spec: Spec, name: str, n: int, k: int, m: int, status: str, reason: str | None = None, **extra) -> dict:
+    return {"shape_name": name, "shape": [n, k], "M": m, "kernel": spec.kernel, "format": spec.fmt,
+            "sparsity": spec.sparsity, "block": list(spec.block) if spec.block else None, "label": spec.label,
+            "status": status, "reason": reason, **extra}
+
+
+def bench_shape(name: str, n: int, k: int, cfg: Settings, device_numbers: tuple[float | None, float | None],
+                l2_bytes: int, seed: int = 0) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    base = (torch.randn(n, k, generator=gen, device="cuda") * 0.02).to(DTYPE)
+    variants: dict[str, Variant] = {}
+    rows: list[dict] = []
+    skipped: dict[str, str] = {}
+    for spec in variant_specs(cfg.sparsities):
+        try:
+            variants[spec.label] = build_variant(spec, base, l2_bytes)
+        except Exception as exc:  # an unsupported shape/device/backend is a result, not a crash
+            skipped[spec.label] = f"{type(exc).__name__}: {exc}"
+    dense_bytes = n * k * ELEMENT_BYTES
+    for m in cfg.ms:
+        x = (torch.randn(m, k, generator=gen, device="cuda")).to(DTYPE)
+        samplers: dict[str, tuple[Callable[[], float], str, object]] = {}
+        errors: dict[str, float] = {}
+        failed = dict(skipped)
+        for label, v in variants.items():
+            try:
+                y = v.call(x, v.copies[0])
+                errors[label] = _error(y, F.linear(x, v.dense))
+                samplers[label] = make_sampler([lambda w=w, v=v: v.call(x, w) for w in v.copies])
+            except Exception as exc:
+                failed[label] = f"{type(exc).__name__}: {exc}"
+        samples: dict[str, list[float]] = {label: [] for label in samplers}
+        for r, order in enumerate(schedule(list(samplers), cfg.warmup_rounds + cfg.repeats, seed=m)):
+            for label in order:
+                t = samplers[label][0]()
+                if r >= cfg.warmup_rounds:
+                    samples[label].append(t)
+        bandwidth, flops = device_numbers
+        bound = dense_memory_bound(m, n, k, bandwidth, flops)
+        for spec in variant_specs(cfg.sparsities):
+            label = spec.label
+            if label not in samples:
+                rows.append(_row(spec, name, n, k, m, "skipped", failed.get(label, "not built")))
+                continue
+            v = variants[label]
+            ideal = roofline_ideal_speedup(dense_bytes, v.nbytes, activation_bytes(m, n, k))
+            speedup = (paired_speedup(samples[BASELINE], samples[label]) if BASELINE in samples else None)
+            rows.append(_row(
+                spec, name, n, k, m, "ok" if errors[label] <= TOLERANCE else "wrong-result",
+                None if errors[label] <= TOLERANCE else f"max relative error {errors[label]:.3g} > {TOLERANCE}",
+                timing=samplers[label][1], copies=len(v.copies), us=summarise(samples[label]),
+                speedup_vs_cublas=speedup, weight_bytes=v.nbytes, dense_weight_bytes=dense_bytes,
+                ideal_speedup=ideal,
+                fraction_of_ideal=speedup["median"] / ideal if speedup else None,
+                dense_memory_bound=bound, max_rel_error=errors[label]))
+        ok = [r for r in rows if r["M"] == m and r["status"] == "ok" and r["speedup_vs_cublas"]]
+        print(f"{name} ({n}x{k}) M={m}: " + ", ".join(
+            f"{r['label']} {r['speedup_vs_cublas']['median']:.2f}x" for r in ok if r["kernel"] != BASELINE))
+        del samplers, samples
+        gc.collect()
+        torch.cuda.empty_cache()
+    del variants
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+# ---- environment, plot, entry point ----
+
+def gpu_environment() -> dict:
+    from profilers.gpu import driver_version
+
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    cusparselt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
+    return {
+        **environment(),
+        "device": "cuda",
+        "gpu": torch.cuda.get_device_name(0),
+        "capability": list(torch.cuda.get_device_capability(0)),
+        "sm_count": props.multi_processor_count,
+        "l2_bytes": int(props.L2_cache_size),
+        "driver": driver_version() or _nvidia_smi_driver(),
+        "cuda": torch.version.cuda,
+        "cusparselt": cusparselt,
+        "triton": triton.__version__,
+    }
+
+
+def _nvidia_smi_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def plot_speedups(rows: list[dict], shape: tuple[int, int], path: Path, title: str) -> Path | None:
+    """Median speedup vs M (p10-p90 bars) per kernel and sparsity on one shape; dotted: that variant's ideal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if tuple(r["shape"]) == shape and r["status"] == "ok" and r["speedup_vs_cublas"]
+          and r["kernel"] != BASELINE]
+    if not ok:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    labels = list(dict.fromkeys(r["label"] for r in ok))
+    colors = plt.get_cmap("tab20")(range(len(labels)))
+    for label, color in zip(labels, colors):
+        pts = sorted((r for r in ok if r["label"] == label), key=lambda r: r["M"])
+        ms = [r["M"] for r in pts]
+        med = [r["speedup_vs_cublas"]["median"] for r in pts]
+        lo = [r["speedup_vs_cublas"]["median"] - r["speedup_vs_cublas"]["p10"] for r in pts]
+        hi = [r["speedup_vs_cublas"]["p90"] - r["speedup_vs_cublas"]["median"] for r in pts]
+        ax.errorbar(ms, med, yerr=[lo, hi], marker="o", ms=3, capsize=2, color=color, label=label)
+        ax.plot(ms, [r["ideal_speedup"] for r in pts], ls=":", color=color, lw=1)
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("M (rows of x: tokens)")
+    ax.set_ylabel("speedup vs cuBLAS dense (median, p10-p90)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def main(quick: bool = False) -> dict:
+    from profilers.devices import DEVICES
+    from profilers.gpu import require_cuda
+
+    require_cuda("the kernel benchmark (python -m allocator.benchmarks.kernels)")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise UserInputError("TRITON_INTERPRET is set: the Triton kernels would run in the interpreter, not on the "
+                             "GPU; unset it to benchmark")
+    cfg = settings(quick)
+    env = gpu_environment()
+    spec = next((d for d in DEVICES.values() if d.is_gpu and d.name == env["gpu"]), None)
+    numbers = (spec.bandwidth, spec.flops) if spec else (None, None)
+    rows: list[dict] = []
+    for name, (n, k) in cfg.shapes.items():
+        rows += bench_shape(name, n, k, cfg, numbers, env["l2_bytes"])
+    result = {
+        "what": "fp16 y = x W^T: sparse-format Triton kernels and torch 2:4 vs cuBLAS dense, per weight shape, M "
+                "and sparsity",
+        "environment": env,
+        "settings": {
+            "quick": cfg.quick, "dtype": str(DTYPE), "shapes": cfg.shapes, "M": list(cfg.ms),
+            "sparsities": list(cfg.sparsities), "bsr_blocks": [list(b) for b in BSR_BLOCKS],
+            "repeats": cfg.repeats, "warmup_rounds": cfg.warmup_rounds, "warmup_calls": WARMUP_CALLS,
+            "timing": "CUDA graph over L2-rotated weight copies (their bytes > 2x L2, at most "
+                      f"{MAX_COPIES}), CUDA events, µs per call; rounds interleave variants in seeded orders",
+            "pruning": "bitmap: per-row magnitude; 2:4: top-2 of each 4; bsr: global top blocks by L2 norm; "
+                       "weights N(0, 0.02^2)",
+            "roofline_model": "ideal = (dense weight bytes + activation bytes) / (format nbytes + activation "
+                              "bytes), activations = 2 B * M * (K + N); valid where dense is memory bound",
+            "device_numbers": {"bandwidth": numbers[0], "flops": numbers[1]},
+            "tolerance": TOLERANCE,
+        },
+        "results": rows,
+    }
+    stem = result_name(env["gpu"], quick)
+    path = write_result("kernels", stem, result)
+    plot_speedups(rows, PLOT_SHAPE, path.with_suffix(".png"),
+                  f"{PLOT_SHAPE[0]}x{PLOT_SHAPE[1]} fp16 on {env['gpu']}: speedup vs cuBLAS (dotted: roofline ideal)")
+    return result
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m allocator.benchmarks.kernels", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"shapes {', '.join(QUICK_SHAPES)}; M {QUICK_MS}; 10 repeats")
+    args = parser.parse_args(argv)
+    try:
+        main(quick=args.quick)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,83 @@
+"""Sparse units as they run: masked linears turned into SparseLinear modules in the format of their pattern.
+
+The export, the reloaded checkpoint and both profilers go through `compress_sparse_units`, so what is profiled
+is what is exported and run. Unstructured patterns are stored as bitmaps, N:M patterns in the N:M format (values
+and in-group indices), block sparsity as BSR."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from allocator.compress.masks import SparsityPattern, select_mask
+from allocator.pruned_model import BLOCK_ATTRIBUTE, SPARSE_KEY, UNIT_LINEARS, LevelSource, build_pruned_model, decoder_layers
+from allocator.space import ATTN, MLP, ModelShape, Option, unit_linear_shapes
+from kernels.sparse_linear import SparseLinear
+
+
+def export_format(pattern: SparsityPattern) -> tuple[str, dict]:
+    """(kernel format, its compress parameters) a pattern is stored and run in."""
+    if pattern.kind == "nm":
+        return "nm", {"n": pattern.n, "m": pattern.m}
+    if pattern.kind == "block":
+        return "bsr", {"block": pattern.block}
+    return "bitmap", {}
+
+
+def sparse_units(model: nn.Module) -> list[tuple[int, str, SparsityPattern]]:
+    """(layer, kind, pattern) of every sparse unit recorded in the model's config."""
+    recorded = getattr(model.config, SPARSE_KEY, None) or {}
+    return [
+        (layer, kind, SparsityPattern.parse(label))
+        for kind in (ATTN, MLP)
+        for layer, label in enumerate(recorded.get(kind, []))
+        if label is not None
+    ]
+
+
+def compress_sparse_units(model: nn.Module) -> nn.Module:
+    """Replace, in place, the masked linears of every sparse unit by SparseLinear modules; returns the model."""
+    layers = decoder_layers(model)
+    for layer, kind, pattern in sparse_units(model):
+        fmt, params = export_format(pattern)
+        block = getattr(layers[layer], BLOCK_ATTRIBUTE[kind])
+        for name in UNIT_LINEARS[kind]:
+            linear = getattr(block, name)
+            setattr(block, name, SparseLinear.from_dense(linear.weight.detach(), linear.bias, fmt, **params))
+    return model
+
+
+def build_deployable(dense: nn.Module, shape: ModelShape, allocation: dict[str, Option], source: LevelSource) -> nn.Module:
+    """The model as exported and run: structured units shrunk, sparse units in their compressed formats."""
+    return compress_sparse_units(build_pruned_model(dense, shape, allocation, source))
+
+
+def load_sparse_units(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """For a reloaded checkpoint: build the sparse units' SparseLinear modules from their stored tensors, which
+    are removed from `state` (the rest loads as usual)."""
+    layers = decoder_layers(model)
+    for layer, kind, _pattern in sparse_units(model):
+        block = getattr(layers[layer], BLOCK_ATTRIBUTE[kind])
+        for name in UNIT_LINEARS[kind]:
+            prefix = f"model.layers.{layer}.{BLOCK_ATTRIBUTE[kind]}.{name}."
+            tensors = {key[len(prefix):]: state.pop(key) for key in [k for k in state if k.startswith(prefix)]}
+            if not tensors:
+                raise ValueError(f"checkpoint has no tensors for sparse linear {prefix[:-1]}")
+            setattr(block, name, SparseLinear.from_state_dict(tensors))
+
+
+@lru_cache(maxsize=None)
+def stored_bytes(pattern: SparsityPattern, rows: int, cols: int, dtype: torch.dtype) -> int:
+    """Bytes one (rows, cols) linear pruned to `pattern` takes in its export format (a magnitude mask of a fixed
+    random matrix: the format's size depends on the pattern's counts, not on which weights are kept)."""
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)).to(dtype)
+    weight = weight * select_mask(weight.abs().float(), pattern).to(dtype)
+    fmt, params = export_format(pattern)
+    return SparseLinear.from_dense(weight, None, fmt, **params).weight_nbytes
+
+
+def sparse_unit_bytes(shape: ModelShape, kind: str, pattern: SparsityPattern, dtype_bytes: int) -> int:
+    dtype = {2: torch.float16, 4: torch.float32}[dtype_bytes]
+    return sum(stored_bytes(pattern, rows, cols, dtype) for rows, cols in unit_linear_shapes(shape, kind))

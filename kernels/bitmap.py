@@ -1,0 +1,332 @@
+"""Bitmap sparse format: one bit per weight element plus the non-zero values packed, and its Triton matmul kernel.
+
+Layout. The (out_features N, in_features K) weight is zero-padded to whole tiles of (tile_n rows x tile_k columns)
+(default 16 x 64) and stored as
+  - `bitmap`  int32 (tiles_n, tiles_k, tile_n, tile_k // 32): bit j of word w in row r of a tile is element
+              (r, 32 * w + j) of the tile; 1 = stored. Tile-major so one tile's bits are one contiguous 128 bytes.
+  - `offsets` int32 (tiles_n * tiles_k + 1,): start of each tile's values in `values`, tiles in row-major order;
+              the last entry is the number of stored values. A program finds its tile's values without a prefix sum
+              over the whole matrix.
+  - `values`  (nnz,) in the weight's dtype: stored elements, tile by tile, row-major within a tile.
+  - `shape`   int64 (2,): (N, K) before padding.
+The tile shape is read back from `bitmap.shape`, so `tensors()` carries everything needed to rebuild the weight.
+
+"Non-zero" is decided on the bit pattern, not on `!= 0`: -0.0 is stored, so decompress(compress(w)) is bitwise w.
+
+Kernel. Each program owns BLOCK_M rows of x, one tile row of W (tile_n outputs) and a contiguous range of K tiles
+(split-K). Per tile it loads the bitmap words, turns each element's bit into its rank among the tile's stored values
+(a row-wise cumsum plus the exclusive cumsum of row counts), gathers the values from `offsets[tile] + rank`, and
+multiplies with x by `tl.dot` (BLOCK_M >= 16) or a broadcast multiply-reduce (M <= 4, decode). Accumulation is fp32;
+split-K programs write fp32 partial sums to a workspace that is summed afterwards, so results are deterministic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.errors import UnsupportedShape
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Same-width integer views, so "stored" is decided on bits (keeps -0.0 and NaN payloads exact).
+_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+DEFAULT_TILE = (16, 64)
+# Triton built this module's kernel for its interpreter (TRITON_INTERPRET=1 at import): it then runs on CPU tensors.
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+_MAX_INT32 = 2**31 - 1
+
+
+@dataclass
+class BitmapWeight:
+    """A compressed (out_features, in_features) weight; see the module docstring for the layout."""
+
+    shape: tuple[int, int]
+    bitmap: torch.Tensor
+    offsets: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def tile(self) -> tuple[int, int]:
+        return self.bitmap.shape[2], self.bitmap.shape[3] * 32
+
+    @property
+    def tiles(self) -> tuple[int, int]:
+        return self.bitmap.shape[0], self.bitmap.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        n, k = self.shape
+        return self.nnz / (n * k) if n * k else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the device tensors (bitmap, offsets, values); the shape header is host metadata."""
+        return sum(t.numel() * t.element_size() for t in (self.bitmap, self.offsets, self.values))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        shape = torch.tensor(self.shape, dtype=torch.int64)
+        return {"shape": shape, "bitmap": self.bitmap, "offsets": self.offsets, "values": self.values}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> BitmapWeight:
+        """Rebuild from `tensors()`. Checks structure only (shapes, dtypes, devices): it reads no device memory
+        but `shape`, so it stays cheap and CUDA-graph safe when `shape` lives on the CPU."""
+        missing = {"shape", "bitmap", "offsets", "values"} - tensors.keys()
+        if missing:
+            raise UnsupportedShape(f"bitmap tensors: missing {sorted(missing)}; got {sorted(tensors)}")
+        shape_t, bitmap, offsets, values = (tensors[k] for k in ("shape", "bitmap", "offsets", "values"))
+        if shape_t.numel() != 2:
+            raise UnsupportedShape(f"bitmap tensors: shape={tuple(shape_t.tolist())} must hold (out, in)")
+        n, k = (int(v) for v in shape_t.tolist())
+        if bitmap.dtype != torch.int32 or bitmap.dim() != 4:
+            raise UnsupportedShape(
+                f"bitmap tensors: bitmap {bitmap.dtype} {tuple(bitmap.shape)} must be int32 "
+                "(tiles_n, tiles_k, tile_n, tile_k // 32)"
+            )
+        w = cls(shape=(n, k), bitmap=bitmap, offsets=offsets, values=values)
+        (tn, tk), (rows, cols) = w.tile, w.tiles
+        if rows != -(-n // tn) or cols != -(-k // tk):
+            raise UnsupportedShape(
+                f"bitmap tensors: {rows}x{cols} tiles of {tn}x{tk} do not cover shape {(n, k)} exactly"
+            )
+        if offsets.dtype != torch.int32 or tuple(offsets.shape) != (rows * cols + 1,):
+            raise UnsupportedShape(
+                f"bitmap tensors: offsets {offsets.dtype} {tuple(offsets.shape)} must be int32 ({rows * cols + 1},)"
+            )
+        if values.dtype not in DTYPES or values.dim() != 1:
+            raise UnsupportedShape(f"bitmap tensors: values {values.dtype} {tuple(values.shape)} must be 1-D {DTYPES}")
+        if not (bitmap.device == offsets.device == values.device):
+            raise UnsupportedShape(
+                f"bitmap tensors: on different devices (bitmap {bitmap.device}, offsets {offsets.device}, "
+                f"values {values.device})"
+            )
+        return w
+
+    def to(self, device: torch.device | str) -> BitmapWeight:
+        return BitmapWeight(self.shape, self.bitmap.to(device), self.offsets.to(device), self.values.to(device))
+
+
+def _check_tile(tile: tuple[int, int]) -> tuple[int, int]:
+    tn, tk = (int(v) for v in tile)
+    # tl.dot needs every dimension >= 16 and tl.arange powers of two; words are 32 bits.
+    if tn < 16 or tn & (tn - 1):
+        raise UnsupportedShape(f"bitmap: tile_n={tn} must be a power of two >= 16")
+    if tk < 32 or tk & (tk - 1):
+        raise UnsupportedShape(f"bitmap: tile_k={tk} must be a power of two >= 32")
+    return tn, tk
+
+
+def _check_weight(dense: torch.Tensor) -> None:
+    if dense.dim() != 2:
+        raise UnsupportedShape(f"bitmap: weight shape {tuple(dense.shape)} must be 2-D (out_features, in_features)")
+    if dense.dtype not in DTYPES:
+        raise UnsupportedShape(f"bitmap: weight dtype {dense.dtype} must be one of {DTYPES}")
+
+
+def _tiled(t: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+    """(N, K) → zero-padded (tiles_n, tiles_k, tile_n, tile_k)."""
+    (n, k), (tn, tk) = t.shape, tile
+    padded = F.pad(t, (0, -k % tk, 0, -n % tn))
+    return padded.reshape(padded.shape[0] // tn, tn, padded.shape[1] // tk, tk).transpose(1, 2).contiguous()
+
+
+def compress(dense: torch.Tensor, tile: tuple[int, int] = DEFAULT_TILE) -> BitmapWeight:
+    """Bitmap-compress a 2-D fp16/bf16/fp32 weight on its device; exact bit for bit."""
+    _check_weight(dense)
+    tn, tk = _check_tile(tile)
+    n, k = dense.shape
+    tiles = _tiled(dense.detach(), (tn, tk))
+    mask = tiles.view(_INT_VIEW[dense.dtype]) != 0
+    # Boolean indexing walks C order: tile by tile, row-major within a tile — the packing order.
+    values = tiles[mask]
+    if values.numel() > _MAX_INT32:
+        raise UnsupportedShape(f"bitmap: {values.numel()} stored values exceed the int32 offsets (2**31 - 1)")
+    counts = mask.flatten(2).sum(-1, dtype=torch.int64).flatten()
+    offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    weights = torch.ones(32, dtype=torch.int64, device=dense.device) << torch.arange(32, device=dense.device)
+    words = (mask.reshape(*mask.shape[:3], tk // 32, 32).to(torch.int64) * weights).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement, no overflow cast
+    return BitmapWeight(shape=(n, k), bitmap=words, offsets=offsets, values=values)
+
+
+def _mask(w: BitmapWeight) -> torch.Tensor:
+    """(tiles_n, tiles_k, tile_n, tile_k) bool: which elements are stored."""
+    shifts = torch.arange(32, device=w.bitmap.device, dtype=torch.int64)
+    bits = (w.bitmap.to(torch.int64)[..., None] >> shifts) & 1
+    return bits.flatten(-2).bool()
+
+
+def decompress(w: BitmapWeight) -> torch.Tensor:
+    mask = _mask(w)
+    tiles = torch.zeros(mask.shape, dtype=w.values.dtype, device=w.values.device)
+    tiles[mask] = w.values  # raises if the bitmap's popcount and the number of values disagree
+    rows, cols, tn, tk = tiles.shape
+    n, k = w.shape
+    return tiles.transpose(1, 2).reshape(rows * tn, cols * tk)[:n, :k].contiguous()
+
+
+def _check_matmul(x: torch.Tensor, w: BitmapWeight, bias: torch.Tensor | None) -> None:
+    n, k = w.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise UnsupportedShape(f"bitmap_matmul: x shape {tuple(x.shape)} must end in in_features={k}")
+    if x.dtype not in DTYPES:
+        raise UnsupportedShape(f"bitmap_matmul: x dtype {x.dtype} must be one of {DTYPES}")
+    if x.dtype != w.dtype:
+        raise UnsupportedShape(f"bitmap_matmul: x dtype {x.dtype} must match the weight's {w.dtype}")
+    if x.device != w.device:
+        raise UnsupportedShape(f"bitmap_matmul: x on {x.device} but the weight on {w.device}")
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise UnsupportedShape(f"bitmap_matmul: bias shape {tuple(bias.shape)} must be (out_features={n},)")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise UnsupportedShape(f"bitmap_matmul: bias {bias.dtype} on {bias.device} must match x "
+                                   f"({x.dtype} on {x.device})")
+
+
+def reference_matmul(x: torch.Tensor, w: BitmapWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x[..., K] @ W.T + bias in pure torch, W expanded from the compressed tensors on every call."""
+    _check_matmul(x, w, bias)
+    return F.linear(x, decompress(w), bias)
+
+
+@triton.jit
+def _bitmap_matmul_kernel(
+    x_ptr, bitmap_ptr, offsets_ptr, values_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_xk, stride_om, stride_on, stride_os,
+    tiles_k, tiles_per_split,
+    TILE_N: tl.constexpr, TILE_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    WORDS: tl.constexpr = TILE_K // 32
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = tl.arange(0, TILE_N)
+    rk = tl.arange(0, TILE_K)
+    # Element (r, c) of a tile reads word c // 32 of row r (32 lanes share a word; the loads hit the same line).
+    word_idx = rn[:, None] * WORDS + rk[None, :] // 32
+    bit_idx = rk[None, :] % 32
+
+    acc = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, tiles_k)
+    for t in range(t_start, t_end):
+        tile = pid_n * tiles_k + t
+        words = tl.load(bitmap_ptr + tile * (TILE_N * WORDS) + word_idx)
+        bits = (words >> bit_idx) & 1
+        # Rank of each stored element among its tile's values: row-major exclusive prefix count.
+        row_counts = tl.sum(bits, axis=1)
+        row_start = tl.cumsum(row_counts, axis=0) - row_counts
+        rank = row_start[:, None] + tl.cumsum(bits, axis=1) - bits
+        base = tl.load(offsets_ptr + tile)
+        w = tl.load(values_ptr + (base + rank), mask=bits != 0, other=0.0)
+
+        xk = t * TILE_K + rk
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + xk[None, :] * stride_xk,
+            mask=(rm[:, None] < M) & (xk[None, :] < K),
+            other=0.0,
+        )
+        if USE_DOT:
+            if UPCAST:  # the interpreter's tl.dot is wrong on bf16; fp32 operands are exact for fp16/bf16 products
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+    on = pid_n * TILE_N + rn
+    if HAS_BIAS:  # added once, by the first K split
+        b = tl.load(bias_ptr + on, mask=(on < N) & (pid_k == 0), other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + on[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (on[None, :] < N))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _block_m(m: int) -> int:
+    """Decode (M <= 4): broadcast multiply-reduce on a tiny block. Larger: tl.dot, whose dims must be >= 16."""
+    if m <= 4:
+        return triton.next_power_of_2(max(m, 1))
+    return min(64, max(16, triton.next_power_of_2(m)))
+
+
+def _default_split_k(programs: int, tiles_k: int, device: torch.device) -> int:
+    """Split K until the grid has about two programs per SM, keeping at least two tiles per split."""
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one after another: splitting only adds work
+    target = 2 * _sm_count(device)
+    if programs >= target:
+        return 1
+    return max(1, min(-(-target // programs), tiles_k // 2))
+
+
+def triton_matmul(
+    x: torch.Tensor, w: BitmapWeight, bias: torch.Tensor | None = None, *, split_k: int | None = None
+) -> torch.Tensor:
+    """x[..., K] @ W.T + bias by the Triton kernel; output in x's dtype, fp32 accumulation.
+
+    `split_k` forces the number of K splits (default: enough programs to fill the GPU). CUDA tensors, or any
+    tensors with TRITON_INTERPRET=1 set before this module was imported."""
+    _check_matmul(x, w, bias)
+    if x.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(
+            f"bitmap triton_matmul: x is on {x.device}; Triton runs on CUDA only (or in its interpreter with "
+            "TRITON_INTERPRET=1 set before import). Use reference_matmul on the CPU."
+        )
+    n, k = w.shape
+    (tn, tk), (tiles_n, tiles_k) = w.tile, w.tiles
+    lead = x.shape[:-1]
+    if x.numel() == 0 or n == 0:  # nothing to launch; an empty K sum is zero
+        return F.linear(x, x.new_zeros(n, k), bias)
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if tiles_n > 65535:  # grid axis 1; CUDA caps it at 65535
+        raise UnsupportedShape(f"bitmap_matmul: out_features={n} needs {tiles_n} row tiles of {tn}, at most 65535")
+    block_m = _block_m(m)
+    grid_m = triton.cdiv(m, block_m)
+    split = split_k if split_k is not None else _default_split_k(grid_m * tiles_n, tiles_k, x.device)
+    if split < 1:
+        raise UnsupportedShape(f"bitmap_matmul: split_k={split} must be >= 1")
+    per_split = triton.cdiv(tiles_k, split)
+    split = triton.cdiv(tiles_k, per_split)  # no empty splits
+    # Split-K partial sums go to an fp32 workspace summed below. So does bf16 in the interpreter: its fp32 → bf16
+    # cast truncates where the GPU (and torch) round to nearest even.
+    fp32_out = split > 1 or (INTERPRETED and x.dtype == torch.bfloat16)
+    out = torch.empty((split, m, n), dtype=torch.float32 if fp32_out else x.dtype, device=x.device)
+    _bitmap_matmul_kernel[(grid_m, tiles_n, split)](
+        x2, w.bitmap, w.offsets, w.values, bias if bias is not None else w.values, out,
+        m, n, k, x2.stride(0), x2.stride(1), out.stride(1), out.stride(2), out.stride(0),
+        tiles_k, per_split,
+        TILE_N=tn, TILE_K=tk, BLOCK_M=block_m,
+        USE_DOT=block_m >= 16, UPCAST=INTERPRETED, HAS_BIAS=bias is not None,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 or INTERPRETED else "tf32",
+        num_warps=4,
+    )
+    return (out.sum(0).to(x.dtype) if fp32_out else out[0]).reshape(*lead, n)

@@ -1,0 +1,375 @@
+"""N:M structured sparsity: every group of m consecutive input elements of a row holds at most n non-zeros.
+
+Storage (per row of the (out_features, in_features) weight, G = in_features / m groups):
+- values:  (out_features, G * n), the weight's dtype: each group's n kept elements in ascending in-group position.
+  A group with fewer than n non-zeros is filled up with zero-valued positions, so the n in-group indices of a group
+  are always distinct: the kernel can expand a group by selecting, never by adding colliding entries.
+- indices: (out_features, ceil(G * n / per_byte)) uint8: the in-group position (0..m-1) of each value, packed
+  `bits` = 1/2/4 bits each (the fewest that hold m - 1), low bits first: 2:4 costs 2 bits per value, 4:8 four.
+
+The Triton kernel loads a tile of values and packed indices, expands it in registers into a dense
+(BLOCK_K x BLOCK_N) tile of W^T and multiplies with tl.dot (fp32 accumulation). m need not be a power of two:
+the tile's K axis is laid out as groups x m_pow2 slots, slots >= m masked off in x and never selected in W.
+Zeros are compared numerically: a -0.0 that is not kept decompresses as +0.0 (equal, not the same bits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.errors import UnsupportedShape
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_M = 16  # indices pack at least two per byte; 1:4, 2:4, 4:8, 8:16, 2:8 are all the patterns in practice
+# Triton built this module's kernels for its interpreter (TRITON_INTERPRET=1 when it was imported): they run on
+# CPU tensors there and nowhere else; compiled kernels run on CUDA tensors only.
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+INT32_LIMIT = 2**31  # the kernels index with 32-bit offsets
+
+
+def index_bits(m: int) -> int:
+    """Bits per packed in-group index: the fewest of 1, 2, 4 (a divisor of 8, so no index straddles bytes)."""
+    for bits in (1, 2, 4, 8):
+        if (1 << bits) >= m:
+            return bits
+    raise UnsupportedShape(f"nm: m={m} needs more than 8 index bits; at most m={MAX_M} is supported")
+
+
+def _check_nm(where: str, n: int, m: int) -> None:
+    if not isinstance(n, int) or not isinstance(m, int) or isinstance(n, bool) or isinstance(m, bool):
+        raise UnsupportedShape(f"{where}: n={n!r}, m={m!r} must be integers")
+    if not 2 <= m <= MAX_M:
+        raise UnsupportedShape(f"{where}: m={m} must be in [2, {MAX_M}]")
+    if not 1 <= n < m:
+        raise UnsupportedShape(f"{where}: n={n} must satisfy 1 <= n < m={m}")
+
+
+@dataclass
+class NMWeight:
+    shape: tuple[int, int]  # (out_features, in_features) of the dense weight
+    n: int
+    m: int
+    values: torch.Tensor  # (out_features, in_features // m * n), the dense weight's dtype
+    indices: torch.Tensor  # (out_features, packed_cols(...)) uint8
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def bits(self) -> int:
+        return index_bits(self.m)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the device tensors the kernel reads (values and packed indices); the four header integers of
+        tensors() are host metadata and not counted."""
+        return self.values.numel() * self.values.element_size() + self.indices.numel() * self.indices.element_size()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "values": self.values,
+            "indices": self.indices,
+            "shape": torch.tensor(self.shape, dtype=torch.int64),
+            "nm": torch.tensor([self.n, self.m], dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "NMWeight":
+        missing = {"values", "indices", "shape", "nm"} - set(tensors)
+        if missing:
+            raise UnsupportedShape(f"NMWeight.from_tensors: missing {sorted(missing)}; got {sorted(tensors)}")
+        shape = tuple(int(v) for v in tensors["shape"].tolist())
+        nm = [int(v) for v in tensors["nm"].tolist()]
+        if len(shape) != 2 or len(nm) != 2:
+            raise UnsupportedShape(f"NMWeight.from_tensors: shape={list(shape)} and nm={nm} must have 2 entries each")
+        weight = cls((shape[0], shape[1]), nm[0], nm[1], tensors["values"], tensors["indices"])
+        weight.validate()
+        return weight
+
+    def validate(self) -> None:
+        """Consistency of the fields (not of the stored indices' values, which would cost a device sync)."""
+        where = "NMWeight"
+        _check_nm(where, self.n, self.m)
+        out_features, in_features = self.shape
+        if out_features < 0 or in_features < 0 or in_features % self.m:
+            raise UnsupportedShape(f"{where}: shape={self.shape} needs in_features a multiple of m={self.m}")
+        if self.values.dtype not in FLOAT_DTYPES:
+            raise UnsupportedShape(f"{where}: values dtype {self.values.dtype} is not one of fp16/bf16/fp32")
+        expect_v = (out_features, in_features // self.m * self.n)
+        if tuple(self.values.shape) != expect_v:
+            raise UnsupportedShape(f"{where}: values shape {tuple(self.values.shape)} != {expect_v} for "
+                                   f"shape={self.shape}, {self.n}:{self.m}")
+        expect_i = (out_features, packed_cols(expect_v[1], self.bits))
+        if self.indices.dtype != torch.uint8 or tuple(self.indices.shape) != expect_i:
+            raise UnsupportedShape(f"{where}: indices must be uint8 of shape {expect_i}, got {self.indices.dtype} "
+                                   f"{tuple(self.indices.shape)}")
+        if self.indices.device != self.values.device:
+            raise UnsupportedShape(f"{where}: values on {self.values.device} but indices on {self.indices.device}")
+
+
+def packed_cols(entries: int, bits: int) -> int:
+    per_byte = 8 // bits
+    return -(-entries // per_byte)
+
+
+def _pack(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, entries) small ints -> (rows, packed_cols) uint8, entry e in byte e // per_byte at bit (e % per_byte) * bits."""
+    per_byte = 8 // bits
+    rows, entries = idx.shape
+    padded = torch.zeros(rows, packed_cols(entries, bits) * per_byte, dtype=torch.int32, device=idx.device)
+    padded[:, :entries] = idx
+    shifts = torch.arange(per_byte, device=idx.device, dtype=torch.int32) * bits
+    return (padded.view(rows, -1, per_byte) << shifts).sum(-1).to(torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, bits: int, entries: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(packed.shape[0], -1)[:, :entries]
+
+
+def compress(dense: torch.Tensor, n: int = 2, m: int = 4) -> NMWeight:
+    """Exact: decompress(compress(w)) == w for every w whose groups of m hold at most n non-zeros; raises
+    UnsupportedShape naming the first row and group that hold more."""
+    where = "nm.compress"
+    _check_nm(where, n, m)
+    if dense.dim() != 2:
+        raise UnsupportedShape(f"{where}: weight must be 2-D (out_features, in_features), got shape {tuple(dense.shape)}")
+    if dense.dtype not in FLOAT_DTYPES:
+        raise UnsupportedShape(f"{where}: dtype {dense.dtype} is not supported; fp16, bf16 or fp32 only")
+    out_features, in_features = dense.shape
+    if in_features % m:
+        raise UnsupportedShape(f"{where}: in_features={in_features} is not a multiple of m={m}")
+    groups = dense.reshape(out_features, in_features // m, m)
+    nonzero = groups != 0  # NaN counts as a non-zero (and is stored), -0.0 as a zero
+    counts = nonzero.sum(-1)
+    if bool((counts > n).any()):
+        row, group = (int(v) for v in (counts > n).nonzero()[0])
+        raise UnsupportedShape(f"{where}: row {row} group {group} has {int(counts[row, group])} non-zeros, "
+                               f"{n}:{m} allows at most {n}")
+    # Keep the non-zero positions, then the first zero positions to fill up to n: distinct indices per group.
+    position = torch.arange(m, device=dense.device)
+    key = (~nonzero).to(torch.int64) * m + position
+    keep = key.argsort(dim=-1)[..., :n].sort(dim=-1).values
+    values = groups.gather(-1, keep).reshape(out_features, -1).contiguous()
+    indices = _pack(keep.reshape(out_features, -1).to(torch.int32), index_bits(m))
+    return NMWeight((out_features, in_features), n, m, values, indices)
+
+
+def decompress(w: NMWeight) -> torch.Tensor:
+    out_features, in_features = w.shape
+    groups = in_features // w.m
+    idx = _unpack(w.indices, w.bits, groups * w.n).reshape(out_features, groups, w.n).to(torch.int64)
+    dense = torch.zeros(out_features, groups, w.m, dtype=w.dtype, device=w.device)
+    dense.scatter_(-1, idx, w.values.reshape(out_features, groups, w.n))
+    return dense.reshape(out_features, in_features)
+
+
+def _check_call(where: str, x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise UnsupportedShape(f"{where}: x dtype {x.dtype} is not supported; fp16, bf16 or fp32 only")
+    if x.dtype != w.dtype:
+        raise UnsupportedShape(f"{where}: x dtype {x.dtype} differs from the weight's {w.dtype}")
+    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise UnsupportedShape(f"{where}: x last dim {tuple(x.shape)[-1:] or '(scalar)'} must equal "
+                               f"in_features={w.shape[1]} of weight shape {w.shape}")
+    if bias is not None:
+        if bias.dtype not in FLOAT_DTYPES or tuple(bias.shape) != (w.shape[0],):
+            raise UnsupportedShape(f"{where}: bias must be a float vector of shape ({w.shape[0]},), got "
+                                   f"{bias.dtype} {tuple(bias.shape)}")
+
+
+def reference_matmul(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x[..., K] @ W^T + bias, expanded from the compressed tensors, accumulated in fp32, returned in x's dtype."""
+    _check_call("nm.reference_matmul", x, w, bias)
+    dense = decompress(w).float()
+    out = torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+@triton.jit
+def _nm_matmul_kernel(
+    x_ptr, val_ptr, idx_ptr, bias_ptr, out_ptr, ws_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_vn, stride_in, stride_om, stride_on,
+    NN: tl.constexpr, MM: tl.constexpr, MM_P2: tl.constexpr, BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # BLOCK_K counts slots: BLOCK_G groups of MM_P2 slots, the first MM of each real input columns.
+    BLOCK_G: tl.constexpr = BLOCK_K // MM_P2
+    PER_BYTE: tl.constexpr = 8 // BITS
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m  # M tiles fastest: the programs that read the same weight tile run side by side
+    pid_n = pid // num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    g_loc = tl.arange(0, BLOCK_G)
+    slot = tl.arange(0, MM_P2)
+
+    groups = K // MM
+    steps = tl.cdiv(groups, BLOCK_G)
+    steps_per_split = tl.cdiv(steps, SPLIT_K)
+    g_begin = pid_k * steps_per_split * BLOCK_G
+    g_end = tl.minimum(groups, g_begin + steps_per_split * BLOCK_G)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g0 in range(g_begin, g_end, BLOCK_G):
+        g = g0 + g_loc  # (BLOCK_G,)
+        mask_g = g < g_end
+        # x tile (BLOCK_M, BLOCK_G, MM_P2): column g*MM + slot, padding slots read as 0.
+        col = g[:, None] * MM + slot[None, :]
+        mask_x = mask_m[:, None, None] & (mask_g[:, None] & (slot[None, :] < MM))[None, :, :]
+        x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + col[None, :, :] * stride_xk, mask=mask_x, other=0.0)
+        # Expand the compressed entries p = g*NN + s of each row into a (BLOCK_N, BLOCK_G, MM_P2) tile. A group's
+        # indices are distinct, so each slot is selected at most once. Masked-off rows and groups read code 0 and
+        # value 0: they can only overwrite slots that no output uses.
+        mask_w = mask_n[:, None] & mask_g[None, :]
+        w = tl.zeros((BLOCK_N, BLOCK_G, MM_P2), dtype=val_ptr.dtype.element_ty)
+        for s in tl.static_range(NN):
+            p = g * NN + s
+            v = tl.load(val_ptr + offs_n[:, None] * stride_vn + p[None, :], mask=mask_w, other=0.0)
+            byte = tl.load(idx_ptr + offs_n[:, None] * stride_in + (p // PER_BYTE)[None, :], mask=mask_w, other=0)
+            code = (byte.to(tl.int32) >> ((p % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+            w = tl.where(code[:, :, None] == slot[None, None, :], v[:, :, None], w)
+        a = tl.reshape(x, (BLOCK_M, BLOCK_K))
+        b = tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)))
+        if DOT_F32:  # the interpreter's tl.dot mishandles bf16: it multiplies fp32 copies
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:  # fp32 weights get fp32 products, not TF32's 10-bit mantissas
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+
+    mask_o = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_o)
+    else:  # partial sums of the K slices meet in an fp32 workspace (row-major M x N); the host adds bias, casts
+        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_o)
+
+
+def _zero_workspace(nargs: dict) -> None:
+    nargs["ws_ptr"].zero_()
+
+
+def _cuda_configs() -> list[triton.Config]:
+    """Decode-sized M gets narrow tiles and split K (a 4096-row weight in 64-row tiles leaves most of an H100's
+    132 SMs idle); prefill-sized M gets the usual square-ish tensor-core tiles. Hopper: 3-4 pipeline stages."""
+    configs = []
+    for block_m, block_n, block_k, split_k, warps, stages in (
+        (16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 32, 128, 2, 4, 4), (16, 64, 128, 4, 4, 3),
+        (16, 64, 64, 2, 4, 4), (16, 128, 64, 4, 4, 3), (32, 64, 64, 1, 4, 4), (32, 64, 128, 2, 4, 3),
+        (64, 64, 64, 1, 4, 4), (64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4),
+        (128, 256, 64, 1, 8, 3),
+    ):
+        hook = _zero_workspace if split_k > 1 else None
+        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                                      "SPLIT_K": split_k}, num_warps=warps, num_stages=stages, pre_hook=hook))
+    return configs
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Tiles no wider in M than the M bucket (wasted MMA rows), split K only for decode-sized M, and K tiles
+    that hold at least one whole group of slots."""
+    m_bucket = int(named_args["M_BUCKET"])
+    mm_p2 = int(kwargs["MM_P2"])  # type: ignore[call-overload]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_K"] >= mm_p2
+            and (c.kwargs["BLOCK_M"] <= max(16, m_bucket))
+            and (c.kwargs["SPLIT_K"] == 1 or m_bucket <= 64)
+            and (m_bucket <= 64 or c.kwargs["BLOCK_M"] >= 64)]
+    return kept or [c for c in configs if c.kwargs["BLOCK_K"] >= mm_p2 and c.kwargs["SPLIT_K"] == 1][:1]
+
+
+_tuned_kernel = triton.autotune(configs=_cuda_configs(), key=["M_BUCKET", "N", "K"],
+                                prune_configs_by={"early_config_prune": _prune})(_nm_matmul_kernel)
+# The interpreter runs one fixed config (autotuning there would only multiply the runtime).
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}
+
+
+def _launch(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, config: dict[str, int] | None) -> torch.Tensor:
+    """One kernel launch on a 2-D x; `config` fixes the tile sizes (the interpreter, tests), None autotunes."""
+    M, K = x2d.shape
+    N = w.shape[0]
+    # The interpreter casts fp32 to bf16 by truncation where GPUs (and torch) round to nearest even: there the
+    # kernel stores fp32 and torch casts.
+    fp32_out = INTERPRETED and x2d.dtype == torch.bfloat16
+    out = torch.empty(M, N, dtype=torch.float32 if fp32_out else x2d.dtype, device=x2d.device)
+    ws = torch.empty(M, N, dtype=torch.float32, device=x2d.device)
+    mm_p2 = triton.next_power_of_2(w.m)
+    args = (x2d, w.values, w.indices, bias if bias is not None else out, out, ws,
+            M, N, K, triton.next_power_of_2(M),
+            x2d.stride(0), x2d.stride(1), w.values.stride(0), w.indices.stride(0), out.stride(0), out.stride(1))
+    meta = dict(NN=w.n, MM=w.m, MM_P2=mm_p2, BITS=w.bits,
+                HAS_BIAS=bias is not None, DOT_F32=INTERPRETED, IEEE=x2d.dtype == torch.float32 and not INTERPRETED)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"]
+
+    if config is None:
+        _tuned_kernel[grid](*args, **meta)
+        split_k = _tuned_kernel.best_config.kwargs["SPLIT_K"]
+    else:
+        if config["BLOCK_K"] < mm_p2 or config["BLOCK_K"] < 16 or config["BLOCK_M"] < 16 or config["BLOCK_N"] < 16:
+            raise UnsupportedShape(f"nm: config {config} needs BLOCK_M, BLOCK_N >= 16 and BLOCK_K >= "
+                                   f"max(16, {mm_p2}) (m={w.m} rounded to a power of two)")
+        split_k = config["SPLIT_K"]
+        if split_k > 1:
+            ws.zero_()
+        _nm_matmul_kernel[grid](*args, **meta, **config)
+    if split_k > 1:
+        return (ws if bias is None else ws + bias.float()).to(x2d.dtype)
+    return out.to(x2d.dtype)
+
+
+def triton_matmul(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None = None,
+                  config: dict[str, int] | None = None) -> torch.Tensor:
+    """x[..., K] @ W^T + bias on the Triton kernel, fp32 accumulation, output in x's dtype. `config` (BLOCK_M,
+    BLOCK_N, BLOCK_K, SPLIT_K) overrides the autotuned (CUDA) or fixed (interpreter) tile choice."""
+    where = "nm.triton_matmul"
+    _check_call(where, x, w, bias)
+    _check_device(where, x, w.values, w.indices, bias)
+    for name, t in (("x", x), ("values", w.values), ("indices", w.indices)):
+        if t.numel() >= INT32_LIMIT:
+            raise UnsupportedShape(f"{where}: {name} has {t.numel()} elements; the kernel's 32-bit offsets "
+                                   f"allow fewer than {INT32_LIMIT}")
+    x2d = x.reshape(-1, w.shape[1])
+    if x2d.shape[0] == 0 or w.shape[0] == 0:
+        return x.new_zeros(*x.shape[:-1], w.shape[0])
+    if x2d.shape[0] * w.shape[0] >= INT32_LIMIT:
+        raise UnsupportedShape(f"{where}: output {x2d.shape[0]}x{w.shape[0]} needs 64-bit offsets")
+    if config is None and INTERPRETED:
+        config = INTERPRETER_CONFIG
+    out = _launch(x2d, w, bias.contiguous() if bias is not None else None, config)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _check_device(where: str, x: torch.Tensor, *tensors: torch.Tensor | None) -> None:
+    devices = {t.device for t in (x, *tensors) if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"{where}: tensors on several devices {sorted(map(str, devices))}; move them to one")
+    if INTERPRETED:
+        if x.device.type != "cpu":
+            raise RuntimeError(f"{where}: Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors, x is on "
+                               f"{x.device}")
+    elif x.device.type != "cuda":
+        raise RuntimeError(f"{where}: x is on {x.device}; the Triton kernel runs on CUDA tensors, or on CPU in "
+                           "Triton's interpreter (set TRITON_INTERPRET=1 before kernels.nm is imported), or use "
+                           "nm.reference_matmul")

@@ -1,0 +1,174 @@
+"""N:M format and kernel: exact round trips, the torch reference against dense, the Triton kernel (interpreted
+without a GPU) against the reference, and UnsupportedShape for everything the format does not handle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kernels import nm
+from kernels.errors import UnsupportedShape
+from profilers.roofline import weight_bytes_per_element
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+# Output tolerance (absolute, for O(1) outputs of K <= 128 sums): a few ulps of the output dtype, since the
+# kernel's fp32 summation order differs from torch's.
+TOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float32: 1e-4}
+
+
+def nm_weight(rows: int, cols: int, n: int, m: int, dtype: torch.dtype, seed: int = 0, full: bool = False) -> torch.Tensor:
+    """Random weight obeying n:m, exactly n non-zeros per group if `full`, else 0..n (so padding is exercised).
+    Pruned entries are +0.0 (torch.where, not a product that would leave -0.0) so round trips are bitwise."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen).to(dtype)
+    w = torch.where(w == 0, torch.ones((), dtype=dtype), w)  # no accidental zeros among the kept
+    order = torch.rand(rows, cols // m, m, generator=gen).argsort(-1)
+    keep_count = torch.full((rows, cols // m, 1), n) if full else torch.randint(0, n + 1, (rows, cols // m, 1),
+                                                                                  generator=gen)
+    keep = order < keep_count
+    return torch.where(keep.reshape(rows, cols), w, torch.zeros((), dtype=dtype))
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+@pytest.mark.parametrize("shape", [(7, 32), (33, 64), (65, 128)])
+def test_round_trip_is_bitwise(shape, n, m, dtype):
+    for full in (False, True):
+        w = nm_weight(*shape, n, m, dtype, full=full)
+        c = nm.compress(w, n, m)
+        assert c.values.shape == (shape[0], shape[1] // m * n) and c.indices.dtype == torch.uint8
+        assert same_bits(nm.decompress(c), w)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 3), (3, 6)])
+def test_all_zero_and_densest_allowed(n, m):
+    zero = torch.zeros(5, 6 * m, dtype=torch.float16)
+    c = nm.compress(zero, n, m)
+    assert same_bits(nm.decompress(c), zero)
+    dense_groups = nm_weight(5, 6 * m, n, m, torch.float32, seed=3, full=True)
+    assert same_bits(nm.decompress(nm.compress(dense_groups, n, m)), dense_groups)
+
+
+def test_special_values_and_signed_zero():
+    w = torch.tensor([[float("inf"), 0.0, -0.0, -3.5, 0.0, float("-inf"), 0.0, 0.0]], dtype=torch.bfloat16)
+    out = nm.decompress(nm.compress(w, 2, 4))
+    assert torch.equal(out, w)  # -0.0 among the zeros may come back as +0.0: equal, though not the same bits
+    assert torch.isinf(out[0, 0]) and torch.isinf(out[0, 5])
+
+
+def test_index_packing():
+    assert [nm.index_bits(m) for m in (2, 3, 4, 5, 8, 9, 16)] == [1, 2, 2, 4, 4, 4, 4]
+    w = nm_weight(3, 40, 2, 4, torch.float16, full=True)  # 20 indices per row: 5 bytes at 2 bits
+    c = nm.compress(w, 2, 4)
+    assert c.indices.shape == (3, 5)
+    c8 = nm.compress(nm_weight(3, 24, 3, 8, torch.float16), 3, 8)  # 9 indices per row at 4 bits: 5 bytes
+    assert c8.indices.shape == (3, 5)
+
+
+def test_nbytes_match_the_roofline_model():
+    c = nm.compress(nm_weight(64, 256, 2, 4, torch.float16), 2, 4)
+    assert c.nbytes == 64 * 256 * weight_bytes_per_element("2:4", 0.5)
+    c48 = nm.compress(nm_weight(64, 256, 4, 8, torch.float16), 4, 8)
+    assert c48.nbytes == 64 * 256 // 2 * 2 + 64 * 256 // 2 // 2  # fp16 values + 4-bit indices
+
+
+def test_tensors_round_trip_through_safetensors(tmp_path):
+    w = nm_weight(9, 64, 4, 8, torch.bfloat16)
+    c = nm.compress(w, 4, 8)
+    t = c.tensors()
+    assert t["shape"].dtype == torch.int64 and t["nm"].tolist() == [4, 8]
+    save_file({k: v.contiguous() for k, v in t.items()}, tmp_path / "w.safetensors")
+    back = nm.NMWeight.from_tensors(load_file(tmp_path / "w.safetensors"))
+    assert back.shape == (9, 64) and (back.n, back.m) == (4, 8)
+    assert same_bits(nm.decompress(back), w)
+    with pytest.raises(UnsupportedShape, match="missing"):
+        nm.NMWeight.from_tensors({"values": t["values"]})
+    with pytest.raises(UnsupportedShape, match="values shape"):
+        nm.NMWeight.from_tensors({**t, "values": t["values"][:, 1:]})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_matches_dense(dtype):
+    w = nm_weight(33, 64, 2, 4, dtype)
+    c = nm.compress(w, 2, 4)
+    x = torch.randn(2, 5, 64).to(dtype)
+    bias = torch.randn(33).to(dtype)
+    expect = (x.float() @ w.float().T + bias.float()).to(dtype)
+    got = nm.reference_matmul(x, c, bias)
+    assert got.dtype == dtype and got.shape == (2, 5, 33)
+    torch.testing.assert_close(got.float(), expect.float(), atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(nm.reference_matmul(x, c).float(), (x.float() @ w.float().T).to(dtype).float(),
+                               atol=TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m,shape", [(2, 4, (33, 64)), (4, 8, (40, 96))])
+def test_triton_matches_reference(n, m, shape, dtype):
+    w = nm_weight(*shape, n, m, dtype, seed=1)
+    c = nm.compress(w, n, m)
+    bias = torch.randn(shape[0]).to(dtype)
+    for rows in (1, 5, 33):
+        x = torch.randn(rows, shape[1]).to(dtype)
+        got = nm.triton_matmul(x, c, bias if rows != 5 else None)
+        expect = nm.reference_matmul(x, c, bias if rows != 5 else None)
+        assert got.dtype == dtype and got.shape == (rows, shape[0])
+        torch.testing.assert_close(got.float(), expect.float(), atol=TOL[dtype], rtol=0)
+
+
+def test_triton_split_k_batched_input_and_odd_m():
+    # Split K (the decode path on GPU) sums partial tiles atomically in fp32; a 3-D x; m = 6 (not a power of two,
+    # 8 slots per group with two masked); a transposed (strided) x.
+    w = nm_weight(24, 96, 3, 6, torch.float16, seed=2)
+    c = nm.compress(w, 3, 6)
+    x = torch.randn(2, 3, 96).to(torch.float16)
+    bias = torch.randn(24).to(torch.float16)
+    expect = nm.reference_matmul(x, c, bias)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3}
+    for got in (nm.triton_matmul(x, c, bias), nm.triton_matmul(x, c, bias, config=cfg)):
+        assert got.shape == (2, 3, 24)
+        torch.testing.assert_close(got.float(), expect.float(), atol=1e-2, rtol=0)
+    xt = torch.randn(96, 4).to(torch.float16).T  # non-contiguous rows
+    torch.testing.assert_close(nm.triton_matmul(xt, c).float(), nm.reference_matmul(xt, c).float(), atol=1e-2,
+                               rtol=0)
+    assert nm.triton_matmul(x[:0], c).shape == (0, 3, 24)
+
+
+def test_errors_name_value_and_constraint():
+    w = nm_weight(6, 32, 2, 4, torch.float16)
+    bad = w.clone()
+    bad[3, 20:23] = 1.0  # row 3, group 5: three non-zeros
+    with pytest.raises(UnsupportedShape, match=r"row 3 group 5 has 3 non-zeros, 2:4 allows at most 2"):
+        nm.compress(bad, 2, 4)
+    with pytest.raises(UnsupportedShape, match=r"in_features=30 is not a multiple of m=4"):
+        nm.compress(torch.zeros(4, 30), 2, 4)
+    with pytest.raises(UnsupportedShape, match=r"n=4 must satisfy 1 <= n < m=4"):
+        nm.compress(w, 4, 4)
+    with pytest.raises(UnsupportedShape, match=r"m=32 must be in \[2, 16\]"):
+        nm.compress(torch.zeros(4, 64), 2, 32)
+    with pytest.raises(UnsupportedShape, match=r"dtype torch.int32"):
+        nm.compress(torch.zeros(4, 32, dtype=torch.int32), 2, 4)
+    with pytest.raises(UnsupportedShape, match=r"2-D"):
+        nm.compress(torch.zeros(32), 2, 4)
+    c = nm.compress(w, 2, 4)
+    for fn in (nm.reference_matmul, nm.triton_matmul):
+        with pytest.raises(UnsupportedShape, match=r"x last dim \(31,\) must equal in_features=32"):
+            fn(torch.zeros(3, 31, dtype=torch.float16), c)
+        with pytest.raises(UnsupportedShape, match=r"x dtype torch.int64"):
+            fn(torch.zeros(3, 32, dtype=torch.int64), c)
+        with pytest.raises(UnsupportedShape, match=r"differs from the weight's torch.float16"):
+            fn(torch.zeros(3, 32), c)
+        with pytest.raises(UnsupportedShape, match=r"bias must be a float vector of shape \(6,\)"):
+            fn(torch.zeros(3, 32, dtype=torch.float16), c, torch.zeros(5, dtype=torch.float16))
+
+
+def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
+    c = nm.compress(nm_weight(4, 32, 2, 4, torch.float16), 2, 4)
+    monkeypatch.setattr(nm, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match=r"CUDA"):
+        nm.triton_matmul(torch.zeros(1, 32, dtype=torch.float16), c)
