@@ -55,14 +55,14 @@ def build_deployable(dense: nn.Module, shape: ModelShape, allocation: dict[str, 
 
 
 def load_sparse_units(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """For a reloaded checkpoint: build the sparse units' SparseLinear modules from their stored tensors, which
-    are removed from `state` (the rest loads as usual)."""
+    """For a reloaded checkpoint: build the sparse units' SparseLinear modules from their stored tensors (they
+    stay in `state`, whose load then assigns the same tensors)."""
     layers = decoder_layers(model)
     for layer, kind, _pattern in sparse_units(model):
         block = getattr(layers[layer], BLOCK_ATTRIBUTE[kind])
         for name in UNIT_LINEARS[kind]:
             prefix = f"model.layers.{layer}.{BLOCK_ATTRIBUTE[kind]}.{name}."
-            tensors = {key[len(prefix):]: state.pop(key) for key in [k for k in state if k.startswith(prefix)]}
+            tensors = {key[len(prefix):]: t for key, t in state.items() if key.startswith(prefix)}
             if not tensors:
                 raise ValueError(f"checkpoint has no tensors for sparse linear {prefix[:-1]}")
             setattr(block, name, SparseLinear.from_state_dict(tensors))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import math
 import os
 import random
 import re
@@ -219,7 +218,7 @@ def _kernel_module(name: str):
     return importlib.import_module(f"kernels.{name}")
 
 
-def _clone(module, w: object) -> object:
+def _clone(w: object) -> object:
     return type(w).from_tensors({k: v.clone() for k, v in w.tensors().items()})  # type: ignore[attr-defined]
 
 
@@ -247,15 +246,18 @@ def build_variant(spec: Spec, base: torch.Tensor, l2_bytes: int) -> Variant:
 
     dense = pruned_weight(base, spec)
     if spec.fmt == "dense":
+        call, first = F.linear, dense
+        nbytes = dense.numel() * dense.element_size()
+
         def make() -> object:
             return dense.clone()
-        call, nbytes = F.linear, dense.numel() * dense.element_size()
     elif spec.kernel.startswith("torch-2:4"):
         cutlass = spec.kernel.endswith("cutlass")
+        call, first = F.linear, _semi_structured(dense, cutlass)
+        nbytes = _semi_structured_nbytes(first)
 
         def make() -> object:
             return _semi_structured(dense, cutlass)
-        call, nbytes = F.linear, _semi_structured_nbytes(make())
     else:
         module = _kernel_module({"2:4": "nm", "bitmap": "bitmap", "bsr": "bsr"}[spec.fmt])
         if spec.fmt == "2:4":
@@ -264,12 +266,12 @@ def build_variant(spec: Spec, base: torch.Tensor, l2_bytes: int) -> Variant:
             first = module.compress(dense, spec.block)
         else:
             first = module.compress(dense)
+        call, nbytes = module.triton_matmul, int(first.nbytes)
 
         def make() -> object:
-            return _clone(module, first)
-        call, nbytes = module.triton_matmul, int(first.nbytes)
-    copies = [make() for _ in range(rotation_count(l2_bytes, nbytes, limit=MAX_COPIES))]
-    return Variant(spec, dense, call, copies, nbytes)
+            return _clone(first)
+    count = rotation_count(l2_bytes, nbytes, limit=MAX_COPIES)
+    return Variant(spec, dense, call, [first] + [make() for _ in range(count - 1)], nbytes)
 
 
 # ---- timing (CUDA) ----
@@ -465,8 +467,8 @@ def main(quick: bool = False) -> dict:
                              "GPU; unset it to benchmark")
     cfg = settings(quick)
     env = gpu_environment()
-    spec = next((d for d in DEVICES.values() if d.is_gpu and d.name == env["gpu"]), None)
-    numbers = (spec.bandwidth, spec.flops) if spec else (None, None)
+    device_spec = next((d for d in DEVICES.values() if d.is_gpu and d.name == env["gpu"]), None)
+    numbers = (device_spec.bandwidth, device_spec.flops) if device_spec else (None, None)
     rows: list[dict] = []
     for name, (n, k) in cfg.shapes.items():
         rows += bench_shape(name, n, k, cfg, numbers, env["l2_bytes"])
