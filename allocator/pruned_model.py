@@ -194,7 +194,7 @@ def leading_levels(dense: nn.Module, shape: ModelShape) -> LevelSource:
             weights = {}
             for name in UNIT_LINEARS[kind]:
                 w = getattr(block, name).weight.detach()
-                weights[name] = w * select_mask(w.abs().float(), pattern).to(w.dtype)
+                weights[name] = torch.where(select_mask(w.abs().float(), pattern), w, 0.0)
             return SparseUnitWeights(weights)
         idx = torch.arange(kept)
         if kind == ATTN:

@@ -160,7 +160,7 @@ def sparse_patterns(cfg: SpaceConfig) -> list[SparsityPattern]:
 
 def check_pattern_fits(shape: ModelShape, pattern: SparsityPattern) -> None:
     """Every linear of both unit kinds must carry the pattern exactly (N:M groups, whole blocks)."""
-    for rows, cols in {s for kind in (ATTN, MLP) for s in unit_linear_shapes(shape, kind)}:
+    for rows, cols in dict.fromkeys(s for kind in (ATTN, MLP) for s in unit_linear_shapes(shape, kind)):
         try:
             pattern.check_shape((rows, cols))
         except ValueError as exc:

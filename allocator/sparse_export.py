@@ -45,7 +45,8 @@ def compress_sparse_units(model: nn.Module) -> nn.Module:
         block = getattr(layers[layer], BLOCK_ATTRIBUTE[kind])
         for name in UNIT_LINEARS[kind]:
             linear = getattr(block, name)
-            setattr(block, name, SparseLinear.from_dense(linear.weight.detach(), linear.bias, fmt, **params))
+            weight = linear.weight.detach() + 0.0  # -0.0 → +0.0: the bitmap stores any non-zero bit pattern
+            setattr(block, name, SparseLinear.from_dense(weight, linear.bias, fmt, **params))
     return model
 
 
@@ -73,7 +74,7 @@ def stored_bytes(pattern: SparsityPattern, rows: int, cols: int, dtype: torch.dt
     """Bytes one (rows, cols) linear pruned to `pattern` takes in its export format (a magnitude mask of a fixed
     random matrix: the format's size depends on the pattern's counts, not on which weights are kept)."""
     weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)).to(dtype)
-    weight = weight * select_mask(weight.abs().float(), pattern).to(dtype)
+    weight = torch.where(select_mask(weight.abs().float(), pattern), weight, 0.0)
     fmt, params = export_format(pattern)
     return SparseLinear.from_dense(weight, None, fmt, **params).weight_nbytes
 

@@ -247,12 +247,12 @@ def _bsr_matmul_kernel(
 
 
 def _cuda_configs() -> list[triton.Config]:
-    """Step widths (GROUP * block_cols) of 32-128 columns, M tiles 16-128, 3-5 stages: Hopper hides the gathered,
+    """Step widths (GROUP * block_cols) of 32-128 columns, M tiles 16-128, 3-4 stages: Hopper hides the gathered,
     index-dependent loads behind the MMAs only with several loads in flight."""
     configs = []
     for block_m in (16, 32, 64, 128):
         for group in (1, 2, 4, 8):
-            for stages in (3, 4, 5):
+            for stages in (3, 4):
                 warps = 8 if block_m == 128 else 4
                 configs.append(triton.Config({"BLOCK_M": block_m, "GROUP": group}, num_warps=warps,
                                              num_stages=stages))

@@ -230,10 +230,16 @@ def _nm_matmul_kernel(
     for g0 in range(g_begin, g_end, BLOCK_G):
         g = g0 + g_loc  # (BLOCK_G,)
         mask_g = g < g_end
-        # x tile (BLOCK_M, BLOCK_G, MM_P2): column g*MM + slot, padding slots read as 0.
-        col = g[:, None] * MM + slot[None, :]
-        mask_x = mask_m[:, None, None] & (mask_g[:, None] & (slot[None, :] < MM))[None, :, :]
-        x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + col[None, :, :] * stride_xk, mask=mask_x, other=0.0)
+        if MM == MM_P2:  # slots are columns: one contiguous (BLOCK_M, BLOCK_K) tile, vectorised loads
+            col = g0 * MM + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xk,
+                        mask=mask_m[:, None] & (col < g_end * MM)[None, :], other=0.0)
+        else:  # (BLOCK_M, BLOCK_G, MM_P2): column g*MM + slot, the padding slots read as 0
+            col3 = g[:, None] * MM + slot[None, :]
+            mask_x = mask_m[:, None, None] & (mask_g[:, None] & (slot[None, :] < MM))[None, :, :]
+            x3 = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + col3[None, :, :] * stride_xk, mask=mask_x,
+                         other=0.0)
+            a = tl.reshape(x3, (BLOCK_M, BLOCK_K))
         # Expand the compressed entries p = g*NN + s of each row into a (BLOCK_N, BLOCK_G, MM_P2) tile. A group's
         # indices are distinct, so each slot is selected at most once. Masked-off rows and groups read code 0 and
         # value 0: they can only overwrite slots that no output uses.
@@ -245,7 +251,6 @@ def _nm_matmul_kernel(
             byte = tl.load(idx_ptr + offs_n[:, None] * stride_in + (p // PER_BYTE)[None, :], mask=mask_w, other=0)
             code = (byte.to(tl.int32) >> ((p % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
             w = tl.where(code[:, :, None] == slot[None, None, :], v[:, :, None], w)
-        a = tl.reshape(x, (BLOCK_M, BLOCK_K))
         b = tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)))
         if DOT_F32:  # the interpreter's tl.dot mishandles bf16: it multiplies fp32 copies
             a = a.to(tl.float32)

@@ -328,10 +328,15 @@ def _row(spec: Spec, name: str, n: int, k: int, m: int, status: str, reason: str
             "status": status, "reason": reason, **extra}
 
 
+Sampler = Callable[[list[Callable[[], object]]], tuple[Callable[[], float], str, object]]
+
+
 def bench_shape(name: str, n: int, k: int, cfg: Settings, device_numbers: tuple[float | None, float | None],
-                l2_bytes: int, seed: int = 0) -> list[dict]:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    base = (torch.randn(n, k, generator=gen, device="cuda") * 0.02).to(DTYPE)
+                l2_bytes: int, seed: int = 0, device: str = "cuda", sampler: Sampler = make_sampler) -> list[dict]:
+    """Rows for every variant and M on one weight shape. `device` and `sampler` are for tests of the bookkeeping
+    on CPU (Triton's interpreter, a wall-clock sampler)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    base = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(DTYPE)
     variants: dict[str, Variant] = {}
     rows: list[dict] = []
     skipped: dict[str, str] = {}
@@ -342,7 +347,7 @@ def bench_shape(name: str, n: int, k: int, cfg: Settings, device_numbers: tuple[
             skipped[spec.label] = f"{type(exc).__name__}: {exc}"
     dense_bytes = n * k * ELEMENT_BYTES
     for m in cfg.ms:
-        x = (torch.randn(m, k, generator=gen, device="cuda")).to(DTYPE)
+        x = torch.randn(m, k, generator=gen, device=device).to(DTYPE)
         samplers: dict[str, tuple[Callable[[], float], str, object]] = {}
         errors: dict[str, float] = {}
         failed = dict(skipped)
@@ -350,7 +355,7 @@ def bench_shape(name: str, n: int, k: int, cfg: Settings, device_numbers: tuple[
             try:
                 y = v.call(x, v.copies[0])
                 errors[label] = _error(y, F.linear(x, v.dense))
-                samplers[label] = make_sampler([lambda w=w, v=v: v.call(x, w) for w in v.copies])
+                samplers[label] = sampler([lambda w=w, v=v: v.call(x, w) for w in v.copies])
             except Exception as exc:
                 failed[label] = f"{type(exc).__name__}: {exc}"
         samples: dict[str, list[float]] = {label: [] for label in samplers}

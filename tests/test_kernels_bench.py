@@ -1,0 +1,121 @@
+"""The GPU kernel benchmark: without CUDA it refuses clearly; its pure helpers (roofline ideal, timing summaries,
+pruning patterns, file naming, plot) are checked on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from allocator.benchmarks import kernels as kb
+from allocator.errors import UserInputError
+from kernels import bsr, nm
+from profilers.devices import DEVICES
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_main_refuses_without_cuda(capsys):
+    with pytest.raises(UserInputError, match="CUDA"):
+        kb.main(quick=True)
+    with pytest.raises(SystemExit) as exit_info:
+        kb.cli(["--quick"])
+    assert exit_info.value.code == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_roofline_ideal_speedup():
+    # 2:4 in fp16 stores 2 values + 2 two-bit indices per 4 elements: 4.5 B per 8 B dense.
+    w = nm.compress(kb.prune_2_4(torch.randn(64, 128).half()), 2, 4)
+    dense_bytes = 64 * 128 * 2
+    assert kb.roofline_ideal_speedup(dense_bytes, w.nbytes) == pytest.approx(8 / 4.5)
+    # Activations are read and written by both, so they pull the ideal toward 1.
+    with_act = kb.roofline_ideal_speedup(dense_bytes, w.nbytes, kb.activation_bytes(16, 64, 128))
+    assert 1 < with_act < 8 / 4.5
+    assert kb.roofline_ideal_speedup(100, 100) == 1.0
+    for bad in ((0, 10), (10, 0), (10, 10, -1)):
+        with pytest.raises(ValueError):
+            kb.roofline_ideal_speedup(*bad)
+
+
+def test_dense_memory_bound():
+    h100 = DEVICES["h100"]
+    assert kb.dense_memory_bound(1, 4096, 14336, h100.bandwidth, h100.flops) is True
+    assert kb.dense_memory_bound(1024, 4096, 14336, h100.bandwidth, h100.flops) is False
+    assert kb.dense_memory_bound(1, 4096, 4096, None, None) is None
+
+
+def test_summarise_and_paired_speedup():
+    s = kb.summarise([float(v) for v in range(1, 12)])  # 1..11
+    assert s == {"median": 6.0, "p10": 2.0, "p90": 10.0, "n": 11}
+    p = kb.paired_speedup([10.0, 20.0, 30.0], [5.0, 10.0, 10.0])
+    assert p["median"] == 2.0 and p["n"] == 3 and p["p90"] == 3.0
+    with pytest.raises(ValueError):
+        kb.paired_speedup([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        kb.summarise([])
+
+
+def test_variants_settings_and_names():
+    specs = kb.variant_specs(kb.SPARSITIES)
+    assert specs[0].kernel == kb.BASELINE
+    assert {s.sparsity for s in specs if s.fmt == "2:4"} == {0.5}
+    assert {s.sparsity for s in specs if s.fmt in ("bitmap", "bsr")} == set(kb.SPARSITIES)
+    assert len({s.label for s in specs}) == len(specs)
+    assert not [s for s in kb.variant_specs((0.7,)) if s.fmt == "2:4"]
+    full, quick = kb.settings(False), kb.settings(True)
+    assert full.ms == (1, 4, 16, 64, 256, 1024) and len(full.shapes) == 6
+    assert kb.PLOT_SHAPE in full.shapes.values() and kb.PLOT_SHAPE in quick.shapes.values()
+    assert kb.result_name("NVIDIA H100 80GB HBM3", False) == "NVIDIA_H100_80GB_HBM3"
+    assert kb.result_name("NVIDIA H100 80GB HBM3", True) == "NVIDIA_H100_80GB_HBM3-quick"
+    rounds = kb.schedule(["a", "b", "c"], 4, seed=1)
+    assert rounds == kb.schedule(["a", "b", "c"], 4, seed=1) and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+
+
+def test_pruning_patterns_are_exact():
+    w = torch.randn(32, 128).half()
+    u = kb.prune_unstructured(w, 0.7)
+    assert ((u != 0).sum(1) == 128 - round(0.7 * 128)).all()
+    nm.compress(kb.prune_2_4(w), 2, 4)  # raises if any group of 4 kept more than 2
+    assert (kb.prune_2_4(w) != 0).sum() == 32 * 128 // 2
+    b = kb.prune_blocks(w, (16, 32), 0.5)
+    assert bsr.compress(b, (16, 32)).nnz_blocks == 4  # of 8 blocks
+    for spec in kb.variant_specs((0.5,)):
+        assert kb.pruned_weight(w, spec).shape == w.shape
+
+
+def test_plot_speedups(tmp_path):
+    rows = [
+        {"shape": [4096, 14336], "status": "ok", "kernel": k, "label": k, "M": m, "ideal_speedup": 1.7,
+         "speedup_vs_cublas": {"median": 1.2, "p10": 1.1, "p90": 1.3}}
+        for k in ("cublas-dense", "triton-nm-2:4") for m in (1, 16, 256)
+    ]
+    path = kb.plot_speedups(rows, (4096, 14336), tmp_path / "p.png", "test")
+    assert path is not None and path.stat().st_size > 0
+    assert kb.plot_speedups(rows, (576, 576), tmp_path / "q.png", "none") is None
+
+
+def test_bench_shape_bookkeeping_on_cpu():
+    # The whole per-shape loop with the Triton kernels interpreted and a wall-clock sampler: every variant gets a
+    # row; torch's 2:4 (CUDA only) is skipped with its reason; the others are correct and carry their numbers.
+    import time
+
+    def wall_clock(calls):
+        def sample() -> float:
+            start = time.perf_counter()
+            for call in calls:
+                call()
+            return (time.perf_counter() - start) * 1e6 / len(calls)
+        return sample, "wall-clock", calls
+
+    cfg = kb.Settings(True, {"tiny": (64, 128)}, (1,), (0.5,), repeats=2, warmup_rounds=1)
+    rows = kb.bench_shape("tiny", 64, 128, cfg, (None, None), l2_bytes=0, device="cpu", sampler=wall_clock)
+    by_kernel = {r["kernel"]: r for r in rows}
+    assert len(rows) == len(kb.variant_specs((0.5,)))
+    for name in ("torch-2:4-cusparselt", "torch-2:4-cutlass"):
+        assert by_kernel[name]["status"] == "skipped" and by_kernel[name]["reason"]
+    for name in ("cublas-dense", "triton-nm-2:4", "triton-bitmap", "triton-bsr-16x16", "triton-bsr-32x32"):
+        row = by_kernel[name]
+        assert row["status"] == "ok", row
+        assert row["us"]["n"] == 2 and row["speedup_vs_cublas"]["n"] == 2 and row["copies"] == 1
+        assert row["fraction_of_ideal"] == pytest.approx(row["speedup_vs_cublas"]["median"] / row["ideal_speedup"])
+    assert by_kernel["cublas-dense"]["ideal_speedup"] == 1.0
+    assert by_kernel["triton-nm-2:4"]["weight_bytes"] == 64 * 128 * 9 // 8

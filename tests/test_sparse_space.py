@@ -1,0 +1,140 @@
+"""Sparse options end to end on the tiny Llama: space, database, costs, stitched = compressed = reloaded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from allocator.compress.masks import SparsityPattern
+from allocator.config import SpaceConfig
+from allocator.errors import UserInputError
+from allocator.level_database import open_or_build_database
+from allocator.memory import decoder_weight_count, unit_weight_bytes, weight_bytes
+from allocator.pruned_model import SPARSE_KEY, UNIT_LINEARS, BLOCK_ATTRIBUTE, build_pruned_model, decoder_layers
+from allocator.runtime import load_pruned
+from allocator.space import ATTN, MLP, ModelShape, build_space, is_sparse, option_params
+from allocator.sparse_export import build_deployable
+from kernels.sparse_linear import SparseLinear
+from profilers.devices import DEVICES
+from profilers.regimes import Regime
+from profilers.roofline import attention_unit_seconds, mlp_unit_seconds
+
+
+@pytest.fixture(scope="module")
+def mixed_db(tiny, tmp_path_factory):
+    loaded, shape, _ = tiny
+    cfg = SpaceConfig(kind="mixed", mlp_step=32, fisher_sequences=4)
+    units = build_space(shape, cfg)
+    calibration = torch.randint(0, shape.vocab, (8, 32), generator=torch.Generator().manual_seed(0))
+    db = open_or_build_database(loaded.model, shape, units, calibration, "tiny", "random", cfg,
+                                tmp_path_factory.mktemp("cache"), batch_size=4)
+    return loaded.model, shape, units, db, calibration
+
+
+def test_space_kinds_order_options_by_kept_weights(tiny):
+    _, shape, _ = tiny
+    for kind in ("unstructured", "nm", "mixed"):
+        units = build_space(shape, SpaceConfig(kind=kind, mlp_step=32, allow_drop=False))
+        for unit in units:
+            params = [option_params(shape, unit.kind, o) for o in unit.options]
+            assert params == sorted(params) and unit.options[-1] == unit.full
+            assert any(is_sparse(o) for o in unit.options)
+    unstructured = build_space(shape, SpaceConfig(kind="unstructured", allow_drop=False))[0].options
+    assert unstructured == ("unstructured90", "unstructured80", "unstructured70", "unstructured60", "unstructured50",
+                            "unstructured40", "unstructured30", "unstructured20", "unstructured10", shape.num_kv_heads)
+    assert build_space(shape, SpaceConfig(kind="nm", allow_drop=False))[1].options == ("2:4", "4:8", shape.intermediate)
+    structured = build_space(shape, SpaceConfig(mlp_step=32))[1].options
+    assert structured == (0, 32, 64, 96, 128)  # structured spaces are unchanged
+
+
+@pytest.mark.parametrize(
+    "cfg, named",
+    [
+        (SpaceConfig(kind="sparse"), "space.kind='sparse'"),
+        (SpaceConfig(kind="unstructured", sparsities=[0.5, 1.2]), "space.sparsities has 1.2"),
+        (SpaceConfig(kind="nm", nm_patterns=["2:5x"]), "space.nm_patterns has '2:5x'"),
+        (SpaceConfig(kind="nm", nm_patterns=["4:4"]), "space.nm_patterns has '4:4'"),
+        (SpaceConfig(kind="nm", nm_patterns=["2:3"]), "space option 2:3 does not fit this model: pattern 2:3: in=64 is not divisible by m=3"),
+        (SpaceConfig(kind="mixed", block=[48, 16]), "block=(48, 16)"),
+        (SpaceConfig(kind="unstructured", pruner="obs"), "space.pruner='obs'"),
+        (SpaceConfig(kind="unstructured", sparsities=[]), "no sparse options"),
+    ],
+)
+def test_bad_space_names_the_value(tiny, cfg, named):
+    _, shape, _ = tiny
+    with pytest.raises(UserInputError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        build_space(shape, cfg)
+
+
+def test_database_levels_carry_their_pattern_and_exact_counts(mixed_db):
+    dense, shape, units, db, _ = mixed_db
+    for unit in units[:2]:
+        for option in unit.options:
+            if not is_sparse(option):
+                continue
+            errors = db.errors[unit.name][option]
+            assert errors["fisher"] > 0 and errors["absolute"] > 0 and 0 < errors["relative"] < 1
+            level = db.level(unit.layer, unit.kind, option)
+            assert set(level.weights) == set(UNIT_LINEARS[unit.kind])
+            kept = sum(int(w.count_nonzero()) for w in level.weights.values())
+            assert kept == option_params(shape, unit.kind, option)  # the budgets count exactly what is stored
+            pattern = SparsityPattern.parse(option)
+            if pattern.kind == "nm":
+                for w in level.weights.values():
+                    groups = (w != 0).reshape(w.shape[0], -1, pattern.m).sum(-1)
+                    assert int(groups.max()) <= pattern.n
+    # More sparsity, more error: SparseGPT's levels of one unit grow with the fraction removed.
+    unit = units[1]
+    ladder = [db.error(unit.name, f"unstructured{p}", "absolute") for p in (10, 30, 50, 70, 90)]
+    assert ladder == sorted(ladder)
+
+
+def test_stitched_compressed_and_reloaded_models_agree(tiny, mixed_db, tmp_path):
+    from allocator.export import export_checkpoint
+
+    dense, shape, units, db, calibration = mixed_db
+    allocation = {u.name: u.full for u in units}
+    formats = {units[0].name: "unstructured70", units[1].name: "2:4", units[3].name: "block16x16-50", units[4].name: 1}
+    allocation.update(formats)
+    stitched = build_pruned_model(dense, shape, allocation, db.source)
+    deployed = build_deployable(dense, shape, allocation, db.source)
+    kinds = {type(m.compressed()).__name__ for m in deployed.modules() if isinstance(m, SparseLinear)}
+    assert kinds == {"BitmapWeight", "NMWeight", "BSRWeight"}
+    tokens = calibration[:2]
+    with torch.inference_mode():
+        want = stitched(tokens).logits
+        assert torch.allclose(deployed(tokens).logits, want, atol=1e-4, rtol=1e-4)
+    plan = {"allocation": allocation}
+    export_checkpoint(deployed, tiny[0].tokenizer, tmp_path, plan)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config[SPARSE_KEY][ATTN][0] == "unstructured70" and config[SPARSE_KEY][MLP][0] == "2:4"
+    reloaded, _, saved_plan = load_pruned(tmp_path)
+    assert saved_plan == plan
+    with torch.inference_mode():
+        assert torch.allclose(reloaded(tokens).logits, want, atol=1e-4, rtol=1e-4)
+    # Weight bytes: the memory model prices each sparse unit as its compressed format stores it.
+    dtype_bytes = next(dense.parameters()).element_size()
+    for unit_index, option in ((0, "unstructured70"), (1, "2:4"), (3, "block16x16-50")):
+        unit = units[unit_index]
+        block = getattr(decoder_layers(reloaded)[unit.layer], BLOCK_ATTRIBUTE[unit.kind])
+        stored = sum(getattr(block, name).weight_nbytes for name in UNIT_LINEARS[unit.kind])
+        assert unit_weight_bytes(shape, unit.kind, option, dtype_bytes) == stored + shape.hidden * dtype_bytes
+    assert weight_bytes(reloaded) < weight_bytes(dense)
+    dense_count = decoder_weight_count(dense)
+    kept = sum(option_params(shape, u.kind, allocation[u.name]) for u in units)
+    assert decoder_weight_count(reloaded) == kept < dense_count
+
+
+def test_roofline_prices_formats_by_their_bytes(tiny):
+    _, shape, _ = tiny
+    big = ModelShape(num_layers=1, hidden=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate=14336, vocab=32000)
+    decode = Regime("decode_b1", "decode", 1, 128)
+    h100 = DEVICES["h100"]
+    dense = mlp_unit_seconds(h100, big, decode, big.intermediate)
+    bitmap70 = mlp_unit_seconds(h100, big, decode, "unstructured70")
+    two_four = mlp_unit_seconds(h100, big, decode, "2:4")
+    assert bitmap70 < two_four < dense  # memory bound: fewer bytes, less time
+    assert 2.0 < dense / bitmap70 < 2.54  # below the ideal byte ratio: norm, SiLU and launches do not shrink
+    assert attention_unit_seconds(h100, big, decode, "unstructured50") < attention_unit_seconds(h100, big, decode, 8)
