@@ -305,7 +305,10 @@ def problem_json(problem: AllocationProblem, costs: RegimeCosts, param_budget: b
         "fixed_ms": costs.fixed_ms,
         "budget": problem.budget,
         "units": [
-            {"name": n, "kind": k, "options": list(o), "cost": c.tolist(), "error": e.tolist()}
-            for n, k, o, c, e in zip(problem.unit_names, problem.unit_kinds, problem.options, problem.costs, problem.errors)
+            {"name": n, "kind": k, "options": list(o), "cost": c.tolist(), "error": e.tolist(),
+             "kept_fraction": problem.fractions(u).tolist()}
+            for u, (n, k, o, c, e) in enumerate(
+                zip(problem.unit_names, problem.unit_kinds, problem.options, problem.costs, problem.errors)
+            )
         ],
     }

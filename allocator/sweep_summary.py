@@ -57,7 +57,7 @@ def summarize_sweep(sweep_dir: Path) -> dict:
     overrides = {names[d]: _read_overrides(d) for d in run_dirs}
     varying = _varying_keys([*overrides.values(), *(expected or [])])
     plans = {names[d]: json.loads((d / PLAN).read_text()) for d in run_dirs if (d / PLAN).is_file()}
-    rows = sorted((_row(names[d], overrides[names[d]], plans[names[d]], varying, _full_widths(d, plans))
+    rows = sorted((_row(names[d], overrides[names[d]], plans[names[d]], varying, _option_fractions(d, plans))
                    for d in run_dirs if names[d] in plans),
                   key=lambda r: (r["profile"], _budget_key(r["budget"]), r["job"] if r["job"] is not None else -1))
     missing = [{"run": name, "overrides": overrides[name], "reason": "no plan.json"}
@@ -137,30 +137,32 @@ def _expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     return [list(job) for job in itertools.product(*choices.values())]
 
 
-def _full_widths(run_dir: Path, plans: dict[str, dict]) -> dict[str, int]:
-    """Dense width of every unit, from the run's problem.json (its options end with the dense one); without one, the
-    widest kept anywhere in the sweep stands in."""
+def _option_fractions(run_dir: Path, plans: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Per unit, the share of its weights each option keeps, from the run's problem.json; without one (structured
+    runs only), each width over the widest kept anywhere in the sweep."""
     problem = run_dir / "problem.json"
     if problem.is_file():
-        return {u["name"]: max(u["options"]) for u in json.loads(problem.read_text())["units"]}
+        units = json.loads(problem.read_text())["units"]
+        shares = {u["name"]: u.get("kept_fraction") or [o / u["options"][-1] for o in u["options"]] for u in units}
+        return {u["name"]: {str(o): f for o, f in zip(u["options"], shares[u["name"]])} for u in units}
     full: dict[str, int] = {}
     for plan in plans.values():
         for name, kept in plan["allocation"].items():
             full[name] = max(full.get(name, 0), kept)
-    return full
+    return {name: {str(k): k / width if width else 0.0 for k in range(width + 1)} for name, width in full.items()}
 
 
-def kept_fractions(allocation: dict[str, int], full: dict[str, int]) -> dict[str, list[float]]:
-    """Per unit kind ("attn", "mlp"), the kept fraction of each layer in layer order."""
+def kept_fractions(allocation: dict[str, int | str], fractions: dict[str, dict[str, float]]) -> dict[str, list[float]]:
+    """Per unit kind ("attn", "mlp"), the kept share of each layer's weights in layer order."""
     by_kind: dict[str, dict[int, float]] = {}
     for name, kept in allocation.items():
         m = UNIT_NAME.match(name)
         if m:
-            by_kind.setdefault(m.group(2), {})[int(m.group(1))] = kept / full[name] if full.get(name) else 0.0
+            by_kind.setdefault(m.group(2), {})[int(m.group(1))] = fractions.get(name, {}).get(str(kept), 0.0)
     return {kind: [layers[i] for i in sorted(layers)] for kind, layers in sorted(by_kind.items())}
 
 
-def _row(name: str, overrides: list[str], plan: dict, varying: set[str], full: dict[str, int]) -> dict:
+def _row(name: str, overrides: list[str], plan: dict, varying: set[str], fractions: dict[str, dict[str, float]]) -> dict:
     b, p, q, u = plan["budget"], plan["predicted"], plan.get("quality", {}), plan.get("uniform", {})
     m = plan.get("measured") or {}
     return {
@@ -187,7 +189,7 @@ def _row(name: str, overrides: list[str], plan: dict, varying: set[str], full: d
         "uniform_predicted_speedup": u.get("predicted_speedup"),
         "weight_bytes": p.get("weight_bytes"),
         "param_sparsity": p.get("param_sparsity"),
-        "kept_fraction": kept_fractions(plan["allocation"], full),
+        "kept_fraction": kept_fractions(plan["allocation"], fractions),
     }
 
 

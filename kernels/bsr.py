@@ -130,7 +130,8 @@ def compress(dense: torch.Tensor, block: tuple[int, int] = (16, 16)) -> BSRWeigh
     where = "bsr.compress"
     br, bc = _check_block(where, block)
     if dense.dim() != 2:
-        raise UnsupportedShape(f"{where}: weight must be 2-D (out_features, in_features), got shape {tuple(dense.shape)}")
+        raise UnsupportedShape(f"{where}: weight must be 2-D (out_features, in_features), got shape "
+                               f"{tuple(dense.shape)}")
     if dense.dtype not in FLOAT_DTYPES:
         raise UnsupportedShape(f"{where}: dtype {dense.dtype} is not supported; fp16, bf16 or fp32 only")
     out_features, in_features = dense.shape

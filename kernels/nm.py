@@ -8,8 +8,10 @@ Storage (per row of the (out_features, in_features) weight, G = in_features / m 
   `bits` = 1/2/4 bits each (the fewest that hold m - 1), low bits first: 2:4 costs 2 bits per value, 4:8 four.
 
 The Triton kernel loads a tile of values and packed indices, expands it in registers into a dense
-(BLOCK_K x BLOCK_N) tile of W^T and multiplies with tl.dot (fp32 accumulation). m need not be a power of two:
-the tile's K axis is laid out as groups x m_pow2 slots, slots >= m masked off in x and never selected in W.
+(BLOCK_K x BLOCK_N) tile of W^T and multiplies with tl.dot (fp32 accumulation). For power-of-two n and m (2:4,
+4:8, ...) x, values and index bytes are contiguous tiles that the pipeliner streams several stages ahead (cp.async
+on Hopper); other n:m load per kept slot and lay the tile's K axis out as groups x m_pow2 slots, slots >= m masked
+off in x and never selected in W. Decode-sized M splits K across programs, summing in an fp32 workspace.
 Zeros are compared numerically: a -0.0 that is not kept decompresses as +0.0 (equal, not the same bits)."""
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ MAX_M = 16  # indices pack at least two per byte; 1:4, 2:4, 4:8, 8:16, 2:8 are a
 # CPU tensors there and nowhere else; compiled kernels run on CUDA tensors only.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 INT32_LIMIT = 2**31  # the kernels index with 32-bit offsets
+SPLIT_M_MAX = 64  # M (rounded up to a power of two) up to which autotuning may split K
 
 
 def index_bits(m: int) -> int:
@@ -121,7 +124,8 @@ def packed_cols(entries: int, bits: int) -> int:
 
 
 def _pack(idx: torch.Tensor, bits: int) -> torch.Tensor:
-    """(rows, entries) small ints -> (rows, packed_cols) uint8, entry e in byte e // per_byte at bit (e % per_byte) * bits."""
+    """(rows, entries) small ints -> (rows, packed_cols) uint8: entry e goes to byte e // per_byte, at bit
+    (e % per_byte) * bits."""
     per_byte = 8 // bits
     rows, entries = idx.shape
     padded = torch.zeros(rows, packed_cols(entries, bits) * per_byte, dtype=torch.int32, device=idx.device)
@@ -143,7 +147,8 @@ def compress(dense: torch.Tensor, n: int = 2, m: int = 4) -> NMWeight:
     where = "nm.compress"
     _check_nm(where, n, m)
     if dense.dim() != 2:
-        raise UnsupportedShape(f"{where}: weight must be 2-D (out_features, in_features), got shape {tuple(dense.shape)}")
+        raise UnsupportedShape(f"{where}: weight must be 2-D (out_features, in_features), got shape "
+                               f"{tuple(dense.shape)}")
     if dense.dtype not in FLOAT_DTYPES:
         raise UnsupportedShape(f"{where}: dtype {dense.dtype} is not supported; fp16, bf16 or fp32 only")
     out_features, in_features = dense.shape
@@ -199,7 +204,7 @@ def reference_matmul(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None = N
 @triton.jit
 def _nm_matmul_kernel(
     x_ptr, val_ptr, idx_ptr, bias_ptr, out_ptr, ws_ptr,
-    M, N, K, M_BUCKET,
+    M, N, K, M_BUCKET, idx_cols,
     stride_xm, stride_xk, stride_vn, stride_in, stride_om, stride_on,
     NN: tl.constexpr, MM: tl.constexpr, MM_P2: tl.constexpr, BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
@@ -208,6 +213,9 @@ def _nm_matmul_kernel(
     # BLOCK_K counts slots: BLOCK_G groups of MM_P2 slots, the first MM of each real input columns.
     BLOCK_G: tl.constexpr = BLOCK_K // MM_P2
     PER_BYTE: tl.constexpr = 8 // BITS
+    KC: tl.constexpr = BLOCK_G * NN  # compressed entries per row and step
+    # The fast path needs power-of-two n and m (tl.arange, reshape) and whole index bytes per step.
+    FAST: tl.constexpr = (MM == MM_P2) and ((NN & (NN - 1)) == 0) and (KC % PER_BYTE == 0)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -223,17 +231,19 @@ def _nm_matmul_kernel(
     groups = K // MM
     steps = tl.cdiv(groups, BLOCK_G)
     steps_per_split = tl.cdiv(steps, SPLIT_K)
-    g_begin = pid_k * steps_per_split * BLOCK_G
-    g_end = tl.minimum(groups, g_begin + steps_per_split * BLOCK_G)
+    step_begin = pid_k * steps_per_split
+    step_end = tl.minimum(steps, step_begin + steps_per_split)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g0 in range(g_begin, g_end, BLOCK_G):
-        g = g0 + g_loc  # (BLOCK_G,)
-        mask_g = g < g_end
-        if MM == MM_P2:  # slots are columns: one contiguous (BLOCK_M, BLOCK_K) tile, vectorised loads
-            col = g0 * MM + tl.arange(0, BLOCK_K)
+    # Offsets are step * (a constant) + arange: the compiler sees their alignment, so the loads vectorise and
+    # the pipeliner can issue them stages ahead. Split boundaries fall on steps, so only the matrix end masks.
+    for step in range(step_begin, step_end):
+        g = step * BLOCK_G + g_loc  # (BLOCK_G,)
+        mask_g = g < groups
+        if MM == MM_P2:  # slots are columns: one contiguous (BLOCK_M, BLOCK_K) tile
+            col = step * BLOCK_K + tl.arange(0, BLOCK_K)
             a = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xk,
-                        mask=mask_m[:, None] & (col < g_end * MM)[None, :], other=0.0)
+                        mask=mask_m[:, None] & (col < K)[None, :], other=0.0)
         else:  # (BLOCK_M, BLOCK_G, MM_P2): column g*MM + slot, the padding slots read as 0
             col3 = g[:, None] * MM + slot[None, :]
             mask_x = mask_m[:, None, None] & (mask_g[:, None] & (slot[None, :] < MM))[None, :, :]
@@ -242,15 +252,30 @@ def _nm_matmul_kernel(
             a = tl.reshape(x3, (BLOCK_M, BLOCK_K))
         # Expand the compressed entries p = g*NN + s of each row into a (BLOCK_N, BLOCK_G, MM_P2) tile. A group's
         # indices are distinct, so each slot is selected at most once. Masked-off rows and groups read code 0 and
-        # value 0: they can only overwrite slots that no output uses.
-        mask_w = mask_n[:, None] & mask_g[None, :]
-        w = tl.zeros((BLOCK_N, BLOCK_G, MM_P2), dtype=val_ptr.dtype.element_ty)
-        for s in tl.static_range(NN):
-            p = g * NN + s
-            v = tl.load(val_ptr + offs_n[:, None] * stride_vn + p[None, :], mask=mask_w, other=0.0)
-            byte = tl.load(idx_ptr + offs_n[:, None] * stride_in + (p // PER_BYTE)[None, :], mask=mask_w, other=0)
-            code = (byte.to(tl.int32) >> ((p % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
-            w = tl.where(code[:, :, None] == slot[None, None, :], v[:, :, None], w)
+        # value 0: they can only touch slots that no output uses.
+        if FAST:  # contiguous (vectorised, pipelinable) loads of values and packed bytes, unpacked in registers
+            pc = step * KC + tl.arange(0, KC)
+            v = tl.load(val_ptr + offs_n[:, None] * stride_vn + pc[None, :],
+                        mask=mask_n[:, None] & (pc < groups * NN)[None, :], other=0.0)
+            pb = step * (KC // PER_BYTE) + tl.arange(0, KC // PER_BYTE)
+            byte = tl.load(idx_ptr + offs_n[:, None] * stride_in + pb[None, :],
+                           mask=mask_n[:, None] & (pb < idx_cols)[None, :], other=0)
+            shift = tl.arange(0, PER_BYTE) * BITS
+            code = (byte.to(tl.int32)[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
+            code = tl.reshape(code, (BLOCK_N, BLOCK_G, NN))
+            v3 = tl.reshape(v, (BLOCK_N, BLOCK_G, NN))
+            hit = code[:, :, :, None] == slot[None, None, None, :]  # (BLOCK_N, BLOCK_G, NN, MM_P2)
+            w = tl.sum(tl.where(hit, v3[:, :, :, None], 0.0), axis=2).to(val_ptr.dtype.element_ty)
+        else:  # any n:m: one strided load of values and codes per kept slot s
+            mask_w = mask_n[:, None] & mask_g[None, :]
+            w = tl.zeros((BLOCK_N, BLOCK_G, MM_P2), dtype=val_ptr.dtype.element_ty)
+            for s in tl.static_range(NN):
+                p = g * NN + s
+                v = tl.load(val_ptr + offs_n[:, None] * stride_vn + p[None, :], mask=mask_w, other=0.0)
+                byte = tl.load(idx_ptr + offs_n[:, None] * stride_in + (p // PER_BYTE)[None, :], mask=mask_w,
+                               other=0)
+                code = (byte.to(tl.int32) >> ((p % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+                w = tl.where(code[:, :, None] == slot[None, None, :], v[:, :, None], w)
         b = tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)))
         if DOT_F32:  # the interpreter's tl.dot mishandles bf16: it multiplies fp32 copies
             a = a.to(tl.float32)
@@ -282,7 +307,7 @@ def _cuda_configs() -> list[triton.Config]:
         (16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 32, 128, 2, 4, 4), (16, 64, 128, 4, 4, 3),
         (16, 64, 64, 2, 4, 4), (16, 128, 64, 4, 4, 3), (32, 64, 64, 1, 4, 4), (32, 64, 128, 2, 4, 3),
         (64, 64, 64, 1, 4, 4), (64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4),
-        (128, 256, 64, 1, 8, 3),
+        (64, 128, 32, 1, 4, 4),
     ):
         hook = _zero_workspace if split_k > 1 else None
         configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
@@ -298,8 +323,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
     kept = [c for c in configs
             if c.kwargs["BLOCK_K"] >= mm_p2
             and (c.kwargs["BLOCK_M"] <= max(16, m_bucket))
-            and (c.kwargs["SPLIT_K"] == 1 or m_bucket <= 64)
-            and (m_bucket <= 64 or c.kwargs["BLOCK_M"] >= 64)]
+            and (c.kwargs["SPLIT_K"] == 1 or m_bucket <= SPLIT_M_MAX)
+            and (m_bucket <= SPLIT_M_MAX or c.kwargs["BLOCK_M"] >= 64)]
     return kept or [c for c in configs if c.kwargs["BLOCK_K"] >= mm_p2 and c.kwargs["SPLIT_K"] == 1][:1]
 
 
@@ -317,10 +342,12 @@ def _launch(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, config: d
     # kernel stores fp32 and torch casts.
     fp32_out = INTERPRETED and x2d.dtype == torch.bfloat16
     out = torch.empty(M, N, dtype=torch.float32 if fp32_out else x2d.dtype, device=x2d.device)
-    ws = torch.empty(M, N, dtype=torch.float32, device=x2d.device)
+    # The split-K workspace, only where a split can be chosen (autotuning splits decode-sized M only).
+    may_split = config["SPLIT_K"] > 1 if config is not None else triton.next_power_of_2(M) <= SPLIT_M_MAX
+    ws = torch.empty((M, N) if may_split else (1,), dtype=torch.float32, device=x2d.device)
     mm_p2 = triton.next_power_of_2(w.m)
     args = (x2d, w.values, w.indices, bias if bias is not None else out, out, ws,
-            M, N, K, triton.next_power_of_2(M),
+            M, N, K, triton.next_power_of_2(M), w.indices.shape[1],  # idx_cols: a host int, so its alignment is known
             x2d.stride(0), x2d.stride(1), w.values.stride(0), w.indices.stride(0), out.stride(0), out.stride(1))
     meta = dict(NN=w.n, MM=w.m, MM_P2=mm_p2, BITS=w.bits,
                 HAS_BIAS=bias is not None, DOT_F32=INTERPRETED, IEEE=x2d.dtype == torch.float32 and not INTERPRETED)

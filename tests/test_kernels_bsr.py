@@ -12,7 +12,7 @@ from kernels.errors import UnsupportedShape
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
-TOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float32: 1e-4}  # a few output ulps (K <= 64 sums)
+TOL = {torch.float16: (1e-2, 2e-3), torch.bfloat16: (6e-2, 1.6e-2), torch.float32: (1e-4, 1e-5)}
 
 
 def block_weight(rows: int, cols: int, block: tuple[int, int], dtype: torch.dtype, keep: float = 0.5,
@@ -25,6 +25,18 @@ def block_weight(rows: int, cols: int, block: tuple[int, int], dtype: torch.dtyp
     kept = torch.rand(rows // block[0], cols // block[1], generator=gen) < keep
     mask = kept.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     return torch.where(mask, w, torch.zeros((), dtype=dtype))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def close(got: torch.Tensor, expect: torch.Tensor) -> None:
+    """Within about two ulps of the output dtype (outputs of K <= 128 sums reach ~20): the kernel's fp32 summation
+    order differs from torch's, and each rounds once to the output dtype."""
+    atol, rtol = TOL[expect.dtype]
+    torch.testing.assert_close(got.float(), expect.float(), atol=atol, rtol=rtol)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -87,7 +99,7 @@ def test_reference_matches_dense(dtype):
     got = bsr.reference_matmul(x, c, bias)
     assert got.dtype == dtype and got.shape == (2, 5, 96)
     expect = (x.float() @ w.float().T + bias.float()).to(dtype)
-    torch.testing.assert_close(got.float(), expect.float(), atol=TOL[dtype], rtol=0)
+    close(got, expect)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -101,7 +113,7 @@ def test_triton_matches_reference(block, shape, dtype):
         b = bias if rows != 5 else None
         got = bsr.triton_matmul(x, c, b)
         assert got.dtype == dtype and got.shape == (rows, shape[0])
-        torch.testing.assert_close(got.float(), bsr.reference_matmul(x, c, b).float(), atol=TOL[dtype], rtol=0)
+        close(got, bsr.reference_matmul(x, c, b))
 
 
 def test_triton_configs_batched_strided_and_empty():
@@ -110,10 +122,9 @@ def test_triton_configs_batched_strided_and_empty():
     x = torch.randn(3, 7, 128).to(torch.float16)
     expect = bsr.reference_matmul(x, c)
     for cfg in (None, {"BLOCK_M": 32, "GROUP": 1}, {"BLOCK_M": 16, "GROUP": 4}):
-        torch.testing.assert_close(bsr.triton_matmul(x, c, config=cfg).float(), expect.float(), atol=1e-2, rtol=0)
+        close(bsr.triton_matmul(x, c, config=cfg), expect)
     xt = torch.randn(128, 4).to(torch.float16).T
-    torch.testing.assert_close(bsr.triton_matmul(xt, c).float(), bsr.reference_matmul(xt, c).float(), atol=1e-2,
-                               rtol=0)
+    close(bsr.triton_matmul(xt, c), bsr.reference_matmul(xt, c))
     zero = bsr.compress(torch.zeros(32, 64, dtype=torch.float16))
     bias = torch.randn(32).to(torch.float16)
     assert torch.equal(bsr.triton_matmul(torch.randn(2, 64).to(torch.float16), zero, bias), bias.expand(2, 32))
@@ -146,3 +157,13 @@ def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(bsr, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match=r"CUDA"):
         bsr.triton_matmul(torch.zeros(1, 32, dtype=torch.float16), c)
+
+
+def test_cuda_config_pruning():
+    configs = bsr._cuda_configs()
+    assert all(c.num_stages >= 3 for c in configs)
+    for bc in (16, 32, 64, 128):
+        for m_bucket in (1, 16, 256, 1024):
+            kept = bsr._prune(configs, {"M_BUCKET": m_bucket}, BC=bc)
+            assert kept and all(16 <= c.kwargs["GROUP"] * bc for c in kept)
+            assert all(c.kwargs["BLOCK_M"] <= max(16, m_bucket) for c in kept)

@@ -138,3 +138,45 @@ def test_roofline_prices_formats_by_their_bytes(tiny):
     assert bitmap70 < two_four < dense  # memory bound: fewer bytes, less time
     assert 2.0 < dense / bitmap70 < 2.54  # below the ideal byte ratio: norm, SiLU and launches do not shrink
     assert attention_unit_seconds(h100, big, decode, "unstructured50") < attention_unit_seconds(h100, big, decode, 8)
+
+
+def test_fitness_engine_scores_sparse_candidates_like_a_fresh_stitch(mixed_db):
+    from allocator.fitness_engine import StitchedKLFitness
+    from allocator.quality import kl_to_dense
+
+    dense, shape, units, db, calibration = mixed_db
+    pool = calibration[:4]
+    engine = StitchedKLFitness(dense, shape, units, db.source, pool, batch_size=2)
+    choices = [tuple((u + shift) % len(unit.options) for u, unit in enumerate(units)) for shift in (1, 4)]
+    got = engine.score(choices, tokens=pool.numel())
+    for choice, value in zip(choices, got):
+        model = build_pruned_model(dense, shape, {u.name: u.options[j] for u, j in zip(units, choice)}, db.source)
+        assert value == pytest.approx(kl_to_dense(dense, {"m": model}, pool, batch_size=2)["m"], rel=1e-2)  # fp16 dense log-probs
+
+
+def test_mixed_search_exports_and_verifies_a_sparse_model(tmp_path, monkeypatch):
+    """As a CPU user runs it: the ops take the torch reference (the interpreted kernels are tested above and in
+    the kernel tests; timing them here would profile the interpreter)."""
+    from kernels import ops
+
+    monkeypatch.setattr(ops, "INTERPRETED", False)
+    from allocator.calibration_data import DataConfig
+    from allocator.config import BudgetConfig, ModelConfig, ProfileConfig, ScoreConfig, SearchJob
+    from allocator.search_job import run_search
+
+    job = SearchJob(
+        model=ModelConfig(name="tiny-llama", tiny_layers=3),
+        data=DataConfig(seq_len=32, calib_sequences=8, eval_sequences=4),
+        space=SpaceConfig(kind="mixed", mlp_step=32, fisher_sequences=4),
+        profile=ProfileConfig(repeats=2, warmup=1, decode_batches=[1], decode_context=16, prefill_length=16),
+        budget=BudgetConfig(speedup=None, sparsity=0.5),
+        score=ScoreConfig(kl_sequences=4, batch_size=4),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    plan = run_search(job, tmp_path / "run")
+    assert any(is_sparse(o) for o in plan["allocation"].values())
+    assert plan["measured"]["param_sparsity"] >= 0.5 and plan["measured"]["verdict"].startswith("target met")
+    problem = json.loads((tmp_path / "run" / "problem.json").read_text())
+    assert all(len(u["kept_fraction"]) == len(u["options"]) for u in problem["units"])
+    reloaded, _, _ = load_pruned(tmp_path / "run")
+    assert any(isinstance(m, SparseLinear) for m in reloaded.modules())

@@ -34,6 +34,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -213,7 +214,7 @@ class Variant:
     nbytes: int  # of one copy
 
 
-def _kernel_module(name: str):
+def _kernel_module(name: str) -> ModuleType:
     """Imported only when used, so a missing format module costs its variants, not the benchmark."""
     return importlib.import_module(f"kernels.{name}")
 
@@ -322,7 +323,8 @@ def _error(y: torch.Tensor, expect: torch.Tensor) -> float:
     return float((y.float() - expect.float()).abs().max() / expect.float().abs().max().clamp_min(1e-6))
 
 
-def _row(spec: Spec, name: str, n: int, k: int, m: int, status: str, reason: str | None = None, **extra) -> dict:
+def _row(spec: Spec, name: str, n: int, k: int, m: int, status: str, reason: str | None = None,
+         **extra: object) -> dict:
     return {"shape_name": name, "shape": [n, k], "M": m, "kernel": spec.kernel, "format": spec.fmt,
             "sparsity": spec.sparsity, "block": list(spec.block) if spec.block else None, "label": spec.label,
             "status": status, "reason": reason, **extra}
