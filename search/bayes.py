@@ -1,7 +1,11 @@
 """Model-based search with Optuna (TPE, CMA-ES, GP; NSGA-II for a cost/fitness Pareto front), resumable from storage.
 
-Every trial suggests one option index per unit, is repaired into the budget and scored on the real fitness; the
-study lives in an Optuna storage (a SQLite file for search jobs), so a killed run continues where it stopped."""
+Two parametrisations. `param=levels`: every trial suggests one option index per unit (within a trust region around
+the DP solution), is repaired into the budget and scored on the real fitness. `param=spdy` (SPDY's idea): a trial
+suggests a sensitivity coefficient per group of layers, the proxy errors are rescaled by them and DP solves the
+rescaled knapsack, so every trial is a feasible allocation on the budget's edge and the sampler searches a
+handful of dimensions instead of one per unit. The study lives in an Optuna storage (a SQLite file for search
+jobs), so a killed run continues where it stopped."""
 
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from search.fitness import Fitness
 from search.uniform import UniformSearcher
 
 SAMPLERS = ("tpe", "cmaes", "gp")
+PARAMS = ("levels", "spdy")
 # Config fields that do not change what a trial means: a study may be resumed with other values of these.
 _NOT_IN_STUDY_KEY = ("name", "max_tokens", "max_seconds", "n_trials", "storage", "study_name", "heartbeat_seconds")
 
@@ -64,13 +69,25 @@ class BayesConfig(SearcherConfig):
     # Workers beat every this many seconds; a RUNNING trial silent for twice as long belonged to a dead worker and
     # is failed, so a killed run resumes and several workers can share one study (RDB storage only).
     heartbeat_seconds: int = 30
+    # What a trial suggests: "levels" (an option per unit) or "spdy" (log2 error coefficients per layer group,
+    # solved by DP); spdy_groups consecutive-layer groups per unit kind, coefficients in ±spdy_range.
+    param: str = "levels"
+    spdy_groups: int = 6
+    spdy_range: float = 2.0
 
     def validate(self) -> None:
         super().validate()
         if self.sampler not in SAMPLERS:
             raise UserInputError(f"searcher.sampler={self.sampler!r} is unknown; valid: {', '.join(SAMPLERS)}")
+        if self.param not in PARAMS:
+            raise UserInputError(f"searcher.param={self.param!r} is unknown; valid: {', '.join(PARAMS)}")
+        if self.param == "spdy" and self.multi_objective:
+            raise UserInputError("searcher.param=spdy puts every trial on the budget's edge, so it has no cost/fitness "
+                                 "front: use searcher.param=levels with searcher.multi_objective=true")
+        if not (isinstance(self.spdy_range, (int, float)) and 0 < self.spdy_range <= 10):
+            raise UserInputError(f"searcher.spdy_range={self.spdy_range!r} must be in (0, 10] (log2 of a coefficient)")
         minimums = {"n_trials": 1, "trial_tokens": 1, "startup_trials": 0, "population_size": 2, "heartbeat_seconds": 1,
-                    "radius": 0}
+                    "radius": 0, "spdy_groups": 1}
         for field, low in minimums.items():
             check_int_option(self, field, low)
         for field in ("multi_objective", "warm_start"):
@@ -112,7 +129,14 @@ class BayesSearcher(ConfiguredSearcher):
     Config = BayesConfig
 
     def _suggest(self, trial: optuna.Trial, problem: AllocationProblem, center: tuple[int, ...] | None) -> list[int]:
-        """One option index per unit: absolute, or an offset within `radius` of the DP solution (clipped)."""
+        """One option index per unit: absolute, or an offset within `radius` of the DP solution (clipped); with
+        param=spdy, the DP solution of the proxy rescaled by the trial's group coefficients."""
+        if self.cfg.param == "spdy":
+            r = float(self.cfg.spdy_range)
+            groups = spdy_groups(problem, self.cfg.spdy_groups)
+            coef = {g: 2.0 ** trial.suggest_float(g, -r, r) for g in dict.fromkeys(groups)}
+            scaled = dataclasses.replace(problem, errors=tuple(e * coef[g] for e, g in zip(problem.errors, groups)))
+            return list(DPSearcher().search(scaled).choice)
         if center is None:
             return [trial.suggest_int(name, 0, len(opts) - 1) for name, opts in zip(problem.unit_names, problem.options)]
         r = self.cfg.radius
@@ -124,7 +148,11 @@ class BayesSearcher(ConfiguredSearcher):
     def _params_of(
         self, problem: AllocationProblem, choice: Sequence[int], center: tuple[int, ...] | None
     ) -> dict[str, int] | None:
-        """The trial parameters that suggest `choice`, or None if it lies outside the trust region."""
+        """The trial parameters that suggest `choice`, or None if it lies outside the trust region (spdy: only the
+        DP solution, at every coefficient 1)."""
+        if self.cfg.param == "spdy":
+            groups = dict.fromkeys(spdy_groups(problem, self.cfg.spdy_groups))
+            return {g: 0.0 for g in groups} if tuple(choice) == DPSearcher().search(problem).choice else None
         if center is None:
             return dict(zip(problem.unit_names, choice))
         offsets = [j - c for j, c in zip(choice, center)]
@@ -160,7 +188,7 @@ class BayesSearcher(ConfiguredSearcher):
         key_json = json.dumps(key, sort_keys=True)
         study_name = cfg.study_name or "bayes-" + hashlib.sha256(key_json.encode()).hexdigest()[:16]
         directions = ["minimize", "minimize"] if cfg.multi_objective else ["minimize"]
-        center = DPSearcher().search(problem).choice if cfg.radius else None
+        center = DPSearcher().search(problem).choice if cfg.radius and cfg.param == "levels" else None
 
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial otherwise
@@ -268,6 +296,19 @@ class BayesSearcher(ConfiguredSearcher):
             study.optimize(objective, n_trials=remaining, callbacks=[after_trial], gc_after_trial=False)
         bar.close()
         return ran[0]
+
+
+def spdy_groups(problem: AllocationProblem, n_groups: int) -> list[str]:
+    """Each unit's coefficient group: its kind and which of `n_groups` runs of consecutive units of that kind it
+    falls in (units are in layer order)."""
+    by_kind: dict[str, list[int]] = {}
+    for u, kind in enumerate(problem.unit_kinds):
+        by_kind.setdefault(kind, []).append(u)
+    out = [""] * problem.n_units
+    for kind, units in by_kind.items():
+        for rank, u in enumerate(units):
+            out[u] = f"{kind}.g{rank * min(n_groups, len(units)) // len(units)}"
+    return out
 
 
 def _fitness_of(trial: FrozenTrial) -> float:

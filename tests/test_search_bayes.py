@@ -202,3 +202,28 @@ def test_trust_region_keeps_trials_near_the_dp_solution(tmp_path: Path) -> None:
     assert study.get_trials()[0].params == dict.fromkeys(problem.unit_names, 0)  # the DP warm start
     full = run(make_problem(3, n_units=8, n_opts=7), n_trials=24, startup_trials=4, radius=0)
     assert full.cost <= problem.budget and a.cost <= problem.budget
+
+
+def test_spdy_param_searches_coefficients_solved_by_dp() -> None:
+    """param=spdy: every trial is DP on rescaled errors (feasible), the first one is DP itself, and a fitness that
+    disagrees with the proxy is improved on."""
+    from search.bayes import spdy_groups
+    from search.dp import DPSearcher
+
+    problem = make_problem(4, n_units=12, tightness=0.4)
+    assert spdy_groups(problem, 3) == ["mlp.g0", "attn.g0"] * 2 + ["mlp.g1", "attn.g1"] * 2 + ["mlp.g2", "attn.g2"] * 2
+    dp = DPSearcher().search(problem)
+    # A fitness whose errors weigh the first units 4x: DP on the proxy is not its optimum.
+    skewed = [e * (4.0 if u < 4 else 1.0) for u, e in enumerate(problem.errors)]
+    fitness = ProxyFitness(AllocationProblem(problem.unit_names, problem.unit_kinds, problem.options, problem.costs,
+                                             tuple(skewed), problem.budget))
+    a = run(problem, seed=1, fitness=fitness, param="spdy", spdy_groups=3, n_trials=40, startup_trials=8)
+    b = run(problem, seed=1, fitness=ProxyFitness(AllocationProblem(problem.unit_names, problem.unit_kinds,
+            problem.options, problem.costs, tuple(skewed), problem.budget)), param="spdy", spdy_groups=3, n_trials=40,
+            startup_trials=8)
+    assert a.choice == b.choice and problem.fits(a.choice)
+    assert fitness.score([a.choice], SEQ)[0] < fitness.score([dp.choice], SEQ)[0]
+    with pytest.raises(UserInputError, match="searcher.param='grid'"):
+        BayesConfig(param="grid").validate()
+    with pytest.raises(UserInputError, match="no cost/fitness front"):
+        BayesConfig(param="spdy", multi_objective=True).validate()
