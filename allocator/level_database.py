@@ -122,10 +122,10 @@ def _sparse_levels(
     block = unit_block(model, unit.layer, unit.kind)
     patterns = [sparse_pattern(o) for o in unit.options if is_sparse(o)]
     levels = prune_unit(block, unit.kind, unit.layer, inputs.hessians, patterns, cfg.pruner, cfg.damp)
+    calls = inputs.calls[(unit.layer, unit.kind)]
     errors: dict[Option, dict[str, float]] = {}
     for label, weights in levels.items():
-        calls = inputs.calls[(unit.layer, unit.kind)]
-        errors[label] = block_output_errors(block, unit.kind, calls, weights, fisher, inputs.scale)
+        errors[label] = block_output_errors(block, calls, weights, fisher, inputs.scale)
         save_file(weights, level_file(tmp.parent, tmp.name, label))
     return errors
 

@@ -93,7 +93,7 @@ def record_block_calls(
 
 @torch.inference_mode()
 def block_output_errors(
-    block: nn.Module, kind: str, calls: list[BlockCall], weights: dict[str, torch.Tensor], fisher: torch.Tensor,
+    block: nn.Module, calls: list[BlockCall], weights: dict[str, torch.Tensor], fisher: torch.Tensor,
     scale: float,
 ) -> dict[str, float]:
     """The block's output error with `weights` swapped in: absolute Σ Δy², relative Σ Δy² / Σ y², and
@@ -114,10 +114,6 @@ def block_output_errors(
         "relative": absolute / max(reference, 1e-30),
         "fisher": 0.5 * float(fisher.double() @ per_channel) * scale,
     }
-
-
-def dense_errors() -> dict[str, float]:
-    return {"absolute": 0.0, "relative": 0.0, "fisher": 0.0}
 
 
 def unit_block(model: nn.Module, layer: int, kind: str) -> nn.Module:
