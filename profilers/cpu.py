@@ -22,10 +22,9 @@ from profilers.timing import time_interleaved
 
 log = logging.getLogger(__name__)
 # How costs are derived from the timings; part of the table's cache key, so a change re-measures.
-METHOD = (
-    "neighbour-dense variants, per-round dense fractions, Theil-Sen width fit, median-residual intercept; "
-    "sparse options: per-option medians, costs above the cheapest option"
-)
+METHOD = "neighbour-dense variants, per-round dense fractions, Theil-Sen width fit, median-residual intercept"
+# Appended for spaces with sparse options only, so structured tables keep their cache key.
+SPARSE_METHOD = "; sparse options: per-option medians, costs above the cheapest option"
 
 
 def _variants(units: list[Unit]) -> dict[str, dict[str, Option]]:
@@ -121,7 +120,7 @@ def profile_cpu(
         "warmup": cfg.warmup,
         "repeats": cfg.repeats,
         "regimes": [asdict(r) for r in regimes_of(cfg)],
-        "method": METHOD,
+        "method": METHOD + (SPARSE_METHOD if any(is_sparse(o) for o in units[0].options + units[1].options) else ""),
     }
     by_name = {r.name: r for r in regimes_of(cfg)}
 

@@ -4,7 +4,7 @@ Two budgets: the default structured speedup (1.5x prefill on the CPU profile) an
 that score real candidates (random, bayes, tyr, evo) get the same token bound; their counts (generations, trials,
 samples) are set high so that the bound is what stops them. Their incumbents at 1/8, 1/4, 1/2 and all of the tokens
 are evaluated on held-out text, giving quality-vs-tokens curves; dp, uniform and owl spend no forward tokens.
-Results are saved after every searcher, and a re-run with the same settings skips what is already there.
+Results are saved after every searcher with its config; a re-run skips the searchers whose config is unchanged.
 
 python -m allocator.benchmarks.searchers [max_tokens]  →  runs/bench/searchers/smollm2.json and smollm2.png
 """
@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,9 @@ from search import SEARCHERS, make_searcher
 BUDGETS = {"speedup_1.5": [], "sparsity_0.5": ["budget=sparsity", "budget.sparsity=0.5"]}
 SEARCHER_ORDER = ("uniform", "owl", "dp", "random", "bayes", "tyr", "evo")
 UNBOUNDED = {"generations": 10**6, "n_trials": 10**6, "samples": 10**6, "stage_generations": [10**6] * 3}
+# Non-default settings per searcher: bayes searches SPDY coefficients (a few dimensions) rather than one level per
+# unit, which its 48 trials at this token budget cannot cover.
+SETTINGS = {"bayes": {"param": "spdy"}}
 CHECKPOINTS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 OUT = Path("runs/bench/searchers/smollm2.json")
 
@@ -51,7 +54,7 @@ def heldout_quality(model: nn.Module, dense_logp: torch.Tensor, tokens: torch.Te
 def searcher_config(name: str, max_tokens: int):
     cls = SEARCHERS.get(name)
     cfg = cls.Config(name=name, max_tokens=max_tokens if cls.uses_fitness else 0)
-    return replace(cfg, **{k: v for k, v in UNBOUNDED.items() if hasattr(cfg, k)})
+    return replace(cfg, **{k: v for k, v in UNBOUNDED.items() if hasattr(cfg, k)}, **SETTINGS.get(name, {}))
 
 
 def run_budget(label: str, overrides: list[str], max_tokens: int, saved: dict) -> dict:
@@ -73,8 +76,9 @@ def run_budget(label: str, overrides: list[str], max_tokens: int, saved: dict) -
         return evaluated[key]
 
     for name in SEARCHER_ORDER:
-        if name in results:
-            print(f"[{label}] {name}: already measured, skipped")
+        config = asdict(searcher_config(name, max_tokens))
+        if results.get(name, {}).get("config") == config:
+            print(f"[{label}] {name}: already measured with this config, skipped")
             continue
         problem = setup.problem
         if name == "owl":
@@ -85,6 +89,7 @@ def run_budget(label: str, overrides: list[str], max_tokens: int, saved: dict) -
         found = searcher.search(problem, seed=cfg.seed, fitness=fitness if searcher.uses_fitness else None)
         seconds = time.perf_counter() - start
         entry = {
+            "config": config,
             "seconds": seconds,
             "tokens_spent": found.info.get("tokens_spent", 0),
             "evaluations": found.info.get("evaluations", 0),

@@ -60,12 +60,17 @@ def dp_vs_uniform() -> dict:
     return {"overrides": UNSTRUCTURED, "results": out}
 
 
-@torch.inference_mode()
 def mixed_export(speedup: float) -> dict:
     overrides = [*MIXED, f"budget.speedup={speedup}"]
     cfg = search_job(overrides)
     setup = prepare_search(cfg)
     allocation = SEARCHERS.get("dp")().search(setup.problem).labels(setup.problem)
+    with torch.inference_mode():
+        return check_export(setup, allocation, overrides)
+
+
+def check_export(setup, allocation: dict, overrides: list[str]) -> dict:
+    """Export the deployable model, reload it and compare its logits with the stitched model's."""
     stitched = build_pruned_model(setup.dense, setup.shape, allocation, setup.db.source)
     deployed = build_deployable(setup.dense, setup.shape, allocation, setup.db.source)
     full = {u.name: u.full for u in setup.units}
