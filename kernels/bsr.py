@@ -20,9 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.errors import UnsupportedShape
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_linear_call
 MIN_BLOCK, MAX_BLOCK = 16, 128
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # see kernels.nm: the kernel was built for the interpreter
 INT32_LIMIT = 2**31  # the kernel indexes with 32-bit offsets
@@ -160,24 +158,10 @@ def decompress(w: BSRWeight) -> torch.Tensor:
     return tiles.transpose(1, 2).reshape(out_features, in_features)
 
 
-def _check_call(where: str, x: torch.Tensor, w: BSRWeight, bias: torch.Tensor | None) -> None:
-    if x.dtype not in FLOAT_DTYPES:
-        raise UnsupportedShape(f"{where}: x dtype {x.dtype} is not supported; fp16, bf16 or fp32 only")
-    if x.dtype != w.dtype:
-        raise UnsupportedShape(f"{where}: x dtype {x.dtype} differs from the weight's {w.dtype}")
-    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
-        raise UnsupportedShape(f"{where}: x last dim {tuple(x.shape)[-1:] or '(scalar)'} must equal "
-                               f"in_features={w.shape[1]} of weight shape {w.shape}")
-    if bias is not None:
-        if bias.dtype not in FLOAT_DTYPES or tuple(bias.shape) != (w.shape[0],):
-            raise UnsupportedShape(f"{where}: bias must be a float vector of shape ({w.shape[0]},), got "
-                                   f"{bias.dtype} {tuple(bias.shape)}")
-
-
 def reference_matmul(x: torch.Tensor, w: BSRWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x[..., K] @ W^T + bias block by block from the stored blocks (no dense weight is built), accumulated in fp32,
     returned in x's dtype."""
-    _check_call("bsr.reference_matmul", x, w, bias)
+    check_linear_call("bsr.reference_matmul", x, w, bias)
     out_features, in_features = w.shape
     br, bc = w.block
     x2d = x.reshape(-1, in_features).float()
@@ -282,7 +266,7 @@ def triton_matmul(x: torch.Tensor, w: BSRWeight, bias: torch.Tensor | None = Non
     """x[..., K] @ W^T + bias on the Triton kernel, fp32 accumulation, output in x's dtype. `config` (BLOCK_M,
     GROUP: stored blocks per tl.dot) overrides the autotuned (CUDA) or fixed (interpreter) choice."""
     where = "bsr.triton_matmul"
-    _check_call(where, x, w, bias)
+    check_linear_call(where, x, w, bias)
     _check_device(where, x, w.blocks, w.row_ptr, w.col_idx, bias)
     out_features, in_features = w.shape
     for name, t in (("x", x), ("blocks", w.blocks)):

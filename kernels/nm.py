@@ -22,9 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.errors import UnsupportedShape
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_linear_call
 MAX_M = 16  # indices pack at least two per byte; 1:4, 2:4, 4:8, 8:16, 2:8 are all the patterns in practice
 # Triton built this module's kernels for its interpreter (TRITON_INTERPRET=1 when it was imported): they run on
 # CPU tensors there and nowhere else; compiled kernels run on CUDA tensors only.
@@ -179,23 +177,9 @@ def decompress(w: NMWeight) -> torch.Tensor:
     return dense.reshape(out_features, in_features)
 
 
-def _check_call(where: str, x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None) -> None:
-    if x.dtype not in FLOAT_DTYPES:
-        raise UnsupportedShape(f"{where}: x dtype {x.dtype} is not supported; fp16, bf16 or fp32 only")
-    if x.dtype != w.dtype:
-        raise UnsupportedShape(f"{where}: x dtype {x.dtype} differs from the weight's {w.dtype}")
-    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
-        raise UnsupportedShape(f"{where}: x last dim {tuple(x.shape)[-1:] or '(scalar)'} must equal "
-                               f"in_features={w.shape[1]} of weight shape {w.shape}")
-    if bias is not None:
-        if bias.dtype not in FLOAT_DTYPES or tuple(bias.shape) != (w.shape[0],):
-            raise UnsupportedShape(f"{where}: bias must be a float vector of shape ({w.shape[0]},), got "
-                                   f"{bias.dtype} {tuple(bias.shape)}")
-
-
 def reference_matmul(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x[..., K] @ W^T + bias, expanded from the compressed tensors, accumulated in fp32, returned in x's dtype."""
-    _check_call("nm.reference_matmul", x, w, bias)
+    check_linear_call("nm.reference_matmul", x, w, bias)
     dense = decompress(w).float()
     out = torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float())
     return out.to(x.dtype)
@@ -376,7 +360,7 @@ def triton_matmul(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None = None
     """x[..., K] @ W^T + bias on the Triton kernel, fp32 accumulation, output in x's dtype. `config` (BLOCK_M,
     BLOCK_N, BLOCK_K, SPLIT_K) overrides the autotuned (CUDA) or fixed (interpreter) tile choice."""
     where = "nm.triton_matmul"
-    _check_call(where, x, w, bias)
+    check_linear_call(where, x, w, bias)
     _check_device(where, x, w.values, w.indices, bias)
     for name, t in (("x", x), ("values", w.values), ("indices", w.indices)):
         if t.numel() >= INT32_LIMIT:

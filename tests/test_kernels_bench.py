@@ -66,8 +66,8 @@ def test_variants_settings_and_names():
     assert kb.PLOT_SHAPE in full.shapes.values() and kb.PLOT_SHAPE in quick.shapes.values()
     assert kb.result_name("NVIDIA H100 80GB HBM3", False) == "NVIDIA_H100_80GB_HBM3"
     assert kb.result_name("NVIDIA H100 80GB HBM3", True) == "NVIDIA_H100_80GB_HBM3-quick"
-    rounds = kb.schedule(["a", "b", "c"], 4, seed=1)
-    assert rounds == kb.schedule(["a", "b", "c"], 4, seed=1) and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    rounds = kb.interleaved_schedule(["a", "b", "c"], 4, seed=1)
+    assert rounds == kb.interleaved_schedule(["a", "b", "c"], 4, seed=1) and all(sorted(r) == ["a", "b", "c"] for r in rounds)
 
 
 def test_pruning_patterns_are_exact():

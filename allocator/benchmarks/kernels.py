@@ -28,7 +28,6 @@ import argparse
 import gc
 import importlib
 import os
-import random
 import re
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 
 from allocator.benchmarks.common import environment, spread, write_result
 from allocator.errors import UserInputError
+from profilers.gpu import interleaved_schedule
 
 DTYPE = torch.float16
 ELEMENT_BYTES = 2
@@ -147,16 +147,6 @@ def result_name(gpu_name: str, quick: bool) -> str:
     """File stem for a GPU: its name with runs of anything but letters, digits, '.', '-' turned into '_'."""
     stem = re.sub(r"[^A-Za-z0-9.-]+", "_", gpu_name).strip("_") or "unknown-gpu"
     return f"{stem}-quick" if quick else stem
-
-
-def schedule(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(rounds):
-        order = list(names)
-        rng.shuffle(order)
-        out.append(order)
-    return out
 
 
 # ---- pruning: weights with each format's pattern at an exact sparsity (pure torch, any device) ----
@@ -361,7 +351,7 @@ def bench_shape(name: str, n: int, k: int, cfg: Settings, device_numbers: tuple[
             except Exception as exc:
                 failed[label] = f"{type(exc).__name__}: {exc}"
         samples: dict[str, list[float]] = {label: [] for label in samplers}
-        for r, order in enumerate(schedule(list(samplers), cfg.warmup_rounds + cfg.repeats, seed=m)):
+        for r, order in enumerate(interleaved_schedule(list(samplers), cfg.warmup_rounds + cfg.repeats, seed=m)):
             for label in order:
                 t = samplers[label][0]()
                 if r >= cfg.warmup_rounds:
