@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from allocator.space import ATTN, MLP, ModelShape, Option, full_width, is_sparse, option_params, unit_name
+from allocator.space import ATTN, MLP, ModelShape, Option, full_width, is_sparse, option_params, sparse_pattern, unit_name
 
 
 def option_text(shape: ModelShape, kind: str, option: Option) -> str:
@@ -58,30 +58,38 @@ def kept_share(shape: ModelShape, kind: str, option: Option) -> float:
     return option_params(shape, kind, option) / option_params(shape, kind, full_width(shape, kind))
 
 
+FORMAT_COLORS = {"structured": "tab:blue", "unstructured": "tab:green", "nm": "tab:purple", "block": "tab:red"}
+
+
+def option_family(option: Option) -> str:
+    return sparse_pattern(option).kind if is_sparse(option) else "structured"
+
+
 def plot_allocation(shape: ModelShape, searched: dict[str, Option], uniform: dict[str, Option], path: Path) -> None:
-    """Share of each unit's weights kept per layer; bars of sparse options are hatched and labelled."""
+    """Share of each unit's weights kept per layer, coloured by the kind of sparsity (widths, unstructured, N:M,
+    block)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     layers = range(shape.num_layers)
     fig, axes = plt.subplots(2, 1, figsize=(10, 5), sharex=True)
+    families = {option_family(o) for o in searched.values()}
     for ax, kind in ((axes[0], ATTN), (axes[1], MLP)):
         options = [searched[unit_name(i, kind)] for i in layers]
-        bars = ax.bar(layers, [kept_share(shape, kind, o) for o in options], label="searched", color="tab:blue")
-        for bar, option in zip(bars, options):
-            if is_sparse(option):
-                bar.set_hatch("//")
-                ax.annotate(option, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                            va="bottom", fontsize=6, rotation=90)
+        ax.bar(layers, [kept_share(shape, kind, o) for o in options],
+               color=[FORMAT_COLORS[option_family(o)] for o in options])
         shares = [kept_share(shape, kind, uniform[unit_name(i, kind)]) for i in layers]
-        ax.step(layers, shares, where="mid", color="tab:orange", label="uniform")
+        ax.step(layers, shares, where="mid", color="tab:orange")
         ax.set_ylabel(f"{kind} kept")
-        ax.set_ylim(0, 1.05)
-    axes[0].legend(loc="lower right")
+        ax.set_ylim(0, 1.25)  # room for the legend above full-width bars
+    handles = [Patch(color=FORMAT_COLORS[f], label=f"searched: {f}") for f in FORMAT_COLORS if f in families]
+    axes[0].legend(handles=[*handles, plt.Line2D([], [], color="tab:orange", label="uniform")], loc="upper left", ncol=5,
+                   fontsize=8)
     axes[1].set_xlabel("layer")
-    fig.suptitle("Fraction kept per layer")
+    fig.suptitle("Share of each unit's weights kept, per layer")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -39,7 +39,7 @@ from allocator.pruned_model import build_pruned_model
 from allocator.pareto_plot import plot_pareto_front
 from allocator.quality import kl_to_dense, perplexity
 from allocator.report import allocation_lines, plot_allocation, summary_lines
-from allocator.space import ATTN, ModelShape, Unit, build_space, is_sparse, option_params, sparse_patterns
+from allocator.space import ATTN, ModelShape, Unit, build_space, option_params, sparse_patterns
 from allocator.verify_job import measure_speedup
 from profilers.registry import device_present, get_cost_table
 from profilers.regimes import find_regime
@@ -188,14 +188,13 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
     uniform = SEARCHERS.get("uniform")().search(problem, seed=cfg.seed)
     allocations = {"searched": found.labels(problem), "uniform": uniform.labels(problem)}
     models = {name: build_pruned_model(dense, shape, alloc, db.source) for name, alloc in allocations.items()}
-    has_sparse_units = any(is_sparse(o) for o in allocations["searched"].values())
 
     batch = cfg.score.batch_size
     kl = kl_to_dense(dense, models, data.calibration[: cfg.score.kl_sequences], batch)
     ppl = {name: perplexity(m, data.heldout, batch) for name, m in {"dense": dense, **models}.items()}
     plan = make_plan(cfg, setup, allocations, found, uniform)
     # What is exported and run: sparse units in their compressed formats (the same model as the masked one).
-    deployed = build_deployable(dense, shape, allocations["searched"], db.source) if has_sparse_units else models["searched"]
+    deployed = build_deployable(dense, shape, allocations["searched"], db.source)
     plan["predicted"]["weight_bytes"] = weight_bytes(deployed)
     plan["predicted"]["dense_weight_bytes"] = weight_bytes(dense)
     # KV cache of budget.memory_batch sequences of budget.memory_context tokens (reported with or without a memory budget)
