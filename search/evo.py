@@ -150,8 +150,14 @@ def evolve(
     if not fitness.trace or fitness.trace[-1]["choice"] != list(parent):
         fitness.note_best(parent, parent.fitness.values[0], final_tokens)
     bar = tqdm(range(generations), desc=f"evolution (stride {stride})", unit="gen", leave=False)
+    # Worst-case tokens of one generation (every candidate new): a generation starts only if it fits the bounds, so
+    # a search never spends more than it was given and searchers compare at equal token budgets.
+    counts = [cfg.offspring, *cfg.stage_survivors[:-1]]
+    generation_tokens = sum(n * fitness.sequences_for(t) * fitness.seq_len for n, t in zip(counts, cfg.stage_tokens))
+
     def out_of_tokens() -> bool:
-        return fitness.exhausted() or 0 < token_limit <= fitness.tokens_spent
+        within_limit = token_limit <= 0 or fitness.tokens_spent + generation_tokens <= token_limit
+        return fitness.exhausted() or not within_limit or not fitness.affords(generation_tokens)
 
     for gen in bar:
         if out_of_tokens():

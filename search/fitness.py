@@ -72,6 +72,10 @@ class Fitness:
             self.max_seconds > 0 and self.seconds >= self.max_seconds
         )
 
+    def affords(self, tokens: int) -> bool:
+        """Whether `tokens` more forward tokens stay within the token bound (always, when unbounded)."""
+        return self.max_tokens <= 0 or self.tokens_spent + tokens <= self.max_tokens
+
     def note_best(self, choice: Sequence[int], value: float, tokens: int) -> None:
         """Record a new incumbent (scored on `tokens` tokens), for quality-vs-tokens curves."""
         self.trace.append(
