@@ -128,9 +128,13 @@ def plot(saved: dict, path: Path) -> None:
                 ax.plot([c["tokens"] for c in entry["curve"]], [c["ppl"] for c in entry["curve"]], "o-", color=color, label=name)
             else:
                 ax.axhline(entry["final"]["ppl"], color=color, linestyle="--", label=f"{name} (no tokens)")
+        # Zoomed on the competitive searchers (within 25% of DP): their differences are a few percent.
+        values = [c["ppl"] for e in res.values() for c in e.get("curve", [])] + [e["final"]["ppl"] for e in res.values()]
+        if "dp" in res:
+            ax.set_ylim(0.98 * min(values), 1.25 * res["dp"]["final"]["ppl"])
         ax.set_xscale("log")
         ax.set_xlabel("forward tokens spent by the search")
-        ax.set_ylabel("held-out perplexity")
+        ax.set_ylabel("held-out perplexity (searchers above the top: off scale)")
         ax.set_title(f"SmolLM2-135M, {label}")
         ax.legend(fontsize=8)
     fig.tight_layout()
