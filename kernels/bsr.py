@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_linear_call
+from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_linear_call
 MIN_BLOCK, MAX_BLOCK = 16, 128
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # see kernels.nm: the kernel was built for the interpreter
 INT32_LIMIT = 2**31  # the kernel indexes with 32-bit offsets
@@ -267,7 +267,7 @@ def triton_matmul(x: torch.Tensor, w: BSRWeight, bias: torch.Tensor | None = Non
     GROUP: stored blocks per tl.dot) overrides the autotuned (CUDA) or fixed (interpreter) choice."""
     where = "bsr.triton_matmul"
     check_linear_call(where, x, w, bias)
-    _check_device(where, x, w.blocks, w.row_ptr, w.col_idx, bias)
+    check_kernel_device(where, "bsr", INTERPRETED, x, w.blocks, w.row_ptr, w.col_idx, bias)
     out_features, in_features = w.shape
     for name, t in (("x", x), ("blocks", w.blocks)):
         if t.numel() >= INT32_LIMIT:
@@ -306,17 +306,3 @@ def triton_matmul(x: torch.Tensor, w: BSRWeight, bias: torch.Tensor | None = Non
                                    f"GROUP * block_cols >= 16 (block_cols={bc})")
         _bsr_matmul_kernel[grid](*args, **meta, **config)
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
-
-
-def _check_device(where: str, x: torch.Tensor, *tensors: torch.Tensor | None) -> None:
-    devices = {t.device for t in (x, *tensors) if t is not None}
-    if len(devices) > 1:
-        raise RuntimeError(f"{where}: tensors on several devices {sorted(map(str, devices))}; move them to one")
-    if INTERPRETED:
-        if x.device.type != "cpu":
-            raise RuntimeError(f"{where}: Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors, x is on "
-                               f"{x.device}")
-    elif x.device.type != "cuda":
-        raise RuntimeError(f"{where}: x is on {x.device}; the Triton kernel runs on CUDA tensors, or on CPU in "
-                           "Triton's interpreter (set TRITON_INTERPRET=1 before kernels.bsr is imported), or use "
-                           "bsr.reference_matmul")

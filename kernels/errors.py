@@ -1,5 +1,7 @@
 """Errors raised by the sparse formats and kernels, and the input checks the N:M and BSR kernels share."""
 
+from __future__ import annotations
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -23,3 +25,18 @@ def check_linear_call(where: str, x: torch.Tensor, w, bias: torch.Tensor | None)
         if bias.dtype not in FLOAT_DTYPES or tuple(bias.shape) != (w.shape[0],):
             raise UnsupportedShape(f"{where}: bias must be a float vector of shape ({w.shape[0]},), got "
                                    f"{bias.dtype} {tuple(bias.shape)}")
+
+
+def check_kernel_device(where: str, fmt: str, interpreted: bool, x: torch.Tensor, *tensors: torch.Tensor | None) -> None:
+    """All tensors on one device, and one the Triton kernel can run on: CUDA, or CPU in Triton's interpreter."""
+    devices = {t.device for t in (x, *tensors) if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"{where}: tensors on several devices {sorted(map(str, devices))}; move them to one")
+    if interpreted:
+        if x.device.type != "cpu":
+            raise RuntimeError(f"{where}: Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors, x is on "
+                               f"{x.device}")
+    elif x.device.type != "cuda":
+        raise RuntimeError(f"{where}: x is on {x.device}; the Triton kernel runs on CUDA tensors, or on CPU in "
+                           f"Triton's interpreter (set TRITON_INTERPRET=1 before kernels.{fmt} is imported), or use "
+                           f"{fmt}.reference_matmul")

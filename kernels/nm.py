@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_linear_call
+from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_linear_call
 MAX_M = 16  # indices pack at least two per byte; 1:4, 2:4, 4:8, 8:16, 2:8 are all the patterns in practice
 # Triton built this module's kernels for its interpreter (TRITON_INTERPRET=1 when it was imported): they run on
 # CPU tensors there and nowhere else; compiled kernels run on CUDA tensors only.
@@ -361,7 +361,7 @@ def triton_matmul(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None = None
     BLOCK_N, BLOCK_K, SPLIT_K) overrides the autotuned (CUDA) or fixed (interpreter) tile choice."""
     where = "nm.triton_matmul"
     check_linear_call(where, x, w, bias)
-    _check_device(where, x, w.values, w.indices, bias)
+    check_kernel_device(where, "nm", INTERPRETED, x, w.values, w.indices, bias)
     for name, t in (("x", x), ("values", w.values), ("indices", w.indices)):
         if t.numel() >= INT32_LIMIT:
             raise UnsupportedShape(f"{where}: {name} has {t.numel()} elements; the kernel's 32-bit offsets "
@@ -375,17 +375,3 @@ def triton_matmul(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None = None
         config = INTERPRETER_CONFIG
     out = _launch(x2d, w, bias.contiguous() if bias is not None else None, config)
     return out.reshape(*x.shape[:-1], w.shape[0])
-
-
-def _check_device(where: str, x: torch.Tensor, *tensors: torch.Tensor | None) -> None:
-    devices = {t.device for t in (x, *tensors) if t is not None}
-    if len(devices) > 1:
-        raise RuntimeError(f"{where}: tensors on several devices {sorted(map(str, devices))}; move them to one")
-    if INTERPRETED:
-        if x.device.type != "cpu":
-            raise RuntimeError(f"{where}: Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors, x is on "
-                               f"{x.device}")
-    elif x.device.type != "cuda":
-        raise RuntimeError(f"{where}: x is on {x.device}; the Triton kernel runs on CUDA tensors, or on CPU in "
-                           "Triton's interpreter (set TRITON_INTERPRET=1 before kernels.nm is imported), or use "
-                           "nm.reference_matmul")
