@@ -10,9 +10,8 @@ from safetensors.torch import load_file, save_file
 from kernels import bsr
 from kernels.errors import UnsupportedShape
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
-TOL = {torch.float16: (1e-2, 2e-3), torch.bfloat16: (6e-2, 1.6e-2), torch.float32: (1e-4, 1e-5)}
+from .kernel_checks import DTYPES, close, same_bits
+
 
 
 def block_weight(rows: int, cols: int, block: tuple[int, int], dtype: torch.dtype, keep: float = 0.5,
@@ -30,17 +29,6 @@ def block_weight(rows: int, cols: int, block: tuple[int, int], dtype: torch.dtyp
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def close(got: torch.Tensor, expect: torch.Tensor) -> None:
-    """Within about two ulps of the output dtype (outputs of K <= 128 sums reach ~20): the kernel's fp32 summation
-    order differs from torch's, and each rounds once to the output dtype."""
-    atol, rtol = TOL[expect.dtype]
-    torch.testing.assert_close(got.float(), expect.float(), atol=atol, rtol=rtol)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
