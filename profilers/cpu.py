@@ -17,7 +17,7 @@ from allocator.pruned_model import leading_levels
 from allocator.space import ATTN, MLP, ModelShape, Option, Unit, is_sparse
 from allocator.sparse_export import build_deployable
 from profilers.regimes import Regime, forward_call, regimes_of
-from profilers.table import CostTable, RegimeCosts, clean_curve, cpu_fingerprint, load_or_measure
+from profilers.table import CostTable, RegimeCosts, base_cost, clean_curve, cpu_fingerprint, load_or_measure
 from profilers.timing import time_interleaved
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,10 @@ def measure_regime(
     for unit in units[:2]:  # one attention and one MLP unit carry the option lists
         widths = tuple(o for o in unit.options if not is_sparse(o))
         curve: dict[Option, float] = _fit_widths(unit.kind, widths, fractions)
-        sparse = {o: float(np.median(fractions[f"{unit.kind}={o}"])) for o in unit.options if is_sparse(o)}
-        curve.update(sparse)
+        curve.update({o: float(np.median(fractions[f"{unit.kind}={o}"])) for o in unit.options if is_sparse(o)})
         # The fixed part is the model with every unit at its cheapest option: the narrowest width, or a sparse
         # format that beats it (a sparse space without dropping has only the full width).
-        cheapest = min([curve[widths[0]], *sparse.values()])
+        cheapest = base_cost(curve)
         fixed -= 1.0 - cheapest
         per_layer = {k: (f - cheapest) * dense_ms / shape.num_layers for k, f in curve.items()}
         unit_ms[unit.kind] = clean_curve({k: max(0.0, v) for k, v in per_layer.items()})

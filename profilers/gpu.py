@@ -35,7 +35,7 @@ from allocator.space import ATTN, MLP, ModelShape, Unit, is_sparse
 from profilers.devices import DEVICES
 from profilers.regimes import Regime
 from profilers.roofline import deploy_dtype
-from profilers.table import CostTable, RegimeCosts, clean_curve, cpu_name, load_or_measure
+from profilers.table import CostTable, RegimeCosts, base_cost, clean_curve, cpu_name, load_or_measure
 from profilers.timing import TimingStats
 
 log = logging.getLogger(__name__)
@@ -171,9 +171,8 @@ def regime_costs(
     for kind, opts in options.items():
         full = opts[-1]
         times = {k: stats[variant_name(kind, k, full)].median_ms for k in opts}
-        narrowest = min(k for k in opts if not is_sparse(k))
-        base = min([times[narrowest], *(t for k, t in times.items() if is_sparse(k))])
-        first_is_cheapest &= opts[0] == narrowest and times[narrowest] == base
+        base = base_cost(times)
+        first_is_cheapest &= not is_sparse(opts[0]) and times[opts[0]] == base
         saved += times[full] - base
         unit_ms[kind] = clean_curve({k: max(0.0, (t - base) / num_layers) for k, t in times.items()})
     dense_ms = stats["dense"].median_ms

@@ -143,6 +143,13 @@ def load_or_measure(
     return table, path
 
 
+def base_cost(costs: dict[Option, float]) -> float:
+    """What an option is costed above: the narrowest width's value, or a sparse option's when lower (noise can put
+    a wider width below the narrowest; those are clipped, not made the base)."""
+    narrowest = min(k for k in costs if not is_sparse(k))
+    return min([costs[narrowest], *(v for k, v in costs.items() if is_sparse(k))])
+
+
 def clean_curve(costs: dict[Option, float]) -> dict[Option, float]:
     """Widths non-increasing as pruning grows: walking from the most pruned width up, a cost never falls below the
     one before. Rounding up keeps predictions pessimistic, so a plan that fits the table also fits the device.
