@@ -216,12 +216,19 @@ def allocation_from_widths(widths: dict[str, list[int]], sparse: dict[str, list[
     return allocation
 
 
-def shrink_to_widths(model: nn.Module, shape: ModelShape, widths: dict[str, list[int]]) -> None:
-    """Give an empty (meta-device) dense model the pruned module shapes so a checkpoint can be loaded into it."""
+def shrink_to_widths(
+    model: nn.Module, shape: ModelShape, widths: dict[str, list[int]], sparse: dict[str, list[str | None]] | None = None
+) -> None:
+    """Give an empty (meta-device) dense model the pruned module shapes so a checkpoint can be loaded into it; sparse
+    units keep their full-width linears (allocator.sparse_export.load_sparse_units puts the compressed ones in)."""
     dtype = next(model.parameters()).dtype
+    layers = decoder_layers(model)
 
-    def empty_level(layer: int, kind: str, kept: int) -> UnitWeights:
+    def empty_level(layer: int, kind: str, kept: Option) -> UnitWeights | SparseUnitWeights:
+        if is_sparse(kept):
+            block = getattr(layers[layer], BLOCK_ATTRIBUTE[kind])
+            return SparseUnitWeights({name: getattr(block, name).weight for name in UNIT_LINEARS[kind]})
         columns = kept * shape.heads_per_group * shape.head_dim if kind == ATTN else kept
         return UnitWeights(torch.arange(kept), torch.empty(shape.hidden, columns, device="meta", dtype=dtype))
 
-    apply_allocation(model, shape, allocation_from_widths(widths), empty_level)
+    apply_allocation(model, shape, allocation_from_widths(widths, sparse), empty_level)

@@ -48,11 +48,10 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, object, dict]:
     with init_empty_weights(include_buffers=False):  # rotary buffers stay real, parameters cost nothing
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     sparse = getattr(config, SPARSE_KEY, None)
-    shrink_to_widths(model, ModelShape.from_config(config), widths)
+    shrink_to_widths(model, ModelShape.from_config(config), widths, sparse)
     if sparse:  # sparse units: SparseLinear modules rebuilt from their compressed tensors
         from allocator.sparse_export import load_sparse_units  # kernels load only for sparse exports
 
-        setattr(model.config, SPARSE_KEY, sparse)
         load_sparse_units(model, state)
     tied = getattr(config, "tie_word_embeddings", False)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
