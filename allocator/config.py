@@ -94,7 +94,8 @@ class BudgetConfig:
 
 @dataclass
 class FitnessConfig:
-    # Calibration sequences whose dense log-probabilities are cached for scoring candidates by KL to dense; an
+    # Calibration-side sequences, after the data.calib_sequences the level database is built on (unseen by the
+    # reconstruction), whose dense log-probabilities are cached for scoring candidates by KL to dense; an
     # evaluation on t tokens uses the first ceil(t / data.seq_len) of them.
     sequences: int = 16
     batch_size: int = 4

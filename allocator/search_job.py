@@ -66,11 +66,8 @@ def validate_search_job(cfg: SearchJob) -> None:
         raise UserInputError(
             f"space.fisher_sequences={cfg.space.fisher_sequences} must be in 1..data.calib_sequences={cfg.data.calib_sequences}"
         )
-    uses_fitness = SEARCHERS.get(cfg.searcher.name).uses_fitness
-    if uses_fitness and not 1 <= cfg.fitness.sequences <= cfg.data.calib_sequences:
-        raise UserInputError(
-            f"fitness.sequences={cfg.fitness.sequences} must be in 1..data.calib_sequences={cfg.data.calib_sequences}"
-        )
+    if isinstance(cfg.fitness.sequences, bool) or not isinstance(cfg.fitness.sequences, int) or cfg.fitness.sequences < 1:
+        raise UserInputError(f"fitness.sequences={cfg.fitness.sequences!r} must be an integer >= 1")
     if cfg.fitness.batch_size < 1:
         raise UserInputError(f"fitness.batch_size={cfg.fitness.batch_size} must be >= 1")
     if cfg.score.kl_sequences > cfg.data.calib_sequences:
@@ -143,8 +140,9 @@ class SearchSetup:
     problem: AllocationProblem
 
 
-def prepare_search(cfg: SearchJob) -> SearchSetup:
-    """Model, space, latency table, calibration data and level database, and the allocation problem they define."""
+def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
+    """Model, space, latency table, calibration data and level database, and the allocation problem they define.
+    The data includes the fitness sequences when the searcher scores candidates, or when `fitness_pool` asks."""
     validate_search_job(cfg)
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, cfg.cache_dir)
@@ -164,7 +162,8 @@ def prepare_search(cfg: SearchJob) -> SearchSetup:
         cfg.profile.name, dense, shape, units, cfg.profile, cfg.model.dtype, cfg.cache_dir, cfg.budget.regime, check_budget
     )
     costs = table.regime(cfg.budget.regime)
-    data = build_calibration_data(cfg.data, loaded.tokenizer)
+    fitness_pool = fitness_pool or SEARCHERS.get(cfg.searcher.name).uses_fitness
+    data = build_calibration_data(cfg.data, loaded.tokenizer, cfg.fitness.sequences if fitness_pool else 0)
     db = open_or_build_database(
         dense, shape, units, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir
     )
@@ -184,7 +183,7 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
     dense, tokenizer, shape, units, costs, data, db, problem = (
         setup.dense, setup.tokenizer, setup.shape, setup.units, setup.costs, setup.data, setup.db, setup.problem
     )
-    found = run_searcher(cfg, run_dir, problem, dense, shape, units, db, data.calibration)
+    found = run_searcher(cfg, run_dir, problem, dense, shape, units, db, data.fitness)
     uniform = SEARCHERS.get("uniform")().search(problem, seed=cfg.seed)
     allocations = {"searched": found.labels(problem), "uniform": uniform.labels(problem)}
     models = {name: build_pruned_model(dense, shape, alloc, db.source) for name, alloc in allocations.items()}
@@ -234,17 +233,16 @@ def run_searcher(
     shape: ModelShape,
     units: list[Unit],
     db: LevelDatabase,
-    calibration: torch.Tensor,
+    pool: torch.Tensor | None,
 ) -> Allocation:
-    """Run the configured searcher (with the KL fitness engine if it scores real candidates); its trace and, for a
-    multi-objective search, its Pareto front land in the run directory."""
+    """Run the configured searcher (with the KL fitness engine on `pool`, the fitness sequences, if it scores real
+    candidates); its trace and, for a multi-objective search, its Pareto front land in the run directory."""
     searcher_cfg = cfg.searcher
     if isinstance(searcher_cfg, BayesConfig) and not searcher_cfg.storage:  # a killed study resumes from here
         searcher_cfg = replace(searcher_cfg, storage=f"sqlite:///{(run_dir / 'study.db').resolve()}")
     searcher = make_searcher(searcher_cfg)
     fitness = None
     if searcher.uses_fitness:
-        pool = calibration[: cfg.fitness.sequences]
         fitness = StitchedKLFitness(dense, shape, units, db.source, pool, batch_size=cfg.fitness.batch_size)
     found = searcher.search(problem, seed=cfg.seed, fitness=fitness)
     if "trace" in found.info:

@@ -161,3 +161,23 @@ def test_byte_tokenizer_roundtrip_and_save(tmp_path):
     assert ByteTokenizer.from_pretrained(tmp_path / "model").vocab_size == 257
     with pytest.raises(FileNotFoundError):
         ByteTokenizer.from_pretrained(tmp_path)
+
+
+def test_fitness_sequences_follow_the_calibration_blocks_without_changing_them():
+    cfg = DataConfig(seq_len=64, calib_sequences=8, eval_sequences=4)
+    plain = build_calibration_data(cfg, TOK)
+    with_pool = build_calibration_data(cfg, TOK, fitness_sequences=5)
+    assert plain.fitness is None
+    # The database's blocks and key are unchanged; the pool is the next 5 windows of the same calibration text.
+    assert torch.equal(with_pool.calibration, plain.calibration) and with_pool.fingerprint == plain.fingerprint
+    longer = build_calibration_data(dataclasses.replace(cfg, calib_sequences=13), TOK)
+    assert with_pool.fitness.shape == (5, 64) and torch.equal(with_pool.fitness, longer.calibration[8:])
+    assert not any(torch.equal(f, c) for f in with_pool.fitness for c in plain.calibration)
+
+
+def test_too_few_tokens_for_the_fitness_pool_names_it(tmp_path):
+    _write_docs(tmp_path, 6, words=200)
+    cfg = DataConfig(name="files", paths=[str(tmp_path)], seq_len=64, calib_sequences=4, eval_sequences=1)
+    build_calibration_data(cfg, TOK)
+    with pytest.raises(ValueError, match=r"calibration split \(data.calib_sequences \+ fitness.sequences=1000\)"):
+        build_calibration_data(cfg, TOK, fitness_sequences=1000)

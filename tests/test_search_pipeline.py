@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from allocator.calibration_data import DataConfig
-from allocator.config import BudgetConfig, ModelConfig, ProfileConfig, ScoreConfig, SearchJob, SpaceConfig
+from allocator.config import BudgetConfig, FitnessConfig, ModelConfig, ProfileConfig, ScoreConfig, SearchJob, SpaceConfig
 from allocator.level_database import LevelDatabase
 from allocator.pruned_model import build_pruned_model
 from allocator.runtime import load_pruned
-from allocator.search_job import run_search
+from allocator.search_job import prepare_search, run_search
 from allocator.space import ModelShape, build_space
+from search.evo import EvoConfig
 
 from .conftest import run_cli
 
@@ -76,6 +77,19 @@ def test_second_run_reuses_caches_and_finds_the_same_allocation(searched, tmp_pa
         again = run_search(job, tmp_path)
     assert again["allocation"] == plan["allocation"]
     assert "latency table: reusing" in caplog.text and "level database: reusing" in caplog.text
+
+
+def test_fitness_searchers_score_on_calibration_text_the_database_never_saw(searched, tmp_path):
+    _, _, cache = searched
+    evo = EvoConfig(name="evo", generations=2, offspring=2, stage_tokens=[64], stage_survivors=[1])
+    job = replace(tiny_job(cache), searcher=evo, fitness=FitnessConfig(sequences=3, batch_size=2), verify=False)
+    setup = prepare_search(job)
+    pool, calibration = setup.data.fitness, setup.data.calibration
+    assert pool.shape == (3, 64) and not any(torch.equal(p, c) for p in pool for c in calibration)
+    plan = run_search(job, tmp_path)
+    trace = json.loads((tmp_path / "search_trace.json").read_text())
+    assert trace["tokens_spent"] == 64 * (1 + 2 * 2)  # the parent, then 2 offspring per generation, on 1 sequence
+    assert plan["allocation"] and plan["predicted"]["latency_ms"] <= plan["budget"]["target_ms"] + 1e-9
 
 
 def test_cli_rejects_bad_input_with_one_line(searched, tmp_path):

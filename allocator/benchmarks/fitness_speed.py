@@ -27,13 +27,13 @@ from search.evo import LevelMover
 
 def main(n_candidates: int = 12, tokens: int = 1024) -> dict:
     cfg = search_job([])
-    setup = prepare_search(cfg)
+    setup = prepare_search(cfg, fitness_pool=True)
     problem = setup.problem
     parent = make_searcher(DPConfig()).search(problem).choice
     rng = np.random.default_rng(0)
     mover = LevelMover(problem)
     children = [mover.mutate(parent, rng, max_moves=3) for _ in range(n_candidates)]
-    pool = setup.data.calibration[: cfg.fitness.sequences]
+    pool = setup.data.fitness
     n_seq = -(-tokens // pool.shape[1])
     engines = {
         "engine": StitchedKLFitness(setup.dense, setup.shape, setup.units, setup.db.source, pool, prefix_reuse=True),
