@@ -40,7 +40,8 @@ from search.uniform import UniformSearcher
 SAMPLERS = ("tpe", "cmaes", "gp")
 PARAMS = ("levels", "spdy")
 # Config fields that do not change what a trial means: a study may be resumed with other values of these.
-_NOT_IN_STUDY_KEY = ("name", "max_tokens", "max_seconds", "n_trials", "storage", "study_name", "heartbeat_seconds")
+_NOT_IN_STUDY_KEY = ("name", "max_tokens", "max_seconds", "n_trials", "storage", "study_name", "heartbeat_seconds",
+                     "confirm_top", "confirm_tokens")
 
 
 @dataclass
@@ -74,6 +75,11 @@ class BayesConfig(SearcherConfig):
     param: str = "levels"
     spdy_groups: int = 6
     spdy_range: float = 2.0
+    # Staged confirmation (single objective): the confirm_top best distinct trials are re-scored on confirm_tokens
+    # and the best of those is returned, since the best of many scores on few sequences is partly luck. Its tokens
+    # are kept back from max_tokens when the bound is larger than them. 0 = return the best trial as scored.
+    confirm_top: int = 4
+    confirm_tokens: int = 4096
 
     def validate(self) -> None:
         super().validate()
@@ -87,7 +93,7 @@ class BayesConfig(SearcherConfig):
         if not (isinstance(self.spdy_range, (int, float)) and 0 < self.spdy_range <= 10):
             raise UserInputError(f"searcher.spdy_range={self.spdy_range!r} must be in (0, 10] (log2 of a coefficient)")
         minimums = {"n_trials": 1, "trial_tokens": 1, "startup_trials": 0, "population_size": 2, "heartbeat_seconds": 1,
-                    "radius": 0, "spdy_groups": 1}
+                    "radius": 0, "spdy_groups": 1, "confirm_top": 0, "confirm_tokens": 1}
         for field, low in minimums.items():
             check_int_option(self, field, low)
         for field in ("multi_objective", "warm_start"):
@@ -224,8 +230,33 @@ class BayesSearcher(ConfiguredSearcher):
             info["pareto_front"] = front
             best = min(front, key=lambda p: (p["fitness"], p["cost"]))["choice"]
         else:
-            best = study.best_trial.user_attrs["choice"]
+            best, info["confirmed"] = self._confirm(complete, fitness)
         return allocation_from(problem, best, self.name, **info, **fitness.summary())
+
+    def _confirm_reserve(self, fitness: Fitness) -> int:
+        """Tokens kept back for confirmation: all of it, or none when the token bound is not larger."""
+        cfg = self.cfg
+        need = 0 if cfg.multi_objective else cfg.confirm_top * fitness.sequences_for(cfg.confirm_tokens) * fitness.seq_len
+        return need if 0 < need < cfg.max_tokens else 0
+
+    def _confirm(self, complete: Sequence[FrozenTrial], fitness: Fitness) -> tuple[list[int], list[dict[str, Any]]]:
+        """The best of the confirm_top best distinct trials re-scored on confirm_tokens (as many as the bounds
+        afford, in screening order), with what each scored; the best trial as screened if none could be."""
+        cfg = self.cfg
+        screened: dict[tuple[int, ...], float] = {}
+        for t in sorted(complete, key=_fitness_of):
+            screened.setdefault(tuple(t.user_attrs["choice"]), _fitness_of(t))
+        top = list(screened)[: cfg.confirm_top]
+        one = fitness.sequences_for(cfg.confirm_tokens) * fitness.seq_len
+        affordable = max(0, (cfg.max_tokens - fitness.tokens_spent) // one) if cfg.max_tokens else len(top)
+        top = top[: 0 if fitness.exhausted() else affordable]
+        if len(top) < 2:
+            return list(next(iter(screened))), []
+        values = fitness.score(top, cfg.confirm_tokens)
+        rows = [{"choice": list(c), "screened": screened[c], "confirmed": v} for c, v in zip(top, values)]
+        best = min(rows, key=lambda r: r["confirmed"])
+        fitness.note_best(best["choice"], best["confirmed"], cfg.confirm_tokens)
+        return best["choice"], rows
 
     def _prepare(self, study: optuna.Study, key: dict[str, Any], key_json: str) -> bool:
         """Check a loaded study is this search, fail trials a killed run left RUNNING; True if the study is new."""
@@ -260,6 +291,9 @@ class BayesSearcher(ConfiguredSearcher):
             t = min(complete, key=_fitness_of)
             fitness.note_best(t.user_attrs["choice"], best, cfg.trial_tokens)
         remaining = max(0, cfg.n_trials - len(complete))
+        # Trials stop where the confirmation's tokens begin (a trial starts only if it fits before them).
+        trial_limit = cfg.max_tokens - self._confirm_reserve(fitness)
+        one_trial = fitness.sequences_for(cfg.trial_tokens) * fitness.seq_len
         bar = tqdm(total=remaining, desc="bayes", unit="trial", leave=False)
         ran = [0]
 
@@ -288,7 +322,8 @@ class BayesSearcher(ConfiguredSearcher):
                 fitness.note_best(trial.user_attrs["choice"], best, cfg.trial_tokens)
             # Other workers may complete trials too: n_trials bounds the study, not this worker.
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            if fitness.exhausted() or done >= cfg.n_trials:
+            out_of_trial_tokens = cfg.max_tokens > 0 and fitness.tokens_spent + one_trial > trial_limit
+            if fitness.exhausted() or out_of_trial_tokens or done >= cfg.n_trials:
                 study.stop()
 
         if remaining:

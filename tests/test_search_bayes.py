@@ -59,7 +59,8 @@ def test_every_sampler_respects_the_budget(sampler: str, n_trials: int) -> None:
     a = run(problem, seed=3, sampler=sampler, n_trials=n_trials, startup_trials=3, warm_start=False)
     assert a.cost <= problem.budget and a.cost == problem.cost_of(a.choice)
     assert a.info["sampler"] == sampler and a.info["n_trials_total"] == a.info["n_trials_this_run"] == n_trials
-    assert a.info["evaluations"] <= n_trials  # repeated choices reuse their score
+    # Repeated choices reuse their score; the best few are confirmed on the whole pool.
+    assert a.info["evaluations"] <= n_trials + len(a.info["confirmed"])
     assert a.info["trace"] and a.info["trace"][-1]["fitness"] == a.error  # noise-free: fitness is the error
 
 
@@ -91,6 +92,28 @@ def test_max_tokens_stops_the_search() -> None:
     assert a.info["n_trials_total"] < 50 and a.cost <= problem.budget
 
 
+def test_confirmation_rescores_the_best_trials_on_more_tokens_within_the_bound() -> None:
+    problem = make_problem(6, n_units=10, tightness=0.4)
+    # Screening on one sequence is very noisy; the confirmation's 16 sequences are 4x less so.
+    fitness = ProxyFitness(problem, noise=4.0, seed=0)
+    a = run(problem, seed=0, fitness=fitness, n_trials=100, startup_trials=8, max_tokens=60 * SEQ,
+            confirm_top=3, confirm_tokens=16 * SEQ)
+    rows = a.info["confirmed"]
+    # 3 x 16 sequences kept back: 12 new trial choices on one sequence each, then 3 confirmations.
+    assert len(rows) == 3 and a.info["tokens_spent"] == 60 * SEQ and a.info["evaluations"] == 12 + 3
+    assert [r["screened"] for r in rows] == sorted(r["screened"] for r in rows)
+    best = min(rows, key=lambda r: r["confirmed"])
+    assert list(a.choice) == best["choice"] and fitness.score([a.choice], 16 * SEQ)[0] == best["confirmed"]
+    assert problem.error_of(a.choice) < problem.error_of(rows[0]["choice"])  # the luckiest screen was not the best
+    assert a.info["trace"][-1]["fitness_tokens"] == 16 * SEQ
+    # A bound too small to keep anything back: trials use all of it and the best is returned as screened.
+    small = run(problem, seed=0, fitness=ProxyFitness(problem, noise=0.5, seed=2), n_trials=100, max_tokens=6 * SEQ,
+                confirm_tokens=16 * SEQ)
+    assert small.info["confirmed"] == [] and small.info["tokens_spent"] == 6 * SEQ
+    off = run(problem, seed=0, fitness=ProxyFitness(problem, noise=0.5, seed=2), n_trials=12, confirm_top=0)
+    assert off.info["confirmed"] == [] and off.info["evaluations"] <= 12
+
+
 def test_needs_a_fitness() -> None:
     with pytest.raises(ValueError, match="needs a Fitness"):
         make_searcher(BayesConfig()).search(make_problem(), fitness=None)
@@ -99,7 +122,8 @@ def test_needs_a_fitness() -> None:
 @pytest.mark.parametrize(
     "field,value",
     [("sampler", "bogus"), ("n_trials", 0), ("n_trials", 2.5), ("trial_tokens", 0), ("startup_trials", -1),
-     ("population_size", 1), ("multi_objective", "yes"), ("warm_start", 1), ("storage", None), ("max_tokens", -1)],
+     ("population_size", 1), ("multi_objective", "yes"), ("warm_start", 1), ("storage", None), ("max_tokens", -1),
+     ("confirm_top", -1), ("confirm_tokens", 0)],
 )
 def test_bad_config_names_the_value(field: str, value: object) -> None:
     with pytest.raises(UserInputError, match=rf"searcher\.{field}={value!r}".replace("(", r"\(")):
