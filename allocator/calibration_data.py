@@ -197,6 +197,27 @@ def token_blocks(docs: list[str], tokenizer: Tokenizer, seq_len: int, n_blocks: 
     return torch.tensor(ids[:need], dtype=torch.long).view(n_blocks, seq_len)
 
 
+def spread_blocks(docs: list[str], tokenizer: Tokenizer, seq_len: int, n_blocks: int, skip_tokens: int = 0) -> torch.Tensor:
+    """n_blocks seq_len-token windows spaced evenly over the docs joined by EOS, after the first skip_tokens tokens;
+    (n_blocks, seq_len) int64. Consecutive windows cover a handful of documents; spread ones sample all of them."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserInputError("the tokenizer has no eos_token_id to separate documents")
+    ids: list[int] = []
+    for i, doc in enumerate(docs):
+        if i:
+            ids.append(eos)
+        ids.extend(tokenizer.encode(doc, add_special_tokens=False))
+    stride = (len(ids) - skip_tokens) // n_blocks
+    if stride < seq_len:
+        raise UserInputError(
+            f"text has {max(0, len(ids) - skip_tokens)} tokens after the first {skip_tokens} but {n_blocks} blocks x "
+            f"{seq_len} tokens = {n_blocks * seq_len} are needed; lower the block count or data.seq_len, or add text"
+        )
+    starts = [skip_tokens + i * stride for i in range(n_blocks)]
+    return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)
+
+
 # Fixed probes: two tokenizers with equal class name and vocab size but different merges still encode these differently.
 _PROBES = ("Hello, world!", "def f(x):\n    return x ** 2  # square", "naïve café – 東京 🙂", "   leading spaces\tand tabs")
 
@@ -213,26 +234,32 @@ class CalibrationData:
     calibration: torch.Tensor  # (calib_sequences, seq_len) int64
     heldout: torch.Tensor  # (eval_sequences, seq_len) int64
     fingerprint: str  # sha256 hex of documents, tokenizer identity and config values
-    # (fitness_sequences, seq_len) int64: the calibration-side blocks right after `calibration`. Searchers score
-    # candidates on these because the pruned layers were reconstructed on `calibration` itself: measured on
-    # SmolLM2, a 1.5x-speedup model's KL to dense is 0.34 there against 0.55 on unseen calibration-side text and
-    # 0.58 held out, so a fitness on `calibration` favours the options whose reconstruction overfits it most.
+    # (fitness_sequences, seq_len) int64: calibration-side blocks spread over the text after `calibration`.
+    # Searchers score candidates on these because the pruned layers were reconstructed on `calibration` itself
+    # (on SmolLM2 a 1.5x-speedup model's KL to dense is ~40% lower there than on unseen text: a fitness on it
+    # favours the options whose reconstruction overfits most), and spread because consecutive blocks cover only
+    # a few documents (`python -m allocator.benchmarks.fitness_bias` measures both).
     fitness: torch.Tensor | None = None
 
 
 def build_calibration_data(cfg: DataConfig, tokenizer: Tokenizer, fitness_sequences: int = 0) -> CalibrationData:
-    """Calibration and held-out blocks, plus `fitness_sequences` fresh calibration-side blocks (see `fitness`); the
-    fingerprint does not depend on those, so databases built on the calibration blocks stay valid."""
+    """Calibration and held-out blocks, plus `fitness_sequences` unseen calibration-side blocks (see `fitness`);
+    the fingerprint does not depend on those, so databases built on the calibration blocks stay valid."""
     docs = load_documents(cfg)
     calib_docs, heldout_docs = split_documents(docs, cfg.heldout_fraction)
     blocks = {}
-    for split, split_docs, n in (("calibration", calib_docs, cfg.calib_sequences + fitness_sequences),
+    for split, split_docs, n in (("calibration", calib_docs, cfg.calib_sequences),
                                  ("held-out", heldout_docs, cfg.eval_sequences)):
         try:
             blocks[split] = token_blocks(split_docs, tokenizer, cfg.seq_len, n)
         except UserInputError as e:
-            extra = f" (data.calib_sequences + fitness.sequences={fitness_sequences})" if fitness_sequences else ""
-            raise UserInputError(f"{split} split{extra}: {e}") from None  # say which split ran short
+            raise UserInputError(f"{split} split: {e}") from None  # say which split ran short
+    fitness = None
+    if fitness_sequences:
+        try:
+            fitness = spread_blocks(calib_docs, tokenizer, cfg.seq_len, fitness_sequences, cfg.calib_sequences * cfg.seq_len)
+        except UserInputError as e:
+            raise UserInputError(f"calibration split, fitness.sequences={fitness_sequences}: {e}") from None
     h = hashlib.sha256()
     for doc in docs:
         # Length-prefixed so document boundaries count: ["ab", "c"] and ["a", "bc"] hash differently.
@@ -242,6 +269,4 @@ def build_calibration_data(cfg: DataConfig, tokenizer: Tokenizer, fitness_sequen
     # paths are left out on purpose: the same text moved to another directory is the same data.
     h.update(repr((cfg.name, cfg.seq_len, cfg.calib_sequences, cfg.eval_sequences,
                    float(cfg.heldout_fraction))).encode("utf-8"))
-    calibration = blocks["calibration"]
-    fitness = calibration[cfg.calib_sequences :] if fitness_sequences else None
-    return CalibrationData(calibration[: cfg.calib_sequences], blocks["held-out"], h.hexdigest(), fitness)
+    return CalibrationData(blocks["calibration"], blocks["held-out"], h.hexdigest(), fitness)

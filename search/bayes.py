@@ -140,9 +140,8 @@ class BayesSearcher(ConfiguredSearcher):
         if self.cfg.param == "spdy":
             r = float(self.cfg.spdy_range)
             groups = spdy_groups(problem, self.cfg.spdy_groups)
-            coef = {g: 2.0 ** trial.suggest_float(g, -r, r) for g in dict.fromkeys(groups)}
-            scaled = dataclasses.replace(problem, errors=tuple(e * coef[g] for e, g in zip(problem.errors, groups)))
-            return list(DPSearcher().search(scaled).choice)
+            log2 = {g: trial.suggest_float(g, -r, r) for g in dict.fromkeys(groups)}
+            return list(spdy_choice(problem, groups, log2))
         if center is None:
             return [trial.suggest_int(name, 0, len(opts) - 1) for name, opts in zip(problem.unit_names, problem.options)]
         r = self.cfg.radius
@@ -344,6 +343,13 @@ def spdy_groups(problem: AllocationProblem, n_groups: int) -> list[str]:
         for rank, u in enumerate(units):
             out[u] = f"{kind}.g{rank * min(n_groups, len(units)) // len(units)}"
     return out
+
+
+def spdy_choice(problem: AllocationProblem, groups: Sequence[str], log2_coefficients: dict[str, float]) -> tuple[int, ...]:
+    """The DP optimum of the proxy with each unit's errors scaled by 2**coefficient of its group."""
+    scale = {g: 2.0 ** c for g, c in log2_coefficients.items()}
+    scaled = dataclasses.replace(problem, errors=tuple(e * scale[g] for e, g in zip(problem.errors, groups)))
+    return DPSearcher().search(scaled).choice
 
 
 def _fitness_of(trial: FrozenTrial) -> float:

@@ -14,6 +14,7 @@ from allocator.calibration_data import (
     build_calibration_data,
     load_documents,
     split_documents,
+    spread_blocks,
     token_blocks,
     validate_data_config,
 )
@@ -163,21 +164,33 @@ def test_byte_tokenizer_roundtrip_and_save(tmp_path):
         ByteTokenizer.from_pretrained(tmp_path)
 
 
-def test_fitness_sequences_follow_the_calibration_blocks_without_changing_them():
+def test_spread_blocks_sample_evenly_after_the_skipped_tokens():
+    docs = [chr(97 + i) * 99 for i in range(10)]  # 10 x 99 bytes joined by 9 EOS: 999 tokens
+    stream = token_blocks(docs, TOK, seq_len=999, n_blocks=1)[0]
+    blocks = spread_blocks(docs, TOK, seq_len=10, n_blocks=5, skip_tokens=200)
+    stride = (999 - 200) // 5
+    assert torch.equal(blocks, torch.stack([stream[200 + i * stride : 210 + i * stride] for i in range(5)]))
+    with pytest.raises(ValueError, match=r"799 tokens after the first 200 but 100 blocks x 10 tokens = 1000"):
+        spread_blocks(docs, TOK, seq_len=10, n_blocks=100, skip_tokens=200)
+
+
+def test_fitness_sequences_are_spread_after_the_calibration_blocks_without_changing_them():
     cfg = DataConfig(seq_len=64, calib_sequences=8, eval_sequences=4)
     plain = build_calibration_data(cfg, TOK)
     with_pool = build_calibration_data(cfg, TOK, fitness_sequences=5)
     assert plain.fitness is None
-    # The database's blocks and key are unchanged; the pool is the next 5 windows of the same calibration text.
+    # The database's blocks and key are unchanged; the pool starts where they end and spreads over the rest.
     assert torch.equal(with_pool.calibration, plain.calibration) and with_pool.fingerprint == plain.fingerprint
-    longer = build_calibration_data(dataclasses.replace(cfg, calib_sequences=13), TOK)
-    assert with_pool.fitness.shape == (5, 64) and torch.equal(with_pool.fitness, longer.calibration[8:])
+    next_block = build_calibration_data(dataclasses.replace(cfg, calib_sequences=9), TOK).calibration[8]
+    assert with_pool.fitness.shape == (5, 64) and torch.equal(with_pool.fitness[0], next_block)
     assert not any(torch.equal(f, c) for f in with_pool.fitness for c in plain.calibration)
+    far = build_calibration_data(dataclasses.replace(cfg, calib_sequences=40), TOK).calibration
+    assert not any(torch.equal(with_pool.fitness[1], c) for c in far)  # the second one lies far beyond
 
 
 def test_too_few_tokens_for_the_fitness_pool_names_it(tmp_path):
     _write_docs(tmp_path, 6, words=200)
     cfg = DataConfig(name="files", paths=[str(tmp_path)], seq_len=64, calib_sequences=4, eval_sequences=1)
     build_calibration_data(cfg, TOK)
-    with pytest.raises(ValueError, match=r"calibration split \(data.calib_sequences \+ fitness.sequences=1000\)"):
+    with pytest.raises(ValueError, match=r"calibration split, fitness.sequences=1000: text has"):
         build_calibration_data(cfg, TOK, fitness_sequences=1000)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allocator.benchmarks.common import search_job, write_result
-from allocator.calibration_data import build_calibration_data
+from allocator.calibration_data import load_documents, split_documents, spread_blocks
 from allocator.compress.outliers import layer_outlier_ratios
 from allocator.fitness_engine import StitchedKLFitness, dense_log_probs
 from allocator.pruned_model import build_pruned_model
@@ -37,8 +37,8 @@ UNBOUNDED = {"generations": 10**6, "n_trials": 10**6, "samples": 10**6, "stage_g
 # unit, which its 48 trials at this token budget cannot cover.
 SETTINGS = {"bayes": {"param": "spdy"}}
 CHECKPOINTS = (1 / 8, 1 / 4, 1 / 2, 1.0)
-# Held-out sequences of 256 tokens (the search job's 16 and 48 more): held-out perplexities of 4096 tokens differ
-# by several percent between text samples, more than the searchers differ.
+# Held-out sequences of 256 tokens, spread over all held-out documents: perplexities of 16 consecutive sequences
+# differ by several percent between text samples, more than the searchers differ.
 HELDOUT_SEQUENCES = 64
 OUT = Path("runs/bench/searchers/smollm2.json")
 
@@ -55,6 +55,13 @@ def heldout_quality(model: nn.Module, dense_logp: torch.Tensor, tokens: torch.Te
     return {"ppl": math.exp(nll / tokens[:, 1:].numel()), "kl": kl / tokens.numel()}
 
 
+def benchmark_heldout(cfg, tokenizer) -> torch.Tensor:
+    """HELDOUT_SEQUENCES blocks spread over all held-out documents (the search job's consecutive blocks cover a
+    handful of them)."""
+    _, heldout_docs = split_documents(load_documents(cfg.data), cfg.data.heldout_fraction)
+    return spread_blocks(heldout_docs, tokenizer, cfg.data.seq_len, HELDOUT_SEQUENCES)
+
+
 def searcher_config(name: str, max_tokens: int):
     cls = SEARCHERS.get(name)
     cfg = cls.Config(name=name, max_tokens=max_tokens if cls.uses_fitness else 0)
@@ -63,9 +70,8 @@ def searcher_config(name: str, max_tokens: int):
 
 def run_budget(label: str, overrides: list[str], max_tokens: int, saved: dict) -> dict:
     cfg = search_job(overrides)
-    setup: SearchSetup = prepare_search(cfg)
-    data = build_calibration_data(replace(cfg.data, eval_sequences=HELDOUT_SEQUENCES), setup.tokenizer, cfg.fitness.sequences)
-    heldout, pool = data.heldout, data.fitness
+    setup: SearchSetup = prepare_search(cfg, fitness_pool=True)
+    heldout, pool = benchmark_heldout(cfg, setup.tokenizer), setup.data.fitness
     dense_logp = dense_log_probs(setup.dense, heldout, cfg.fitness.batch_size)
     fitness = StitchedKLFitness(setup.dense, setup.shape, setup.units, setup.db.source, pool, cfg.fitness.batch_size)
     results = saved["results"].setdefault(label, {})
@@ -150,7 +156,8 @@ def plot(saved: dict, path: Path) -> None:
 
 def main(max_tokens: int = 98304) -> dict:
     settings = {"max_tokens": max_tokens, "searchers": list(SEARCHER_ORDER), "checkpoints": list(CHECKPOINTS),
-                "heldout_sequences": HELDOUT_SEQUENCES, "fitness_pool": "calibration-side, after the database's"}
+                "heldout_sequences": HELDOUT_SEQUENCES, "heldout": "spread over all held-out documents",
+                "fitness_pool": "spread over the calibration-side text after the database's blocks"}
     saved: dict = {"settings": settings, "results": {}}
     if OUT.is_file():
         previous = json.loads(OUT.read_text())
