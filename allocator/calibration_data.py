@@ -176,19 +176,26 @@ def split_documents(docs: list[str], heldout_fraction: float) -> tuple[list[str]
     return calib, heldout
 
 
-def token_blocks(docs: list[str], tokenizer: Tokenizer, seq_len: int, n_blocks: int) -> torch.Tensor:
-    """The first n_blocks consecutive seq_len-token windows of the docs joined by EOS; (n_blocks, seq_len) int64."""
+def joined_ids(docs: list[str], tokenizer: Tokenizer, need: int | None = None) -> list[int]:
+    """The docs' tokens joined by EOS; with `need`, stops once that many are there (the rest would waste seconds
+    of a real tokenizer)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserInputError("the tokenizer has no eos_token_id to separate documents")
-    need = seq_len * n_blocks
     ids: list[int] = []
     for i, doc in enumerate(docs):
-        if len(ids) >= need:  # stop early: a real tokenizer on the whole corpus would waste seconds
+        if need is not None and len(ids) >= need:
             break
         if i:
             ids.append(eos)
         ids.extend(tokenizer.encode(doc, add_special_tokens=False))
+    return ids
+
+
+def token_blocks(docs: list[str], tokenizer: Tokenizer, seq_len: int, n_blocks: int) -> torch.Tensor:
+    """The first n_blocks consecutive seq_len-token windows of the docs joined by EOS; (n_blocks, seq_len) int64."""
+    need = seq_len * n_blocks
+    ids = joined_ids(docs, tokenizer, need)
     if len(ids) < need:
         raise UserInputError(
             f"text has {len(ids)} tokens but {n_blocks} blocks x {seq_len} tokens = {need} are needed; "
@@ -200,14 +207,7 @@ def token_blocks(docs: list[str], tokenizer: Tokenizer, seq_len: int, n_blocks: 
 def spread_blocks(docs: list[str], tokenizer: Tokenizer, seq_len: int, n_blocks: int, skip_tokens: int = 0) -> torch.Tensor:
     """n_blocks seq_len-token windows spaced evenly over the docs joined by EOS, after the first skip_tokens tokens;
     (n_blocks, seq_len) int64. Consecutive windows cover a handful of documents; spread ones sample all of them."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserInputError("the tokenizer has no eos_token_id to separate documents")
-    ids: list[int] = []
-    for i, doc in enumerate(docs):
-        if i:
-            ids.append(eos)
-        ids.extend(tokenizer.encode(doc, add_special_tokens=False))
+    ids = joined_ids(docs, tokenizer)
     stride = (len(ids) - skip_tokens) // n_blocks
     if stride < seq_len:
         raise UserInputError(

@@ -118,6 +118,9 @@ def test_cli_rejects_bad_input_with_one_line(searched, tmp_path):
     wrong_type = run_cli("search", "budget.speedup=fast", cwd=tmp_path)
     assert wrong_type.returncode != 0 and "fast" in wrong_type.stderr
 
+    no_pool = run_cli("search", "searcher=evo", "fitness.sequences=0", cwd=tmp_path)
+    assert no_pool.returncode == 2 and "fitness.sequences=0 must be an integer >= 1" in no_pool.stderr
+
     unknown_searcher = run_cli("search", "searcher=nope", cwd=tmp_path)
     assert unknown_searcher.returncode != 0 and "dp" in unknown_searcher.stderr
 
