@@ -236,7 +236,7 @@ class CalibrationData:
     fingerprint: str  # sha256 hex of documents, tokenizer identity and config values
     # (fitness_sequences, seq_len) int64: calibration-side blocks spread over the text after `calibration`.
     # Searchers score candidates on these because the pruned layers were reconstructed on `calibration` itself
-    # (on SmolLM2 a 1.5x-speedup model's KL to dense is ~40% lower there than on unseen text: a fitness on it
+    # (on SmolLM2 a 1.5x-speedup model's KL to dense is 30-45% lower there than on unseen text: a fitness on it
     # favours the options whose reconstruction overfits most), and spread because consecutive blocks cover only
     # a few documents (`python -m allocator.benchmarks.fitness_bias` measures both).
     fitness: torch.Tensor | None = None
