@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm import tqdm
 
+from allocator.compress.hooked_forward import forward_with_hooks
 from allocator.compress.linear_hessians import LinearHessians
 from allocator.compress.masks import SparsityPattern
 from allocator.compress.sparse_prune import PRUNERS, sparsegpt_levels
@@ -82,12 +82,7 @@ def record_block_calls(
         getattr(layers[layer], BLOCK_ATTRIBUTE[kind]).register_forward_hook(record((layer, kind)), with_kwargs=True)
         for layer, kind in kinds
     ]
-    try:
-        for start in tqdm(range(0, len(tokens), batch_size), desc="block inputs", unit="batch", leave=False):
-            model(tokens[start : start + batch_size], use_cache=False, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, tokens, batch_size, handles, "block inputs")
     return calls
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from allocator.compress.hooked_forward import forward_with_hooks
 from allocator.pruned_model import decoder_layers
 
 
@@ -33,10 +33,5 @@ def collect_hessians(
     for i, layer in enumerate(layers):
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(accumulate(attn_h, i)))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(accumulate(mlp_h, i)))
-    try:
-        for start in tqdm(range(0, len(tokens), batch_size), desc="calibration hessians", unit="batch", leave=False):
-            model(tokens[start : start + batch_size], use_cache=False, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, tokens, batch_size, handles, "calibration hessians")
     return attn_h, mlp_h  # type: ignore[return-value]

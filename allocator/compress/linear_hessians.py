@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from allocator.compress.hooked_forward import forward_with_hooks
 from allocator.pruned_model import decoder_layers
 
 __all__ = ["INPUT_GROUPS", "LinearHessians", "collect_linear_hessians"]
@@ -61,16 +61,12 @@ def collect_linear_hessians(model: nn.Module, tokens: torch.Tensor, batch_size: 
 
         return hook
 
-    handles = []
-    try:
-        for i, layer in enumerate(layers):
-            for key, (hooked, _readers) in INPUT_GROUPS.items():
-                handles.append(layer.get_submodule(hooked).register_forward_pre_hook(accumulate(key, i)))
-        for start in tqdm(range(0, len(tokens), batch_size), desc="linear hessians", unit="batch", leave=False):
-            model(tokens[start : start + batch_size], use_cache=False, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
+    handles = [
+        layer.get_submodule(hooked).register_forward_pre_hook(accumulate(key, i))
+        for i, layer in enumerate(layers)
+        for key, (hooked, _readers) in INPUT_GROUPS.items()
+    ]
+    forward_with_hooks(model, tokens, batch_size, handles, "linear hessians")
     if any(h is None for hs in store.values() for h in hs):
         raise RuntimeError("a hooked projection never ran during the calibration forward passes")
     return LinearHessians(store, seen[0])  # type: ignore[arg-type]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from allocator.compress.hooked_forward import forward_with_hooks
 from allocator.pruned_model import decoder_layers
 
 
@@ -33,12 +33,7 @@ def layer_outlier_ratios(
         sq_norms[module] = s if module not in sq_norms else sq_norms[module].add_(s)
 
     handles = [m.register_forward_pre_hook(accumulate) for group in linears for m in group]
-    try:
-        for start in tqdm(range(0, len(tokens), batch_size), desc="outlier ratios", unit="batch", leave=False):
-            model(tokens[start : start + batch_size], use_cache=False, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, tokens, batch_size, handles, "outlier ratios")
 
     ratios = []
     for group in linears:
