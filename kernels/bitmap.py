@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.compressed import CompressedWeight
 from kernels.errors import UnsupportedShape
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -40,8 +41,11 @@ _MAX_INT32 = 2**31 - 1
 
 
 @dataclass
-class BitmapWeight:
+class BitmapWeight(CompressedWeight):
     """A compressed (out_features, in_features) weight; see the module docstring for the layout."""
+
+    DATA = ("bitmap", "offsets", "values")
+    VALUES = "values"
 
     shape: tuple[int, int]
     bitmap: torch.Tensor
@@ -57,14 +61,6 @@ class BitmapWeight:
         return self.bitmap.shape[0], self.bitmap.shape[1]
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
     def nnz(self) -> int:
         return self.values.numel()
 
@@ -73,10 +69,6 @@ class BitmapWeight:
         n, k = self.shape
         return self.nnz / (n * k) if n * k else 0.0
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the device tensors (bitmap, offsets, values); the shape header is host metadata."""
-        return sum(t.numel() * t.element_size() for t in (self.bitmap, self.offsets, self.values))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         shape = torch.tensor(self.shape, dtype=torch.int64)

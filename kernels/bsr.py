@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.compressed import CompressedWeight
 from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_linear_call
 MIN_BLOCK, MAX_BLOCK = 16, 128
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # see kernels.nm: the kernel was built for the interpreter
@@ -38,20 +39,15 @@ def _check_block(where: str, block: tuple[int, int]) -> tuple[int, int]:
 
 
 @dataclass
-class BSRWeight:
+class BSRWeight(CompressedWeight):
+    DATA = ("blocks", "row_ptr", "col_idx")
+    VALUES = "blocks"
+
     shape: tuple[int, int]  # (out_features, in_features) of the dense weight
     block: tuple[int, int]  # (block_rows, block_cols)
     row_ptr: torch.Tensor  # (out_features // block_rows + 1,) int32
     col_idx: torch.Tensor  # (stored blocks,) int32
     blocks: torch.Tensor  # (stored blocks, block_rows, block_cols)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.blocks.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.blocks.device
 
     @property
     def nnz_blocks(self) -> int:
@@ -63,11 +59,6 @@ class BSRWeight:
         total = (self.shape[0] // self.block[0]) * (self.shape[1] // self.block[1])
         return self.nnz_blocks / total if total else 1.0
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the device tensors the kernel reads (blocks, row pointers, column indices); the header integers
-        of tensors() are host metadata and not counted."""
-        return sum(t.numel() * t.element_size() for t in (self.blocks, self.row_ptr, self.col_idx))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {

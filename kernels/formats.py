@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from kernels import bitmap, bsr, nm
+from kernels.compressed import CompressedWeight
 
 FORMATS: dict[str, ModuleType] = {"bitmap": bitmap, "nm": nm, "bsr": bsr}
 
@@ -21,11 +22,15 @@ FORMATS: dict[str, ModuleType] = {"bitmap": bitmap, "nm": nm, "bsr": bsr}
 @dataclass(frozen=True)
 class FormatSpec:
     code: int  # stable id written into checkpoints (SparseLinear's `layout` buffer): never renumber, only append
-    weight: type  # the compressed-weight class; its from_tensors is the full check, done on load
-    data_keys: tuple[str, ...]  # device tensors, in the order the custom op takes them
+    weight: type[CompressedWeight]  # its from_tensors is the full check, done on load
     header_keys: tuple[str, ...]  # integer headers, passed to the op as ints
     # Rebuilds the weight on every op call: structural checks only, no reads of device memory.
     build: Callable[[dict[str, torch.Tensor]], Any]
+
+    @property
+    def data_keys(self) -> tuple[str, ...]:
+        """Device tensors, in the order the custom op takes them."""
+        return self.weight.DATA
 
 
 def _build_bsr(t: dict[str, torch.Tensor]) -> bsr.BSRWeight:
@@ -38,11 +43,9 @@ def _build_bsr(t: dict[str, torch.Tensor]) -> bsr.BSRWeight:
 
 
 SPECS: dict[str, FormatSpec] = {
-    "bitmap": FormatSpec(
-        1, bitmap.BitmapWeight, ("bitmap", "offsets", "values"), ("shape",), bitmap.BitmapWeight.from_tensors
-    ),
-    "nm": FormatSpec(2, nm.NMWeight, ("values", "indices"), ("shape", "nm"), nm.NMWeight.from_tensors),
-    "bsr": FormatSpec(3, bsr.BSRWeight, ("blocks", "row_ptr", "col_idx"), ("shape", "block"), _build_bsr),
+    "bitmap": FormatSpec(1, bitmap.BitmapWeight, ("shape",), bitmap.BitmapWeight.from_tensors),
+    "nm": FormatSpec(2, nm.NMWeight, ("shape", "nm"), nm.NMWeight.from_tensors),
+    "bsr": FormatSpec(3, bsr.BSRWeight, ("shape", "block"), _build_bsr),
 }
 
 

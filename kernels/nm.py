@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.compressed import CompressedWeight
 from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_linear_call
 MAX_M = 16  # indices pack at least two per byte; 1:4, 2:4, 4:8, 8:16, 2:8 are all the patterns in practice
 # Triton built this module's kernels for its interpreter (TRITON_INTERPRET=1 when it was imported): they run on
@@ -49,7 +50,10 @@ def _check_nm(where: str, n: int, m: int) -> None:
 
 
 @dataclass
-class NMWeight:
+class NMWeight(CompressedWeight):
+    DATA = ("values", "indices")
+    VALUES = "values"
+
     shape: tuple[int, int]  # (out_features, in_features) of the dense weight
     n: int
     m: int
@@ -57,22 +61,9 @@ class NMWeight:
     indices: torch.Tensor  # (out_features, packed_cols(...)) uint8
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
     def bits(self) -> int:
         return index_bits(self.m)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the device tensors the kernel reads (values and packed indices); the four header integers of
-        tensors() are host metadata and not counted."""
-        return self.values.numel() * self.values.element_size() + self.indices.numel() * self.indices.element_size()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
