@@ -48,26 +48,26 @@ def _task(command: str):
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
-        from allocator.errors import UserInputError
+        from allocator.core.errors import UserInputError
         from search import InfeasibleBudget
 
         job = OmegaConf.to_object(cfg)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             if command == "search":
-                from allocator.search_job import run_search
+                from allocator.app.search_job import run_search
 
                 run_search(job, out_dir)
             elif command == "profile":
-                from allocator.profile_job import run_profile
+                from allocator.app.profile_job import run_profile
 
                 run_profile(job)
             elif command == "export":
-                from allocator.export_job import run_export
+                from allocator.app.export_job import run_export
 
                 run_export(job, out_dir)
             else:
-                from allocator.verify_job import run_verify
+                from allocator.app.verify_job import run_verify
 
                 run_verify(job)
         except (UserInputError, InfeasibleBudget, FileNotFoundError) as exc:
@@ -80,7 +80,7 @@ def _task(command: str):
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "summarize":  # reads a sweep directory: no config to compose
-        from allocator.sweep_summary import main as summarize
+        from allocator.app.sweep_summary import main as summarize
 
         sys.exit(summarize(argv[1:]))
     if not argv or argv[0] not in COMMANDS:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[0]
     import hydra
 
-    from allocator.config import register_configs
+    from allocator.app.config import register_configs
 
     from omegaconf import OmegaConf
 

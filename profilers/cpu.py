@@ -12,10 +12,10 @@ import torch
 from scipy.stats import theilslopes
 from torch import nn
 
-from allocator.config import ProfileConfig
-from allocator.pruned_model import leading_levels
-from allocator.space import ATTN, MLP, ModelShape, Option, Unit, is_sparse
-from allocator.sparse_export import build_deployable
+from allocator.core.config import ProfileConfig
+from allocator.model.surgery import leading_levels
+from allocator.core.space import ATTN, MLP, ModelShape, Option, Unit, is_sparse
+from allocator.model.sparse_export import build_deployable
 from profilers.regimes import Regime, forward_call, regimes_of
 from profilers.table import CostTable, RegimeCosts, base_cost, clean_curve, cpu_fingerprint, load_or_measure
 from profilers.timing import time_interleaved

@@ -25,13 +25,13 @@ from tqdm import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from allocator.config import ProfileConfig
-from allocator.errors import UserInputError
-from allocator.memory import kv_bytes, unit_weight_bytes
-from allocator.model_loader import DTYPES
-from allocator.pruned_model import DroppedAttention, decoder_layers, leading_levels
-from allocator.sparse_export import build_deployable
-from allocator.space import ATTN, MLP, ModelShape, Unit, is_sparse
+from allocator.core.config import ProfileConfig
+from allocator.core.errors import UserInputError
+from allocator.core.memory import kv_bytes, unit_weight_bytes
+from allocator.model.loader import DTYPES
+from allocator.model.surgery import DroppedAttention, decoder_layers, leading_levels
+from allocator.model.sparse_export import build_deployable
+from allocator.core.space import ATTN, MLP, ModelShape, Unit, is_sparse
 from profilers.devices import DEVICES
 from profilers.regimes import Regime
 from profilers.roofline import deploy_dtype

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from allocator.config import ProfileConfig
-from allocator.errors import UserInputError
-from allocator.pruned_model import DroppedAttention, decoder_layers
-from allocator.space import ModelShape
+from allocator.core.config import ProfileConfig
+from allocator.core.errors import UserInputError
+from allocator.model.surgery import DroppedAttention, decoder_layers
+from allocator.core.space import ModelShape
 
 
 @dataclass(frozen=True)

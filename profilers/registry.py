@@ -13,10 +13,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from allocator.config import ProfileConfig
-from allocator.errors import UserInputError
-from allocator.registry import Registry
-from allocator.space import ATTN, MLP, ModelShape, Unit
+from allocator.core.config import ProfileConfig
+from allocator.core.errors import UserInputError
+from allocator.core.registry import Registry
+from allocator.core.space import ATTN, MLP, ModelShape, Unit
 from profilers.cpu import profile_cpu
 from profilers.devices import DEVICES, DeviceSpec
 from profilers.gpu import cuda_device_named, profile_gpu

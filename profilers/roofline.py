@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
-from allocator.compress.masks import SparsityPattern
-from allocator.space import ATTN, MLP, ModelShape, Option, Unit, is_sparse, option_params, sparse_pattern
+from allocator.core.patterns import SparsityPattern
+from allocator.core.space import ATTN, MLP, ModelShape, Option, Unit, is_sparse, option_params, sparse_pattern
 from profilers.devices import DeviceSpec
 from profilers.regimes import Regime
 from profilers.table import CostTable, RegimeCosts, clean_curve
@@ -155,7 +155,7 @@ def attention_core_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime
 
 def attention_unit_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option) -> float:
     """Input norm, q/k/v/o for the kept KV groups and the attention itself; 0 when dropped (the norm goes with the
-    block, as in allocator.pruned_model)."""
+    block, as in allocator.model.surgery)."""
     if option == 0:
         return 0.0
     kept = shape.num_kv_heads if is_sparse(option) else option

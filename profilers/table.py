@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from allocator.atomic_io import write_json_atomic
-from allocator.space import Option, is_sparse, parse_option_key
+from allocator.core.atomic_io import write_json_atomic
+from allocator.core.space import Option, is_sparse, parse_option_key
 
 log = logging.getLogger(__name__)
 

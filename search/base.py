@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from allocator.errors import UserInputError
-from allocator.registry import Registry
+from allocator.core.errors import UserInputError
+from allocator.core.registry import Registry
 
 if TYPE_CHECKING:
     from search.fitness import Fitness

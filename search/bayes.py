@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from allocator.errors import UserInputError
+from allocator.core.errors import UserInputError
 from search.base import (
     SEARCHERS,
     Allocation,

@@ -15,7 +15,7 @@ import numpy as np
 from deap import base, creator, tools
 from tqdm import tqdm
 
-from allocator.errors import UserInputError
+from allocator.core.errors import UserInputError
 from search.base import (
     SEARCHERS,
     Allocation,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from allocator.errors import UserInputError
+from allocator.core.errors import UserInputError
 from search.base import (
     SEARCHERS,
     Allocation,
@@ -55,7 +55,7 @@ class OwlSearcher(ConfiguredSearcher):
         if problem.outlier_ratios is None:
             raise ValueError(
                 "searcher owl needs the problem's outlier_ratios, which come from a calibration run of the model "
-                "(allocator.compress.outliers.layer_outlier_ratios)"
+                "(allocator.levels.compress.outliers.layer_outlier_ratios)"
             )
         problem.check_feasible()
         lam = float(self.cfg.lam)

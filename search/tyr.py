@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from deap import tools
 
-from allocator.errors import UserInputError
+from allocator.core.errors import UserInputError
 from search.base import SEARCHERS, Allocation, AllocationProblem, ConfiguredSearcher, allocation_from
 from search.evo import EvoConfig, evolution_info, evolve, initial_choice
 from search.fitness import Fitness

@@ -11,9 +11,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from allocator.config import ModelConfig, SpaceConfig
-from allocator.model_loader import load_model
-from allocator.space import ModelShape, build_space
+from allocator.core.config import ModelConfig, SpaceConfig
+from allocator.model.loader import load_model
+from allocator.core.space import ModelShape, build_space
 
 REPO = Path(__file__).resolve().parent.parent
 

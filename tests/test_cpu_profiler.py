@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from allocator.config import ProfileConfig
+from allocator.core.config import ProfileConfig
 from profilers.cpu import _fit_widths, profile_cpu
 from profilers.table import load_table
 from profilers.timing import TimingStats, paired_ratio, time_interleaved

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from allocator.fitness_engine import StitchedKLFitness
-from allocator.pruned_model import build_pruned_model, leading_levels
-from allocator.quality import kl_to_dense
+from search.fitness_engine import StitchedKLFitness
+from allocator.model.surgery import build_pruned_model, leading_levels
+from allocator.model.quality import kl_to_dense
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
-from allocator.config import BudgetConfig, ProfileConfig
-from allocator.errors import UserInputError
-from allocator.export import PLAN_FILE, WEIGHTS_FILE, export_checkpoint
-from allocator.pruned_model import build_pruned_model, leading_levels
-from allocator.space import ATTN, MLP
-from allocator.verify_job import measure_speedup
+from allocator.core.config import BudgetConfig, ProfileConfig
+from allocator.core.errors import UserInputError
+from allocator.model.export import PLAN_FILE, WEIGHTS_FILE, export_checkpoint
+from allocator.model.surgery import build_pruned_model, leading_levels
+from allocator.core.space import ATTN, MLP
+from allocator.app.verify_job import measure_speedup
 from profilers.devices import DEVICES
 from profilers.end_to_end import measure_models_gpu
 from profilers.gpu import (
@@ -355,7 +355,7 @@ def test_gpu_verification_path_runs_on_cpu(tiny):
 def test_gpu_branch_of_measure_speedup_on_cpu(tiny, cpu_table, tmp_path, monkeypatch):
     """verify_job's GPU branch (regime from the plan's table, deployment dtype, GPU timing path) with the CPU
     timer standing in for the GPU."""
-    import allocator.verify_job as verify_job
+    import allocator.app.verify_job as verify_job
 
     loaded, shape, units = tiny
     table, path, _, _ = cpu_table
@@ -409,7 +409,7 @@ def test_profile_tiny_model_on_cuda(tiny, tmp_path):
 
 @needs_cuda
 def test_end_to_end_verify_on_cuda(tiny, tmp_path):
-    from allocator.search_job import run_search
+    from allocator.app.search_job import run_search
 
     from .test_search_pipeline import tiny_job
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from allocator.runtime import load_pruned
+from allocator.model.runtime import load_pruned
 
 from .conftest import run_cli
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from allocator.benchmarks import kernels as kb
-from allocator.errors import UserInputError
+from allocator.core.errors import UserInputError
 from kernels import bsr, nm
 from profilers.devices import DEVICES
 

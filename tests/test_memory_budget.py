@@ -6,18 +6,13 @@ import json
 
 import pytest
 
-from allocator.budget import memory_capacity, memory_costs, validate_budget
-from allocator.config import BudgetConfig
-from allocator.errors import UserInputError
-from allocator.memory import (
-    decoder_weight_count,
-    fixed_bytes,
-    kv_bytes,
-    measured_kv_bytes_per_token,
-    unit_weight_bytes,
-)
-from allocator.pruned_model import build_pruned_model, leading_levels
-from allocator.space import ATTN, option_params
+from allocator.core.budget import memory_capacity, memory_costs, validate_budget
+from allocator.core.config import BudgetConfig
+from allocator.core.errors import UserInputError
+from allocator.core.memory import kv_bytes, unit_weight_bytes
+from allocator.model.measure import decoder_weight_count, fixed_bytes, measured_kv_bytes_per_token
+from allocator.model.surgery import build_pruned_model, leading_levels
+from allocator.core.space import ATTN, option_params
 
 from .conftest import mixed_allocation, run_cli
 

@@ -1,8 +1,8 @@
 import torch
 
-from allocator.export import export_checkpoint
-from allocator.pruned_model import DroppedAttention, DroppedMLP, build_pruned_model, leading_levels
-from allocator.runtime import load_pruned
+from allocator.model.export import export_checkpoint
+from allocator.model.surgery import DroppedAttention, DroppedMLP, build_pruned_model, leading_levels
+from allocator.model.runtime import load_pruned
 
 from .conftest import mixed_allocation
 
@@ -67,8 +67,8 @@ def test_load_pruned_names_missing_files(tmp_path):
 
 
 def test_model_option_takes_a_local_llama_directory(tiny, tmp_path):
-    from allocator.config import ModelConfig
-    from allocator.model_loader import load_model
+    from allocator.core.config import ModelConfig
+    from allocator.model.loader import load_model
 
     loaded, _, _ = tiny
     loaded.model.save_pretrained(tmp_path)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from allocator.compress.outliers import layer_outlier_ratios
-from allocator.errors import UserInputError
-from allocator.pruned_model import decoder_layers
+from allocator.levels.compress.outliers import layer_outlier_ratios
+from allocator.core.errors import UserInputError
+from allocator.model.surgery import decoder_layers
 from search.base import AllocationProblem, InfeasibleBudget, make_searcher
 from search.fitness import ProxyFitness
 from search.owl import OwlConfig, normalised_ratios

@@ -15,8 +15,8 @@ import pytest
 from optuna.trial import TrialState
 
 import search.bayes  # noqa: F401  (registers "bayes")
-from allocator.errors import UserInputError
-from allocator.pareto_plot import plot_pareto_front
+from allocator.core.errors import UserInputError
+from allocator.app.pareto_plot import plot_pareto_front
 from search.base import SEARCHERS, AllocationProblem, make_searcher
 from search.bayes import BayesConfig, BayesSearcher
 from search.dp import DPConfig
@@ -206,7 +206,7 @@ def test_hydra_yaml_composes_to_the_config() -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from allocator.config import register_configs
+    from allocator.app.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from allocator.errors import UserInputError
+from allocator.core.errors import UserInputError
 from search import AllocationProblem, ProxyFitness, make_searcher
 from search.evo import EvoConfig, LevelMover
 from search.tyr import TyrConfig, coarse_grid, coarse_start

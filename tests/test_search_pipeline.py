@@ -6,13 +6,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from allocator.calibration_data import DataConfig
-from allocator.config import BudgetConfig, FitnessConfig, ModelConfig, ProfileConfig, ScoreConfig, SearchJob, SpaceConfig
-from allocator.level_database import LevelDatabase
-from allocator.pruned_model import build_pruned_model
-from allocator.runtime import load_pruned
-from allocator.search_job import prepare_search, run_search
-from allocator.space import ModelShape, build_space
+from allocator.core.config import DataConfig
+from allocator.core.config import BudgetConfig, FitnessConfig, ModelConfig, ProfileConfig, ScoreConfig, SpaceConfig
+from allocator.app.config import SearchJob
+from allocator.levels.database import LevelDatabase
+from allocator.model.surgery import build_pruned_model
+from allocator.model.runtime import load_pruned
+from allocator.app.search_job import prepare_search, run_search
+from allocator.core.space import ModelShape, build_space
 from search.evo import EvoConfig
 
 from .conftest import run_cli
@@ -57,7 +58,7 @@ def test_plan_has_every_documented_field(searched):
 def test_exported_model_equals_the_scored_stitched_model(searched):
     plan, run_dir, cache = searched
     job = tiny_job(cache)
-    from allocator.model_loader import load_model
+    from allocator.model.loader import load_model
 
     dense = load_model(job.model, cache).model
     shape = ModelShape.from_config(dense.config)

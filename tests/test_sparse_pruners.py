@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from allocator.compress.linear_hessians import collect_linear_hessians
-from allocator.compress.masks import SparsityPattern, pruned_count, select_mask
-from allocator.compress.sparse_prune import (
+from allocator.levels.compress.linear_hessians import collect_linear_hessians
+from allocator.core.patterns import SparsityPattern, pruned_count, select_mask
+from allocator.levels.compress.sparse_prune import (
     PRUNERS,
     PrunedWeight,
     output_error,

@@ -7,15 +7,16 @@ import json
 import pytest
 import torch
 
-from allocator.compress.masks import SparsityPattern
-from allocator.config import SpaceConfig
-from allocator.errors import UserInputError
-from allocator.level_database import open_or_build_database
-from allocator.memory import decoder_weight_count, unit_weight_bytes, weight_bytes
-from allocator.pruned_model import SPARSE_KEY, UNIT_LINEARS, BLOCK_ATTRIBUTE, build_pruned_model, decoder_layers
-from allocator.runtime import load_pruned
-from allocator.space import ATTN, MLP, ModelShape, build_space, is_sparse, option_params
-from allocator.sparse_export import build_deployable
+from allocator.core.patterns import SparsityPattern
+from allocator.core.config import SpaceConfig
+from allocator.core.errors import UserInputError
+from allocator.levels.database import open_or_build_database
+from allocator.core.memory import unit_weight_bytes
+from allocator.model.measure import decoder_weight_count, weight_bytes
+from allocator.model.surgery import SPARSE_KEY, UNIT_LINEARS, BLOCK_ATTRIBUTE, build_pruned_model, decoder_layers
+from allocator.model.runtime import load_pruned
+from allocator.core.space import ATTN, MLP, ModelShape, build_space, is_sparse, option_params
+from allocator.model.sparse_export import build_deployable
 from kernels.sparse_linear import SparseLinear
 from profilers.devices import DEVICES
 from profilers.regimes import Regime
@@ -92,7 +93,7 @@ def test_database_levels_carry_their_pattern_and_exact_counts(mixed_db):
 
 
 def test_stitched_compressed_and_reloaded_models_agree(tiny, mixed_db, tmp_path):
-    from allocator.export import export_checkpoint
+    from allocator.model.export import export_checkpoint
 
     dense, shape, units, db, calibration = mixed_db
     allocation = {u.name: u.full for u in units}
@@ -141,8 +142,8 @@ def test_roofline_prices_formats_by_their_bytes(tiny):
 
 
 def test_fitness_engine_scores_sparse_candidates_like_a_fresh_stitch(mixed_db):
-    from allocator.fitness_engine import StitchedKLFitness
-    from allocator.quality import kl_to_dense
+    from search.fitness_engine import StitchedKLFitness
+    from allocator.model.quality import kl_to_dense
 
     dense, shape, units, db, calibration = mixed_db
     pool = calibration[:4]
@@ -160,9 +161,10 @@ def test_mixed_search_exports_and_verifies_a_sparse_model(tmp_path, monkeypatch)
     from kernels import ops
 
     monkeypatch.setattr(ops, "INTERPRETED", False)
-    from allocator.calibration_data import DataConfig
-    from allocator.config import BudgetConfig, ModelConfig, ProfileConfig, ScoreConfig, SearchJob
-    from allocator.search_job import run_search
+    from allocator.core.config import DataConfig
+    from allocator.core.config import BudgetConfig, ModelConfig, ProfileConfig, ScoreConfig
+    from allocator.app.config import SearchJob
+    from allocator.app.search_job import run_search
 
     job = SearchJob(
         model=ModelConfig(name="tiny-llama", tiny_layers=3),

@@ -1,11 +1,11 @@
-"""Tests for structured OBS pruning (allocator/compress/structured_obs.py)."""
+"""Tests for structured OBS pruning (allocator/levels/compress/structured_obs.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from allocator.compress.structured_obs import PrunedLevel, structured_obs_sweep
+from allocator.levels.compress.structured_obs import PrunedLevel, structured_obs_sweep
 
 
 def _data(d_out: int, d_in: int, n_tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from allocator.__main__ import main as cli_main
-from allocator.sweep_summary import summarize_sweep
+from allocator.app.sweep_summary import summarize_sweep
 
 from .conftest import run_cli
 
@@ -173,7 +173,7 @@ def test_real_sweep_writes_summary_at_the_end(tmp_path):
 
 
 def test_budget_labels_cover_memory_limits():
-    from allocator.sweep_summary import _budget_key, budget_label
+    from allocator.app.sweep_summary import _budget_key, budget_label
 
     memory_only = {"speedup": None, "latency_ms": None, "sparsity": None, "memory_gb": 0.4, "regime": "prefill"}
     beside = {"speedup": 1.5, "latency_ms": None, "sparsity": None, "memory_gb": 0.4, "regime": "prefill"}

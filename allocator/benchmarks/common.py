@@ -11,8 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from allocator.atomic_io import write_json_atomic
-from allocator.config import SearchJob, register_configs
+from allocator.core.atomic_io import write_json_atomic
+from allocator.app.config import SearchJob, register_configs
 from profilers.table import cpu_name
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

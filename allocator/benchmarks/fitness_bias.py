@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from allocator.benchmarks.common import search_job, write_result
 from allocator.benchmarks.searchers import benchmark_heldout, heldout_quality
-from allocator.calibration_data import build_calibration_data
-from allocator.fitness_engine import dense_log_probs
-from allocator.pruned_model import build_pruned_model
-from allocator.search_job import prepare_search
+from allocator.model.calibration_data import build_calibration_data
+from search.fitness_engine import dense_log_probs
+from allocator.model.surgery import build_pruned_model
+from allocator.app.search_job import prepare_search
 from search.bayes import spdy_choice, spdy_groups
 
 SPDY_GROUPS = 6

@@ -16,10 +16,10 @@ import time
 import numpy as np
 
 from allocator.benchmarks.common import search_job, spread, write_result
-from allocator.fitness_engine import StitchedKLFitness
-from allocator.pruned_model import build_pruned_model
-from allocator.quality import kl_to_dense
-from allocator.search_job import prepare_search
+from search.fitness_engine import StitchedKLFitness
+from allocator.model.surgery import build_pruned_model
+from allocator.model.quality import kl_to_dense
+from allocator.app.search_job import prepare_search
 from search import make_searcher
 from search.dp import DPConfig
 from search.evo import LevelMover

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from allocator.benchmarks.common import environment, spread, write_result
-from allocator.errors import UserInputError
+from allocator.core.errors import UserInputError
 from profilers.gpu import interleaved_schedule
 
 DTYPE = torch.float16

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from allocator.benchmarks.common import search_job, write_result
-from allocator.calibration_data import load_documents, split_documents, spread_blocks
-from allocator.compress.outliers import layer_outlier_ratios
-from allocator.fitness_engine import StitchedKLFitness, dense_log_probs
-from allocator.pruned_model import build_pruned_model
-from allocator.search_job import SearchSetup, prepare_search
+from allocator.model.calibration_data import load_documents, split_documents, spread_blocks
+from allocator.levels.compress.outliers import layer_outlier_ratios
+from search.fitness_engine import StitchedKLFitness, dense_log_probs
+from allocator.model.surgery import build_pruned_model
+from allocator.app.search_job import SearchSetup, prepare_search
 from search import SEARCHERS, make_searcher
 
 BUDGETS = {"speedup_1.5": [], "sparsity_0.5": ["budget=sparsity", "budget.sparsity=0.5"]}

@@ -24,13 +24,14 @@ import torch
 
 from allocator.benchmarks.common import search_job, write_result
 from allocator.benchmarks.searchers import heldout_quality
-from allocator.fitness_engine import dense_log_probs
-from allocator.pruned_model import build_pruned_model
-from allocator.runtime import load_pruned
-from allocator.search_job import prepare_search
-from allocator.space import is_sparse, sparse_pattern
-from allocator.sparse_export import build_deployable, export_format
-from allocator.export import export_checkpoint
+from search.fitness_engine import dense_log_probs
+from allocator.model.surgery import build_pruned_model
+from allocator.model.runtime import load_pruned
+from allocator.app.search_job import prepare_search
+from allocator.core.space import is_sparse, sparse_pattern
+from allocator.model.sparse_export import build_deployable
+from allocator.core.formats import export_format
+from allocator.model.export import export_checkpoint
 from kernels import ops
 from kernels.sparse_linear import SparseLinear
 from search import SEARCHERS

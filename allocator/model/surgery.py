@@ -13,8 +13,8 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from allocator.compress.masks import select_mask
-from allocator.space import ATTN, MLP, ModelShape, Option, full_width, is_sparse, kept_width, sparse_pattern, unit_name
+from allocator.core.patterns import select_mask
+from allocator.core.space import ATTN, MLP, ModelShape, Option, full_width, is_sparse, kept_width, sparse_pattern, unit_name
 
 WIDTHS_KEY = "sparsity_allocator_widths"
 SPARSE_KEY = "sparsity_allocator_sparse"  # per kind, per layer: the sparse option's label, or null
@@ -220,7 +220,7 @@ def shrink_to_widths(
     model: nn.Module, shape: ModelShape, widths: dict[str, list[int]], sparse: dict[str, list[str | None]] | None = None
 ) -> None:
     """Give an empty (meta-device) dense model the pruned module shapes so a checkpoint can be loaded into it; sparse
-    units keep their full-width linears (allocator.sparse_export.load_sparse_units puts the compressed ones in)."""
+    units keep their full-width linears (allocator.model.sparse_export.load_sparse_units puts the compressed ones in)."""
     dtype = next(model.parameters()).dtype
     layers = decoder_layers(model)
 

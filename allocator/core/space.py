@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from allocator.compress.masks import SparsityPattern, kept_count
-from allocator.config import SpaceConfig
-from allocator.errors import UserInputError
+from allocator.core.patterns import SparsityPattern, kept_count
+from allocator.core.config import SpaceConfig
+from allocator.core.errors import UserInputError
 
 ATTN = "attn"
 MLP = "mlp"

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from allocator.config import BudgetConfig, ExportJob, SearchJob
-from allocator.search_job import JOB_FILE, run_search
+from allocator.core.config import BudgetConfig
+
+from allocator.app.config import ExportJob, SearchJob
+from allocator.app.search_job import JOB_FILE, run_search
 from search import SEARCHERS
 
 

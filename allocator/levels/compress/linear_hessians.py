@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from allocator.compress.hooked_forward import forward_with_hooks
-from allocator.pruned_model import decoder_layers
+from allocator.levels.compress.hooked_forward import forward_with_hooks
+from allocator.model.surgery import decoder_layers
 
 __all__ = ["INPUT_GROUPS", "LinearHessians", "collect_linear_hessians"]
 

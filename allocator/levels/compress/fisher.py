@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from allocator.pruned_model import decoder_layers
+from allocator.model.surgery import decoder_layers
 
 
 def collect_output_fisher(

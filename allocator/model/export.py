@@ -9,8 +9,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from allocator.atomic_io import write_json_atomic
-from allocator.pruned_model import WIDTHS_KEY
+from allocator.core.atomic_io import write_json_atomic
+from allocator.model.surgery import WIDTHS_KEY
 
 WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
@@ -20,7 +20,7 @@ def export_checkpoint(model: nn.Module, tokenizer, out_dir: Path, plan: dict) ->
     """Weights are cloned contiguous tensors (stitched models share storage with the dense one); a tied lm_head
     is stored once, as the embedding, and re-tied by the loader."""
     if not hasattr(model.config, WIDTHS_KEY):
-        raise ValueError("export_checkpoint needs a model built by allocator.pruned_model (no widths in its config)")
+        raise ValueError("export_checkpoint needs a model built by allocator.model.surgery (no widths in its config)")
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):

@@ -1,15 +1,10 @@
-"""Typed Hydra schemas: registered in the ConfigStore so a typo or a wrong type fails at compose time."""
+"""Typed configs of every stage (plain dataclasses, no Hydra): the app registers them in Hydra's ConfigStore, and
+every layer reads them. A default states its reason where it has one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
-
-from allocator.calibration_data import DataConfig
-from search import SEARCHERS, SearcherConfig
+from typing import Optional
 
 
 @dataclass
@@ -109,79 +104,13 @@ class ScoreConfig:
 
 
 @dataclass
-class SearchJob:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    space: SpaceConfig = field(default_factory=SpaceConfig)
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    searcher: SearcherConfig = field(default_factory=SearcherConfig)
-    fitness: FitnessConfig = field(default_factory=FitnessConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    cache_dir: str = "runs/cache"
-    export: bool = True
-    verify: bool = True
-    seed: int = 0
-
-
-@dataclass
-class ProfileJob:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    space: SpaceConfig = field(default_factory=SpaceConfig)
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
-    cache_dir: str = "runs/cache"
-
-
-@dataclass
-class ExportBudget:
-    # Unset fields keep the source run's budget; setting one of speedup / latency_ms / sparsity replaces the target.
-    speedup: Optional[float] = None
-    latency_ms: Optional[float] = None
-    sparsity: Optional[float] = None
-    regime: Optional[str] = None
-
-
-@dataclass
-class ExportJob:
-    # A search run directory (runs/search/<timestamp>): its model, data, space, profile and searcher are reused
-    # (all cached), the allocation is solved again for this budget, and the pruned model is exported and verified.
-    run: str = MISSING
-    budget: ExportBudget = field(default_factory=ExportBudget)
-    verify: bool = True
-
-
-@dataclass
-class VerifyJob:
-    # A search run directory or an exported model directory.
-    run: str = MISSING
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
-    regime: Optional[str] = None  # default: the regime of the plan's budget
-    cache_dir: str = "runs/cache"
-
-
-GROUP_SCHEMAS: dict[str, Any] = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "space": SpaceConfig,
-    "profile": ProfileConfig,
-    "budget": BudgetConfig,
-}
-JOB_SCHEMAS: dict[str, Any] = {
-    "search": SearchJob,
-    "profile": ProfileJob,
-    "export": ExportJob,
-    "verify": VerifyJob,
-}
-
-
-def register_configs() -> None:
-    cs = ConfigStore.instance()
-    for command, schema in JOB_SCHEMAS.items():
-        cs.store(name=f"{command}_schema", node=schema)
-    # Group schemas live in their own "schema" group (YAMLs extend them with `/schema/<group>@_here_`), so they
-    # are not listed as choices when Hydra names the options of a group.
-    for group, schema in GROUP_SCHEMAS.items():
-        cs.store(group="schema", name=group, node=schema)
-    # One schema per searcher (its own options on top of SearcherConfig): conf/searcher/<name>.yaml extends it.
-    for name in SEARCHERS:
-        cs.store(group="schema/searcher", name=name, node=SEARCHERS.get(name).Config)
+class DataConfig:
+    # "python-docs": embedded corpus (no paths); "files": the text files / directories in `paths`.
+    name: str = "python-docs"
+    # Files, or directories searched recursively for *.txt and *.md (sorted, so the order is reproducible).
+    paths: list[str] = field(default_factory=list)
+    seq_len: int = 256
+    calib_sequences: int = 32
+    eval_sequences: int = 16
+    # Share of documents (by content hash) held out for evaluation.
+    heldout_fraction: float = 0.2

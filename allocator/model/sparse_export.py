@@ -6,24 +6,14 @@ and in-group indices), block sparsity as BSR."""
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from torch import nn
 
-from allocator.compress.masks import SparsityPattern, select_mask
-from allocator.pruned_model import BLOCK_ATTRIBUTE, SPARSE_KEY, UNIT_LINEARS, LevelSource, build_pruned_model, decoder_layers
-from allocator.space import ATTN, MLP, ModelShape, Option, unit_linear_shapes
+from allocator.core.formats import export_format
+from allocator.core.patterns import SparsityPattern
+from allocator.model.surgery import BLOCK_ATTRIBUTE, SPARSE_KEY, UNIT_LINEARS, LevelSource, build_pruned_model, decoder_layers
+from allocator.core.space import ATTN, MLP, ModelShape, Option
 from kernels.sparse_linear import SparseLinear
-
-
-def export_format(pattern: SparsityPattern) -> tuple[str, dict]:
-    """(kernel format, its compress parameters) a pattern is stored and run in."""
-    if pattern.kind == "nm":
-        return "nm", {"n": pattern.n, "m": pattern.m}
-    if pattern.kind == "block":
-        return "bsr", {"block": pattern.block}
-    return "bitmap", {}
 
 
 def sparse_units(model: nn.Module) -> list[tuple[int, str, SparsityPattern]]:
@@ -67,18 +57,3 @@ def load_sparse_units(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             if not tensors:
                 raise ValueError(f"checkpoint has no tensors for sparse linear {prefix[:-1]}")
             setattr(block, name, SparseLinear.from_state_dict(tensors))
-
-
-@lru_cache(maxsize=None)
-def stored_bytes(pattern: SparsityPattern, rows: int, cols: int, dtype: torch.dtype) -> int:
-    """Bytes one (rows, cols) linear pruned to `pattern` takes in its export format (a magnitude mask of a fixed
-    random matrix: the format's size depends on the pattern's counts, not on which weights are kept)."""
-    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)).to(dtype)
-    weight = torch.where(select_mask(weight.abs().float(), pattern), weight, 0.0)
-    fmt, params = export_format(pattern)
-    return SparseLinear.from_dense(weight, None, fmt, **params).weight_nbytes
-
-
-def sparse_unit_bytes(shape: ModelShape, kind: str, pattern: SparsityPattern, dtype_bytes: int) -> int:
-    dtype = {2: torch.float16, 4: torch.float32}[dtype_bytes]
-    return sum(stored_bytes(pattern, rows, cols, dtype) for rows, cols in unit_linear_shapes(shape, kind))

@@ -12,13 +12,14 @@ import importlib
 import inspect
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from allocator.errors import UserInputError
+from allocator.core.config import DataConfig
+from allocator.core.errors import UserInputError
 
 KNOWN_NAMES = ("python-docs", "files")
 MIN_DOC_CHARS = 200  # shorter docstrings are mostly one-liners: little text, many EOS separators
@@ -35,19 +36,6 @@ DOC_MODULES = (
     "pprint", "inspect", "ast", "difflib", "calendar", "configparser", "glob", "fnmatch", "gettext", "base64",
     "unittest.case", "doctest", "optparse", "smtplib", "ftplib", "codecs", "http.server",
 )
-
-
-@dataclass
-class DataConfig:
-    # "python-docs": embedded corpus (no paths); "files": the text files / directories in `paths`.
-    name: str = "python-docs"
-    # Files, or directories searched recursively for *.txt and *.md (sorted, so the order is reproducible).
-    paths: list[str] = field(default_factory=list)
-    seq_len: int = 256
-    calib_sequences: int = 32
-    eval_sequences: int = 16
-    # Share of documents (by content hash) held out for evaluation.
-    heldout_fraction: float = 0.2
 
 
 class Tokenizer(Protocol):

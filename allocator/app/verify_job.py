@@ -8,13 +8,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from allocator.config import ModelConfig, ProfileConfig, VerifyJob
-from allocator.atomic_io import write_json_atomic
-from allocator.model_loader import DTYPES, load_model
-from allocator.memory import decoder_weight_count, measured_kv_bytes_per_token, weight_bytes
-from allocator.pruned_model import SPARSE_KEY, WIDTHS_KEY, allocation_from_widths
-from allocator.space import ATTN, MLP, Option, is_sparse, unit_name
-from allocator.runtime import load_plan, load_pruned
+from allocator.core.config import ModelConfig, ProfileConfig
+
+from allocator.app.config import VerifyJob
+from allocator.core.atomic_io import write_json_atomic
+from allocator.model.loader import DTYPES, load_model
+from allocator.model.measure import decoder_weight_count, measured_kv_bytes_per_token, weight_bytes
+from allocator.model.surgery import SPARSE_KEY, WIDTHS_KEY, allocation_from_widths
+from allocator.core.space import ATTN, MLP, Option, is_sparse, unit_name
+from allocator.model.runtime import load_plan, load_pruned
 from profilers.end_to_end import measure_models, measure_models_gpu
 from profilers.gpu import cuda_device_for_profile, find_gpu_regime
 from profilers.regimes import Regime, find_regime

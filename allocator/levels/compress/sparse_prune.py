@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from allocator.compress.masks import SparsityPattern, keep_top_per_row, pruned_count, select_mask
+from allocator.core.patterns import SparsityPattern, keep_top_per_row, pruned_count, select_mask
 
 __all__ = [
     "PRUNERS",

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from allocator.config import ModelConfig
-from allocator.errors import UserInputError
+from allocator.core.config import ModelConfig
+from allocator.core.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 def _tiny_llama(cfg: ModelConfig) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from allocator.byte_tokenizer import ByteTokenizer
+    from allocator.model.byte_tokenizer import ByteTokenizer
 
     tokenizer = ByteTokenizer()
     config = LlamaConfig(
@@ -141,7 +141,7 @@ def load_tokenizer(path: str | Path):
     """The byte tokenizer of models saved from tiny-llama, else the model's own transformers tokenizer."""
     from transformers import AutoTokenizer
 
-    from allocator.byte_tokenizer import MARKER_FILE, ByteTokenizer
+    from allocator.model.byte_tokenizer import MARKER_FILE, ByteTokenizer
 
     if (Path(path) / MARKER_FILE).is_file():
         return ByteTokenizer.from_pretrained(path)

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from allocator.compress.hooked_forward import forward_with_hooks
-from allocator.compress.linear_hessians import LinearHessians
-from allocator.compress.masks import SparsityPattern
-from allocator.compress.sparse_prune import PRUNERS, sparsegpt_levels
-from allocator.pruned_model import BLOCK_ATTRIBUTE, UNIT_LINEARS, decoder_layers
+from allocator.levels.compress.hooked_forward import forward_with_hooks
+from allocator.levels.compress.linear_hessians import LinearHessians
+from allocator.core.patterns import SparsityPattern
+from allocator.levels.compress.sparse_prune import PRUNERS, sparsegpt_levels
+from allocator.model.surgery import BLOCK_ATTRIBUTE, UNIT_LINEARS, decoder_layers
 
 # Which collected Hessian is the input of each linear.
 HESSIAN_OF = {

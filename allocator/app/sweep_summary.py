@@ -18,12 +18,12 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from allocator.atomic_io import write_json_atomic
+from allocator.core.atomic_io import write_json_atomic
 
 PLAN = "plan.json"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-UNIT_NAME = re.compile(r"^layer(\d+)\.(\w+)$")  # allocator.space.unit_name
+UNIT_NAME = re.compile(r"^layer(\d+)\.(\w+)$")  # allocator.core.space.unit_name
 TOP_LAYERS = 3
 
 

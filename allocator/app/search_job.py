@@ -10,37 +10,28 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from allocator.budget import (
-    is_latency_budget,
-    is_param_budget,
-    memory_capacity,
-    memory_costs,
-    param_sparsity,
-    predicted_dense_ms,
-    predicted_ms,
-    target_latency_ms,
-    target_params,
-    unit_costs,
-    validate_budget,
-)
-from allocator.calibration_data import CalibrationData, build_calibration_data, validate_data_config
-from allocator.config import SearchJob
-from allocator.errors import UserInputError
-from allocator.atomic_io import write_json_atomic
-from allocator.compress.outliers import layer_outlier_ratios
-from allocator.export import export_checkpoint
-from allocator.sparse_export import build_deployable
-from allocator.fitness_engine import StitchedKLFitness
-from allocator.memory import fixed_bytes, kv_bytes, weight_bytes
-from allocator.level_database import ERROR_METRICS, LevelDatabase, open_or_build_database
-from allocator.model_loader import load_model, validate_model_config
-from allocator.profile_job import validate_profile_name
-from allocator.pruned_model import build_pruned_model
-from allocator.pareto_plot import plot_pareto_front
-from allocator.quality import kl_to_dense, perplexity
-from allocator.report import allocation_lines, plot_allocation, summary_lines
-from allocator.space import ATTN, ModelShape, Unit, build_space, option_params, sparse_patterns
-from allocator.verify_job import measure_speedup
+from allocator.core.budget import is_latency_budget, is_param_budget, memory_capacity, memory_costs, param_sparsity, target_params, validate_budget
+
+from profilers.prediction import predicted_dense_ms, predicted_ms, target_latency_ms, unit_costs
+from allocator.model.calibration_data import CalibrationData, build_calibration_data, validate_data_config
+from allocator.app.config import SearchJob
+from allocator.core.errors import UserInputError
+from allocator.core.atomic_io import write_json_atomic
+from allocator.levels.compress.outliers import layer_outlier_ratios
+from allocator.model.export import export_checkpoint
+from allocator.model.sparse_export import build_deployable
+from search.fitness_engine import StitchedKLFitness
+from allocator.core.memory import kv_bytes
+from allocator.model.measure import fixed_bytes, weight_bytes
+from allocator.levels.database import ERROR_METRICS, LevelDatabase, open_or_build_database
+from allocator.model.loader import load_model, validate_model_config
+from allocator.app.profile_job import validate_profile_name
+from allocator.model.surgery import build_pruned_model
+from allocator.app.pareto_plot import plot_pareto_front
+from allocator.model.quality import kl_to_dense, perplexity
+from allocator.app.report import allocation_lines, plot_allocation, summary_lines
+from allocator.core.space import ATTN, ModelShape, Unit, build_space, option_params, sparse_patterns
+from allocator.app.verify_job import measure_speedup
 from profilers.registry import device_present, get_cost_table
 from profilers.regimes import find_regime
 from profilers.table import CostTable, RegimeCosts

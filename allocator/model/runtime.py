@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from allocator.export import PLAN_FILE, WEIGHTS_FILE
-from allocator.model_loader import load_tokenizer
-from allocator.pruned_model import SPARSE_KEY, WIDTHS_KEY, shrink_to_widths
-from allocator.space import ModelShape
+from allocator.model.export import PLAN_FILE, WEIGHTS_FILE
+from allocator.model.loader import load_tokenizer
+from allocator.model.surgery import SPARSE_KEY, WIDTHS_KEY, shrink_to_widths
+from allocator.core.space import ModelShape
 
 
 def _check_export_dir(path: Path) -> None:
@@ -50,7 +50,7 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, object, dict]:
     sparse = getattr(config, SPARSE_KEY, None)
     shrink_to_widths(model, ModelShape.from_config(config), widths, sparse)
     if sparse:  # sparse units: SparseLinear modules rebuilt from their compressed tensors
-        from allocator.sparse_export import load_sparse_units  # kernels load only for sparse exports
+        from allocator.model.sparse_export import load_sparse_units  # kernels load only for sparse exports
 
         load_sparse_units(model, state)
     tied = getattr(config, "tie_word_embeddings", False)

@@ -18,16 +18,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from allocator.compress.hessians import collect_hessians
-from allocator.compress.fisher import collect_output_fisher
-from allocator.compress.linear_hessians import collect_linear_hessians
-from allocator.compress.structured_obs import PrunedLevel, structured_obs_sweep
-from allocator.config import SpaceConfig
-from allocator.pruned_model import LevelSource, SparseUnitWeights, UnitWeights, decoder_layers, group_rows
-from allocator.space import (
+from allocator.levels.compress.hessians import collect_hessians
+from allocator.levels.compress.fisher import collect_output_fisher
+from allocator.levels.compress.linear_hessians import collect_linear_hessians
+from allocator.levels.compress.structured_obs import PrunedLevel, structured_obs_sweep
+from allocator.core.config import SpaceConfig
+from allocator.model.surgery import LevelSource, SparseUnitWeights, UnitWeights, decoder_layers, group_rows
+from allocator.core.space import (
     ATTN, ModelShape, Option, Unit, is_sparse, option_key, parse_option_key, sparse_pattern, unit_name,
 )
-from allocator.sparse_levels import block_output_errors, prune_unit, record_block_calls, unit_block
+from allocator.levels.sparse_levels import block_output_errors, prune_unit, record_block_calls, unit_block
 
 log = logging.getLogger(__name__)
 DATABASE_VERSION = 2

@@ -1,12 +1,12 @@
-"""Budgets: validate early, turn a speedup or latency target into the knapsack's capacity, name the reachable range."""
+"""Budgets: validate early, turn a parameter or memory budget into the knapsack's capacity, name the reachable range.
+A latency target is turned into a capacity by the profile's table (profilers/prediction.py)."""
 
 from __future__ import annotations
 
-from allocator.config import BudgetConfig
-from allocator.errors import UserInputError
-from allocator.memory import option_bytes
-from allocator.space import ModelShape, Unit, option_params
-from profilers.table import RegimeCosts
+from allocator.core.config import BudgetConfig
+from allocator.core.errors import UserInputError
+from allocator.core.memory import option_bytes
+from allocator.core.space import ModelShape, Unit, option_params
 
 
 def validate_budget(cfg: BudgetConfig) -> None:
@@ -79,40 +79,3 @@ def target_params(cfg: BudgetConfig, shape: ModelShape, units: list[Unit]) -> fl
 def param_sparsity(shape: ModelShape, units: list[Unit], allocation: dict[str, int]) -> float:
     dense = sum(option_params(shape, u.kind, u.full) for u in units)
     return 1.0 - sum(option_params(shape, u.kind, allocation[u.name]) for u in units) / dense
-
-
-def unit_costs(costs: RegimeCosts, unit: Unit) -> list[float]:
-    return [costs.unit_ms[unit.kind][k] for k in unit.options]
-
-
-def predicted_ms(costs: RegimeCosts, units: list[Unit], allocation: dict[str, int]) -> float:
-    kept: dict[str, list[int]] = {}
-    for u in units:
-        kept.setdefault(u.kind, []).append(allocation[u.name])
-    return costs.predict_ms(kept)
-
-
-def predicted_dense_ms(costs: RegimeCosts, units: list[Unit]) -> float:
-    return predicted_ms(costs, units, {u.name: u.full for u in units})
-
-
-def predicted_min_ms(costs: RegimeCosts, units: list[Unit]) -> float:
-    cheapest = {u.name: min(u.options, key=lambda k: costs.unit_ms[u.kind][k]) for u in units}
-    return predicted_ms(costs, units, cheapest)
-
-
-def target_latency_ms(cfg: BudgetConfig, costs: RegimeCosts, units: list[Unit], profile: str) -> float:
-    """The latency the pruned model is planned for (the target less the headroom), after checking that the target
-    is reachable with this space on this profile (a target reachable only without headroom is planned exactly)."""
-    validate_budget(cfg)
-    dense = predicted_dense_ms(costs, units)
-    fastest = predicted_min_ms(costs, units)
-    asked = dense / cfg.speedup if cfg.speedup is not None else float(cfg.latency_ms)
-    target = asked / (1.0 + cfg.headroom)
-    if asked < fastest:
-        name = f"budget.speedup={cfg.speedup}" if cfg.speedup is not None else f"budget.latency_ms={cfg.latency_ms}"
-        raise UserInputError(
-            f"{name} is unreachable on profile {profile} (regime {cfg.regime}): achievable speedup 1.00-"
-            f"{dense / fastest:.2f}x, latency {fastest:.1f}-{dense:.1f} ms (dense {dense:.1f} ms)"
-        )
-    return max(target, fastest)

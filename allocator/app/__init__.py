@@ -1,0 +1,1 @@
+"""The application: CLI jobs, Hydra configs, reports, plots, sweep summaries. Imports every layer below; nothing imports it but benchmarks."""
