@@ -7,7 +7,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from profilers.gpu import device_copy, make_timer, time_models
+from profilers.gpu import device_copy, time_models
+from profilers.gpu_timing import make_timer
 from profilers.regimes import Regime, forward_call
 from profilers.timing import TimingStats, time_interleaved
 

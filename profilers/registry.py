@@ -19,7 +19,8 @@ from allocator.core.registry import Registry
 from allocator.core.space import ATTN, MLP, ModelShape, Unit
 from profilers.cpu import profile_cpu
 from profilers.devices import DEVICES, DeviceSpec
-from profilers.gpu import cuda_device_named, profile_gpu
+from profilers.gpu import profile_gpu
+from profilers.gpu_timing import cuda_device_named
 from profilers.regimes import Regime, regimes_of
 from profilers.roofline import deploy_dtype, roofline_table
 from profilers.table import CostTable, RegimeCosts, cpu_fingerprint, load_table, save_table, table_key

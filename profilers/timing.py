@@ -51,3 +51,25 @@ def time_interleaved(
                     samples[name].append(elapsed)
                 bar.update()
     return {name: TimingStats.of(s) for name, s in samples.items()}
+
+
+def interleaved_schedule(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    """One permutation of `names` per round, seeded: drift within a round does not always land on the same
+    variants, and a re-run times them in the same order."""
+    rng = random.Random(seed)
+    schedule = []
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        schedule.append(order)
+    return schedule
+
+
+def round_stats(samples: dict[str, list[float]], warmup: int) -> dict[str, TimingStats]:
+    """Median and 10th/90th percentiles per variant over its rounds, the first `warmup` discarded."""
+    out = {}
+    for name, s in samples.items():
+        if len(s) <= warmup:
+            raise ValueError(f"variant {name!r} has {len(s)} samples, not more than warmup={warmup}")
+        out[name] = TimingStats.of(s[warmup:])
+    return out

@@ -18,14 +18,14 @@ from allocator.app.verify_job import measure_speedup
 from profilers.devices import DEVICES
 from profilers.end_to_end import measure_models_gpu
 from profilers.gpu import (
-    CpuTimer, device_copy, fixed_context_cache, forward_step, gpu_fingerprint, gpu_regimes, gpu_variants,
-    interleaved_schedule, make_timer, memory_groups, parse_driver_version, profile_gpu, regime_costs, rotation_count,
-    round_stats, time_models, variant_bytes, weight_copies, weight_read_bytes,
+    device_copy, fixed_context_cache, forward_step, gpu_regimes, gpu_variants, memory_groups, profile_gpu,
+    regime_costs, time_models, variant_bytes, weight_copies, weight_read_bytes,
 )
+from profilers.gpu_timing import CpuTimer, gpu_fingerprint, make_timer, parse_driver_version, rotation_count
 from profilers.regimes import Regime, regimes_of
 from profilers.registry import fingerprint_mismatch, get_cost_table
 from profilers.table import load_table, save_table, table_key
-from profilers.timing import TimingStats
+from profilers.timing import TimingStats, interleaved_schedule, round_stats
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CUDA graphs, events, L2 rotation)")

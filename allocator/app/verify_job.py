@@ -18,7 +18,8 @@ from allocator.model.surgery import SPARSE_KEY, WIDTHS_KEY, allocation_from_widt
 from allocator.core.space import ATTN, MLP, Option, is_sparse, unit_name
 from allocator.model.runtime import load_plan, load_pruned
 from profilers.end_to_end import measure_models, measure_models_gpu
-from profilers.gpu import cuda_device_for_profile, find_gpu_regime
+from profilers.gpu import find_gpu_regime
+from profilers.gpu_timing import cuda_device_for_profile
 from profilers.regimes import Regime, find_regime
 from profilers.roofline import deploy_dtype
 from profilers.table import load_table

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from allocator.benchmarks.common import environment, spread, write_result
 from allocator.core.errors import UserInputError
-from profilers.gpu import interleaved_schedule
+from profilers.timing import interleaved_schedule
 
 DTYPE = torch.float16
 ELEMENT_BYTES = 2
@@ -233,7 +233,7 @@ def _semi_structured_nbytes(w: object) -> int:
 
 
 def build_variant(spec: Spec, base: torch.Tensor, l2_bytes: int) -> Variant:
-    from profilers.gpu import rotation_count
+    from profilers.gpu_timing import rotation_count
 
     dense = pruned_weight(base, spec)
     if spec.fmt == "dense":
@@ -389,7 +389,7 @@ def bench_shape(name: str, n: int, k: int, cfg: Settings, device_numbers: tuple[
 # ---- environment, plot, entry point ----
 
 def gpu_environment() -> dict:
-    from profilers.gpu import driver_version
+    from profilers.gpu_timing import driver_version
 
     import triton
 
@@ -456,7 +456,7 @@ def plot_speedups(rows: list[dict], shape: tuple[int, int], path: Path, title: s
 
 def main(quick: bool = False) -> dict:
     from profilers.devices import DEVICES
-    from profilers.gpu import require_cuda
+    from profilers.gpu_timing import require_cuda
 
     require_cuda("the kernel benchmark (python -m allocator.benchmarks.kernels)")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
