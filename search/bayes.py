@@ -15,6 +15,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,9 +23,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+from allocator.core.config import check_choice
 from allocator.core.errors import UserInputError
 from search.base import (
-    SEARCHERS,
+    register_searcher,
     Allocation,
     AllocationProblem,
     ConfiguredSearcher,
@@ -37,8 +39,22 @@ from search.dp import DPSearcher
 from search.fitness import Fitness
 from search.uniform import UniformSearcher
 
-SAMPLERS = ("tpe", "cmaes", "gp")
-PARAMS = ("levels", "spdy")
+
+
+class Sampler(StrEnum):
+    """Optuna's model-based sampler for a single-objective study."""
+
+    tpe = "tpe"
+    cmaes = "cmaes"
+    gp = "gp"
+
+
+class Param(StrEnum):
+    """What a trial suggests: one option per unit ("levels") or SPDY's per-unit coefficients ("spdy")."""
+
+    levels = "levels"
+    spdy = "spdy"
+
 # Config fields that do not change what a trial means: a study may be resumed with other values of these.
 _NOT_IN_STUDY_KEY = ("name", "max_tokens", "max_seconds", "n_trials", "storage", "study_name", "heartbeat_seconds",
                      "confirm_top", "confirm_tokens")
@@ -48,7 +64,7 @@ _NOT_IN_STUDY_KEY = ("name", "max_tokens", "max_seconds", "n_trials", "storage",
 class BayesConfig(SearcherConfig):
     name: str = "bayes"
     # Model-based sampler for the single-objective search: tpe, cmaes or gp (ignored when multi_objective).
-    sampler: str = "tpe"
+    sampler: Sampler = Sampler.tpe
     # Total trials the study should have, counting complete trials already in storage.
     n_trials: int = 64
     # Tokens per trial evaluation (rounded up to whole sequences by the fitness).
@@ -72,7 +88,7 @@ class BayesConfig(SearcherConfig):
     heartbeat_seconds: int = 30
     # What a trial suggests: "levels" (an option per unit) or "spdy" (log2 error coefficients per layer group,
     # solved by DP); spdy_groups consecutive-layer groups per unit kind, coefficients in ±spdy_range.
-    param: str = "levels"
+    param: Param = Param.levels
     spdy_groups: int = 6
     spdy_range: float = 2.0
     # Staged confirmation (single objective): the confirm_top best distinct trials are re-scored on confirm_tokens
@@ -83,10 +99,8 @@ class BayesConfig(SearcherConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.sampler not in SAMPLERS:
-            raise UserInputError(f"searcher.sampler={self.sampler!r} is unknown; valid: {', '.join(SAMPLERS)}")
-        if self.param not in PARAMS:
-            raise UserInputError(f"searcher.param={self.param!r} is unknown; valid: {', '.join(PARAMS)}")
+        check_choice("searcher.sampler", self.sampler, Sampler)
+        check_choice("searcher.param", self.param, Param)
         if self.param == "spdy" and self.multi_objective:
             raise UserInputError("searcher.param=spdy puts every trial on the budget's edge, so it has no cost/fitness "
                                  "front: use searcher.param=levels with searcher.multi_objective=true")
@@ -126,9 +140,8 @@ def _warm_starts(problem: AllocationProblem) -> list[tuple[int, ...]]:
     return out
 
 
-@SEARCHERS.register("bayes")
+@register_searcher
 class BayesSearcher(ConfiguredSearcher):
-    name = "bayes"
     stochastic = True
     baseline = False
     uses_fitness = True

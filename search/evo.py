@@ -9,15 +9,17 @@ Scores on small token counts are noisy but cheap; only promising offspring pay f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Sequence
 
 import numpy as np
 from deap import base, creator, tools
 from tqdm import tqdm
 
+from allocator.core.config import check_choice
 from allocator.core.errors import UserInputError
 from search.base import (
-    SEARCHERS,
+    register_searcher,
     Allocation,
     AllocationProblem,
     ConfiguredSearcher,
@@ -34,14 +36,21 @@ if not hasattr(creator, "AllocationFitness"):
     creator.create("AllocationFitness", base.Fitness, weights=(-1.0,))
     creator.create("AllocationIndividual", list, fitness=creator.AllocationFitness)
 
-INITS = ("dp", "uniform")
+
+
+class Init(StrEnum):
+    """Evolution's starting point: the exact optimum of the additive proxy, or the best uniform allocation."""
+
+    dp = "dp"
+    uniform = "uniform"
+
 
 
 @dataclass
 class EvoConfig(SearcherConfig):
     name: str = "evo"
     # Starting point: the DP optimum of the additive proxy, or the best uniform allocation.
-    init: str = "dp"
+    init: Init = Init.dp
     generations: int = 30
     offspring: int = 8
     # Staged selection: stage i scores its candidates on stage_tokens[i] tokens and keeps stage_survivors[i].
@@ -56,8 +65,7 @@ class EvoConfig(SearcherConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.init not in INITS:
-            raise UserInputError(f"searcher.init={self.init!r}; valid: {', '.join(INITS)}")
+        check_choice("searcher.init", self.init, Init)
         for key in ("generations", "offspring", "max_moves"):
             if getattr(self, key) < 1:
                 raise UserInputError(f"searcher.{key}={getattr(self, key)} must be >= 1")
@@ -184,9 +192,8 @@ def evolve(
     return tuple(parent), parent.fitness.values[0]
 
 
-@SEARCHERS.register("evo")
+@register_searcher
 class EvoSearcher(ConfiguredSearcher):
-    name = "evo"
     stochastic = True
     baseline = False
     uses_fitness = True

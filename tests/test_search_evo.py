@@ -80,7 +80,7 @@ def test_tyr_splits_a_token_bound_across_stages():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"init": "best"}, "searcher.init='best'; valid: dp, uniform"),
+        ({"init": "best"}, "searcher.init='best' is unknown; valid: dp, uniform"),
         ({"offspring": 0}, "searcher.offspring=0 must be >= 1"),
         ({"stage_tokens": [256], "stage_survivors": [2, 1]}, "must be non-empty and of equal length"),
         ({"stage_tokens": [1024, 256]}, "non-decreasing"),

@@ -15,6 +15,7 @@ from allocator.core.budget import is_latency_budget, is_param_budget, memory_cap
 from profilers.prediction import predicted_dense_ms, predicted_ms, target_latency_ms, unit_costs
 from allocator.model.calibration_data import CalibrationData, build_calibration_data, validate_data_config
 from allocator.app.config import SearchJob
+from allocator.core.config import ErrorMetric, check_choice
 from allocator.core.errors import UserInputError
 from allocator.core.atomic_io import write_json_atomic
 from allocator.levels.compress.outliers import layer_outlier_ratios
@@ -23,7 +24,7 @@ from allocator.model.sparse_export import build_deployable
 from search.fitness_engine import StitchedKLFitness
 from allocator.core.memory import kv_bytes
 from allocator.model.measure import fixed_bytes, weight_bytes
-from allocator.levels.database import ERROR_METRICS, LevelDatabase, open_or_build_database
+from allocator.levels.database import LevelDatabase, open_or_build_database
 from allocator.model.loader import load_model, validate_model_config
 from allocator.app.profile_job import validate_profile_name
 from allocator.model.surgery import build_pruned_model
@@ -51,8 +52,7 @@ def validate_search_job(cfg: SearchJob) -> None:
     if cfg.searcher.name not in SEARCHERS:
         raise UserInputError(f"searcher.name={cfg.searcher.name!r} is unknown; known: {', '.join(SEARCHERS.names())}")
     sparse_patterns(cfg.space)
-    if cfg.space.error_metric not in ERROR_METRICS:
-        raise UserInputError(f"space.error_metric={cfg.space.error_metric!r}; valid: {', '.join(ERROR_METRICS)}")
+    check_choice("space.error_metric", cfg.space.error_metric, ErrorMetric)
     if not 1 <= cfg.space.fisher_sequences <= cfg.data.calib_sequences:
         raise UserInputError(
             f"space.fisher_sequences={cfg.space.fisher_sequences} must be in 1..data.calib_sequences={cfg.data.calib_sequences}"

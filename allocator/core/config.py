@@ -4,7 +4,42 @@ every layer reads them. A default states its reason where it has one."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Optional
+
+from allocator.core.errors import UserInputError
+
+
+class SpaceKind(StrEnum):
+    """Which options a unit has (see SpaceConfig.kind)."""
+
+    structured = "structured"
+    unstructured = "unstructured"
+    nm = "nm"
+    mixed = "mixed"
+
+
+class PrunerName(StrEnum):
+    """How a sparse option's mask (and weights) are chosen."""
+
+    sparsegpt = "sparsegpt"
+    wanda = "wanda"
+    magnitude = "magnitude"
+
+
+class ErrorMetric(StrEnum):
+    """Which per-level error the searchers add up (see SpaceConfig.error_metric)."""
+
+    fisher = "fisher"
+    relative = "relative"
+    absolute = "absolute"
+
+
+def check_choice(key: str, value: object, choices: type[StrEnum]) -> None:
+    """Raise UserInputError unless `value` is one of the enum's values. Hydra rejects a bad value of a typed field at
+    compose time; this covers configs built in Python."""
+    if value not in set(choices):
+        raise UserInputError(f"{key}={value!r} is unknown; valid: {', '.join(choices)}")
 
 
 @dataclass
@@ -25,14 +60,14 @@ class ModelConfig:
 class SpaceConfig:
     # "structured": KV groups and neurons kept (structured OBS); "unstructured": every linear of a unit pruned to one
     # of `sparsities`; "nm": to one of `nm_patterns`; "mixed": all of those plus block sparsity (`block_sparsities`).
-    kind: str = "structured"
+    kind: SpaceKind = SpaceKind.structured
     # Sparse options: fractions of a unit's weights removed, N:M patterns, block shape and block fractions.
     sparsities: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     nm_patterns: list[str] = field(default_factory=lambda: ["2:4", "4:8"])
     block: list[int] = field(default_factory=lambda: [16, 16])
     block_sparsities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     # Pruner of the sparse options: "sparsegpt" (OBS reconstruction), "wanda" or "magnitude".
-    pruner: str = "sparsegpt"
+    pruner: PrunerName = PrunerName.sparsegpt
     # MLP widths kept in steps of this many neurons; must be a multiple of width_multiple.
     mlp_step: int = 128
     width_multiple: int = 8
@@ -42,7 +77,7 @@ class SpaceConfig:
     damp: float = 0.01
     # Which layer error the searchers add up: "fisher" (loss-aware, comparable across layers), "relative"
     # (||ΔWX||²/||WX||²) or "absolute" (||ΔWX||²).
-    error_metric: str = "fisher"
+    error_metric: ErrorMetric = ErrorMetric.fisher
     # Calibration sequences used for the output Fisher (gradients: costlier than the Hessian forward pass).
     fisher_sequences: int = 16
 

@@ -10,13 +10,11 @@ from dataclasses import dataclass
 from typing import Union
 
 from allocator.core.patterns import SparsityPattern, kept_count
-from allocator.core.config import SpaceConfig
+from allocator.core.config import PrunerName, SpaceConfig, SpaceKind, check_choice
 from allocator.core.errors import UserInputError
 
 ATTN = "attn"
 MLP = "mlp"
-SPACE_KINDS = ("structured", "unstructured", "nm", "mixed")
-PRUNER_NAMES = ("sparsegpt", "wanda", "magnitude")
 Option = Union[int, str]
 
 
@@ -133,10 +131,8 @@ def _fraction_patterns(kind: str, fractions: list[float], field: str, **extra) -
 
 def sparse_patterns(cfg: SpaceConfig) -> list[SparsityPattern]:
     """The sparse patterns of `space.kind` (none for "structured"), validated."""
-    if cfg.kind not in SPACE_KINDS:
-        raise UserInputError(f"space.kind={cfg.kind!r} is unknown; valid: {', '.join(SPACE_KINDS)}")
-    if cfg.pruner not in PRUNER_NAMES:
-        raise UserInputError(f"space.pruner={cfg.pruner!r} is unknown; valid: {', '.join(PRUNER_NAMES)}")
+    check_choice("space.kind", cfg.kind, SpaceKind)
+    check_choice("space.pruner", cfg.pruner, PrunerName)
     patterns: list[SparsityPattern] = []
     if cfg.kind in ("unstructured", "mixed"):
         patterns += _fraction_patterns("unstructured", cfg.sparsities, "sparsities")

@@ -32,7 +32,6 @@ from allocator.levels.sparse_levels import block_output_errors, prune_unit, reco
 log = logging.getLogger(__name__)
 DATABASE_VERSION = 2
 # fisher: loss-aware estimate (default); relative: ||ΔWX||²/||WX||²; absolute: ||ΔWX||².
-ERROR_METRICS = ("fisher", "relative", "absolute")
 
 
 def has_sparse(unit: Unit) -> bool:
