@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 
 from kernels.compressed import CompressedWeight
-from kernels.errors import UnsupportedShape
+from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_linear_call
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = FLOAT_DTYPES
 # Same-width integer views, so "stored" is decided on bits (keeps -0.0 and NaN payloads exact).
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 DEFAULT_TILE = (16, 64)
@@ -172,28 +172,11 @@ def decompress(w: BitmapWeight) -> torch.Tensor:
     return tiles.transpose(1, 2).reshape(rows * tn, cols * tk)[:n, :k].contiguous()
 
 
-def _check_matmul(x: torch.Tensor, w: BitmapWeight, bias: torch.Tensor | None) -> None:
-    n, k = w.shape
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise UnsupportedShape(f"bitmap_matmul: x shape {tuple(x.shape)} must end in in_features={k}")
-    if x.dtype not in DTYPES:
-        raise UnsupportedShape(f"bitmap_matmul: x dtype {x.dtype} must be one of {DTYPES}")
-    if x.dtype != w.dtype:
-        raise UnsupportedShape(f"bitmap_matmul: x dtype {x.dtype} must match the weight's {w.dtype}")
-    if x.device != w.device:
-        raise UnsupportedShape(f"bitmap_matmul: x on {x.device} but the weight on {w.device}")
-    if bias is not None:
-        if tuple(bias.shape) != (n,):
-            raise UnsupportedShape(f"bitmap_matmul: bias shape {tuple(bias.shape)} must be (out_features={n},)")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise UnsupportedShape(f"bitmap_matmul: bias {bias.dtype} on {bias.device} must match x "
-                                   f"({x.dtype} on {x.device})")
-
-
 def reference_matmul(x: torch.Tensor, w: BitmapWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x[..., K] @ W.T + bias in pure torch, W expanded from the compressed tensors on every call."""
-    _check_matmul(x, w, bias)
-    return F.linear(x, decompress(w), bias)
+    """x[..., K] @ W.T + bias in pure torch, W expanded from the compressed tensors on every call (a bias of
+    another float dtype is cast to x's)."""
+    check_linear_call("bitmap.reference_matmul", x, w, bias)
+    return F.linear(x, decompress(w), None if bias is None else bias.to(x.dtype))
 
 
 @triton.jit
@@ -237,7 +220,7 @@ def _bitmap_matmul_kernel(
             other=0.0,
         )
         if USE_DOT:
-            if UPCAST:  # the interpreter's tl.dot is wrong on bf16; fp32 operands are exact for fp16/bf16 products
+            if UPCAST:  # the interpreter's tl.dot mishandles bf16: it multiplies fp32 copies
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
@@ -284,14 +267,11 @@ def triton_matmul(
 ) -> torch.Tensor:
     """x[..., K] @ W.T + bias by the Triton kernel; output in x's dtype, fp32 accumulation.
 
-    `split_k` forces the number of K splits (default: enough programs to fill the GPU). CUDA tensors, or any
+    `split_k` forces the number of K splits (default: enough programs to fill the GPU). CUDA tensors, or CPU
     tensors with TRITON_INTERPRET=1 set before this module was imported."""
-    _check_matmul(x, w, bias)
-    if x.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(
-            f"bitmap triton_matmul: x is on {x.device}; Triton runs on CUDA only (or in its interpreter with "
-            "TRITON_INTERPRET=1 set before import). Use reference_matmul on the CPU."
-        )
+    where = "bitmap.triton_matmul"
+    check_linear_call(where, x, w, bias)
+    check_kernel_device(where, "bitmap", INTERPRETED, x, w.bitmap, w.offsets, w.values, bias)
     n, k = w.shape
     (tn, tk), (tiles_n, tiles_k) = w.tile, w.tiles
     lead = x.shape[:-1]
@@ -300,12 +280,12 @@ def triton_matmul(
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if tiles_n > 65535:  # grid axis 1; CUDA caps it at 65535
-        raise UnsupportedShape(f"bitmap_matmul: out_features={n} needs {tiles_n} row tiles of {tn}, at most 65535")
+        raise UnsupportedShape(f"{where}: out_features={n} needs {tiles_n} row tiles of {tn}, at most 65535")
     block_m = _block_m(m)
     grid_m = triton.cdiv(m, block_m)
     split = split_k if split_k is not None else _default_split_k(grid_m * tiles_n, tiles_k, x.device)
     if split < 1:
-        raise UnsupportedShape(f"bitmap_matmul: split_k={split} must be >= 1")
+        raise UnsupportedShape(f"{where}: split_k={split} must be >= 1")
     per_split = triton.cdiv(tiles_k, split)
     split = triton.cdiv(tiles_k, per_split)  # no empty splits
     # Split-K partial sums go to an fp32 workspace summed below. So does bf16 in the interpreter: its fp32 → bf16
@@ -318,7 +298,7 @@ def triton_matmul(
         tiles_k, per_split,
         TILE_N=tn, TILE_K=tk, BLOCK_M=block_m,
         USE_DOT=block_m >= 16, UPCAST=INTERPRETED, HAS_BIAS=bias is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 or INTERPRETED else "tf32",
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 weights: fp32, not TF32, products
         num_warps=4,
     )
     return (out.sum(0).to(x.dtype) if fp32_out else out[0]).reshape(*lead, n)

@@ -179,7 +179,7 @@ def _bsr_matmul_kernel(
     x_ptr, blocks_ptr, row_ptr_ptr, col_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_om, stride_on,
-    BR: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = GROUP * BC
@@ -207,13 +207,10 @@ def _bsr_matmul_kernel(
         # W^T tile (BLOCK_K, BR): element (kk, r) of block b is blocks[b, r, within].
         w = tl.load(blocks_ptr + b[:, None] * (BR * BC) + offs_r[None, :] * BC + within[:, None],
                     mask=mask_b[:, None], other=0.0)
-        if DOT_F32:  # the interpreter's tl.dot mishandles bf16: it multiplies fp32 copies
+        if UPCAST:  # the interpreter's tl.dot mishandles bf16: it multiplies fp32 copies
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        if IEEE:  # fp32 weights get fp32 products, not TF32's 10-bit mantissas
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
 
     offs_n = brow * BR + offs_r
     if HAS_BIAS:
@@ -281,8 +278,9 @@ def triton_matmul(x: torch.Tensor, w: BSRWeight, bias: torch.Tensor | None = Non
     args = (x2d, w.blocks, w.row_ptr, w.col_idx, bias.contiguous() if bias is not None else out, out,
             M, out_features, in_features, triton.next_power_of_2(M),
             x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1))
-    meta = dict(BR=br, BC=bc, HAS_BIAS=bias is not None, DOT_F32=INTERPRETED,
-                IEEE=x.dtype == torch.float32 and not INTERPRETED)
+    # fp32 weights get fp32 products ("ieee"), not TF32's 10-bit mantissas; 16-bit operands are exact either way.
+    meta = dict(BR=br, BC=bc, HAS_BIAS=bias is not None, UPCAST=INTERPRETED,
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * (out_features // br),)

@@ -1,4 +1,4 @@
-"""Errors raised by the sparse formats and kernels, and the input checks the N:M and BSR kernels share."""
+"""Errors raised by the sparse formats and kernels, and the input checks the bitmap, N:M and BSR kernels share."""
 
 from __future__ import annotations
 

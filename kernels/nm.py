@@ -182,7 +182,7 @@ def _nm_matmul_kernel(
     M, N, K, M_BUCKET, idx_cols,
     stride_xm, stride_xk, stride_vn, stride_in, stride_om, stride_on,
     NN: tl.constexpr, MM: tl.constexpr, MM_P2: tl.constexpr, BITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     # BLOCK_K counts slots: BLOCK_G groups of MM_P2 slots, the first MM of each real input columns.
@@ -252,13 +252,10 @@ def _nm_matmul_kernel(
                 code = (byte.to(tl.int32) >> ((p % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
                 w = tl.where(code[:, :, None] == slot[None, None, :], v[:, :, None], w)
         b = tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)))
-        if DOT_F32:  # the interpreter's tl.dot mishandles bf16: it multiplies fp32 copies
+        if UPCAST:  # the interpreter's tl.dot mishandles bf16: it multiplies fp32 copies
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if IEEE:  # fp32 weights get fp32 products, not TF32's 10-bit mantissas
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     mask_o = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
@@ -324,8 +321,9 @@ def _launch(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, config: d
     args = (x2d, w.values, w.indices, bias if bias is not None else out, out, ws,
             M, N, K, triton.next_power_of_2(M), w.indices.shape[1],  # idx_cols: a host int, so its alignment is known
             x2d.stride(0), x2d.stride(1), w.values.stride(0), w.indices.stride(0), out.stride(0), out.stride(1))
-    meta = dict(NN=w.n, MM=w.m, MM_P2=mm_p2, BITS=w.bits,
-                HAS_BIAS=bias is not None, DOT_F32=INTERPRETED, IEEE=x2d.dtype == torch.float32 and not INTERPRETED)
+    # fp32 weights get fp32 products ("ieee"), not TF32's 10-bit mantissas; 16-bit operands are exact either way.
+    meta = dict(NN=w.n, MM=w.m, MM_P2=mm_p2, BITS=w.bits, HAS_BIAS=bias is not None, UPCAST=INTERPRETED,
+                DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32")
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"]

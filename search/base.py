@@ -189,7 +189,9 @@ def check_int_option(cfg: object, field: str, low: int) -> None:
 class SearcherConfig:
     """Options every searcher accepts; each searcher extends it with its own (its `Config` class attribute)."""
 
-    name: str = "dp"
+    # The searcher to run. This default is the default searcher (conf/search.yaml picks the same one; a test checks
+    # they agree); each searcher's Config overrides it with its own name, the one place that name is written.
+    name: str = "milp"
     # Bounds on what a fitness-driven searcher (evo, bayes, tyr, random) may spend; 0 = unbounded.
     # It stops at the first check after a bound is reached and returns its best so far.
     max_tokens: int = 0
@@ -218,9 +220,10 @@ class Searcher(Protocol):
 
 
 class ConfiguredSearcher:
-    """Base of searchers with options: holds the validated config. Subclasses set name, traits and Config."""
+    """Base of searchers: holds the validated config. Subclasses set traits and Config; `register_searcher` gives
+    them their name (the Config's)."""
 
-    name: str
+    name: str  # set by register_searcher from Config.name
     Config: type[SearcherConfig] = SearcherConfig
 
     def __init__(self, cfg: SearcherConfig | None = None) -> None:
@@ -243,6 +246,16 @@ class ConfiguredSearcher:
 SEARCHERS: Registry[type] = Registry("searcher")
 
 
+def register_searcher(cls: type) -> type:
+    """Class decorator: register a searcher under its Config's `name` default, which becomes the class's `name` too,
+    so a searcher's name is written once in Python (conf/searcher/<name>.yaml names it for Hydra)."""
+    config = getattr(cls, "Config", None)
+    if not (isinstance(config, type) and issubclass(config, SearcherConfig)) or "name" not in vars(config):
+        raise TypeError(f"searcher {cls.__name__} needs a Config: a SearcherConfig subclass that sets its own name")
+    cls.name = config.name
+    return SEARCHERS.register(config.name)(cls)
+
+
 def make_searcher(cfg: SearcherConfig) -> Searcher:
     cls = SEARCHERS.get(cfg.name)
     if type(cfg) is SearcherConfig:  # only the shared options were given: the searcher's defaults for the rest
@@ -260,13 +273,6 @@ def cheaper_option(problem: AllocationProblem, unit: int, j: int, costs: Sequenc
     c = (costs or problem.costs)[unit]
     below = [i for i in range(len(c)) if c[i] < c[j]]
     return max(below, key=lambda i: (c[i], i)) if below else None
-
-
-def costlier_option(problem: AllocationProblem, unit: int, j: int) -> int | None:
-    """The cheapest option of `unit` strictly costlier than option j (the smallest step up), or None."""
-    costs = problem.costs[unit]
-    above = [i for i in range(len(costs)) if costs[i] > costs[j]]
-    return min(above, key=lambda i: (costs[i], -i)) if above else None
 
 
 def repair(

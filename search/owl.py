@@ -12,7 +12,7 @@ import numpy as np
 
 from allocator.core.errors import UserInputError
 from search.base import (
-    SEARCHERS,
+    register_searcher,
     Allocation,
     AllocationProblem,
     ConfiguredSearcher,
@@ -42,9 +42,8 @@ def normalised_ratios(ratios: tuple[float, ...]) -> np.ndarray:
     return np.zeros_like(r) if span == 0 else 2 * (r - r.min()) / span - 1
 
 
-@SEARCHERS.register("owl")
+@register_searcher
 class OwlSearcher(ConfiguredSearcher):
-    name = "owl"
     stochastic = False
     baseline = True
     uses_fitness = False

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from search.base import (
-    SEARCHERS,
+    register_searcher,
     Allocation,
     AllocationProblem,
     ConfiguredSearcher,
@@ -33,9 +33,8 @@ class RandomConfig(SearcherConfig):
             check_int_option(self, field, 1)
 
 
-@SEARCHERS.register("random")
+@register_searcher
 class RandomSearcher(ConfiguredSearcher):
-    name = "random"
     stochastic = True
     baseline = True
     uses_fitness = True

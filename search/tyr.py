@@ -13,7 +13,7 @@ import numpy as np
 from deap import tools
 
 from allocator.core.errors import UserInputError
-from search.base import SEARCHERS, Allocation, AllocationProblem, ConfiguredSearcher, allocation_from
+from search.base import Allocation, AllocationProblem, ConfiguredSearcher, allocation_from, register_searcher
 from search.evo import EvoConfig, evolution_info, evolve, initial_choice
 from search.fitness import Fitness
 
@@ -63,9 +63,8 @@ def coarse_start(problem: AllocationProblem, stride: int, init: str) -> tuple[in
     return tuple(grids[u][j] for u, j in enumerate(initial_choice(sub, init)))
 
 
-@SEARCHERS.register("tyr")
+@register_searcher
 class TyrSearcher(ConfiguredSearcher):
-    name = "tyr"
     stochastic = True
     baseline = False
     uses_fitness = True

@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
-from search.base import SEARCHERS, Allocation, AllocationProblem, InfeasibleBudget, SearcherConfig
+from search.base import (
+    Allocation,
+    AllocationProblem,
+    ConfiguredSearcher,
+    InfeasibleBudget,
+    SearcherConfig,
+    allocation_from,
+    register_searcher,
+)
 
 
-@SEARCHERS.register("uniform")
-class UniformSearcher:
-    name = "uniform"
+@dataclass
+class UniformConfig(SearcherConfig):
+    name: str = "uniform"  # no options of its own
+
+
+@register_searcher
+class UniformSearcher(ConfiguredSearcher):
     stochastic = False
     baseline = True
     uses_fitness = False
-    Config = SearcherConfig
-
-    def __init__(self, cfg: SearcherConfig | None = None) -> None:
-        del cfg  # no options
+    Config = UniformConfig
 
     def search(self, problem: AllocationProblem, seed: int = 0, fitness: object = None) -> Allocation:
         del seed, fitness  # exhaustive and deterministic, on the additive proxy
@@ -58,14 +68,8 @@ class UniformSearcher:
                 + (" and the second limit" if problem.second_costs is not None else "")
                 + f"; the minimum achievable cost with one option label per unit kind is {cheapest:.6g}"
             )
-        error, cost, choice = best
-        return Allocation(
-            choice=choice,
-            cost=cost,
-            error=error,
-            searcher=self.name,
-            info={
-                "labels_per_kind": {k: labels[i][choice[kinds[k][0]]] for k, i in index.items()},
-                "n_feasible": n_fit,
-            },
+        choice = best[2]
+        return allocation_from(
+            problem, choice, self.name,
+            labels_per_kind={k: labels[i][choice[kinds[k][0]]] for k, i in index.items()}, n_feasible=n_fit,
         )
