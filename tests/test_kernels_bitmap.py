@@ -193,3 +193,45 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
     assert torch.equal(ops.linear("bitmap", x, c), bitmap.reference_matmul(x, c))
     with pytest.raises(RuntimeError, match="reference_matmul"):
         bitmap.triton_matmul(x, c)
+
+
+@pytest.mark.parametrize("module", ["bitmap", "nm", "bsr"])
+def test_the_kernels_share_their_input_checks(module):
+    """Bitmap, N:M and BSR refuse the same bad calls with the same words (kernels.errors), bar the caller's name."""
+    from kernels import bsr, nm
+
+    w = torch.zeros(16, 32, dtype=torch.float16)
+    w[:, ::4] = 1.0  # 1:4, so every format compresses it
+    mod = {"bitmap": bitmap, "nm": nm, "bsr": bsr}[module]
+    c = nm.compress(w, 2, 4) if module == "nm" else mod.compress(w)
+    x = torch.zeros(2, 32, dtype=torch.float16)
+    bad = [(torch.zeros(2, 31, dtype=torch.float16), None), (torch.zeros(2, 32), None),
+           (torch.zeros(2, 32, dtype=torch.int64), None), (x, torch.zeros(5, dtype=torch.float16))]
+    for fn in (mod.reference_matmul, mod.triton_matmul):
+        for xs, bias in bad:
+            with pytest.raises(UnsupportedShape) as err:
+                fn(xs, c, bias)
+            assert str(err.value).startswith(f"{module}.{fn.__name__}: ")
+            assert str(err.value).split(": ", 1)[1] == _shared_message(xs, c, bias)
+    with pytest.raises(RuntimeError, match="several devices"):
+        mod.triton_matmul(x, c, torch.zeros(16, dtype=torch.float16, device="meta"))
+
+
+def _shared_message(x: torch.Tensor, w: object, bias: torch.Tensor | None) -> str:
+    from kernels.errors import check_linear_call
+
+    with pytest.raises(UnsupportedShape) as err:
+        check_linear_call("where", x, w, bias)
+    return str(err.value).split(": ", 1)[1]
+
+
+def test_bias_of_another_dtype():
+    """The shared check admits any float bias (as N:M and BSR do): the kernel adds it in fp32, the reference in x's
+    dtype."""
+    w = sparse((24, 70), 0.5, torch.float16)
+    c = bitmap.compress(w)
+    x = torch.randn(20, 70).to(torch.float16)
+    b = torch.randn(24)
+    y = bitmap.triton_matmul(x, c, b)
+    assert_close_to(y, x, w, b)
+    torch.testing.assert_close(y, bitmap.reference_matmul(x, c, b), atol=2e-2, rtol=1e-2)
