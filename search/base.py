@@ -250,7 +250,8 @@ def register_searcher(cls: type) -> type:
     """Class decorator: register a searcher under its Config's `name` default, which becomes the class's `name` too,
     so a searcher's name is written once in Python (conf/searcher/<name>.yaml names it for Hydra)."""
     config = getattr(cls, "Config", None)
-    if not (isinstance(config, type) and issubclass(config, SearcherConfig)) or "name" not in vars(config):
+    if not (isinstance(config, type) and issubclass(config, SearcherConfig)) or config is SearcherConfig \
+            or "name" not in vars(config):
         raise TypeError(f"searcher {cls.__name__} needs a Config: a SearcherConfig subclass that sets its own name")
     cls.name = config.name
     return SEARCHERS.register(config.name)(cls)

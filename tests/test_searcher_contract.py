@@ -10,12 +10,23 @@ import importlib
 import itertools
 import pkgutil
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 import search
-from search.base import SEARCHERS, Allocation, AllocationProblem, InfeasibleBudget, SearcherConfig, make_searcher
+from search.base import (
+    SEARCHERS,
+    Allocation,
+    AllocationProblem,
+    ConfiguredSearcher,
+    InfeasibleBudget,
+    SearcherConfig,
+    make_searcher,
+    register_searcher,
+)
 from search.fitness import ProxyFitness
 
 for _module in pkgutil.iter_modules(search.__path__):
@@ -107,6 +118,42 @@ def test_traits(name: str) -> None:
     assert cls.name == name
     assert issubclass(cls.Config, SearcherConfig)
     assert all(isinstance(getattr(cls, t), bool) for t in ("stochastic", "baseline", "uses_fitness"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hydra_group_file_selects_it(name: str) -> None:
+    """conf/searcher/<name>.yaml exists and composes to the searcher's own Config, named by the Config alone."""
+    cfg = compose_search([f"searcher={name}"])
+    assert cfg.searcher.name == name and OmegaConf.get_type(cfg.searcher) is SEARCHERS.get(name).Config
+
+
+def test_default_searcher_is_the_same_in_python_and_conf() -> None:
+    assert compose_search([]).searcher.name == SearcherConfig().name == "milp"
+    assert SearcherConfig().name in SEARCHERS
+
+
+def test_register_searcher_needs_a_config_that_names_it() -> None:
+    class Unnamed(ConfiguredSearcher):
+        Config = SearcherConfig  # the shared options only: its name default is the default searcher's
+
+    with pytest.raises(TypeError, match="sets its own name"):
+        register_searcher(Unnamed)
+    assert SEARCHERS.get("milp") is not Unnamed
+
+
+@lru_cache(maxsize=None)
+def _hydra_ready() -> Path:
+    from allocator.app.config import register_configs
+
+    register_configs()
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_search(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(_hydra_ready()), version_base=None):
+        return compose("search", overrides=overrides)
 
 
 @pytest.mark.parametrize("name", NAMES)
