@@ -3,6 +3,10 @@ pruning patterns, file naming, plot) are checked on CPU."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,7 +28,7 @@ def test_main_refuses_without_cuda(capsys):
 
 def test_roofline_ideal_speedup():
     # 2:4 in fp16 stores 2 values + 2 two-bit indices per 4 elements: 4.5 B per 8 B dense.
-    w = nm.compress(kb.prune_2_4(torch.randn(64, 128).half()), 2, 4)
+    w = nm.compress(kb.pruned_weight(torch.randn(64, 128).half(), kb.Spec("triton-nm-2:4", "2:4", 0.5)), 2, 4)
     dense_bytes = 64 * 128 * 2
     assert kb.roofline_ideal_speedup(dense_bytes, w.nbytes) == pytest.approx(8 / 4.5)
     # Activations are read and written by both, so they pull the ideal toward 1.
@@ -72,14 +76,52 @@ def test_variants_settings_and_names():
 
 def test_pruning_patterns_are_exact():
     w = torch.randn(32, 128).half()
-    u = kb.prune_unstructured(w, 0.7)
+    u = kb.pruned_weight(w, kb.Spec("triton-bitmap", "bitmap", 0.7))
     assert ((u != 0).sum(1) == 128 - round(0.7 * 128)).all()
-    nm.compress(kb.prune_2_4(w), 2, 4)  # raises if any group of 4 kept more than 2
-    assert (kb.prune_2_4(w) != 0).sum() == 32 * 128 // 2
-    b = kb.prune_blocks(w, (16, 32), 0.5)
+    two_four = kb.pruned_weight(w, kb.Spec("triton-nm-2:4", "2:4", 0.5))
+    nm.compress(two_four, 2, 4)  # raises if any group of 4 kept more than 2
+    assert (two_four != 0).sum() == 32 * 128 // 2
+    b = kb.pruned_weight(w, kb.Spec("triton-bsr-16x32", "bsr", 0.5, (16, 32)))
     assert bsr.compress(b, (16, 32)).nnz_blocks == 4  # of 8 blocks
+    assert kb.pruned_weight(w, kb.Spec(kb.BASELINE, "dense", 0.0)) is w
     for spec in kb.variant_specs((0.5,)):
         assert kb.pruned_weight(w, spec).shape == w.shape
+
+
+def test_pruning_keeps_the_largest_weights_and_the_export_format():
+    """The benchmarked weights are the magnitude masks every pruner and the export pick (select_mask): within each
+    row, each group of 4, or over all blocks, no pruned weight outweighs a kept one; and each variant is stored in
+    the format and parameters the export uses for its pattern."""
+    from allocator.core.formats import export_format
+
+    w = torch.randn(32, 128)
+    for spec in kb.variant_specs((0.5, 0.7)):
+        if spec.pattern is None:
+            continue
+        kept = kb.pruned_weight(w, spec) != 0
+        a = w.abs()
+        if spec.fmt == "bsr":
+            br, bc = spec.block
+            a = a.reshape(32 // br, br, 128 // bc, bc).sum(dim=(1, 3)).reshape(1, -1)
+            kept = kept[::br, ::bc].reshape(1, -1)
+        elif spec.fmt == "2:4":
+            a, kept = a.reshape(-1, 4), kept.reshape(-1, 4)
+        lowest_kept = torch.where(kept, a, torch.inf).min(1).values
+        highest_pruned = torch.where(kept, -torch.inf, a).max(1).values
+        assert (highest_pruned <= lowest_kept).all(), spec.label
+        fmt, params = export_format(spec.pattern)
+        assert fmt == {"2:4": "nm", "bitmap": "bitmap", "bsr": "bsr"}[spec.fmt], spec.label
+        assert params == {"2:4": {"n": 2, "m": 4}, "bitmap": {}, "bsr": {"block": spec.block}}[spec.fmt], spec.label
+
+
+@pytest.mark.parametrize("module", ["allocator.benchmarks.kernels", "kernels.ops", "kernels.sparse_linear"])
+def test_the_kernel_path_loads_no_app_frameworks(module):
+    """The kernel benchmark and the kernels load no Hydra, Optuna or DEAP (a fresh interpreter, as the layering
+    test checks the core)."""
+    code = f"import sys, {module}; print([m for m in ('optuna', 'deap', 'hydra') if m in sys.modules])"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_plot_speedups(tmp_path):

@@ -1,4 +1,5 @@
-"""What every benchmark records beside its numbers, the default search job it runs on, and where the JSON goes."""
+"""What every benchmark records beside its numbers, and where the JSON goes (the search job the model benchmarks run
+on is composed in allocator/benchmarks/search_config.py, so that this module loads no Hydra)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,9 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from allocator.core.atomic_io import write_json_atomic
-from allocator.app.config import SearchJob, register_configs
 from profilers.table import cpu_name
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-def search_job(overrides: list[str]) -> SearchJob:
-    """The `python -m allocator search` config for these overrides (composed the same way the CLI does)."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return OmegaConf.to_object(compose("search", overrides=overrides))  # type: ignore[return-value]
 
 
 def environment() -> dict:

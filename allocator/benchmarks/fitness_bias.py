@@ -18,7 +18,8 @@ import numpy as np
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from allocator.benchmarks.common import search_job, write_result
+from allocator.benchmarks.common import write_result
+from allocator.benchmarks.search_config import search_job
 from allocator.benchmarks.searchers import benchmark_heldout, heldout_quality
 from allocator.model.calibration_data import build_calibration_data
 from search.fitness_engine import dense_log_probs

@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 
-from allocator.benchmarks.common import search_job, spread, write_result
+from allocator.benchmarks.common import spread, write_result
+from allocator.benchmarks.search_config import search_job
 from search.fitness_engine import StitchedKLFitness
 from allocator.model.surgery import build_pruned_model
 from allocator.model.quality import kl_to_dense

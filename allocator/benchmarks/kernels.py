@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from allocator.benchmarks.common import environment, spread, write_result
 from allocator.core.errors import UserInputError
+from allocator.core.patterns import SparsityPattern, select_mask
 from profilers.timing import interleaved_schedule
 
 DTYPE = torch.float16
@@ -75,6 +76,18 @@ class Spec:
     @property
     def label(self) -> str:
         return self.kernel if self.fmt in ("dense", "2:4") else f"{self.kernel} {round(self.sparsity * 100)}%"
+
+    @property
+    def pattern(self) -> SparsityPattern | None:
+        """The sparsity pattern the weight is pruned to (None: the dense baseline)."""
+        if self.fmt == "dense":
+            return None
+        if self.fmt == "2:4":
+            return SparsityPattern("nm", n=2, m=4)
+        if self.fmt == "bsr":
+            assert self.block is not None
+            return SparsityPattern("block", self.sparsity, block=self.block)
+        return SparsityPattern("unstructured", self.sparsity)
 
 
 @dataclass(frozen=True)
@@ -151,46 +164,14 @@ def result_name(gpu_name: str, quick: bool) -> str:
 
 # ---- pruning: weights with each format's pattern at an exact sparsity (pure torch, any device) ----
 
-def prune_unstructured(w: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keeps the largest-magnitude round((1 - s) K) entries of each row."""
-    keep = w.shape[1] - round(sparsity * w.shape[1])
-    idx = w.abs().topk(keep, dim=1).indices
-    mask = torch.zeros_like(w, dtype=torch.bool).scatter_(1, idx, True)
-    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
-
-
-def prune_2_4(w: torch.Tensor) -> torch.Tensor:
-    """Keeps the 2 largest-magnitude entries of every group of 4 consecutive inputs."""
-    n, k = w.shape
-    groups = w.reshape(n, k // 4, 4)
-    idx = groups.abs().topk(2, dim=-1).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
-    return torch.where(mask, groups, torch.zeros((), dtype=w.dtype, device=w.device)).reshape(n, k)
-
-
-def prune_blocks(w: torch.Tensor, block: tuple[int, int], sparsity: float) -> torch.Tensor:
-    """Keeps the round((1 - s) B) blocks of largest L2 norm over the whole weight (block-rows end up uneven, as
-    in a pruned model)."""
-    n, k = w.shape
-    br, bc = block
-    tiles = w.reshape(n // br, br, k // bc, bc)
-    norms = tiles.float().pow(2).sum(dim=(1, 3)).flatten()
-    keep = norms.numel() - round(sparsity * norms.numel())
-    mask = torch.zeros_like(norms, dtype=torch.bool)
-    mask[norms.topk(keep).indices] = True
-    mask = mask.reshape(n // br, 1, k // bc, 1).expand_as(tiles).reshape(n, k)
-    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
-
-
 def pruned_weight(base: torch.Tensor, spec: Spec) -> torch.Tensor:
-    if spec.fmt == "dense":
+    """`base` pruned to the spec's pattern by magnitude with the mask selection every pruner and the export use
+    (allocator.core.patterns.select_mask): unstructured per row, N:M per group, blocks over the whole weight (so
+    block-rows end up uneven, as in a pruned model)."""
+    if spec.pattern is None:
         return base
-    if spec.fmt == "2:4":
-        return prune_2_4(base)
-    if spec.fmt == "bsr":
-        assert spec.block is not None
-        return prune_blocks(base, spec.block, spec.sparsity)
-    return prune_unstructured(base, spec.sparsity)
+    keep = select_mask(base.abs().float(), spec.pattern)
+    return torch.where(keep, base, torch.zeros((), dtype=base.dtype, device=base.device))
 
 
 # ---- building the variants (CUDA) ----
@@ -207,6 +188,14 @@ class Variant:
 def _kernel_module(name: str) -> ModuleType:
     """Imported only when used, so a missing format module costs its variants, not the benchmark."""
     return importlib.import_module(f"kernels.{name}")
+
+
+def _export_format(spec: Spec) -> tuple[str, dict]:
+    """(kernel format, compress parameters) the export stores the spec's pattern in (allocator.core.formats)."""
+    from allocator.core.formats import export_format  # loads the kernels: only when a variant is built
+
+    assert spec.pattern is not None
+    return export_format(spec.pattern)
 
 
 def _clone(w: object) -> object:
@@ -250,13 +239,9 @@ def build_variant(spec: Spec, base: torch.Tensor, l2_bytes: int) -> Variant:
         def make() -> object:
             return _semi_structured(dense, cutlass)
     else:
-        module = _kernel_module({"2:4": "nm", "bitmap": "bitmap", "bsr": "bsr"}[spec.fmt])
-        if spec.fmt == "2:4":
-            first = module.compress(dense, 2, 4)
-        elif spec.fmt == "bsr":
-            first = module.compress(dense, spec.block)
-        else:
-            first = module.compress(dense)
+        fmt, params = _export_format(spec)
+        module = _kernel_module(fmt)
+        first = module.compress(dense, **params)
         call, nbytes = module.triton_matmul, int(first.nbytes)
 
         def make() -> object:
@@ -479,8 +464,8 @@ def main(quick: bool = False) -> dict:
             "repeats": cfg.repeats, "warmup_rounds": cfg.warmup_rounds, "warmup_calls": WARMUP_CALLS,
             "timing": "CUDA graph over L2-rotated weight copies (their bytes > 2x L2, at most "
                       f"{MAX_COPIES}), CUDA events, µs per call; rounds interleave variants in seeded orders",
-            "pruning": "bitmap: per-row magnitude; 2:4: top-2 of each 4; bsr: global top blocks by L2 norm; "
-                       "weights N(0, 0.02^2)",
+            "pruning": "magnitude masks by allocator.core.patterns.select_mask, as exported: bitmap: per row; "
+                       "2:4: top-2 of each 4; bsr: global top blocks by summed |w|; weights N(0, 0.02^2)",
             "roofline_model": "ideal = (dense weight bytes + activation bytes) / (format nbytes + activation "
                               "bytes), activations = 2 B * M * (K + N); valid where dense is memory bound",
             "device_numbers": {"bandwidth": numbers[0], "flops": numbers[1]},

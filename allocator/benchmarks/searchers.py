@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from allocator.benchmarks.common import search_job, write_result
+from allocator.benchmarks.common import write_result
+from allocator.benchmarks.search_config import search_job
 from allocator.model.calibration_data import load_documents, split_documents, spread_blocks
 from allocator.levels.compress.outliers import layer_outlier_ratios
 from search.fitness_engine import StitchedKLFitness, dense_log_probs

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from allocator.benchmarks.common import search_job, write_result
+from allocator.benchmarks.common import write_result
+from allocator.benchmarks.search_config import search_job
 from allocator.benchmarks.searchers import heldout_quality
 from search.fitness_engine import dense_log_probs
 from allocator.model.surgery import build_pruned_model
