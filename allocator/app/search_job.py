@@ -29,6 +29,7 @@ from allocator.model.loader import load_model, validate_model_config
 from allocator.app.profile_job import validate_profile_name
 from allocator.model.surgery import build_pruned_model
 from allocator.app.pareto_plot import plot_pareto_front
+from allocator.app.problem_file import write_problem
 from allocator.model.quality import kl_to_dense, perplexity
 from allocator.app.report import allocation_lines, plot_allocation, summary_lines
 from allocator.core.space import ATTN, ModelShape, Unit, build_space, option_params, sparse_patterns
@@ -38,6 +39,7 @@ from profilers.regimes import find_regime
 from profilers.table import CostTable, RegimeCosts
 from search import SEARCHERS, Allocation, AllocationProblem, make_searcher
 from search.bayes import BayesConfig
+from search.uniform import UniformSearcher
 
 JOB_FILE = "search_job.yaml"
 
@@ -73,6 +75,13 @@ def memory_limit(cfg: SearchJob, dense: nn.Module, shape: ModelShape, units: lis
         return None
     per_unit = memory_costs(cfg.budget, shape, units, next(dense.parameters()).element_size())
     return per_unit, memory_capacity(cfg.budget, per_unit, fixed_bytes(dense, shape, units))
+
+
+def problem_cost_unit(cfg: SearchJob) -> str:
+    """What build_problem's costs count (problem.json's cost_unit), by the same order of budget kinds."""
+    if is_param_budget(cfg.budget):
+        return "params"
+    return "ms" if is_latency_budget(cfg.budget) else "bytes"
 
 
 def build_problem(
@@ -175,7 +184,7 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
         setup.dense, setup.tokenizer, setup.shape, setup.units, setup.costs, setup.data, setup.db, setup.problem
     )
     found = run_searcher(cfg, run_dir, problem, dense, shape, units, db, data.fitness)
-    uniform = SEARCHERS.get("uniform")().search(problem, seed=cfg.seed)
+    uniform = UniformSearcher().search(problem, seed=cfg.seed)
     allocations = {"searched": found.labels(problem), "uniform": uniform.labels(problem)}
     models = {name: build_pruned_model(dense, shape, alloc, db.source) for name, alloc in allocations.items()}
 
@@ -198,7 +207,7 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
     plan["predicted"]["memory_bytes"] = plan["predicted"]["weight_bytes"] + kv
     plan["quality"] = {"kl": kl["searched"], "ppl_dense": ppl["dense"], "ppl_pruned": ppl["searched"]}
     plan["uniform"].update({"kl": kl["uniform"], "ppl_dense": ppl["dense"], "ppl_pruned": ppl["uniform"]})
-    write_json_atomic(run_dir / "problem.json", problem_json(problem, costs, is_param_budget(cfg.budget)))
+    write_problem(run_dir, problem, problem_cost_unit(cfg), costs.fixed_ms)
     if cfg.export:
         export_checkpoint(deployed, tokenizer, run_dir, plan)
         if cfg.verify and not device_present(cfg.profile.name):
@@ -285,18 +294,3 @@ def make_plan(
         },
     }
 
-
-def problem_json(problem: AllocationProblem, costs: RegimeCosts, param_budget: bool) -> dict:
-    return {
-        # Latency budgets: per-unit ms on top of the fixed part; parameter budgets: kept weights.
-        "cost_unit": "params" if param_budget else "ms",
-        "fixed_ms": costs.fixed_ms,
-        "budget": problem.budget,
-        "units": [
-            {"name": n, "kind": k, "options": list(o), "cost": c.tolist(), "error": e.tolist(),
-             "kept_fraction": problem.fractions(u).tolist()}
-            for u, (n, k, o, c, e) in enumerate(
-                zip(problem.unit_names, problem.unit_kinds, problem.options, problem.costs, problem.errors)
-            )
-        ],
-    }
