@@ -39,7 +39,7 @@ if not hasattr(creator, "AllocationFitness"):
 
 
 class Init(StrEnum):
-    """Evolution's starting point: the exact optimum of the additive proxy, or the best uniform allocation."""
+    """Evolution's starting point: the DP optimum of the additive proxy, or the best uniform allocation."""
 
     dp = "dp"
     uniform = "uniform"
