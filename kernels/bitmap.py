@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.compressed import CompressedWeight
-from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_linear_call
+from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_layout_args, check_linear_call
 
 DTYPES = FLOAT_DTYPES
 # Same-width integer views, so "stored" is decided on bits (keeps -0.0 and NaN payloads exact).
@@ -154,6 +154,24 @@ def compress(dense: torch.Tensor, tile: tuple[int, int] = DEFAULT_TILE) -> Bitma
     words = (mask.reshape(*mask.shape[:3], tk // 32, 32).to(torch.int64) * weights).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement, no overflow cast
     return BitmapWeight(shape=(n, k), bitmap=words, offsets=offsets, values=values)
+
+
+def stored_nbytes(shape: tuple[int, int], kept: int, dtype: torch.dtype, tile: tuple[int, int] = DEFAULT_TILE) -> int:
+    """Bytes `compress` stores (BitmapWeight.nbytes) for an (N, K) weight with `kept` stored elements, from the
+    layout alone: one bit per element of every zero-padded tile, one int32 offset per tile plus the end, the
+    values."""
+    n, k, value_bytes = check_layout_args("bitmap.stored_nbytes", shape, kept, dtype)
+    tn, tk = _check_tile(tile)
+    tiles = -(-n // tn) * -(-k // tk)
+    return tiles * tn * (tk // 32) * 4 + (tiles + 1) * 4 + kept * value_bytes
+
+
+def dot_elements(shape: tuple[int, int], kept: int, tile: tuple[int, int] = DEFAULT_TILE) -> int:
+    """Weight elements the kernel multiplies with each row of x: every element of every padded tile (a tile is
+    expanded to dense in registers before tl.dot), however few are stored."""
+    n, k, _ = check_layout_args("bitmap.dot_elements", shape, kept, torch.float32)
+    tn, tk = _check_tile(tile)
+    return -(-n // tn) * tn * -(-k // tk) * tk
 
 
 def _mask(w: BitmapWeight) -> torch.Tensor:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.compressed import CompressedWeight
-from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_linear_call
+from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_layout_args, check_linear_call
 MIN_BLOCK, MAX_BLOCK = 16, 128
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # see kernels.nm: the kernel was built for the interpreter
 INT32_LIMIT = 2**31  # the kernel indexes with 32-bit offsets
@@ -136,6 +136,31 @@ def compress(dense: torch.Tensor, block: tuple[int, int] = (16, 16)) -> BSRWeigh
     col_idx = keep.nonzero()[:, 1].to(torch.int32)  # nonzero() is row-major: block-rows in order, columns ascending
     blocks = tiles[keep].contiguous()  # (B, br, bc) in the same order
     return BSRWeight((out_features, in_features), (br, bc), row_ptr, col_idx, blocks)
+
+
+def _stored_blocks(where: str, shape: tuple[int, int], kept: int, dtype: torch.dtype,
+                   block: tuple[int, int]) -> tuple[int, int, int]:
+    """(block rows, stored blocks, bytes per value): `kept` elements fill whole blocks."""
+    br, bc = _check_block(where, block)
+    rows, cols, value_bytes = check_layout_args(where, shape, kept, dtype)
+    if rows % br or cols % bc or kept % (br * bc):
+        raise UnsupportedShape(f"{where}: shape {(rows, cols)} and kept={kept} must be whole blocks of {(br, bc)}")
+    return rows // br, kept // (br * bc), value_bytes
+
+
+def stored_nbytes(shape: tuple[int, int], kept: int, dtype: torch.dtype, block: tuple[int, int] = (16, 16)) -> int:
+    """Bytes `compress` stores (BSRWeight.nbytes) for an (out, in) weight whose `kept` elements fill whole blocks,
+    from the layout alone: the stored blocks, an int32 column index each, int32 row pointers per block row plus
+    the end."""
+    block_rows, stored, value_bytes = _stored_blocks("bsr.stored_nbytes", shape, kept, dtype, block)
+    return stored * (block[0] * block[1] * value_bytes + 4) + (block_rows + 1) * 4
+
+
+def dot_elements(shape: tuple[int, int], kept: int, block: tuple[int, int] = (16, 16)) -> int:
+    """Weight elements the kernel multiplies with each row of x: those of the stored blocks only (ideally: a block
+    row's last tl.dot step masks, rather than skips, the slots past its last stored block)."""
+    _, stored, _ = _stored_blocks("bsr.dot_elements", shape, kept, torch.float32, block)
+    return stored * block[0] * block[1]
 
 
 def decompress(w: BSRWeight) -> torch.Tensor:

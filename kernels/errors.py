@@ -40,3 +40,16 @@ def check_kernel_device(where: str, fmt: str, interpreted: bool, x: torch.Tensor
         raise RuntimeError(f"{where}: x is on {x.device}; the Triton kernel runs on CUDA tensors, or on CPU in "
                            f"Triton's interpreter (set TRITON_INTERPRET=1 before kernels.{fmt} is imported), or use "
                            f"{fmt}.reference_matmul")
+
+
+def check_layout_args(where: str, shape: tuple[int, int], kept: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(rows, cols, bytes per value) of a `stored_nbytes` / `dot_elements` call, or UnsupportedShape: a 2-D
+    (out_features, in_features) shape, 0 <= kept <= its elements, a float dtype the formats store."""
+    if len(shape) != 2 or any(isinstance(v, bool) or int(v) != v or v < 0 for v in shape):
+        raise UnsupportedShape(f"{where}: shape={shape!r} must be (out_features, in_features), non-negative ints")
+    rows, cols = int(shape[0]), int(shape[1])
+    if isinstance(kept, bool) or int(kept) != kept or not 0 <= kept <= rows * cols:
+        raise UnsupportedShape(f"{where}: kept={kept!r} must be an int in [0, {rows * cols}] for shape {(rows, cols)}")
+    if dtype not in FLOAT_DTYPES:
+        raise UnsupportedShape(f"{where}: dtype {dtype} is not supported; fp16, bf16 or fp32 only")
+    return rows, cols, dtype.itemsize

@@ -1,5 +1,6 @@
 """Registry of the sparse weight formats: name → module with compress / decompress / reference_matmul /
-triton_matmul and a weight class with tensors() / from_tensors() / nbytes.
+triton_matmul, stored_nbytes / dot_elements (what its layout stores and its kernel multiplies, computed without
+building a weight) and a weight class with tensors() / from_tensors() / nbytes.
 
 Each format's `tensors()` holds device data (values, indices, bitmaps) and small integer headers (shape, N:M,
 block). The headers travel as plain ints (`split_tensors`), so the custom ops rebuild a weight without reading
@@ -71,6 +72,17 @@ def format_of(code: int) -> str:
 def compress(fmt: str, dense: torch.Tensor, **params: Any) -> Any:
     """Compress a 2-D weight; `params` go to the format (nm: n, m; bsr: block; bitmap: tile)."""
     return get(fmt).compress(dense, **params)
+
+
+def stored_nbytes(fmt: str, shape: tuple[int, int], kept: int, dtype: torch.dtype, **params: Any) -> int:
+    """Bytes `compress(fmt, w, **params)` stores (the weight's nbytes) for a (out, in) weight `w` with `kept`
+    non-zeros in `dtype`, computed from the format's layout without building it."""
+    return get(fmt).stored_nbytes(shape, kept, dtype, **params)
+
+
+def dot_elements(fmt: str, shape: tuple[int, int], kept: int, **params: Any) -> int:
+    """Weight elements the format's kernel multiplies with each row of x (its FLOPs are twice that per row)."""
+    return get(fmt).dot_elements(shape, kept, **params)
 
 
 def decompress(fmt: str, w: Any) -> torch.Tensor:

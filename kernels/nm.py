@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.compressed import CompressedWeight
-from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_linear_call
+from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_layout_args, check_linear_call
 MAX_M = 16  # indices pack at least two per byte; 1:4, 2:4, 4:8, 8:16, 2:8 are all the patterns in practice
 # Triton built this module's kernels for its interpreter (TRITON_INTERPRET=1 when it was imported): they run on
 # CPU tensors there and nowhere else; compiled kernels run on CUDA tensors only.
@@ -157,6 +157,31 @@ def compress(dense: torch.Tensor, n: int = 2, m: int = 4) -> NMWeight:
     values = groups.gather(-1, keep).reshape(out_features, -1).contiguous()
     indices = _pack(keep.reshape(out_features, -1).to(torch.int32), index_bits(m))
     return NMWeight((out_features, in_features), n, m, values, indices)
+
+
+def _layout_args(where: str, shape: tuple[int, int], kept: int, dtype: torch.dtype, n: int, m: int) -> tuple[int, ...]:
+    _check_nm(where, n, m)
+    rows, cols, value_bytes = check_layout_args(where, shape, kept, dtype)
+    if cols % m:
+        raise UnsupportedShape(f"{where}: in_features={cols} is not a multiple of m={m}")
+    if kept > rows * cols // m * n:
+        raise UnsupportedShape(f"{where}: kept={kept} exceeds {n} per group of {m} ({rows * cols // m * n})")
+    return rows, cols, value_bytes
+
+
+def stored_nbytes(shape: tuple[int, int], kept: int, dtype: torch.dtype, n: int = 2, m: int = 4) -> int:
+    """Bytes `compress` stores (NMWeight.nbytes) for an (out, in) weight, from the layout alone: n values and n
+    packed `index_bits(m)`-bit indices per group of m, per row, whatever `kept` (at most n per group) is."""
+    rows, cols, value_bytes = _layout_args("nm.stored_nbytes", shape, kept, dtype, n, m)
+    entries = cols // m * n
+    return rows * (entries * value_bytes + packed_cols(entries, index_bits(m)))
+
+
+def dot_elements(shape: tuple[int, int], kept: int, n: int = 2, m: int = 4) -> int:
+    """Weight elements the kernel multiplies with each row of x: each group of m expanded to its next_power_of_2(m)
+    slots of a dense tile before tl.dot (every element when m is a power of two)."""
+    rows, cols, _ = _layout_args("nm.dot_elements", shape, kept, torch.float32, n, m)
+    return rows * (cols // m) * triton.next_power_of_2(m)
 
 
 def decompress(w: NMWeight) -> torch.Tensor:

@@ -1,15 +1,22 @@
 """Roofline latency model: a kernel costs max(bytes / bandwidth, FLOPs / throughput) plus a launch overhead.
 
-Per weight format it prices one linear; from those it builds a CostTable in the CPU profiler's format, so the
+Per linear it prices the kernel the exported model runs: a dense GEMM at the unit's kept width, or the sparse
+option's export format, whose bytes and FLOPs come from the format registry (allocator.core.formats), so the
+roofline prices the model that is exported. From those it builds a CostTable in the CPU profiler's format, so the
 search plans for a device that is not present (source "roofline") exactly as it does with a measured table."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+import torch
+
+from allocator.core.formats import KernelWork, linear_work
 from allocator.core.patterns import SparsityPattern
-from allocator.core.space import ATTN, MLP, ModelShape, Option, Unit, is_sparse, option_params, sparse_pattern
+from allocator.core.space import (
+    ATTN, MLP, ModelShape, Option, Unit, is_sparse, kept_width, option_params, sparse_pattern, unit_linear_shapes,
+)
 from profilers.devices import DeviceSpec
 from profilers.regimes import Regime
 from profilers.table import CostTable, RegimeCosts, clean_curve
@@ -17,15 +24,11 @@ from profilers.table import CostTable, RegimeCosts, clean_curve
 log = logging.getLogger(__name__)
 
 # Part of the table's cache key: a change of the model writes a new table.
-METHOD = "roofline v1: max(bytes/bandwidth, flops/throughput) + launch per kernel; 16-bit weights and activations"
+METHOD = ("roofline v2: max(bytes/bandwidth, flops/throughput) + launch per kernel; 16-bit weights and "
+          "activations; sparse linears as allocator.core.formats stores and runs them")
 
-ELEMENT_BYTES = 2  # bf16/fp16: these devices serve LLMs in 16 bits whatever dtype the host search loads
-FORMATS = ("dense", "structured", "2:4", "bitmap", "csr16")
-# Bitmap: one 32-bit mask word per 32-element tile with a 16-bit offset of its values inside its group, and one
-# 32-bit absolute offset per 4096-element group (16 bits cannot address a whole matrix). 1/8 + 2/32 + 4/4096 =
-# 0.1885 B of metadata per element gives ANCHORS' ideal decode speedups 1.68x / 2.54x / 5.15x at 50 / 70 / 90%.
-BITMAP_TILE = 32
-BITMAP_GROUP = 4096
+DTYPE = torch.bfloat16  # these devices serve LLMs in 16 bits whatever dtype the host search loads
+ELEMENT_BYTES = DTYPE.itemsize
 
 
 def deploy_dtype(dtype: str) -> str:
@@ -34,31 +37,15 @@ def deploy_dtype(dtype: str) -> str:
     return dtype if dtype in ("bfloat16", "float16") else "bfloat16"
 
 
-def weight_bytes_per_element(fmt: str, sparsity: float) -> float:
-    """Bytes read per element of the original dense weight matrix."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
-    density = 1.0 - sparsity
-    if fmt == "dense":
-        if sparsity:
-            raise ValueError(f"format 'dense' has sparsity 0, not {sparsity}")
-        return ELEMENT_BYTES
-    if fmt == "structured":  # a smaller dense matrix
-        return ELEMENT_BYTES * density
-    if fmt == "2:4":  # per 4 elements: 2 values and 2 two-bit indices = 4.5 B per 8 B dense
-        if abs(sparsity - 0.5) > 1e-9:
-            raise ValueError(f"format '2:4' has sparsity 0.5, not {sparsity}")
-        return (2 * ELEMENT_BYTES + 4 / 8) / 4
-    if fmt == "bitmap":
-        return ELEMENT_BYTES * density + 1 / 8 + 2 / BITMAP_TILE + 4 / BITMAP_GROUP
-    if fmt == "csr16":  # a value and a 16-bit column index per nonzero (row pointers: per row, negligible)
-        return (ELEMENT_BYTES + 2) * density
-    raise ValueError(f"unknown weight format {fmt!r}; known: {', '.join(FORMATS)}")
+def weight_bytes_per_element(pattern: SparsityPattern | None, out_features: int, in_features: int) -> float:
+    """Bytes an (out, in) linear's kernel reads per element of the dense weight: dense (`pattern` None) or in the
+    pattern's export format, values and metadata."""
+    return linear_work(pattern, 1, out_features, in_features, DTYPE).weight_bytes / (out_features * in_features)
 
 
-def ideal_decode_speedup(fmt: str, sparsity: float) -> float:
+def ideal_decode_speedup(pattern: SparsityPattern, out_features: int, in_features: int) -> float:
     """Decode at M = 1 reads every weight once and is memory bound: the speedup is the ratio of weight bytes."""
-    return ELEMENT_BYTES / weight_bytes_per_element(fmt, sparsity)
+    return ELEMENT_BYTES / weight_bytes_per_element(pattern, out_features, in_features)
 
 
 @dataclass(frozen=True)
@@ -76,61 +63,48 @@ def kernel_cost(device: DeviceSpec, nbytes: float, flops: float) -> KernelCost:
 
 
 def linear_cost(
-    device: DeviceSpec, fmt: str, m: int, in_features: int, out_features: int, sparsity: float = 0.0
+    device: DeviceSpec, pattern: SparsityPattern | None, m: int, in_features: int, out_features: int
 ) -> KernelCost:
-    """y = x W^T for M rows of x with W (out x in) stored in `fmt`. Structured sparsity removes output rows (fewer
-    FLOPs, smaller output); 2:4 halves the FLOPs on sparse tensor cores; bitmap and CSR expand to dense tiles
-    before the MMA, so they save bytes only."""
-    weight = weight_bytes_per_element(fmt, sparsity) * in_features * out_features
-    flops = 2.0 * m * in_features * out_features
-    out = out_features
-    if fmt == "structured":
-        flops *= 1.0 - sparsity
-        out = round(out_features * (1.0 - sparsity))
-    elif fmt == "2:4" and device.sparse_tensor_cores:
-        flops *= 0.5
-    activations = ELEMENT_BYTES * m * (in_features + out)
-    return kernel_cost(device, weight + activations, flops)
-
-
-def linear_seconds(
-    device: DeviceSpec, fmt: str, m: int, in_features: int, out_features: int, sparsity: float = 0.0
-) -> float:
-    """Seconds of one linear in `fmt`: the per-format price the sparse options will be costed with."""
-    return linear_cost(device, fmt, m, in_features, out_features, sparsity).seconds
-
-
-def _dense(device: DeviceSpec, m: int, in_features: int, out_features: int) -> float:
-    return linear_seconds(device, "dense", m, in_features, out_features) if in_features and out_features else 0.0
-
-
-def pattern_linear_seconds(device: DeviceSpec, pattern: SparsityPattern, m: int, in_features: int, out_features: int) -> float:
-    """A linear pruned to `pattern`, priced in the format it is exported as: unstructured as bitmap, 2:4 as 2:4,
-    other N:M as bitmap at their density (their kernel expands to dense tiles too), block sparsity as a dense
-    product over the kept blocks."""
-    if pattern.kind == "nm" and (pattern.n, pattern.m) == (2, 4):
-        fmt = "2:4"
-    elif pattern.kind == "block":
-        fmt = "structured"
-    else:
-        fmt = "bitmap"
-    return linear_seconds(device, fmt, m, in_features, out_features, pattern.sparsity)
-
-
-def _linears(device: DeviceSpec, m: int, option: Option):
-    """Prices a unit's linears: dense (at their structured width) or in the sparse option's format."""
-    if not is_sparse(option):
-        return lambda i, o: _dense(device, m, i, o)
-    pattern = sparse_pattern(option)
-    return lambda i, o: pattern_linear_seconds(device, pattern, m, i, o)
+    """y = x W^T for M rows of x with W (out x in) dense (`pattern` None) or stored and run as `pattern` is
+    exported (allocator.core.formats: its stored bytes, and the FLOPs of the weight elements its kernel
+    multiplies: bitmap and N:M expand tiles to dense before the MMA, BSR multiplies its stored blocks only)."""
+    work = linear_work(pattern, m, out_features, in_features, DTYPE)
+    return kernel_cost(device, work.bytes, work.flops)
 
 
 def _elementwise(device: DeviceSpec, nbytes: float) -> float:
     return kernel_cost(device, nbytes, 0.0).seconds
 
 
+def _norm_work(m: int, hidden: int) -> KernelWork:
+    return KernelWork(ELEMENT_BYTES * hidden, ELEMENT_BYTES * 2 * m * hidden, 0)  # read the weight and x, write y
+
+
 def _norm(device: DeviceSpec, m: int, hidden: int) -> float:
-    return _elementwise(device, ELEMENT_BYTES * (2 * m * hidden + hidden))  # read x, write y, read the weight
+    work = _norm_work(m, hidden)
+    return kernel_cost(device, work.bytes, work.flops).seconds
+
+
+def unit_weight_kernels(shape: ModelShape, kind: str, option: Option, m: int) -> list[KernelWork]:
+    """The kernels of a unit that read weights, for m rows: its norm, and its linears dense at the kept width or
+    in the sparse option's export format; none when the unit is dropped (its norm goes with the block)."""
+    if option == 0:
+        return []
+    kept = kept_width(shape, kind, option)
+    narrowed = (replace(shape, num_kv_heads=kept, num_heads=kept * shape.heads_per_group) if kind == ATTN
+                else replace(shape, intermediate=kept))
+    pattern = sparse_pattern(option) if is_sparse(option) else None
+    linears = [linear_work(pattern, m, rows, cols, DTYPE) for rows, cols in unit_linear_shapes(narrowed, kind)]
+    return [_norm_work(m, shape.hidden), *linears]
+
+
+def unit_weight_bytes(shape: ModelShape, kind: str, option: Option) -> int:
+    """Weight bytes a unit's kernels read per step, 16-bit: what the exported checkpoint stores for the unit."""
+    return sum(work.weight_bytes for work in unit_weight_kernels(shape, kind, option, 1))
+
+
+def _unit_kernels_seconds(device: DeviceSpec, shape: ModelShape, kind: str, option: Option, m: int) -> float:
+    return sum(kernel_cost(device, w.bytes, w.flops).seconds for w in unit_weight_kernels(shape, kind, option, m))
 
 
 def tokens(regime: Regime) -> int:
@@ -158,23 +132,16 @@ def attention_unit_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime
     block, as in allocator.model.surgery)."""
     if option == 0:
         return 0.0
-    kept = shape.num_kv_heads if is_sparse(option) else option
-    m, hidden = tokens(regime), shape.hidden
-    q, kv = kept * shape.heads_per_group * shape.head_dim, kept * shape.head_dim
-    linear = _linears(device, m, option)
-    linears = linear(hidden, q) + 2 * linear(hidden, kv) + linear(q, hidden)
-    return _norm(device, m, hidden) + linears + attention_core_seconds(device, shape, regime, kept)
+    kernels = _unit_kernels_seconds(device, shape, ATTN, option, tokens(regime))
+    return kernels + attention_core_seconds(device, shape, regime, kept_width(shape, ATTN, option))
 
 
 def mlp_unit_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option) -> float:
     """Post-attention norm, gate/up/down for the kept neurons and the SiLU(gate) * up between them; 0 when dropped."""
     if option == 0:
         return 0.0
-    kept = shape.intermediate if is_sparse(option) else option
-    m, hidden = tokens(regime), shape.hidden
-    linear = _linears(device, m, option)
-    linears = 2 * linear(hidden, kept) + linear(kept, hidden)
-    return _norm(device, m, hidden) + linears + _elementwise(device, 3 * ELEMENT_BYTES * m * kept)
+    m, kept = tokens(regime), kept_width(shape, MLP, option)
+    return _unit_kernels_seconds(device, shape, MLP, option, m) + _elementwise(device, 3 * ELEMENT_BYTES * m * kept)
 
 
 def fixed_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime) -> float:
@@ -182,7 +149,8 @@ def fixed_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime) -> floa
     each sequence (generation keeps only the last logits)."""
     m = tokens(regime)
     embed = _elementwise(device, ELEMENT_BYTES * 2 * m * shape.hidden)
-    return embed + _norm(device, m, shape.hidden) + _dense(device, regime.batch, shape.hidden, shape.vocab)
+    lm_head = linear_cost(device, None, regime.batch, shape.hidden, shape.vocab).seconds
+    return embed + _norm(device, m, shape.hidden) + lm_head
 
 
 UNIT_SECONDS = {ATTN: attention_unit_seconds, MLP: mlp_unit_seconds}

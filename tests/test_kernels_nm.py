@@ -11,6 +11,7 @@ from kernels import nm
 from kernels.errors import UnsupportedShape
 
 from .kernel_checks import DTYPES, close, same_bits
+from allocator.core.patterns import SparsityPattern
 from profilers.roofline import weight_bytes_per_element
 
 
@@ -72,9 +73,10 @@ def test_index_packing():
 
 def test_nbytes_match_the_roofline_model():
     c = nm.compress(nm_weight(64, 256, 2, 4, torch.float16), 2, 4)
-    assert c.nbytes == 64 * 256 * weight_bytes_per_element("2:4", 0.5)
+    assert c.nbytes == 64 * 256 * weight_bytes_per_element(SparsityPattern.parse("2:4"), 64, 256) == 64 * 256 * 9 / 8
     c48 = nm.compress(nm_weight(64, 256, 4, 8, torch.float16), 4, 8)
     assert c48.nbytes == 64 * 256 // 2 * 2 + 64 * 256 // 2 // 2  # fp16 values + 4-bit indices
+    assert c48.nbytes == 64 * 256 * weight_bytes_per_element(SparsityPattern.parse("4:8"), 64, 256)
 
 
 def test_tensors_round_trip_through_safetensors(tmp_path):

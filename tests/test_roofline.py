@@ -9,13 +9,14 @@ import torch
 
 from allocator.core.config import BudgetConfig, ProfileConfig, SpaceConfig
 from allocator.core.errors import UserInputError
+from allocator.core.patterns import SparsityPattern
 from allocator.app.profile_job import validate_profile_name
 from allocator.app.search_job import run_search
 from allocator.core.space import ModelShape, build_space
 from profilers.devices import DEVICES
 from profilers.regimes import Regime, regimes_of
 from profilers.registry import PROFILES, device_present, get_cost_table
-from profilers.roofline import ideal_decode_speedup, linear_cost, roofline_table
+from profilers.roofline import ideal_decode_speedup, linear_cost, roofline_table, weight_bytes_per_element
 from profilers.table import load_table, save_table
 
 from .conftest import run_cli
@@ -28,30 +29,40 @@ TINY_PROFILE = ProfileConfig(name="h100", decode_batches=[1], decode_context=64,
 
 
 @pytest.mark.parametrize(
-    "fmt, sparsity, anchor",
+    "label, per_element",
     [
-        ("structured", 0.5, 2.0), ("structured", 0.7, 10 / 3), ("structured", 0.9, 10.0),  # ANCHORS rounds 3.33 to 3.3
-        ("2:4", 0.5, 1.78),
-        ("bitmap", 0.5, 1.68), ("bitmap", 0.7, 2.54), ("bitmap", 0.9, 5.15),
-        ("csr16", 0.5, 1.0), ("csr16", 0.7, 1.67),
+        # Bitmap: the values kept per row of 4096 (50%: 2048, 70%: 4096 - round(2867.2), 90%: 4096 - round(3686.4)),
+        # one bit per element, an int32 offset per 16x64 tile (+1): 4096x4096 has 16384 tiles.
+        ("unstructured50", 2048 / 4096 * 2 + 1 / 8 + 4 * (16384 + 1) / 4096**2),
+        ("unstructured70", 1229 / 4096 * 2 + 1 / 8 + 4 * (16384 + 1) / 4096**2),
+        ("unstructured90", 410 / 4096 * 2 + 1 / 8 + 4 * (16384 + 1) / 4096**2),
+        ("2:4", (2 * 2 + 2 * 2 / 8) / 4),  # per group of 4: two values, two 2-bit indices
+        ("4:8", (4 * 2 + 4 * 4 / 8) / 8),  # per group of 8: four values, four 4-bit indices (3 bits round up to 4)
+        # BSR: half the 16x16 blocks with an int32 column index each, int32 row pointers per block row (+1).
+        ("block16x16-50", 0.5 * (2 + 4 / 256) + 4 * (256 + 1) / 4096**2),
     ],
 )
-def test_ideal_decode_speedup_matches_anchors(fmt, sparsity, anchor):
-    assert ideal_decode_speedup(fmt, sparsity) == pytest.approx(anchor, abs=0.01)
+def test_ideal_decode_speedup_is_the_stored_byte_ratio(label, per_element):
+    pattern = SparsityPattern.parse(label)
+    assert weight_bytes_per_element(pattern, 4096, 4096) == pytest.approx(per_element, rel=1e-12)
+    assert ideal_decode_speedup(pattern, 4096, 4096) == pytest.approx(2 / per_element, rel=1e-12)
+    assert weight_bytes_per_element(None, 4096, 4096) == 2
 
 
 def test_decode_is_memory_bound_and_large_prefill_compute_bound_on_h100():
-    h100, cpu = DEVICES["h100"], DEVICES["cpu-generic"]
-    assert linear_cost(h100, "dense", 1, 4096, 4096).bound == "memory"
-    assert linear_cost(h100, "dense", 4096, 4096, 4096).bound == "compute"
-    # Compute bound: 2:4 halves the FLOPs on sparse tensor cores only; bitmap expands to dense FLOPs.
-    dense = linear_cost(h100, "dense", 4096, 4096, 4096)
-    assert linear_cost(h100, "2:4", 4096, 4096, 4096, 0.5).flops == dense.flops / 2
-    assert linear_cost(cpu, "2:4", 4096, 4096, 4096, 0.5).flops == dense.flops
-    assert linear_cost(h100, "bitmap", 4096, 4096, 4096, 0.7).seconds == pytest.approx(dense.seconds)
-    assert linear_cost(h100, "structured", 4096, 4096, 4096, 0.5).seconds < 0.6 * dense.seconds
-    with pytest.raises(ValueError, match="known: dense, structured"):
-        linear_cost(h100, "coo", 1, 8, 8)
+    h100 = DEVICES["h100"]
+    assert linear_cost(h100, None, 1, 4096, 4096).bound == "memory"
+    assert linear_cost(h100, None, 4096, 4096, 4096).bound == "compute"
+    # Compute bound: the bitmap and N:M kernels expand tiles to dense before the MMA (dense FLOPs, so dense time);
+    # BSR multiplies its stored blocks only.
+    dense = linear_cost(h100, None, 4096, 4096, 4096)
+    for label in ("2:4", "unstructured70"):
+        cost = linear_cost(h100, SparsityPattern.parse(label), 4096, 4096, 4096)
+        assert cost.flops == dense.flops and cost.seconds == pytest.approx(dense.seconds)
+    block = linear_cost(h100, SparsityPattern.parse("block16x16-50"), 4096, 4096, 4096)
+    assert block.flops == dense.flops / 2 and block.seconds < 0.6 * dense.seconds
+    with pytest.raises(ValueError, match="in=6 is not divisible by m=4"):
+        linear_cost(h100, SparsityPattern.parse("2:4"), 1, 6, 8)
 
 
 def _assert_consistent(table, shape, units):

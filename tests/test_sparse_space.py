@@ -20,7 +20,7 @@ from allocator.model.sparse_export import build_deployable
 from kernels.sparse_linear import SparseLinear
 from profilers.devices import DEVICES
 from profilers.regimes import Regime
-from profilers.roofline import attention_unit_seconds, mlp_unit_seconds
+from profilers.roofline import attention_unit_seconds, ideal_decode_speedup, mlp_unit_seconds
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,8 @@ def test_roofline_prices_formats_by_their_bytes(tiny):
     bitmap70 = mlp_unit_seconds(h100, big, decode, "unstructured70")
     two_four = mlp_unit_seconds(h100, big, decode, "2:4")
     assert bitmap70 < two_four < dense  # memory bound: fewer bytes, less time
-    assert 2.0 < dense / bitmap70 < 2.54  # below the ideal byte ratio: norm, SiLU and launches do not shrink
+    ideal = ideal_decode_speedup(SparsityPattern.parse("unstructured70"), big.intermediate, big.hidden)  # 2.74
+    assert 2.0 < dense / bitmap70 < ideal  # below the ideal byte ratio: norm, SiLU and launches do not shrink
     assert attention_unit_seconds(h100, big, decode, "unstructured50") < attention_unit_seconds(h100, big, decode, 8)
 
 

@@ -1,39 +1,77 @@
-"""Sparse formats: which stored format a sparsity pattern is exported to, and the bytes it stores.
+"""Sparse formats: the one registry of how every sparse option is stored and run.
 
-The export (allocator.model.sparse_export), the memory model and the profilers read this module, so a plan is
-priced for the model that is exported."""
+For each SparsityPattern kind, FORMATS states the kernel format the pattern is exported to and that format's
+compress parameters. From the kernel modules' own layouts (kernels.<format>.stored_nbytes and dot_elements, beside
+the code that writes those bytes and the kernel that reads them) it gives the exact bytes a (rows, cols) linear
+stores and the bytes and FLOPs its kernel moves per call. The export (allocator.model.sparse_export), the memory
+model (allocator.core.memory), the roofline (profilers.roofline) and both profilers (which build their models
+through the export and size them by the memory model) read it, so a plan is priced for the model that is exported.
+
+A pattern's kept weights are taken to be non-zero, as the pruners leave them (a kept weight of exactly 0.0 is not a
+value the bitmap stores)."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
-from allocator.core.patterns import SparsityPattern, select_mask
+from allocator.core.patterns import KINDS, SparsityPattern, kept_count
 from allocator.core.space import ModelShape, unit_linear_shapes
+from kernels import formats as kernel_formats
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    format: str  # a kernels.formats name
+    params: Callable[[SparsityPattern], dict[str, Any]]  # its compress parameters for a pattern
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "unstructured": ExportFormat("bitmap", lambda p: {}),
+    "nm": ExportFormat("nm", lambda p: {"n": p.n, "m": p.m}),
+    "block": ExportFormat("bsr", lambda p: {"block": p.block}),
+}
+assert set(FORMATS) == set(KINDS), "every pattern kind needs its export format"
+
+
+@dataclass(frozen=True)
+class KernelWork:
+    """What one y = x W^T call moves and computes, ideally: every stored byte and every activation once."""
+
+    weight_bytes: int  # the stored values and metadata the kernel reads
+    activation_bytes: int  # x read, y written, in the weight's dtype
+    flops: int  # 2 per weight element the kernel multiplies with each row of x
+
+    @property
+    def bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes
 
 
 def export_format(pattern: SparsityPattern) -> tuple[str, dict]:
     """(kernel format, its compress parameters) a pattern is stored and run in."""
-    if pattern.kind == "nm":
-        return "nm", {"n": pattern.n, "m": pattern.m}
-    if pattern.kind == "block":
-        return "bsr", {"block": pattern.block}
-    return "bitmap", {}
+    entry = FORMATS[pattern.kind]
+    return entry.format, entry.params(pattern)
 
 
-@lru_cache(maxsize=None)
 def stored_bytes(pattern: SparsityPattern, rows: int, cols: int, dtype: torch.dtype) -> int:
-    """Bytes one (rows, cols) linear pruned to `pattern` takes in its export format (a magnitude mask of a fixed
-    random matrix: the format's size depends on the pattern's counts, not on which weights are kept)."""
-    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)).to(dtype)
-    weight = torch.where(select_mask(weight.abs().float(), pattern), weight, 0.0)
+    """Bytes one (rows, cols) linear pruned to `pattern` stores in its export format (SparseLinear.weight_nbytes)."""
     fmt, params = export_format(pattern)
-    from kernels.sparse_linear import SparseLinear  # Triton loads only for sparse spaces
+    return kernel_formats.stored_nbytes(fmt, (rows, cols), kept_count(pattern, rows, cols), dtype, **params)
 
-    return SparseLinear.from_dense(weight, None, fmt, **params).weight_nbytes
+
+def linear_work(pattern: SparsityPattern | None, m: int, rows: int, cols: int, dtype: torch.dtype) -> KernelWork:
+    """One call of a (rows, cols) linear on m rows of x: dense (`pattern` None, a GEMM over every element) or
+    stored and run as `pattern` is exported."""
+    activations = dtype.itemsize * m * (rows + cols)
+    if pattern is None:
+        return KernelWork(dtype.itemsize * rows * cols, activations, 2 * m * rows * cols)
+    fmt, params = export_format(pattern)
+    multiplied = kernel_formats.dot_elements(fmt, (rows, cols), kept_count(pattern, rows, cols), **params)
+    return KernelWork(stored_bytes(pattern, rows, cols, dtype), activations, 2 * m * multiplied)
 
 
 def sparse_unit_bytes(shape: ModelShape, kind: str, pattern: SparsityPattern, dtype_bytes: int) -> int:
-    dtype = {2: torch.float16, 4: torch.float32}[dtype_bytes]
+    dtype = {2: torch.float16, 4: torch.float32}[dtype_bytes]  # fp16 and bf16 store alike
     return sum(stored_bytes(pattern, rows, cols, dtype) for rows, cols in unit_linear_shapes(shape, kind))
