@@ -27,6 +27,8 @@ from profilers.registry import fingerprint_mismatch, get_cost_table
 from profilers.table import load_table, save_table, table_key
 from profilers.timing import TimingStats, interleaved_schedule, round_stats
 
+from .plans import sample_plan
+
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CUDA graphs, events, L2 rotation)")
 # Small regimes: prefill and decode at 1, 4, 16, 64 over a short context.
@@ -323,7 +325,7 @@ def _fake_export(path: Path, profile: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", WEIGHTS_FILE):
         (path / name).write_text("{}")
-    (path / PLAN_FILE).write_text(json.dumps({"profile": {"name": profile, "fingerprint": {}, "table": "none"}}))
+    sample_plan(profile={"name": profile, "fingerprint": {}, "table": "none"}).save(path / PLAN_FILE)
     return path
 
 
@@ -361,18 +363,17 @@ def test_gpu_branch_of_measure_speedup_on_cpu(tiny, cpu_table, tmp_path, monkeyp
     table, path, _, _ = cpu_table
     alloc = {u.name: u.options[1] for u in units}
     model = build_pruned_model(loaded.model, shape, alloc, leading_levels(loaded.model, shape))
-    plan = {"budget": {"regime": "prefill"}, "predicted": {"latency_ms": 1.0, "dense_latency_ms": 2.0},
-            "profile": {"name": "h100", "fingerprint": table.fingerprint, "table": str(path)},
-            "model_spec": {"name": "tiny-llama", "tiny_layers": 3}}
+    plan = sample_plan(alloc, budget={"regime": "prefill"}, predicted={"latency_ms": 1.0, "dense_latency_ms": 2.0},
+                       profile={"name": "h100", "fingerprint": table.fingerprint, "table": str(path)})
     export_checkpoint(model, loaded.tokenizer, tmp_path / "run", plan)
     monkeypatch.setattr(verify_job, "cuda_device_for_profile", lambda name: torch.device("cpu"))
     result = measure_speedup(tmp_path / "run", replace(CFG, name="h100", verify_repeats=3), "decode_b4",
                              dense=loaded.model)
-    assert result["regime"] == "decode_b4" and result["device"] == "cpu"
-    assert len(result["pruned_stats"]["samples_ms"]) == 3 and result["latency_ms"] > 0
+    assert result.regime == "decode_b4" and result.device == "cpu"
+    assert len(result.pruned_stats.samples_ms) == 3 and result.latency_ms > 0
     widths = {ATTN: [1] * 3, MLP: [32] * 3}
-    assert result["latency_prediction_error"] == pytest.approx(
-        table.regimes["decode_b4"].predict_ms(widths) / result["latency_ms"] - 1.0)
+    assert result.latency_prediction_error == pytest.approx(
+        table.regimes["decode_b4"].predict_ms(widths) / result.latency_ms - 1.0)
 
 
 # ---- on a GPU ----
@@ -420,9 +421,9 @@ def test_end_to_end_verify_on_cuda(tiny, tmp_path):
     job = replace(job, profile=replace(job.profile, name=key, l2_rotations=2), verify=True,
                   budget=BudgetConfig(speedup=None, sparsity=0.3))  # always feasible, whatever the GPU's costs
     plan = run_search(job, tmp_path / "run")  # measures the table on this GPU, exports, verifies on it
-    measured = plan["measured"]
-    assert plan["profile"]["source"] == "measured" and measured["device"] == torch.cuda.get_device_name()
-    assert measured["latency_ms"] > 0 and measured["dense_latency_ms"] > 0
+    measured = plan.measured
+    assert plan.profile.source == "measured" and measured.device == torch.cuda.get_device_name()
+    assert measured.latency_ms > 0 and measured.dense_latency_ms > 0
     assert "speedup_prediction_error" in json.loads((tmp_path / "run" / "plan.json").read_text())["measured"]
     again = measure_speedup(tmp_path / "run", job.profile, "decode_b4")
-    assert again["regime"] == "decode_b4" and again["latency_ms"] > 0
+    assert again.regime == "decode_b4" and again.latency_ms > 0

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from allocator.levels.compress.linear_hessians import collect_linear_hessians
+from allocator.levels.compress.calibration_pass import calibration_pass
+from allocator.levels.compress.linear_hessians import INPUT_GROUPS, InputHessians
 from allocator.core.patterns import SparsityPattern, pruned_count, select_mask
 from allocator.levels.compress.sparse_prune import (
     PRUNERS,
@@ -253,15 +254,17 @@ def test_pruner_validation() -> None:
 # --- Hessian collection ---------------------------------------------------------------------------------------
 
 
-def test_collect_linear_hessians_matches_manual(tiny) -> None:
+def test_input_hessians_match_manual(tiny) -> None:
     loaded, _shape, _units = tiny
     model = loaded.model
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (3, 10), generator=gen)
-    hs = collect_linear_hessians(model, tokens, batch_size=2)
     n_layers = len(model.model.layers)
-    assert set(hs) == {"qkv", "o", "gate_up", "down"} and hs.tokens == tokens.numel()
-    assert all(len(v) == n_layers and v[0].dtype == torch.float64 for v in hs.values())
+    collector = InputHessians({(layer, key) for layer in range(n_layers) for key in INPUT_GROUPS})
+    calibration_pass(model, tokens, 2, [collector])
+    assert collector.tokens == tokens.numel()
+    assert all(collector.hessian(layer, key).dtype == torch.float64 for layer in range(n_layers) for key in INPUT_GROUPS)
+    hs = {key: [collector.hessian(layer, key) for layer in range(n_layers)] for key in INPUT_GROUPS}
 
     # Manual: capture module OUTPUTS in one full-batch forward pass and rebuild each projection's input.
     layer = model.model.layers[1]

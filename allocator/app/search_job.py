@@ -18,7 +18,7 @@ from allocator.app.config import SearchJob
 from allocator.core.config import ErrorMetric, check_choice
 from allocator.core.errors import UserInputError
 from allocator.core.atomic_io import write_json_atomic
-from allocator.levels.compress.outliers import layer_outlier_ratios
+from allocator.levels.compress.outliers import OutlierNorms
 from allocator.model.export import export_checkpoint
 from allocator.model.sparse_export import build_deployable
 from search.fitness_engine import StitchedKLFitness
@@ -164,13 +164,16 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     costs = table.regime(cfg.budget.regime)
     fitness_pool = fitness_pool or SEARCHERS.get(cfg.searcher.name).uses_fitness
     data = build_calibration_data(cfg.data, loaded.tokenizer, cfg.fitness.sequences if fitness_pool else 0)
+    # OWL allocates by each layer's activation-outlier ratio: gathered on the database's calibration pass.
+    outliers = OutlierNorms(cfg.fitness.sequences, cfg.fitness.batch_size) if cfg.searcher.name == "owl" else None
     db = open_or_build_database(
-        dense, shape, units, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir
+        dense, shape, units, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir,
+        also=[outliers] if outliers else [],
     )
     target_ms = budget_ms.get("target")
     problem = build_problem(cfg, dense, shape, units, costs, db, target_ms)
-    if cfg.searcher.name == "owl":  # OWL allocates by each layer's activation-outlier ratio
-        ratios = layer_outlier_ratios(dense, data.calibration[: cfg.fitness.sequences], batch_size=cfg.fitness.batch_size)
+    if outliers is not None:
+        ratios = outliers.ratios()
         problem = replace(problem, outlier_ratios=tuple(ratios[u.layer] for u in units))
     return SearchSetup(dense, loaded.tokenizer, shape, units, table, table_path, costs, target_ms, data, db, problem)
 

@@ -13,21 +13,24 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from allocator.levels.compress.hessians import collect_hessians
-from allocator.levels.compress.fisher import collect_output_fisher
-from allocator.levels.compress.linear_hessians import collect_linear_hessians
+from allocator.levels.compress.calibration_pass import Collector, calibration_pass
+from allocator.levels.compress.fisher import OutputFisher
+from allocator.levels.compress.linear_hessians import InputHessians
 from allocator.levels.compress.structured_obs import PrunedLevel, structured_obs_sweep
 from allocator.core.config import SpaceConfig
-from allocator.model.surgery import LevelSource, SparseUnitWeights, UnitWeights, decoder_layers, group_rows
-from allocator.core.space import (
-    ATTN, ModelShape, Option, Unit, is_sparse, option_key, parse_option_key, sparse_pattern, unit_name,
+from allocator.model.surgery import (
+    UNIT_LINEARS, LevelSource, SparseUnitWeights, UnitWeights, decoder_layers, group_rows,
 )
-from allocator.levels.sparse_levels import block_output_errors, prune_unit, record_block_calls, unit_block
+from allocator.core.space import (
+    ATTN, MLP, ModelShape, Option, Unit, is_sparse, option_key, parse_option_key, sparse_pattern, unit_name,
+)
+from allocator.levels.sparse_levels import HESSIAN_OF, BlockCalls, block_output_errors, prune_unit, unit_block
 
 log = logging.getLogger(__name__)
 DATABASE_VERSION = 2
@@ -103,28 +106,49 @@ def _structured_levels(
     return errors
 
 
-class SparseInputs:
-    """What the sparse levels need, collected once per build: every linear's input Hessian and the dense
-    block inputs/outputs on the Fisher sequences."""
+# The input Hessian structured OBS prunes a unit against: its output projection's (o_proj / down_proj).
+STRUCTURED_HESSIAN = {ATTN: "o", MLP: "down"}
 
-    def __init__(self, model: torch.nn.Module, units: list[Unit], calibration: torch.Tensor, cfg: SpaceConfig,
-                 batch_size: int) -> None:
-        self.hessians = collect_linear_hessians(model, calibration, batch_size)
-        measured = calibration[: cfg.fisher_sequences]
-        self.calls = record_block_calls(model, measured, batch_size, {(u.layer, u.kind) for u in units if has_sparse(u)})
-        self.scale = calibration.numel() / measured.numel()
+
+def unit_hessians(unit: Unit) -> set[str]:
+    """The input Hessians a unit's levels need: its output projection's, and every linear's if it has sparse options."""
+    if has_sparse(unit):
+        return {HESSIAN_OF[name] for name in UNIT_LINEARS[unit.kind]}
+    return {STRUCTURED_HESSIAN[unit.kind]}
+
+
+class CalibrationStatistics:
+    """What the levels of `units` need, from one calibration pass: their input Hessians over all calibration
+    sequences, their output Fisher, and (for the units with sparse options) the dense blocks' inputs and outputs,
+    both over the first `cfg.fisher_sequences`. Statistics of other kinds may ride on the same pass (`also`)."""
+
+    def __init__(self, units: list[Unit], calibration: torch.Tensor, cfg: SpaceConfig) -> None:
+        self.hessians = InputHessians({(u.layer, key) for u in units for key in unit_hessians(u)})
+        self.fisher = OutputFisher({(u.layer, u.kind) for u in units}, cfg.fisher_sequences)
+        self.calls = BlockCalls({(u.layer, u.kind) for u in units if has_sparse(u)}, cfg.fisher_sequences)
+        # Calibration tokens the Hessians sum over, per token the sparse errors are measured on.
+        self.scale = calibration.numel() / calibration[: cfg.fisher_sequences].numel()
+
+    @property
+    def collectors(self) -> list[Collector]:
+        return [self.hessians, self.fisher] + ([self.calls] if self.calls.calls else [])
+
+    def release(self, unit: Unit) -> None:
+        """Free what only `unit` used, once its levels are built."""
+        self.hessians.release(unit.layer, unit_hessians(unit))
+        self.calls.calls.pop((unit.layer, unit.kind), None)
 
 
 def _sparse_levels(
-    model: torch.nn.Module, unit: Unit, inputs: SparseInputs, fisher: torch.Tensor, cfg: SpaceConfig, tmp: Path
+    model: torch.nn.Module, unit: Unit, stats: CalibrationStatistics, fisher: torch.Tensor, cfg: SpaceConfig, tmp: Path
 ) -> dict[Option, dict[str, float]]:
     block = unit_block(model, unit.layer, unit.kind)
     patterns = [sparse_pattern(o) for o in unit.options if is_sparse(o)]
-    levels = prune_unit(block, unit.kind, unit.layer, inputs.hessians, patterns, cfg.pruner, cfg.damp)
-    calls = inputs.calls[(unit.layer, unit.kind)]
+    levels = prune_unit(block, unit.kind, unit.layer, stats.hessians, patterns, cfg.pruner, cfg.damp)
+    calls = stats.calls.calls[(unit.layer, unit.kind)]
     errors: dict[Option, dict[str, float]] = {}
     for label, weights in levels.items():
-        errors[label] = block_output_errors(block, calls, weights, fisher, inputs.scale)
+        errors[label] = block_output_errors(block, calls, weights, fisher, stats.scale)
         save_file(weights, level_file(tmp.parent, tmp.name, label))
     return errors
 
@@ -147,35 +171,40 @@ def open_or_build_database(
     cfg: SpaceConfig,
     cache_dir: str | Path,
     batch_size: int = 8,
+    also: Sequence[Collector] = (),
 ) -> LevelDatabase:
+    """The level database of `units`, built (what is missing of it) from one calibration pass over `calibration`
+    in batches of `batch_size` sequences. The collectors in `also` ride on that pass (on a pass of their own when
+    nothing is left to build)."""
     root = Path(cache_dir) / "databases" / database_key(model_fp, data_fp, units, cfg)
     todo = [u for u in units if not (root / u.name / "errors.json").is_file()]
     if not todo:
         log.info("level database: reusing %s", root)
+        if also:
+            calibration_pass(model, calibration, batch_size, also)
         return LevelDatabase(root, units)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # leftovers of an interrupted build
         shutil.rmtree(stale, ignore_errors=True)
     log.info("level database: building %d of %d units into %s", len(todo), len(units), root)
-    attn_h, mlp_h = collect_hessians(model, calibration, batch_size)
-    attn_f, mlp_f = collect_output_fisher(model, calibration[: cfg.fisher_sequences], batch_size)
-    sparse = [u for u in todo if has_sparse(u)]
-    inputs = SparseInputs(model, sparse, calibration, cfg, batch_size) if sparse else None
+    stats = CalibrationStatistics(todo, calibration, cfg)
+    calibration_pass(model, calibration, batch_size, [*stats.collectors, *also])
+    sparse = any(has_sparse(u) for u in todo)
     layers = decoder_layers(model)
     for unit in tqdm(todo, desc=f"{cfg.kind} levels ({cfg.pruner if sparse else 'OBS'})", unit="unit", leave=False):
         layer = layers[unit.layer]
-        if unit.kind == ATTN:
-            weight, hessian, fisher = layer.self_attn.o_proj.weight, attn_h[unit.layer], attn_f[unit.layer]
-            group = shape.heads_per_group * shape.head_dim
-        else:
-            weight, hessian, fisher, group = layer.mlp.down_proj.weight, mlp_h[unit.layer], mlp_f[unit.layer], 1
+        weight = (layer.self_attn.o_proj if unit.kind == ATTN else layer.mlp.down_proj).weight
+        hessian = stats.hessians.hessian(unit.layer, STRUCTURED_HESSIAN[unit.kind])
+        fisher = stats.fisher.fisher(unit.layer, unit.kind)
+        group = shape.heads_per_group * shape.head_dim if unit.kind == ATTN else 1
 
         def build_levels(tmp: Path, unit=unit, weight=weight.detach(), hessian=hessian, fisher=fisher, group=group):
             errors = _structured_levels(unit, weight, hessian, fisher, group, cfg.damp, tmp)
-            if inputs is not None and has_sparse(unit):
-                errors.update(_sparse_levels(model, unit, inputs, fisher, cfg, tmp))
+            if has_sparse(unit):
+                errors.update(_sparse_levels(model, unit, stats, fisher, cfg, tmp))
             return errors
 
         _build_unit(build_levels, unit, root)
+        stats.release(unit)
     (root / "manifest.json").write_text(json.dumps({"version": DATABASE_VERSION, "units": [u.name for u in units]}))
     return LevelDatabase(root, units)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.hooks import RemovableHandle
 
-from allocator.levels.compress.hooked_forward import forward_with_hooks
-from allocator.levels.compress.linear_hessians import LinearHessians
+from allocator.levels.compress.calibration_pass import Collector
+from allocator.levels.compress.linear_hessians import InputHessians
 from allocator.core.patterns import SparsityPattern
 from allocator.levels.compress.sparse_prune import PRUNERS, sparsegpt_levels
 from allocator.model.surgery import BLOCK_ATTRIBUTE, UNIT_LINEARS, decoder_layers
@@ -27,14 +28,14 @@ HESSIAN_OF = {
 
 
 def prune_unit(
-    block: nn.Module, kind: str, layer: int, hessians: LinearHessians, patterns: list[SparsityPattern], pruner: str,
+    block: nn.Module, kind: str, layer: int, hessians: InputHessians, patterns: list[SparsityPattern], pruner: str,
     damp: float,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """{pattern label: {linear name: pruned weight}} for one unit."""
     levels: dict[str, dict[str, torch.Tensor]] = {p.label: {} for p in patterns}
     for name in UNIT_LINEARS[kind]:
         weight = getattr(block, name).weight.detach()
-        hessian = hessians[HESSIAN_OF[name]][layer]
+        hessian = hessians.hessian(layer, HESSIAN_OF[name])
         if pruner == "sparsegpt":
             pruned = sparsegpt_levels(weight, hessian, patterns, damp)
         else:
@@ -54,36 +55,41 @@ class BlockCall:
     output: torch.Tensor
 
 
-def _detached(value):
+def _leading(value, rows: int, batch: int):
+    """`value` detached; a tensor of the whole batch (first dimension `batch`, not a broadcast 1) is cut to its first
+    `rows` sequences, copied so that the rest of the batch is freed."""
     if isinstance(value, torch.Tensor):
-        return value.detach()
+        value = value.detach()
+        return value[:rows].clone() if rows < batch and value.ndim >= 2 and value.shape[0] == batch else value
     if isinstance(value, tuple):
-        return tuple(_detached(v) for v in value)
+        return tuple(_leading(v, rows, batch) for v in value)
     return value
 
 
-@torch.inference_mode()
-def record_block_calls(
-    model: nn.Module, tokens: torch.Tensor, batch_size: int, kinds: set[tuple[int, str]]
-) -> dict[tuple[int, str], list[BlockCall]]:
-    """Inputs and outputs of the (layer, kind) blocks of the dense model over `tokens`, one entry per batch."""
-    layers = decoder_layers(model)
-    calls: dict[tuple[int, str], list[BlockCall]] = {key: [] for key in kinds}
+class BlockCalls(Collector):
+    """Inputs and outputs of the dense (layer, kind) blocks in `wanted` over the pass's first `sequences`
+    sequences: {(layer, kind): one BlockCall per batch}."""
 
-    def record(key: tuple[int, str]):
+    def __init__(self, wanted: set[tuple[int, str]], sequences: int | None) -> None:
+        super().__init__(sequences)
+        self.calls: dict[tuple[int, str], list[BlockCall]] = {key: [] for key in wanted}
+
+    def attach(self, index: int, layer: nn.Module) -> list[RemovableHandle]:
+        return [
+            getattr(layer, BLOCK_ATTRIBUTE[kind]).register_forward_hook(self._record((index, kind)), with_kwargs=True)
+            for kind in BLOCK_ATTRIBUTE if (index, kind) in self.calls
+        ]
+
+    def _record(self, key: tuple[int, str]):
         def hook(_module, args, kwargs, output):
+            if not self.rows:
+                return
             out = output[0] if isinstance(output, tuple) else output
-            kept = {k: _detached(v) for k, v in kwargs.items() if k != "past_key_values"}
-            calls[key].append(BlockCall(_detached(args), kept, out.detach()))
+            rows, batch = self.rows, out.shape[0]
+            kept = {k: _leading(v, rows, batch) for k, v in kwargs.items() if k != "past_key_values"}
+            self.calls[key].append(BlockCall(_leading(args, rows, batch), kept, _leading(out, rows, batch)))
 
         return hook
-
-    handles = [
-        getattr(layers[layer], BLOCK_ATTRIBUTE[kind]).register_forward_hook(record((layer, kind)), with_kwargs=True)
-        for layer, kind in kinds
-    ]
-    forward_with_hooks(model, tokens, batch_size, handles, "block inputs")
-    return calls
 
 
 @torch.inference_mode()

@@ -10,48 +10,51 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+from torch.utils.hooks import RemovableHandle
 
-from allocator.model.surgery import decoder_layers
+from allocator.core.space import ATTN, MLP
+from allocator.levels.compress.calibration_pass import GradientCollector
+
+OUTPUT_OF = {ATTN: "self_attn.o_proj", MLP: "mlp.down_proj"}  # the projection whose output is a unit's output
 
 
-def collect_output_fisher(
-    model: nn.Module, tokens: torch.Tensor, batch_size: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer (o_proj output, down_proj output) mean over tokens of the squared loss gradient, float64."""
-    layers = decoder_layers(model)
-    outputs: dict[tuple[int, str], torch.Tensor] = {}
+class OutputFisher(GradientCollector):
+    """Per (layer, unit kind) in `wanted`: the mean over tokens of the squared next-token loss gradient at the
+    o_proj / down_proj output, float64 (hidden,), over the pass's first `sequences` sequences.
 
-    def keep(key: tuple[int, str]):
-        def hook(_module, _args, output):
-            output.retain_grad()
-            outputs[key] = output
+    Per-channel squared gradients are summed by tensor hooks during the backward, so no gradient is retained."""
+
+    def __init__(self, wanted: set[tuple[int, str]], sequences: int | None) -> None:
+        super().__init__(sequences)
+        self.wanted = set(wanted)
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self.count = 0  # tokens with a next-token target
+
+    def attach(self, index: int, layer: nn.Module) -> list[RemovableHandle]:
+        return [
+            layer.get_submodule(OUTPUT_OF[kind]).register_forward_hook(self._watch((index, kind)))
+            for kind in OUTPUT_OF if (index, kind) in self.wanted
+        ]
+
+    def _watch(self, key: tuple[int, str]):
+        def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            if self.rows and output.requires_grad:
+                rows = self.rows
+                output.register_hook(lambda grad: self._add(key, grad[:rows]))
 
         return hook
 
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.o_proj.register_forward_hook(keep((i, "attn"))))
-        handles.append(layer.mlp.down_proj.register_forward_hook(keep((i, "mlp"))))
-    hidden = model.config.hidden_size
-    sums = {key: torch.zeros(hidden, dtype=torch.float64) for i in range(len(layers)) for key in ((i, "attn"), (i, "mlp"))}
-    count = 0
-    try:
-        for start in tqdm(range(0, len(tokens), batch_size), desc="output fisher", unit="batch", leave=False):
-            batch = tokens[start : start + batch_size]
-            # Gradients flow from the embeddings on, so the (frozen) weights need no grad.
-            embeds = model.get_input_embeddings()(batch).detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = model(inputs_embeds=embeds, use_cache=False).logits[:, :-1]
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-                loss.backward()
-            for key, output in outputs.items():
-                sums[key] += output.grad.double().pow(2).sum(dim=(0, 1))
-            count += batch[:, 1:].numel()
-            outputs.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-    attn = [sums[(i, "attn")] / count for i in range(len(layers))]
-    mlp = [sums[(i, "mlp")] / count for i in range(len(layers))]
-    return attn, mlp
+    def _add(self, key: tuple[int, str], grad: torch.Tensor) -> None:
+        square = grad.double().pow(2).sum(dim=(0, 1))
+        self.sums[key] = square if key not in self.sums else self.sums[key].add_(square)
+
+    def loss(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy of the batch's first `rows` sequences."""
+        targets = tokens[: self.rows, 1:]
+        self.count += targets.numel()
+        return F.cross_entropy(logits[: self.rows, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+    def fisher(self, layer: int, kind: str) -> torch.Tensor:
+        if (layer, kind) not in self.sums:
+            raise RuntimeError(f"no output Fisher of layer {layer}'s {kind}: not wanted, or no gradient reached it")
+        return self.sums[(layer, kind)] / self.count

@@ -1,19 +1,19 @@
-"""Calibration Hessians H = Σ x xᵀ of the inputs of every Linear in every decoder layer, from the dense model.
+"""Calibration Hessians H = Σ x xᵀ of the inputs of the Linears in the decoder layers, from the dense model.
 
 The seven projections of a Llama layer have four distinct inputs: q/k/v share the input_layernorm output and
-gate/up share the post_attention_layernorm output, so one Hessian (and one hook) serves each group. This is what
-per-linear pruners (SparseGPT, Wanda) need, as opposed to hessians.py's o_proj/down_proj pair for structured OBS.
+gate/up share the post_attention_layernorm output, so one Hessian (and one hook) serves each group. Structured OBS
+needs the o_proj and down_proj inputs ("o", "down"); per-linear pruners (SparseGPT, Wanda) need all four.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from allocator.levels.compress.hooked_forward import forward_with_hooks
-from allocator.model.surgery import decoder_layers
+from allocator.levels.compress.calibration_pass import Collector
 
-__all__ = ["INPUT_GROUPS", "LinearHessians", "collect_linear_hessians"]
+__all__ = ["INPUT_GROUPS", "InputHessians"]
 
 # Hessian key → (the module whose input is hooked, the projections that read that same input).
 INPUT_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -24,49 +24,55 @@ INPUT_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-class LinearHessians(dict[str, list[torch.Tensor]]):
-    """{"qkv" | "o" | "gate_up" | "down": per-layer float64 (in, in) Σ x xᵀ}, plus ``tokens``: how many
-    calibration tokens were summed into every Hessian (Wanda's activation norms are sqrt(H_jj / tokens))."""
+class InputHessians(Collector):
+    """The float64 Σ x xᵀ over every calibration token (batch, seq) of the inputs `wanted`: (layer, INPUT_GROUPS key).
 
-    def __init__(self, hessians: dict[str, list[torch.Tensor]], tokens: int) -> None:
-        super().__init__(hessians)
-        self.tokens = tokens
+    Every layer sees the dense model's activations, so each layer's pruning options are independent of the other
+    layers' choices (EvoPress' key observation): any allocation can be stitched from the database."""
 
+    def __init__(self, wanted: set[tuple[int, str]]) -> None:
+        super().__init__()
+        unknown = {key for _layer, key in wanted} - set(INPUT_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown Hessian inputs {sorted(unknown)}; known: {', '.join(INPUT_GROUPS)}")
+        self.wanted = set(wanted)
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        # Tokens summed into every Hessian (Wanda's activation norms are sqrt(H_jj / tokens)): counted at one input.
+        self.tokens = 0
+        self._first = min(self.wanted, default=None)
 
-@torch.inference_mode()
-def collect_linear_hessians(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> LinearHessians:
-    """Per layer and per distinct Linear input, float64 Σ x xᵀ over all calibration tokens (batch, seq).
+    def attach(self, index: int, layer: nn.Module) -> list[RemovableHandle]:
+        return [
+            layer.get_submodule(INPUT_GROUPS[key][0]).register_forward_pre_hook(self._accumulate((index, key)))
+            for key in INPUT_GROUPS if (index, key) in self.wanted
+        ]
 
-    Every layer sees the dense model's activations (as in hessians.py), so each layer's pruning options are
-    independent of the other layers' choices."""
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.numel() == 0:
-        raise ValueError(f"tokens must be a non-empty 2-D (batch, seq) tensor, got {getattr(tokens, 'shape', tokens)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    layers = decoder_layers(model)
-    store: dict[str, list[torch.Tensor | None]] = {key: [None] * len(layers) for key in INPUT_GROUPS}
-    seen = [0]  # tokens that reached the first hooked input: each counted once, whatever the number of layers
-
-    def accumulate(key: str, idx: int):
+    def _accumulate(self, at: tuple[int, str]):
         def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1])
-            # float32 product at least (fast; half precision would lose the sum), float64 accumulation so
-            # many batches do not drift.
-            x = x.to(torch.promote_types(x.dtype, torch.float32))
-            h = (x.T @ x).to(torch.float64)
-            current = store[key][idx]
-            store[key][idx] = h if current is None else current.add_(h)
-            if key == "qkv" and idx == 0:
-                seen[0] += x.shape[0]
+            if not self.rows:
+                return
+            with torch.no_grad():  # a batch that runs with gradients for the Fisher: nothing here joins its graph
+                x = args[0][: self.rows].detach()
+                x = x.reshape(-1, x.shape[-1])
+                # float32 product at least (fast; half precision would lose the sum), float64 accumulation so
+                # many batches do not drift.
+                x = x.to(torch.promote_types(x.dtype, torch.float32))
+                h = (x.T @ x).to(torch.float64)
+            current = self.sums.get(at)
+            self.sums[at] = h if current is None else current.add_(h)
+            if at == self._first:
+                self.tokens += x.shape[0]
 
         return hook
 
-    handles = [
-        layer.get_submodule(hooked).register_forward_pre_hook(accumulate(key, i))
-        for i, layer in enumerate(layers)
-        for key, (hooked, _readers) in INPUT_GROUPS.items()
-    ]
-    forward_with_hooks(model, tokens, batch_size, handles, "linear hessians")
-    if any(h is None for hs in store.values() for h in hs):
-        raise RuntimeError("a hooked projection never ran during the calibration forward passes")
-    return LinearHessians(store, seen[0])  # type: ignore[arg-type]
+    def hessian(self, layer: int, key: str) -> torch.Tensor:
+        """Σ x xᵀ of layer `layer`'s `key` input (float64, (in, in))."""
+        if (layer, key) not in self.sums:
+            raise RuntimeError(f"no Hessian of layer {layer}'s {key!r} input: not wanted, released, or its projection "
+                               "never ran during the calibration pass")
+        return self.sums[(layer, key)]
+
+    def release(self, layer: int, keys: set[str]) -> None:
+        """Free those Hessians (once their unit's levels are built)."""
+        for key in keys:
+            self.sums.pop((layer, key), None)
