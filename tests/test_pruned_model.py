@@ -5,6 +5,7 @@ from allocator.model.surgery import DroppedAttention, DroppedMLP, build_pruned_m
 from allocator.model.runtime import load_pruned
 
 from .conftest import mixed_allocation
+from .plans import sample_plan
 
 
 def test_dense_allocation_reproduces_dense_logits(tiny):
@@ -47,13 +48,19 @@ def test_kv_cache_decode_matches_full_forward_with_dropped_blocks(tiny):
 def test_export_reload_logits_equal_stitched(tiny, tmp_path):
     loaded, shape, units = tiny
     model = build_pruned_model(loaded.model, shape, mixed_allocation(units), leading_levels(loaded.model, shape))
-    export_checkpoint(model, loaded.tokenizer, tmp_path, {"allocation": mixed_allocation(units)})
+    export_checkpoint(model, loaded.tokenizer, tmp_path, sample_plan(mixed_allocation(units)))
     reloaded, tokenizer, plan = load_pruned(tmp_path)
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
-    assert plan["allocation"] == mixed_allocation(units)
+    assert plan == sample_plan(mixed_allocation(units))
     assert tokenizer.encode("ab") == loaded.tokenizer.encode("ab")
+    bare = tmp_path / "bare"  # weights without a plan (as the benchmarks export): loads, plan None
+    export_checkpoint(model, loaded.tokenizer, bare, None)
+    again, _, none = load_pruned(bare)
+    assert none is None and not (bare / "plan.json").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_load_pruned_names_missing_files(tmp_path):

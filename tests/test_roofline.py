@@ -220,6 +220,6 @@ def test_verification_is_skipped_for_a_device_not_present(cache, tmp_path, capsy
     job = replace(tiny_job(cache), profile=replace(TINY_PROFILE, repeats=2, warmup=1), budget=BudgetConfig(speedup=1.3),
                   verify=True)
     plan = run_search(job, tmp_path)
-    assert "measured" not in plan and "not present" in plan["verify_skipped"]
-    assert json.loads((tmp_path / "plan.json").read_text())["verify_skipped"] == plan["verify_skipped"]
+    assert plan.measured is None and "not present" in plan.verify_skipped
+    assert json.loads((tmp_path / "plan.json").read_text())["verify_skipped"] == plan.verify_skipped
     assert "verification skipped: profile h100 is for a device not present" in capsys.readouterr().out

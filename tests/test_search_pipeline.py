@@ -13,6 +13,7 @@ from allocator.levels.database import LevelDatabase
 from allocator.model.surgery import build_pruned_model
 from allocator.model.runtime import load_pruned
 from allocator.app.search_job import prepare_search, run_search
+from allocator.core.plan import PLAN_VERSION, Plan
 from allocator.core.space import ModelShape, build_space
 from search.evo import EvoConfig
 
@@ -42,7 +43,8 @@ def searched(tmp_path_factory):
 def test_plan_has_every_documented_field(searched):
     plan, run_dir, _ = searched
     saved = json.loads((run_dir / "plan.json").read_text())
-    assert saved == json.loads(json.dumps(plan))
+    assert saved == plan.to_json() and Plan.load(run_dir / "plan.json") == plan
+    assert saved["version"] == PLAN_VERSION and saved["searcher"]["error_metric"] == "fisher"
     for key in ("allocation", "budget", "profile", "predicted", "measured", "quality", "uniform"):
         assert key in saved
     assert set(saved["predicted"]) >= {"latency_ms", "speedup", "weight_bytes"}
@@ -64,8 +66,9 @@ def test_exported_model_equals_the_scored_stitched_model(searched):
     shape = ModelShape.from_config(dense.config)
     units = build_space(shape, job.space)
     (db_root,) = (cache / "databases").iterdir()
-    stitched = build_pruned_model(dense, shape, plan["allocation"], LevelDatabase(db_root, units).source)
-    reloaded, _, _ = load_pruned(run_dir)
+    stitched = build_pruned_model(dense, shape, plan.allocation, LevelDatabase(db_root, units).source)
+    reloaded, _, reloaded_plan = load_pruned(run_dir)
+    assert reloaded_plan == plan
     ids = torch.randint(0, 256, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, stitched(ids).logits, rtol=0, atol=0)
@@ -76,7 +79,7 @@ def test_second_run_reuses_caches_and_finds_the_same_allocation(searched, tmp_pa
     job = replace(tiny_job(cache), verify=False)
     with caplog.at_level("INFO"):
         again = run_search(job, tmp_path)
-    assert again["allocation"] == plan["allocation"]
+    assert again.allocation == plan.allocation and again.measured is None
     assert "latency table: reusing" in caplog.text and "level database: reusing" in caplog.text
 
 
@@ -91,7 +94,8 @@ def test_fitness_searchers_score_on_calibration_text_the_database_never_saw(sear
     trace = json.loads((tmp_path / "search_trace.json").read_text())
     # The parent, then 2 offspring per generation, each on 1 sequence (a repeated candidate costs nothing).
     assert 0 < trace["tokens_spent"] == 64 * trace["evaluations"] <= 64 * (1 + 2 * 2)
-    assert plan["allocation"] and plan["predicted"]["latency_ms"] <= plan["budget"]["target_ms"] + 1e-9
+    assert plan.allocation and plan.predicted.latency_ms <= plan.budget.target_ms + 1e-9
+    assert plan.searcher.name == "evo" and plan.searcher.tokens_spent == trace["tokens_spent"]
 
 
 def test_cli_rejects_bad_input_with_one_line(searched, tmp_path):
@@ -131,15 +135,18 @@ def test_cli_rejects_bad_input_with_one_line(searched, tmp_path):
 
 def test_export_with_new_latency_target_and_verify(searched, tmp_path):
     plan, run_dir, cache = searched
-    target = plan["predicted"]["dense_latency_ms"] / 1.15
+    target = plan.predicted.dense_latency_ms / 1.15
     exported = run_cli("export", f"run={run_dir}", f"budget.latency_ms={target}", f"hydra.run.dir={tmp_path / 'exp'}",
                        cwd=run_dir.parent)
     assert exported.returncode == 0, exported.stderr[-2000:]
-    new_plan = json.loads((tmp_path / "exp" / "plan.json").read_text())
-    assert new_plan["budget"]["latency_ms"] == pytest.approx(target)
-    assert new_plan["predicted"]["latency_ms"] <= target + 1e-9
+    new_plan = Plan.load(tmp_path / "exp" / "plan.json")  # written by the CLI: a typed plan
+    assert new_plan.budget.latency_ms == pytest.approx(target) and new_plan.budget.speedup is None
+    assert new_plan.predicted.latency_ms <= target + 1e-9
+    assert new_plan.model_spec == plan.model_spec and new_plan.measured.regime == new_plan.budget.regime
     verified = run_cli("verify", f"run={tmp_path / 'exp'}", "profile.repeats=2", "profile.warmup=1",
                        "profile.decode_batches=[1]", "profile.decode_context=64", "profile.prefill_length=64",
                        f"cache_dir={cache}", cwd=run_dir.parent)
     assert verified.returncode == 0, verified.stderr[-2000:]
     assert "predicted speedup" in verified.stdout and "measured" in verified.stdout
+    reverified = Plan.load(tmp_path / "exp" / "plan.json")  # verify replaced the measurement, nothing else
+    assert reverified.measured != new_plan.measured and replace(reverified, measured=new_plan.measured) == new_plan

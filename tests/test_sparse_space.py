@@ -22,6 +22,8 @@ from profilers.devices import DEVICES
 from profilers.regimes import Regime
 from profilers.roofline import attention_unit_seconds, ideal_decode_speedup, mlp_unit_seconds
 
+from .plans import sample_plan
+
 
 @pytest.fixture(scope="module")
 def mixed_db(tiny, tmp_path_factory):
@@ -107,7 +109,7 @@ def test_stitched_compressed_and_reloaded_models_agree(tiny, mixed_db, tmp_path)
     with torch.inference_mode():
         want = stitched(tokens).logits
         assert torch.allclose(deployed(tokens).logits, want, atol=1e-4, rtol=1e-4)
-    plan = {"allocation": allocation}
+    plan = sample_plan(allocation)
     export_checkpoint(deployed, tiny[0].tokenizer, tmp_path, plan)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config[SPARSE_KEY][ATTN][0] == "unstructured70" and config[SPARSE_KEY][MLP][0] == "2:4"
@@ -177,8 +179,8 @@ def test_mixed_search_exports_and_verifies_a_sparse_model(tmp_path, monkeypatch)
         cache_dir=str(tmp_path / "cache"),
     )
     plan = run_search(job, tmp_path / "run")
-    assert any(is_sparse(o) for o in plan["allocation"].values())
-    assert plan["measured"]["param_sparsity"] >= 0.5 and plan["measured"]["verdict"].startswith("target met")
+    assert any(is_sparse(o) for o in plan.allocation.values())
+    assert plan.measured.param_sparsity >= 0.5 and plan.measured.verdict.startswith("target met")
     problem = json.loads((tmp_path / "run" / "problem.json").read_text())
     assert all(len(u["kept_fraction"]) == len(u["options"]) for u in problem["units"])
     reloaded, _, _ = load_pruned(tmp_path / "run")

@@ -10,7 +10,10 @@ import yaml
 from allocator.__main__ import main as cli_main
 from allocator.app.sweep_summary import summarize_sweep
 
+from allocator.core.plan import Plan
+
 from .conftest import run_cli
+from .plans import sample_measured, sample_plan
 
 LAYERS, KV, MLP_FULL = 4, 2, 128
 BUDGETS = (1.25, 1.5, 2.0)
@@ -22,28 +25,27 @@ def mlp_kept(profile: str, speedup: float) -> list[int]:
     return [96, 64, 128, 32] if (profile, speedup) == ("h100", 1.5) else base
 
 
-def fake_plan(profile: str, speedup: float) -> dict:
+def fake_plan(profile: str, speedup: float) -> Plan:
     mlp = mlp_kept(profile, speedup)
     allocation = {}
     for i in range(LAYERS):
         allocation[f"layer{i:02d}.attn"] = KV
         allocation[f"layer{i:02d}.mlp"] = mlp[i]
-    plan = {
-        "allocation": allocation,
-        "budget": {"speedup": speedup, "latency_ms": None, "sparsity": None, "regime": "prefill", "headroom": 0.05,
-                   "target_ms": 10 / speedup},
-        "profile": {"name": profile, "source": "measured" if profile == "cpu" else "roofline"},
-        "predicted": {"latency_ms": 9.5 / speedup, "dense_latency_ms": 10.0, "speedup": speedup * 1.05,
-                      "param_sparsity": 1 - sum(mlp) / (LAYERS * MLP_FULL), "weight_bytes": 3 * 2**20},
-        "quality": {"kl": speedup / 10, "ppl_dense": 10.0, "ppl_pruned": 10 * speedup},
-        "uniform": {"allocation": allocation, "predicted_speedup": speedup, "kl": speedup / 5, "ppl_dense": 10.0,
-                    "ppl_pruned": 12 * speedup},
-    }
+    plan = sample_plan(
+        allocation,
+        budget={"speedup": speedup, "regime": "prefill", "headroom": 0.05, "target_ms": 10 / speedup},
+        profile={"name": profile, "source": "measured" if profile == "cpu" else "roofline"},
+        predicted={"latency_ms": 9.5 / speedup, "dense_latency_ms": 10.0, "speedup": speedup * 1.05,
+                   "param_sparsity": 1 - sum(mlp) / (LAYERS * MLP_FULL), "weight_bytes": 3 * 2**20},
+        quality={"kl": speedup / 10, "ppl_dense": 10.0, "ppl_pruned": 10 * speedup},
+        uniform={"allocation": allocation, "predicted_speedup": speedup, "kl": speedup / 5, "ppl_dense": 10.0,
+                 "ppl_pruned": 12 * speedup},
+    )
     if profile == "cpu":
-        plan["measured"] = {"speedup": speedup * 0.98, "latency_ms": 10.2 / speedup, "verdict": "TARGET MISSED by 2.0%"}
-    else:  # GPU profiles are not verified on a machine without that GPU
-        plan["verify_skipped"] = f"profile {profile} is for a device not present on this machine"
-    return plan
+        return plan.with_measured(
+            sample_measured(speedup=speedup * 0.98, latency_ms=10.2 / speedup, verdict="TARGET MISSED by 2.0%"))
+    # GPU profiles are not verified on a machine without that GPU
+    return plan.with_verify_skipped(f"profile {profile} is for a device not present on this machine")
 
 
 def problem(full_mlp: int) -> dict:
@@ -72,7 +74,7 @@ def synthetic_sweep(tmp_path: Path) -> Path:
             (run / ".hydra").mkdir(parents=True)
             (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"budget.speedup={speedup}", f"profile={profile}"]))
             if (profile, speedup) != ("h100", 2.0):
-                (run / "plan.json").write_text(json.dumps(fake_plan(profile, speedup)))
+                fake_plan(profile, speedup).save(run / "plan.json")
                 (run / "problem.json").write_text(json.dumps(problem(MLP_FULL)))
             num += 1
     return sweep
@@ -172,12 +174,28 @@ def test_real_sweep_writes_summary_at_the_end(tmp_path):
     assert (sweep / "sweep.png").stat().st_size > 0
 
 
-def test_budget_labels_cover_memory_limits():
-    from allocator.app.sweep_summary import _budget_key, budget_label
+def test_memory_budgets_are_labelled_and_ordered(tmp_path):
+    from allocator.app.sweep_summary import _budget_key
 
-    memory_only = {"speedup": None, "latency_ms": None, "sparsity": None, "memory_gb": 0.4, "regime": "prefill"}
-    beside = {"speedup": 1.5, "latency_ms": None, "sparsity": None, "memory_gb": 0.4, "regime": "prefill"}
-    assert budget_label(memory_only) == "memory 0.4 GB"
-    assert budget_label(beside) == "speedup 1.50x (prefill) + memory 0.4 GB"
+    memory_only = {"speedup": None, "latency_ms": None, "sparsity": None, "memory_gb": 0.4, "memory_batch": 1,
+                   "memory_context": 2048, "regime": "prefill"}
     tighter = {**memory_only, "memory_gb": 0.3}
-    assert sorted([tighter, memory_only], key=_budget_key) == [memory_only, tighter]
+    longer = {**memory_only, "memory_context": 4096}  # the same GB holding a larger KV cache is tighter too
+    assert sorted([tighter, longer, memory_only], key=_budget_key) == [memory_only, longer, tighter]
+    sweep = tmp_path / "sweep"
+    for i, budget in enumerate((memory_only, longer)):
+        plan = fake_plan("cpu", 1.25)
+        sample_plan(plan.allocation, budget=budget, measured=plan.measured).save(sweep / f"{i}_memory" / "plan.json")
+    rows = summarize_sweep(sweep)["rows"]
+    assert [r["budget_label"] for r in rows] == ["memory 0.4 GB (KV cache: batch 1 x 2048 tokens)",
+                                                 "memory 0.4 GB (KV cache: batch 1 x 4096 tokens)"]
+    assert [r["budget"]["memory_context"] for r in rows] == [2048, 4096]
+
+
+def test_an_unreadable_plan_is_listed_not_fatal(synthetic_sweep):
+    bad = synthetic_sweep / "1_budget.speedup=1.25,profile=cpu" / "plan.json"
+    bad.write_text(json.dumps({**json.loads(bad.read_text()), "version": 9}))
+    summary = summarize_sweep(synthetic_sweep)
+    assert len(summary["rows"]) == 4
+    (missing,) = [m for m in summary["missing"] if m["run"] == "1_budget.speedup=1.25,profile=cpu"]
+    assert missing["reason"].startswith(f"unreadable plan.json: {bad}: plan version 9 is unknown")

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from allocator.core.config import BudgetConfig
+from allocator.core.plan import Plan
 
 from allocator.app.config import ExportJob, SearchJob
 from allocator.app.search_job import JOB_FILE, run_search
@@ -25,7 +26,7 @@ def load_search_job(run: Path) -> SearchJob:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def run_export(cfg: ExportJob, out_dir: Path) -> dict:
+def run_export(cfg: ExportJob, out_dir: Path) -> Plan:
     job = load_search_job(Path(cfg.run))
     budget: BudgetConfig = job.budget
     targets = {"speedup": cfg.budget.speedup, "latency_ms": cfg.budget.latency_ms, "sparsity": cfg.budget.sparsity}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from allocator.core.plan import Plan
 from allocator.core.space import ATTN, MLP, ModelShape, Option, full_width, is_sparse, option_params, sparse_pattern, unit_name
 
 
@@ -23,33 +24,31 @@ def allocation_lines(shape: ModelShape, searched: dict[str, Option], uniform: di
     return lines
 
 
-def summary_lines(plan: dict) -> list[str]:
-    q, u, p, b = plan["quality"], plan["uniform"], plan["predicted"], plan["budget"]
-    parts = []
-    if b.get("target_ms") is not None:
-        parts.append(f"{b['target_ms']:.1f} ms")
-    if b.get("sparsity") is not None:
-        parts.append(f"{b['sparsity']:.0%} of weights removed")
-    if b.get("memory_gb") is not None:
-        parts.append(f"{b['memory_gb']} GB (batch {b['memory_batch']} x {b['memory_context']} tokens of KV cache)")
-    budget = " and ".join(parts)
+def summary_lines(plan: Plan) -> list[str]:
+    q, u, p, b = plan.quality, plan.uniform, plan.predicted, plan.budget
+    planned = "" if b.target_ms is None else f", planned for {b.target_ms:.1f} ms"
+    predicted = [f"{p.latency_ms:.1f} ms", f"speedup {p.speedup:.2f}x", f"weights {p.weight_bytes / 2**20:.1f} MiB"]
+    if p.param_sparsity is not None:  # None only in plans written before these were recorded
+        predicted.append(f"parameter sparsity {p.param_sparsity:.3f}")
+    if p.memory_bytes is not None:
+        predicted.append(f"weights + KV cache {p.memory_bytes / 1e9:.4f} GB")
     lines = [
-        f"profile {plan['profile']['name']} ({plan['profile']['source']}), regime {b['regime']}, budget {budget}",
-        f"predicted: {p['latency_ms']:.1f} ms, speedup {p['speedup']:.2f}x, weights {p['weight_bytes'] / 2**20:.1f} MiB, "
-        f"parameter sparsity {p['param_sparsity']:.3f}, weights + KV cache {p['memory_bytes'] / 1e9:.4f} GB",
+        f"profile {plan.profile.name} ({plan.profile.source}), budget {b.label()}{planned}",
+        f"predicted ({b.regime}): " + ", ".join(predicted),
     ]
-    m = plan.get("measured")
-    if m:
-        lines += [
-            f"measured:  {m['latency_ms']:.1f} ms (dense {m['dense_latency_ms']:.1f} ms), speedup {m['speedup']:.2f}x "
-            f"(speedup prediction error {m['speedup_prediction_error'] * 100:+.1f}%)",
-            m["verdict"],
-        ]
+    m = plan.measured
+    if m is not None:
+        lines.append(
+            f"measured:  {m.latency_ms:.1f} ms (dense {m.dense_latency_ms:.1f} ms), speedup {m.speedup:.2f}x "
+            f"(speedup prediction error {m.speedup_prediction_error * 100:+.1f}%)"
+        )
+        if m.verdict is not None:
+            lines.append(m.verdict)
     lines += [
         f"{'':10}{'KL to dense':>12}{'held-out ppl':>14}",
-        f"{'dense':10}{0.0:>12.4f}{q['ppl_dense']:>14.2f}",
-        f"{'uniform':10}{u['kl']:>12.4f}{u['ppl_pruned']:>14.2f}",
-        f"{'searched':10}{q['kl']:>12.4f}{q['ppl_pruned']:>14.2f}",
+        f"{'dense':10}{0.0:>12.4f}{q.ppl_dense:>14.2f}",
+        f"{'uniform':10}{u.kl:>12.4f}{u.ppl_pruned:>14.2f}",
+        f"{'searched':10}{q.kl:>12.4f}{q.ppl_pruned:>14.2f}",
     ]
     return lines
 

@@ -18,6 +18,7 @@ from allocator.app.config import SearchJob
 from allocator.core.config import ErrorMetric, check_choice
 from allocator.core.errors import UserInputError
 from allocator.core.atomic_io import write_json_atomic
+from allocator.core.plan import PLAN_FILE, Plan, PlanBudget, PlanProfile, Predicted, Quality, SearcherInfo, Uniform
 from allocator.levels.compress.outliers import OutlierNorms
 from allocator.model.export import export_checkpoint
 from allocator.model.sparse_export import build_deployable
@@ -32,7 +33,7 @@ from allocator.app.pareto_plot import plot_pareto_front
 from allocator.app.problem_file import write_problem
 from allocator.model.quality import kl_to_dense, perplexity
 from allocator.app.report import allocation_lines, plot_allocation, summary_lines
-from allocator.core.space import ATTN, ModelShape, Unit, build_space, option_params, sparse_patterns
+from allocator.core.space import ATTN, ModelShape, Option, Unit, build_space, option_params, sparse_patterns
 from allocator.app.verify_job import measure_speedup
 from profilers.registry import device_present, get_cost_table
 from profilers.regimes import find_regime
@@ -178,7 +179,7 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     return SearchSetup(dense, loaded.tokenizer, shape, units, table, table_path, costs, target_ms, data, db, problem)
 
 
-def run_search(cfg: SearchJob, run_dir: Path) -> dict:
+def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
     validate_search_job(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / JOB_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # what `export` re-runs
@@ -194,11 +195,8 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
     batch = cfg.score.batch_size
     kl = kl_to_dense(dense, models, data.calibration[: cfg.score.kl_sequences], batch)
     ppl = {name: perplexity(m, data.heldout, batch) for name, m in {"dense": dense, **models}.items()}
-    plan = make_plan(cfg, setup, allocations, found, uniform)
     # What is exported and run: sparse units in their compressed formats (the same model as the masked one).
     deployed = build_deployable(dense, shape, allocations["searched"], db.source)
-    plan["predicted"]["weight_bytes"] = weight_bytes(deployed)
-    plan["predicted"]["dense_weight_bytes"] = weight_bytes(dense)
     # KV cache of budget.memory_batch sequences of budget.memory_context tokens (reported with or without a memory budget)
     dtype_bytes = next(dense.parameters()).element_size()
     b = cfg.budget
@@ -206,22 +204,17 @@ def run_search(cfg: SearchJob, run_dir: Path) -> dict:
         kv_bytes(shape, allocations["searched"][u.name], b.memory_batch, b.memory_context, dtype_bytes)
         for u in units if u.kind == ATTN
     )
-    plan["predicted"]["kv_cache_bytes"] = kv
-    plan["predicted"]["memory_bytes"] = plan["predicted"]["weight_bytes"] + kv
-    plan["quality"] = {"kl": kl["searched"], "ppl_dense": ppl["dense"], "ppl_pruned": ppl["searched"]}
-    plan["uniform"].update({"kl": kl["uniform"], "ppl_dense": ppl["dense"], "ppl_pruned": ppl["uniform"]})
+    plan = make_plan(cfg, setup, allocations, found, uniform, kl, ppl, weight_bytes(deployed), weight_bytes(dense), kv)
     write_problem(run_dir, problem, problem_cost_unit(cfg), costs.fixed_ms)
     if cfg.export:
         export_checkpoint(deployed, tokenizer, run_dir, plan)
         if cfg.verify and not device_present(cfg.profile.name):
             # Timing here would measure this machine, not the device the plan is for.
-            plan["verify_skipped"] = f"profile {cfg.profile.name} is for a device not present on this machine"
-            print(f"verification skipped: {plan['verify_skipped']}")
+            plan = plan.with_verify_skipped(f"profile {cfg.profile.name} is for a device not present on this machine")
+            print(f"verification skipped: {plan.verify_skipped}")
         elif cfg.verify:
-            plan["measured"] = measure_speedup(run_dir, cfg.profile, cfg.budget.regime, dense=dense, plan=plan)
-        write_json_atomic(run_dir / "plan.json", plan)
-    else:
-        write_json_atomic(run_dir / "plan.json", plan)
+            plan = plan.with_measured(measure_speedup(run_dir, cfg.profile, cfg.budget.regime, dense=dense, plan=plan))
+    plan.save(run_dir / PLAN_FILE)
     plot_allocation(shape, allocations["searched"], allocations["uniform"], run_dir / "allocation.png")
     print("\n".join(allocation_lines(shape, allocations["searched"], allocations["uniform"]) + [""] + summary_lines(plan)))
     print(f"run directory: {run_dir}")
@@ -256,44 +249,64 @@ def run_searcher(
 
 
 def make_plan(
-    cfg: SearchJob, setup: SearchSetup, allocations: dict[str, dict[str, int]], found: Allocation, uniform: Allocation
-) -> dict:
+    cfg: SearchJob,
+    setup: SearchSetup,
+    allocations: dict[str, dict[str, Option]],
+    found: Allocation,
+    uniform: Allocation,
+    kl: dict[str, float],
+    ppl: dict[str, float],
+    weights: int,
+    dense_weights: int,
+    kv_cache: int,
+) -> Plan:
+    """The run's plan, built once: `kl` and `ppl` by allocation name ("searched", "uniform"; ppl also "dense"),
+    `weights` of the exported model, `kv_cache` bytes of the searched allocation at the budget's batch and context."""
     costs, units, table = setup.costs, setup.units, setup.table
     dense_ms = predicted_dense_ms(costs, units)
     searched_ms = predicted_ms(costs, units, allocations["searched"])
     uniform_ms = predicted_ms(costs, units, allocations["uniform"])
-    budget = {**asdict(cfg.budget), "target_ms": setup.target_ms}
-    if is_param_budget(cfg.budget):
-        budget["target_params"] = setup.problem.budget
-    return {
-        "allocation": allocations["searched"],
-        "budget": budget,
-        "profile": {
-            "name": table.profile,
-            "source": table.source,
-            "fingerprint": table.fingerprint,
-            "table": str(setup.table_path),
-        },
-        "model": cfg.model.name,
-        "model_spec": asdict(cfg.model),
-        "searcher": {
-            "name": found.searcher,
-            "proxy_error": found.error,
-            "error_metric": cfg.space.error_metric,
-            **{k: found.info[k] for k in ("fitness", "tokens_spent", "evaluations", "seconds") if k in found.info},
-        },
-        "predicted": {
-            "latency_ms": searched_ms,
-            "dense_latency_ms": dense_ms,
-            "speedup": dense_ms / searched_ms,
-            "param_sparsity": param_sparsity(setup.shape, units, allocations["searched"]),
-        },
-        "uniform": {
-            "allocation": allocations["uniform"],
-            "proxy_error": uniform.error,
-            "predicted_latency_ms": uniform_ms,
-            "predicted_speedup": dense_ms / uniform_ms,
-            "param_sparsity": param_sparsity(setup.shape, units, allocations["uniform"]),
-        },
-    }
-
+    info = found.info
+    return Plan(
+        allocation=allocations["searched"],
+        budget=PlanBudget(
+            **asdict(cfg.budget),
+            target_ms=setup.target_ms,
+            target_params=float(setup.problem.budget) if is_param_budget(cfg.budget) else None,
+        ),
+        profile=PlanProfile(
+            name=table.profile, source=table.source, fingerprint=table.fingerprint, table=str(setup.table_path)
+        ),
+        model=cfg.model.name,
+        model_spec=replace(cfg.model),
+        searcher=SearcherInfo(
+            name=found.searcher,
+            proxy_error=float(found.error),
+            error_metric=ErrorMetric(cfg.space.error_metric),
+            fitness=float(info["fitness"]) if "fitness" in info else None,
+            tokens_spent=int(info["tokens_spent"]) if "tokens_spent" in info else None,
+            evaluations=int(info["evaluations"]) if "evaluations" in info else None,
+            seconds=float(info["seconds"]) if "seconds" in info else None,
+        ),
+        predicted=Predicted(
+            latency_ms=searched_ms,
+            dense_latency_ms=dense_ms,
+            speedup=dense_ms / searched_ms,
+            param_sparsity=param_sparsity(setup.shape, units, allocations["searched"]),
+            weight_bytes=weights,
+            dense_weight_bytes=dense_weights,
+            kv_cache_bytes=kv_cache,
+            memory_bytes=weights + kv_cache,
+        ),
+        uniform=Uniform(
+            allocation=allocations["uniform"],
+            proxy_error=float(uniform.error),
+            predicted_latency_ms=uniform_ms,
+            predicted_speedup=dense_ms / uniform_ms,
+            param_sparsity=param_sparsity(setup.shape, units, allocations["uniform"]),
+            kl=kl["uniform"],
+            ppl_dense=ppl["dense"],
+            ppl_pruned=ppl["uniform"],
+        ),
+        quality=Quality(kl=kl["searched"], ppl_dense=ppl["dense"], ppl_pruned=ppl["searched"]),
+    )

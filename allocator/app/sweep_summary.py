@@ -19,8 +19,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from allocator.core.atomic_io import write_json_atomic
+from allocator.core.plan import PLAN_FILE, Plan, PlanError
 
-PLAN = "plan.json"
+PLAN = PLAN_FILE
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 UNIT_NAME = re.compile(r"^layer(\d+)\.(\w+)$")  # allocator.core.space.unit_name
@@ -56,11 +57,18 @@ def summarize_sweep(sweep_dir: Path) -> dict:
     names = {d: d.relative_to(sweep_dir).as_posix() for d in run_dirs}
     overrides = {names[d]: _read_overrides(d) for d in run_dirs}
     varying = _varying_keys([*overrides.values(), *(expected or [])])
-    plans = {names[d]: json.loads((d / PLAN).read_text()) for d in run_dirs if (d / PLAN).is_file()}
+    plans, unreadable = {}, {}
+    for d in run_dirs:
+        if (d / PLAN).is_file():
+            try:
+                plans[names[d]] = Plan.load(d / PLAN)
+            except PlanError as exc:  # one bad file must not hide the other runs
+                unreadable[names[d]] = str(exc)
     rows = sorted((_row(names[d], overrides[names[d]], plans[names[d]], varying, _option_fractions(d, plans))
                    for d in run_dirs if names[d] in plans),
                   key=lambda r: (r["profile"], _budget_key(r["budget"]), r["job"] if r["job"] is not None else -1))
-    missing = [{"run": name, "overrides": overrides[name], "reason": "no plan.json"}
+    missing = [{"run": name, "overrides": overrides[name],
+                "reason": f"unreadable plan.json: {unreadable[name]}" if name in unreadable else "no plan.json"}
                for name in names.values() if name not in plans]
     started = {frozenset(o) for o in overrides.values()}
     missing += [{"run": None, "overrides": job, "reason": "not started"}
@@ -137,7 +145,7 @@ def _expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     return [list(job) for job in itertools.product(*choices.values())]
 
 
-def _option_fractions(run_dir: Path, plans: dict[str, dict]) -> dict[str, dict[str, float]]:
+def _option_fractions(run_dir: Path, plans: dict[str, Plan]) -> dict[str, dict[str, float]]:
     """Per unit, the share of its weights each option keeps, from the run's problem.json; without one (structured
     runs only), each width over the widest kept anywhere in the sweep."""
     problem = run_dir / "problem.json"
@@ -147,7 +155,7 @@ def _option_fractions(run_dir: Path, plans: dict[str, dict]) -> dict[str, dict[s
         return {u["name"]: {str(o): f for o, f in zip(u["options"], shares[u["name"]])} for u in units}
     full: dict[str, int] = {}
     for plan in plans.values():
-        for name, kept in plan["allocation"].items():
+        for name, kept in plan.allocation.items():
             full[name] = max(full.get(name, 0), kept)
     return {name: {str(k): k / width if width else 0.0 for k in range(width + 1)} for name, width in full.items()}
 
@@ -162,54 +170,45 @@ def kept_fractions(allocation: dict[str, int | str], fractions: dict[str, dict[s
     return {kind: [layers[i] for i in sorted(layers)] for kind, layers in sorted(by_kind.items())}
 
 
-def _row(name: str, overrides: list[str], plan: dict, varying: set[str], fractions: dict[str, dict[str, float]]) -> dict:
-    b, p, q, u = plan["budget"], plan["predicted"], plan.get("quality", {}), plan.get("uniform", {})
-    m = plan.get("measured") or {}
+def _row(name: str, overrides: list[str], plan: Plan, varying: set[str], fractions: dict[str, dict[str, float]]) -> dict:
+    b, p, q, u, m = plan.budget, plan.predicted, plan.quality, plan.uniform, plan.measured
     return {
         "run": name,  # relative to the sweep directory
         "job": _job_number(name),
         "overrides": overrides,
         "other_overrides": [o for o in overrides if _key(o) in varying and not _shown_elsewhere(_key(o))],
-        "profile": plan["profile"]["name"],
-        "source": plan["profile"].get("source"),
-        "budget": {k: b.get(k) for k in ("speedup", "latency_ms", "sparsity", "regime")},
-        "budget_label": budget_label(b),
-        "predicted_speedup": p["speedup"],
-        "predicted_latency_ms": p["latency_ms"],
-        "measured_speedup": m.get("speedup"),
-        "measured_latency_ms": m.get("latency_ms"),
-        "verdict": m.get("verdict"),
-        "target_met": m.get("target_met"),
-        "verify_skipped": plan.get("verify_skipped"),  # e.g. a GPU profile searched on a machine without that GPU
-        "kl": q.get("kl"),
-        "ppl_dense": q.get("ppl_dense"),
-        "ppl": q.get("ppl_pruned"),
-        "uniform_kl": u.get("kl"),
-        "uniform_ppl": u.get("ppl_pruned"),
-        "uniform_predicted_speedup": u.get("predicted_speedup"),
-        "weight_bytes": p.get("weight_bytes"),
-        "param_sparsity": p.get("param_sparsity"),
-        "kept_fraction": kept_fractions(plan["allocation"], fractions),
+        "profile": plan.profile.name,
+        "source": plan.profile.source,
+        "budget": {k: getattr(b, k) for k in BUDGET_FIELDS},
+        "budget_label": b.label(),
+        "predicted_speedup": p.speedup,
+        "predicted_latency_ms": p.latency_ms,
+        "measured_speedup": None if m is None else m.speedup,
+        "measured_latency_ms": None if m is None else m.latency_ms,
+        "verdict": None if m is None else m.verdict,
+        "target_met": None if m is None else m.target_met,
+        "verify_skipped": plan.verify_skipped,  # e.g. a GPU profile searched on a machine without that GPU
+        "kl": q.kl,
+        "ppl_dense": q.ppl_dense,
+        "ppl": q.ppl_pruned,
+        "uniform_kl": u.kl,
+        "uniform_ppl": u.ppl_pruned,
+        "uniform_predicted_speedup": u.predicted_speedup,
+        "weight_bytes": p.weight_bytes,
+        "param_sparsity": p.param_sparsity,
+        "kept_fraction": kept_fractions(plan.allocation, fractions),
     }
 
 
-def budget_label(budget: dict) -> str:
-    """The budget as asked: its target (speedup, latency or sparsity) and, alone or beside it, its memory limit."""
-    parts = []
-    if budget.get("sparsity") is not None:
-        parts.append(f"sparsity {budget['sparsity']:.0%}")
-    elif budget.get("speedup") is not None:
-        parts.append(f"speedup {budget['speedup']:.2f}x ({budget.get('regime')})")
-    elif budget.get("latency_ms") is not None:
-        parts.append(f"{budget['latency_ms']:.1f} ms ({budget.get('regime')})")
-    if budget.get("memory_gb") is not None:
-        parts.append(f"memory {budget['memory_gb']} GB")
-    return " + ".join(parts)
+# What tells budgets apart (summary.json's rows keep these; headroom and the planned target are how it was met).
+BUDGET_FIELDS = ("speedup", "latency_ms", "sparsity", "memory_gb", "memory_batch", "memory_context", "regime")
 
 
 def _budget_key(budget: dict) -> tuple:
     """Budgets of one kind from loose to tight (a lower latency or memory target is tighter)."""
-    memory = -budget["memory_gb"] if budget.get("memory_gb") is not None else 0.0
+    memory: tuple = (0.0, 0, 0)
+    if budget.get("memory_gb") is not None:  # a larger KV cache (batch x context) in the same GB is tighter
+        memory = (-budget["memory_gb"], budget.get("memory_batch") or 0, budget.get("memory_context") or 0)
     if budget.get("sparsity") is not None:
         return (2, "", budget["sparsity"], memory)
     if budget.get("speedup") is not None:

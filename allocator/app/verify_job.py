@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from allocator.core.config import ModelConfig, ProfileConfig
+from allocator.core.config import BudgetConfig, ProfileConfig
 
 from allocator.app.config import VerifyJob
-from allocator.core.atomic_io import write_json_atomic
+from allocator.core.plan import PLAN_FILE, Measured, MeasuredMemory, Plan, Timing
 from allocator.model.loader import DTYPES, load_model
 from allocator.model.measure import decoder_weight_count, measured_kv_bytes_per_token, weight_bytes
 from allocator.model.surgery import SPARSE_KEY, WIDTHS_KEY, allocation_from_widths
@@ -27,39 +27,39 @@ from profilers.timing import paired_ratio
 
 
 
-def predicted_latency(plan: dict, regime: str, widths: dict[str, list[Option]]) -> tuple[float, float]:
+def predicted_latency(plan: Plan, regime: str, widths: dict[str, list[Option]]) -> tuple[float, float]:
     """(pruned, dense) latency that the plan's table predicts in `regime`; `widths`: per kind, each layer's option."""
-    if regime == plan["budget"]["regime"]:
-        return plan["predicted"]["latency_ms"], plan["predicted"]["dense_latency_ms"]
-    costs = load_table(Path(plan["profile"]["table"])).regime(regime)
+    if regime == plan.budget.regime:
+        return plan.predicted.latency_ms, plan.predicted.dense_latency_ms
+    costs = load_table(Path(plan.profile.table)).regime(regime)
     full = {kind: max(k for k in costs.unit_ms[kind] if not is_sparse(k)) for kind in widths}
     dense_widths = {kind: [full[kind]] * len(ks) for kind, ks in widths.items()}
     return costs.predict_ms(widths), costs.predict_ms(dense_widths)
 
 
-def _planned_regime(plan: dict, profile: ProfileConfig, name: str) -> Regime:
+def _planned_regime(plan: Plan, profile: ProfileConfig, name: str) -> Regime:
     """The regime as the plan's table measured it (batch, context), so the GPU times what was predicted."""
-    table = Path(plan["profile"]["table"])
+    table = Path(plan.profile.table)
     return Regime(**load_table(table).regime(name).regime) if table.is_file() else find_gpu_regime(profile, name)
 
 
 def measure_speedup(
     run: Path, profile: ProfileConfig, regime_name: str, cache_dir: str = "runs/cache",
-    dense: nn.Module | None = None, plan: dict | None = None,
-) -> dict:
+    dense: nn.Module | None = None, plan: Plan | None = None,
+) -> Measured:
     """Reload the exported checkpoint (what a user gets), time it and the dense model interleaved: on this CPU, or
     on the plan's GPU when its profile is one (CUDA graphs, as profilers/gpu.py measured the table)."""
-    plan = plan or load_plan(run)
-    gpu = cuda_device_for_profile(plan["profile"]["name"])  # before any loading: no usable GPU fails at once
+    plan = plan if plan is not None else load_plan(run)
+    gpu = cuda_device_for_profile(plan.profile.name)  # before any loading: no usable GPU fails at once
     model, _, _ = load_pruned(run)
     if dense is None:
-        dense = load_model(ModelConfig(**plan["model_spec"]), cache_dir).model
+        dense = load_model(plan.model_spec, cache_dir).model
     if gpu is None:
         regime = find_regime(profile, regime_name)
         stats = measure_models({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats)
     else:
         regime = _planned_regime(plan, profile, regime_name)
-        dtype = DTYPES[plan["profile"]["fingerprint"].get("dtype") or deploy_dtype(plan["model_spec"]["dtype"])]
+        dtype = DTYPES[plan.profile.fingerprint.get("dtype") or deploy_dtype(plan.model_spec.dtype)]
         stats = measure_models_gpu({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats,
                                    gpu, dtype, profile.l2_rotations)
     recorded = getattr(model.config, WIDTHS_KEY)
@@ -69,69 +69,73 @@ def measure_speedup(
     predicted_ms, predicted_dense = predicted_latency(plan, regime.name, widths)
     measured_ms, dense_ms = stats["pruned"].median_ms, stats["dense"].median_ms
     speedup = paired_ratio(stats["dense"], stats["pruned"])
-    result = {
-        "regime": regime.name,
-        "latency_ms": measured_ms,
-        "dense_latency_ms": dense_ms,
-        "speedup": speedup,
-        "predicted_speedup": predicted_dense / predicted_ms,
-        "speedup_prediction_error": predicted_dense / predicted_ms / speedup - 1.0,
-        "latency_prediction_error": predicted_ms / measured_ms - 1.0,
-        "pruned_stats": asdict(stats["pruned"]),
-        "dense_stats": asdict(stats["dense"]),
-    }
-    budget = plan["budget"]
-    if budget.get("sparsity") is not None:  # a weight budget: counted in the reloaded model
-        result["param_sparsity"] = 1.0 - decoder_weight_count(model) / decoder_weight_count(dense)
-    if budget.get("memory_gb") is not None:  # weights as loaded, KV cache read off a real cache
-        kv = measured_kv_bytes_per_token(model) * budget["memory_batch"] * budget["memory_context"]
+    budget = plan.budget
+    memory = None
+    if budget.memory_gb is not None:  # weights as loaded, KV cache read off a real cache
+        kv = measured_kv_bytes_per_token(model) * budget.memory_batch * budget.memory_context
         weights = weight_bytes(model)
-        result["memory"] = {"weight_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv}
-    if gpu is not None:
-        result["device"] = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else str(gpu)
-    result.update(budget_verdict(budget, result, regime.name == budget["regime"]))
-    return result
+        memory = MeasuredMemory(weight_bytes=weights, kv_cache_bytes=kv, total_bytes=weights + kv)
+    measured = Measured(
+        regime=regime.name,
+        latency_ms=measured_ms,
+        dense_latency_ms=dense_ms,
+        speedup=speedup,
+        predicted_speedup=predicted_dense / predicted_ms,
+        speedup_prediction_error=predicted_dense / predicted_ms / speedup - 1.0,
+        latency_prediction_error=predicted_ms / measured_ms - 1.0,
+        pruned_stats=Timing(**asdict(stats["pruned"])),
+        dense_stats=Timing(**asdict(stats["dense"])),
+        # a weight budget: counted in the reloaded model
+        param_sparsity=(1.0 - decoder_weight_count(model) / decoder_weight_count(dense)
+                        if budget.sparsity is not None else None),
+        memory=memory,
+        device=None if gpu is None else torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else str(gpu),
+    )
+    verdict = budget_verdict(budget, measured, regime.name == budget.regime)
+    if verdict is not None:
+        measured = replace(measured, target_met=verdict[0], verdict=verdict[1])
+    return measured
 
 
-def budget_verdict(budget: dict, measured: dict, same_regime: bool) -> dict:
-    """Whether the measured model meets every limit it was planned for, and by how much each missed if not."""
+def budget_verdict(budget: BudgetConfig, measured: Measured, same_regime: bool) -> tuple[bool, str] | None:
+    """Whether the measured model meets every limit it was planned for, and by how much each missed if not
+    (None when no limit applies: a latency target checked in another regime)."""
     checks: list[tuple[bool, float, str]] = []  # (met, shortfall, text)
-    if budget.get("sparsity") is not None:
-        s = measured["param_sparsity"]
-        checks.append((s >= budget["sparsity"] - 1e-9, budget["sparsity"] - s,
-                       f"parameter sparsity {s:.4f} vs target {budget['sparsity']:.4f} (counted in the exported weights)"))
-    if budget.get("memory_gb") is not None:
-        total, cap = measured["memory"]["total_bytes"], budget["memory_gb"] * 1e9
+    if budget.sparsity is not None:
+        s = measured.param_sparsity
+        checks.append((s >= budget.sparsity - 1e-9, budget.sparsity - s,
+                       f"parameter sparsity {s:.4f} vs target {budget.sparsity:.4f} (counted in the exported weights)"))
+    if budget.memory_gb is not None:
+        total, cap = measured.memory.total_bytes, budget.memory_gb * 1e9
         checks.append((total <= cap, total / cap - 1.0,
-                       f"memory {total / 1e9:.4f} GB (weights as loaded + measured KV cache) vs {budget['memory_gb']} GB"))
-    if same_regime and budget.get("speedup") is not None:
-        speedup = measured["speedup"]
-        checks.append((speedup >= budget["speedup"], 1.0 - speedup / budget["speedup"],
-                       f"measured speedup {speedup:.3f}x vs target {budget['speedup']:.3f}x"))
-    elif same_regime and budget.get("latency_ms") is not None:
-        ms = measured["latency_ms"]
-        checks.append((ms <= budget["latency_ms"], ms / budget["latency_ms"] - 1.0,
-                       f"measured latency {ms:.1f} ms vs target {budget['latency_ms']:.1f} ms"))
+                       f"memory {total / 1e9:.4f} GB (weights as loaded + measured KV cache) vs {budget.memory_gb} GB"))
+    if same_regime and budget.speedup is not None:
+        speedup = measured.speedup
+        checks.append((speedup >= budget.speedup, 1.0 - speedup / budget.speedup,
+                       f"measured speedup {speedup:.3f}x vs target {budget.speedup:.3f}x"))
+    elif same_regime and budget.latency_ms is not None:
+        ms = measured.latency_ms
+        checks.append((ms <= budget.latency_ms, ms / budget.latency_ms - 1.0,
+                       f"measured latency {ms:.1f} ms vs target {budget.latency_ms:.1f} ms"))
     if not checks:
-        return {}
+        return None
     texts = [("target met" if met else f"TARGET MISSED by {short * 100:.1f}%") + f": {text}" for met, short, text in checks]
-    return {"target_met": all(met for met, _, _ in checks), "verdict": "; ".join(texts)}
+    return all(met for met, _, _ in checks), "; ".join(texts)
 
 
-def run_verify(cfg: VerifyJob) -> dict:
+def run_verify(cfg: VerifyJob) -> Measured:
     run = Path(cfg.run)
     plan = load_plan(run)
-    regime = cfg.regime or plan["budget"]["regime"]
+    regime = cfg.regime or plan.budget.regime
     measured = measure_speedup(run, cfg.profile, regime, cfg.cache_dir)
-    if regime == plan["budget"]["regime"]:
-        plan["measured"] = measured
-        write_json_atomic(run / "plan.json", plan)
+    if regime == plan.budget.regime:
+        plan.with_measured(measured).save(run / PLAN_FILE)
     print(
-        f"{run} ({regime}): predicted speedup {measured['predicted_speedup']:.2f}x, "
-        f"measured {measured['speedup']:.2f}x ({measured['latency_ms']:.1f} ms vs dense "
-        f"{measured['dense_latency_ms']:.1f} ms), speedup prediction error "
-        f"{measured['speedup_prediction_error'] * 100:+.1f}%"
+        f"{run} ({regime}): predicted speedup {measured.predicted_speedup:.2f}x, "
+        f"measured {measured.speedup:.2f}x ({measured.latency_ms:.1f} ms vs dense "
+        f"{measured.dense_latency_ms:.1f} ms), speedup prediction error "
+        f"{measured.speedup_prediction_error * 100:+.1f}%"
     )
-    if "verdict" in measured:
-        print(measured["verdict"])
+    if measured.verdict is not None:
+        print(measured.verdict)
     return measured

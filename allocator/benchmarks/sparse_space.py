@@ -82,7 +82,7 @@ def check_export(setup, allocation: dict, overrides: list[str]) -> dict:
         else "structured" for n, o in allocation.items()
     )
     with tempfile.TemporaryDirectory() as tmp:
-        export_checkpoint(deployed, setup.tokenizer, Path(tmp), {"allocation": allocation})
+        export_checkpoint(deployed, setup.tokenizer, Path(tmp), None)  # weights only: no plan to write
         reloaded, _, _ = load_pruned(tmp)
     tokens = setup.data.heldout[:4]
     want = stitched(tokens).logits.float()

@@ -79,3 +79,18 @@ def target_params(cfg: BudgetConfig, shape: ModelShape, units: list[Unit]) -> fl
 def param_sparsity(shape: ModelShape, units: list[Unit], allocation: dict[str, int]) -> float:
     dense = sum(option_params(shape, u.kind, u.full) for u in units)
     return 1.0 - sum(option_params(shape, u.kind, allocation[u.name]) for u in units) / dense
+
+
+def budget_label(cfg: BudgetConfig) -> str:
+    """The budget as asked, in the words every report uses: its target (sparsity, speedup or latency, the latter two
+    in their regime) and, alone or beside it, its memory limit with the KV cache that limit counts."""
+    parts = []
+    if cfg.sparsity is not None:
+        parts.append(f"sparsity {cfg.sparsity:.0%}")
+    elif cfg.speedup is not None:
+        parts.append(f"speedup {cfg.speedup:.2f}x ({cfg.regime})")
+    elif cfg.latency_ms is not None:
+        parts.append(f"{cfg.latency_ms:.1f} ms ({cfg.regime})")
+    if cfg.memory_gb is not None:
+        parts.append(f"memory {cfg.memory_gb} GB (KV cache: batch {cfg.memory_batch} x {cfg.memory_context} tokens)")
+    return " + ".join(parts)

@@ -9,16 +9,16 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from allocator.core.atomic_io import write_json_atomic
+from allocator.core.plan import PLAN_FILE, Plan
 from allocator.model.surgery import WIDTHS_KEY
 
 WEIGHTS_FILE = "model.safetensors"
-PLAN_FILE = "plan.json"
 
 
-def export_checkpoint(model: nn.Module, tokenizer, out_dir: Path, plan: dict) -> None:
+def export_checkpoint(model: nn.Module, tokenizer, out_dir: Path, plan: Plan | None) -> None:
     """Weights are cloned contiguous tensors (stitched models share storage with the dense one); a tied lm_head
-    is stored once, as the embedding, and re-tied by the loader."""
+    is stored once, as the embedding, and re-tied by the loader. Without a plan (a bare allocation exported by a
+    benchmark or a test) no plan.json is written."""
     if not hasattr(model.config, WIDTHS_KEY):
         raise ValueError("export_checkpoint needs a model built by allocator.model.surgery (no widths in its config)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -31,4 +31,5 @@ def export_checkpoint(model: nn.Module, tokenizer, out_dir: Path, plan: dict) ->
     os.replace(tmp, out_dir / WEIGHTS_FILE)
     model.config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    write_json_atomic(out_dir / PLAN_FILE, plan)
+    if plan is not None:
+        plan.save(out_dir / PLAN_FILE)

@@ -6,7 +6,6 @@ SparseLinear modules (compressed formats, run by the Triton kernels on a GPU).""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,30 +14,33 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from allocator.model.export import PLAN_FILE, WEIGHTS_FILE
+from allocator.core.plan import PLAN_FILE, Plan
+from allocator.model.export import WEIGHTS_FILE
 from allocator.model.loader import load_tokenizer
 from allocator.model.surgery import SPARSE_KEY, WIDTHS_KEY, shrink_to_widths
 from allocator.core.space import ModelShape
 
 
-def _check_export_dir(path: Path) -> None:
+def _check_export_dir(path: Path, *names: str) -> None:
     if not path.is_dir():
         raise FileNotFoundError(f"exported model directory {path} does not exist")
-    for name in ("config.json", WEIGHTS_FILE, PLAN_FILE):
+    for name in ("config.json", WEIGHTS_FILE, *names):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not an exported model: {name} is missing")
 
 
-def load_plan(path: str | Path) -> dict:
+def load_plan(path: str | Path) -> Plan:
+    """The plan of an exported run directory (PlanError, a ValueError, names a field it cannot read)."""
+    path = Path(path)
+    _check_export_dir(path, PLAN_FILE)
+    return Plan.load(path / PLAN_FILE)
+
+
+def load_pruned(path: str | Path) -> tuple[nn.Module, object, Plan | None]:
+    """(model in eval mode, tokenizer, plan) of an exported checkpoint; plan None for one exported without a plan."""
     path = Path(path)
     _check_export_dir(path)
-    return json.loads((path / PLAN_FILE).read_text())
-
-
-def load_pruned(path: str | Path) -> tuple[nn.Module, object, dict]:
-    """(model in eval mode, tokenizer, plan) of an exported checkpoint."""
-    path = Path(path)
-    plan = load_plan(path)
+    plan = Plan.load(path / PLAN_FILE) if (path / PLAN_FILE).is_file() else None
     config = AutoConfig.from_pretrained(path)
     widths = getattr(config, WIDTHS_KEY, None)
     if widths is None:
