@@ -28,6 +28,7 @@ from allocator.model.loader import DTYPES
 from allocator.model.surgery import DroppedAttention, decoder_layers, leading_levels
 from allocator.model.sparse_export import build_deployable
 from allocator.core.space import ATTN, MLP, ModelShape, Unit, is_sparse
+from kernels.sparse_linear import SparseLinear
 from profilers.gpu_timing import Sampler, Timer, current_fingerprint, make_timer, rotation_count
 from profilers.regimes import Regime
 from profilers.roofline import deploy_dtype
@@ -238,14 +239,18 @@ def _untied_embedding(model: nn.Module) -> torch.Tensor | None:
 
 
 def weight_read_bytes(model: nn.Module) -> int:
-    """Parameter bytes one step reads: all but an untied input embedding (a step gathers a few of its rows)."""
+    """Weight bytes one step reads: the parameters but an untied input embedding (a step gathers a few of its rows)
+    and the compressed weights SparseLinear modules hold as buffers."""
     skip = _untied_embedding(model)
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not skip)
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p is not skip)
+    return params + sum(m.weight_nbytes for m in model.modules() if isinstance(m, SparseLinear))
 
 
 def weight_copies(model: nn.Module, n: int) -> list[nn.Module]:
-    """`model` and n-1 copies with their own weights (buffers and an untied input embedding shared)."""
-    shared = [*model.buffers()]
+    """`model` and n-1 copies with their own weights, compressed ones included (other buffers and an untied input
+    embedding shared)."""
+    compressed = {id(b) for m in model.modules() if isinstance(m, SparseLinear) for b in m.buffers()}
+    shared = [b for b in model.buffers() if id(b) not in compressed]
     embedding = _untied_embedding(model)
     if embedding is not None:
         shared.append(embedding)

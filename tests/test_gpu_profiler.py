@@ -9,12 +9,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
-from allocator.core.config import BudgetConfig, ProfileConfig
+from allocator.core.config import BudgetConfig, ProfileConfig, SpaceConfig
 from allocator.core.errors import UserInputError
 from allocator.model.export import PLAN_FILE, WEIGHTS_FILE, export_checkpoint
 from allocator.model.surgery import build_pruned_model, leading_levels
-from allocator.core.space import ATTN, MLP
+from allocator.model.sparse_export import build_deployable
+from allocator.core.space import ATTN, MLP, build_space
 from allocator.app.verify_job import measure_speedup
+from kernels.sparse_linear import SparseLinear
 from profilers.devices import DEVICES
 from profilers.end_to_end import measure_models_gpu
 from profilers.gpu import (
@@ -144,6 +146,24 @@ def test_variants_and_their_bytes(tiny):
     read, own = variant_bytes(shape, units, variants["mlp=32"], regime, 2)
     assert read == weight_read_bytes(pruned) + forward_step(pruned, regime).kv_bytes
     assert own == step.kv_bytes + 3 * (3 * shape.hidden * 32 + shape.hidden) * 2
+
+
+def test_sparse_variant_bytes_are_what_the_deployed_model_reads_and_copies(tiny):
+    """A sparse variant as profiled (compressed SparseLinear buffers): the byte estimate, read off the format
+    registry, is what the built model reads, and every weight copy owns its compressed weights."""
+    loaded, shape, _ = tiny
+    units = build_space(shape, SpaceConfig(kind="mixed", mlp_step=32))
+    model = device_copy(loaded.model, torch.device("cpu"), torch.bfloat16)
+    regime = Regime("decode_b1", "decode", 1, 16)
+    for attn, mlp in (("unstructured70", "2:4"), ("block16x16-50", "unstructured30")):
+        allocation = {u.name: attn if u.kind == ATTN else mlp for u in units}
+        deployed = build_deployable(model, shape, allocation, leading_levels(model, shape))
+        read, _ = variant_bytes(shape, units, allocation, regime, 2)
+        assert read == weight_read_bytes(deployed) + forward_step(deployed, regime).kv_bytes
+        first, second = weight_copies(deployed, 2)
+        a, b = first.model.layers[0].mlp.up_proj, second.model.layers[0].mlp.up_proj
+        assert isinstance(a, SparseLinear) and a.weight_nbytes == b.weight_nbytes
+        assert all(x.data_ptr() != y.data_ptr() for x, y in zip(a._data(), b._data()))
 
 
 def test_device_copy_and_weight_copies_leave_the_original_alone(tiny):
