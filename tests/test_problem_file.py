@@ -85,3 +85,31 @@ def test_bad_files_name_the_field(tmp_path) -> None:
     with pytest.raises(ValueError, match="cost_unit"):
         problem_json(tiny_problem(), "seconds", 0.0)
 
+
+def test_check_optimum_on_a_run_directory(tmp_path, capsys) -> None:
+    from allocator.benchmarks.check_optimum import RESULT_FILE, main
+    from tests.plans import sample_plan
+
+    problem = tiny_problem()
+    write_problem(tmp_path, problem, "ms", 1.0)
+    best = MILPSearcher().search(problem)
+    sample_plan(best.labels(problem), searcher={"name": "milp", "proxy_error": best.error}).save(tmp_path / "plan.json")
+    result = main([str(tmp_path)])
+    assert result["run_is_optimum"] and result["run_same_allocation_as_milp"]
+    assert result["run_allocation"]["proxy_error"] == best.error == result["milp"]["proxy_error"]
+    assert result["dp"]["proxy_error"] >= best.error and result["milp"]["exact"]
+    assert json.loads((tmp_path / RESULT_FILE).read_text())["run_is_optimum"] is True
+    assert "IS the exact optimum" in capsys.readouterr().out
+
+    # Another allocation that fits, with more error: not the optimum, by how much.
+    worse = next(ch for ch in np.ndindex(*(len(o) for o in problem.options))
+                 if problem.fits(ch) and problem.error_of(ch) > best.error * 1.01)
+    labels = {n: o[j] for n, o, j in zip(problem.unit_names, problem.options, worse)}
+    sample_plan(labels).save(tmp_path / "plan.json")
+    result = main([str(tmp_path)])
+    assert not result["run_is_optimum"]
+    assert result["run_excess_over_optimum"] == pytest.approx(problem.error_of(worse) / best.error - 1)
+
+    sample_plan({**labels, "layers.0.mlp": "nm4:8"}).save(tmp_path / "plan.json")
+    with pytest.raises(SystemExit, match="'layers.0.mlp' has option 'nm4:8'"):
+        main([str(tmp_path)])
