@@ -1,0 +1,79 @@
+"""The roofline's figures for the sparse formats, read off the format registry (allocator.core.formats).
+
+python -m allocator.benchmarks.roofline  →  runs/bench/roofline/formats.json
+
+For every sparse option of the default mixed space (unstructured 10-90% as bitmap, 2:4 and 4:8 as N:M, 16x16
+blocks at 25/50/75% as BSR), in 16 bits:
+  - bytes per element of a 4096x4096 linear (values and metadata, as the exported checkpoint stores them) and the
+    ideal decode speedup, the ratio of weight bytes to dense;
+  - the roofline's predicted whole-model speedup on an H100 with every unit at that option (Llama-3-8B and
+    SmolLM2-135M; decode at batch 1 and 16 over a 512-token context, prefill of 512 tokens). Nothing is measured."""
+
+from __future__ import annotations
+
+from allocator.benchmarks.common import write_result
+from allocator.core.config import SpaceConfig
+from allocator.core.space import ATTN, MLP, ModelShape, full_width, sparse_patterns
+from profilers import roofline
+from profilers.devices import DEVICES
+from profilers.regimes import Regime
+
+SHAPES = {
+    "llama3-8b": ModelShape(num_layers=32, hidden=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                            intermediate=14336, vocab=128256),
+    # SmolLM2-135M's config.json (the embedded model).
+    "smollm2-135m": ModelShape(num_layers=30, hidden=576, num_heads=9, num_kv_heads=3, head_dim=64,
+                               intermediate=1536, vocab=49152),
+}
+REGIMES = [Regime("decode_b1", "decode", 1, 512), Regime("decode_b16", "decode", 16, 512),
+           Regime("prefill", "prefill", 1, 512)]
+DEVICE = "h100"
+LINEAR = (4096, 4096)
+
+
+def model_seconds(shape: ModelShape, regime: Regime, option: object | None) -> float:
+    """Every unit at `option` (None: dense), as the roofline prices it."""
+    device = DEVICES[DEVICE]
+    units = {kind: full_width(shape, kind) if option is None else option for kind in (ATTN, MLP)}
+    per_layer = sum(roofline.UNIT_SECONDS[kind](device, shape, regime, units[kind]) for kind in (ATTN, MLP))
+    return roofline.fixed_seconds(device, shape, regime) + shape.num_layers * per_layer
+
+
+def main() -> None:
+    patterns = sparse_patterns(SpaceConfig(kind="mixed"))
+    per_element = {
+        p.label: {
+            "bytes_per_element": roofline.weight_bytes_per_element(p, *LINEAR),
+            "ideal_decode_speedup": roofline.ideal_decode_speedup(p, *LINEAR),
+        }
+        for p in patterns
+    }
+    speedups = {
+        name: {
+            r.name: {p.label: model_seconds(shape, r, None) / model_seconds(shape, r, p.label) for p in patterns}
+            for r in REGIMES
+        }
+        for name, shape in SHAPES.items()
+    }
+    header = f"{'option':>16} {'B/elem':>7} {'ideal':>6}" + "".join(
+        f" {name[:9] + ' ' + r.name:>22}" for name in SHAPES for r in REGIMES)
+    print(f"{DEVICE} roofline, 16-bit; bytes per element of a {LINEAR[0]}x{LINEAR[1]} linear; whole-model speedups")
+    print(header)
+    for p in patterns:
+        row = per_element[p.label]
+        cells = "".join(f" {speedups[name][r.name][p.label]:>22.2f}" for name in SHAPES for r in REGIMES)
+        print(f"{p.label:>16} {row['bytes_per_element']:>7.4f} {row['ideal_decode_speedup']:>6.2f}{cells}")
+    write_result("roofline", "formats", {
+        "command": "python -m allocator.benchmarks.roofline",
+        "method": roofline.METHOD,
+        "device": DEVICE,
+        "dtype": str(roofline.DTYPE).removeprefix("torch."),
+        "linear": list(LINEAR),
+        "per_element": per_element,
+        "regimes": [r.name for r in REGIMES],
+        "model_speedup": speedups,
+    })
+
+
+if __name__ == "__main__":
+    main()
