@@ -3,8 +3,7 @@ field, and the budget's one description."""
 
 import json
 from dataclasses import fields, is_dataclass
-from pathlib import Path
-from typing import Optional, Union, get_args, get_origin, get_type_hints
+from typing import Union, get_args, get_origin, get_type_hints
 
 import pytest
 

@@ -1,8 +1,8 @@
 """One table, one plot and the per-device allocation differences for a `search -m` sweep directory.
 
 Written by a Hydra callback at the end of the sweep (registered in conf/search.yaml) and by
-`python -m allocator summarize <sweep dir>`, which also works on an interrupted sweep: runs without a plan.json
-are listed as missing.
+`python -m allocator summarize <sweep dir>`, which also works on an interrupted sweep: runs without a readable
+plan.json are listed as missing (with the reason an unreadable one gives).
 """
 
 from __future__ import annotations
