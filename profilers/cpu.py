@@ -14,7 +14,7 @@ from torch import nn
 
 from allocator.core.config import ProfileConfig
 from allocator.model.surgery import leading_levels
-from allocator.core.space import ATTN, MLP, ModelShape, Option, Unit, is_sparse
+from allocator.core.space import Option, Space, is_sparse
 from allocator.model.sparse_export import build_deployable
 from profilers.regimes import Regime, forward_call, regimes_of
 from profilers.table import CostTable, RegimeCosts, base_cost, clean_curve, cpu_fingerprint, load_or_measure
@@ -27,19 +27,19 @@ METHOD = "neighbour-dense variants, per-round dense fractions, Theil-Sen width f
 SPARSE_METHOD = "; sparse options: per-option medians, costs above the cheapest option"
 
 
-def _variants(units: list[Unit]) -> dict[str, dict[str, Option]]:
+def _variants(space: Space) -> dict[str, dict[str, Option]]:
     """The models timed: dense, and each option of a kind applied to every layer with the other kind dense.
 
     All layers of a Llama-family model share one shape, so an option's per-layer cost is measured in the whole
     model's real context (caches, overheads, the neighbouring block present, as in the plans searched for) with
     totals large enough to time reliably: cost(kind, k) = (T(k everywhere) - T(cheapest everywhere)) / layers,
     with T(k) read off the fitted curve of `_fit_widths`."""
-    dense = {u.name: u.full for u in units}
+    dense = space.dense_allocation()
     variants = {"dense": dense}
-    for unit in units[:2]:  # one attention and one MLP unit carry the option lists
-        for kept in unit.options[:-1]:
-            variants[f"{unit.kind}={kept}"] = {
-                name: kept if name.endswith("." + unit.kind) else full for name, full in dense.items()
+    for kind, options in space.options.items():
+        for kept in options[:-1]:
+            variants[f"{kind}={kept}"] = {
+                name: kept if name.endswith("." + kind) else full for name, full in dense.items()
             }
     return variants
 
@@ -65,12 +65,13 @@ def _fit_widths(kind: str, options: tuple[int, ...], fractions: dict[str, np.nda
 
 
 def measure_regime(
-    dense: nn.Module, shape: ModelShape, units: list[Unit], regime: Regime, cfg: ProfileConfig
+    dense: nn.Module, space: Space, regime: Regime, cfg: ProfileConfig
 ) -> RegimeCosts:
-    source = leading_levels(dense, shape)
-    variants = _variants(units)
+    source = leading_levels(dense, space.shape)
+    variants = _variants(space)
     calls = {
-        name: forward_call(build_deployable(dense, shape, alloc, source), regime) for name, alloc in variants.items()
+        name: forward_call(build_deployable(dense, space.shape, alloc, source), regime)
+        for name, alloc in variants.items()
     }
     stats = time_interleaved(calls, cfg.warmup, cfg.repeats, desc=f"profile {regime.name}")
     # This machine's speed drifts by tens of percent within seconds: each sample is taken as a fraction of the
@@ -80,16 +81,16 @@ def measure_regime(
     dense_ms = stats["dense"].median_ms
     unit_ms: dict[str, dict[int, float]] = {}
     fixed = 1.0
-    for unit in units[:2]:  # one attention and one MLP unit carry the option lists
-        widths = tuple(o for o in unit.options if not is_sparse(o))
-        curve: dict[Option, float] = _fit_widths(unit.kind, widths, fractions)
-        curve.update({o: float(np.median(fractions[f"{unit.kind}={o}"])) for o in unit.options if is_sparse(o)})
+    for kind, options in space.options.items():
+        widths = tuple(o for o in options if not is_sparse(o))
+        curve: dict[Option, float] = _fit_widths(kind, widths, fractions)
+        curve.update({o: float(np.median(fractions[f"{kind}={o}"])) for o in options if is_sparse(o)})
         # The fixed part is the model with every unit at its cheapest option: the narrowest width, or a sparse
         # format that beats it (a sparse space without dropping has only the full width).
         cheapest = base_cost(curve)
         fixed -= 1.0 - cheapest
-        per_layer = {k: (f - cheapest) * dense_ms / shape.num_layers for k, f in curve.items()}
-        unit_ms[unit.kind] = clean_curve({k: max(0.0, v) for k, v in per_layer.items()})
+        per_layer = {k: (f - cheapest) * dense_ms / space.shape.num_layers for k, f in curve.items()}
+        unit_ms[kind] = clean_curve({k: max(0.0, v) for k, v in per_layer.items()})
     return RegimeCosts(
         regime=asdict(regime),
         fixed_ms=max(0.0, fixed) * dense_ms,
@@ -101,8 +102,7 @@ def measure_regime(
 
 def profile_cpu(
     dense: nn.Module,
-    shape: ModelShape,
-    units: list[Unit],
+    space: Space,
     cfg: ProfileConfig,
     dtype: str,
     cache_dir: str | Path,
@@ -114,21 +114,20 @@ def profile_cpu(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     fingerprint = cpu_fingerprint(dtype, torch.get_num_threads())
-    options = {ATTN: list(units[0].options), MLP: list(units[1].options)}
     settings = {
         "warmup": cfg.warmup,
         "repeats": cfg.repeats,
         "regimes": [asdict(r) for r in regimes_of(cfg)],
-        "method": METHOD + (SPARSE_METHOD if any(is_sparse(o) for o in units[0].options + units[1].options) else ""),
+        "method": METHOD + (SPARSE_METHOD if space.has_sparse else ""),
     }
     by_name = {r.name: r for r in regimes_of(cfg)}
 
     def measure(name: str) -> RegimeCosts:
         regime = by_name[name]
         log.info("measuring regime %s (batch %d, length %d)", regime.name, regime.batch, regime.length)
-        return measure_regime(dense, shape, units, regime, cfg)
+        return measure_regime(dense, space, regime, cfg)
 
     return load_or_measure(
-        cfg.name, cache_dir, fingerprint, asdict(shape), options, settings, list(by_name), measure,
+        cfg.name, cache_dir, fingerprint, asdict(space.shape), space.options, settings, list(by_name), measure,
         cfg.refresh, first_regime, on_regime,
     )

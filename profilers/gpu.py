@@ -27,7 +27,7 @@ from allocator.core.memory import kv_bytes, unit_weight_bytes
 from allocator.model.loader import DTYPES
 from allocator.model.surgery import DroppedAttention, decoder_layers, leading_levels
 from allocator.model.sparse_export import build_deployable
-from allocator.core.space import ATTN, MLP, ModelShape, Unit, is_sparse
+from allocator.core.space import ATTN, ModelShape, Space, is_sparse
 from kernels.sparse_linear import SparseLinear
 from profilers.gpu_timing import Sampler, Timer, current_fingerprint, make_timer, rotation_count
 from profilers.regimes import Regime
@@ -82,27 +82,28 @@ def variant_name(kind: str, kept: int, full: int) -> str:
     return "dense" if kept == full else f"{kind}={kept}"
 
 
-def gpu_variants(units: list[Unit]) -> dict[str, dict[str, int]]:
+def gpu_variants(space: Space) -> dict[str, dict[str, int]]:
     """dense; fixed (every unit at its cheapest option); and each option of a kind in every layer with the other
     kind dense, so an option is timed beside the neighbouring block it will run with."""
-    dense = {u.name: u.full for u in units}
-    variants = {"dense": dense, "fixed": {u.name: u.options[0] for u in units}}
-    for unit in units[:2]:  # one attention and one MLP unit carry the option lists
-        for kept in unit.options[:-1]:
-            variants[variant_name(unit.kind, kept, unit.full)] = {
-                u.name: kept if u.kind == unit.kind else u.full for u in units
+    dense = space.dense_allocation()
+    variants = {"dense": dense, "fixed": {u.name: u.options[0] for u in space.units}}
+    for kind, options in space.options.items():
+        for kept in options[:-1]:
+            variants[variant_name(kind, kept, options[-1])] = {
+                u.name: kept if u.kind == kind else u.full for u in space.units
             }
     return variants
 
 
 def variant_bytes(
-    shape: ModelShape, units: list[Unit], allocation: dict[str, int], regime: Regime, element_bytes: int
+    space: Space, allocation: dict[str, int], regime: Regime, element_bytes: int
 ) -> tuple[int, int]:
     """(bytes one step reads: kept weights, norms, lm_head, KV cache; bytes the variant owns beyond the dense model:
     its shrunk weights and its KV cache). The untied input embedding is left out: a step gathers a few rows."""
     context = regime.length + 1 if regime.kind == "decode" else regime.length
+    shape = space.shape
     read = own = 0
-    for u in units:
+    for u in space.units:
         kept = allocation[u.name]
         weights = unit_weight_bytes(shape, u.kind, kept, element_bytes)
         read += weights
@@ -314,33 +315,31 @@ def time_models(
 # ---- the profiler ----
 
 def measure_regime(
-    dense: nn.Module, shape: ModelShape, units: list[Unit], regime: Regime, cfg: ProfileConfig, timer: Timer
+    dense: nn.Module, space: Space, regime: Regime, cfg: ProfileConfig, timer: Timer
 ) -> RegimeCosts:
     """`dense` is already on the timer's device in the timed dtype."""
-    source = leading_levels(dense, shape)
-    variants = gpu_variants(units)
+    source = leading_levels(dense, space.shape)
+    variants = gpu_variants(space)
     element_bytes = next(dense.parameters()).element_size()
     sizes = {}
     for name, alloc in variants.items():
-        read, own = variant_bytes(shape, units, alloc, regime, element_bytes)
+        read, own = variant_bytes(space, alloc, regime, element_bytes)
         sizes[name] = own + (rotation_count(timer.l2_bytes, read, cfg.l2_rotations) - 1) * read
     budget = timer.memory_budget()
     groups = memory_groups({n: s for n, s in sizes.items() if n != "dense"},
                            None if budget is None else max(0, budget - sizes["dense"]))
-    build = {name: (lambda a=alloc: build_deployable(dense, shape, a, source)) for name, alloc in variants.items()}
+    build = {name: (lambda a=alloc: build_deployable(dense, space.shape, a, source)) for name, alloc in variants.items()}
     build["dense"] = lambda: dense
     stats, info = time_models(build, regime, timer, cfg.warmup, cfg.repeats, cfg.l2_rotations, groups,
                               desc=f"profile {regime.name} on {timer.device}")
     raw: dict = {name: {**asdict(s), "rotations": info["rotations"][name]} for name, s in stats.items()}
     raw["_rounds"] = info["rounds"]  # clock and temperature per timed round, to tell throttling from noise
-    options = {ATTN: list(units[0].options), MLP: list(units[1].options)}
-    return regime_costs(regime, shape.num_layers, options, stats, raw)
+    return regime_costs(regime, space.shape.num_layers, space.options, stats, raw)
 
 
 def profile_gpu(
     dense: nn.Module,
-    shape: ModelShape,
-    units: list[Unit],
+    space: Space,
     cfg: ProfileConfig,
     dtype: str,
     cache_dir: str | Path,
@@ -355,7 +354,6 @@ def profile_gpu(
     timer = make_timer(device)
     timed_dtype = deploy_dtype(dtype)
     fingerprint = current_fingerprint(timer.device, timed_dtype)
-    options = {ATTN: list(units[0].options), MLP: list(units[1].options)}
     regimes = gpu_regimes(cfg)
     settings = {
         "warmup": cfg.warmup,
@@ -374,11 +372,11 @@ def profile_gpu(
             on_device.append(device_copy(dense, timer.device, DTYPES[timed_dtype]))
         log.info("measuring regime %s (batch %d, length %d) on %s", regime.name, regime.batch, regime.length,
                  fingerprint["device"])
-        return measure_regime(on_device[0], shape, units, regime, cfg, timer)
+        return measure_regime(on_device[0], space, regime, cfg, timer)
 
     try:
         return load_or_measure(
-            cfg.name, cache_dir, fingerprint, asdict(shape), options, settings, list(by_name), measure,
+            cfg.name, cache_dir, fingerprint, asdict(space.shape), space.options, settings, list(by_name), measure,
             cfg.refresh, first_regime, on_regime,
         )
     finally:

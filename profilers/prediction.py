@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from allocator.core.budget import validate_budget
 from allocator.core.config import BudgetConfig
 from allocator.core.errors import UserInputError
@@ -13,23 +15,23 @@ def unit_costs(costs: RegimeCosts, unit: Unit) -> list[float]:
     return [costs.unit_ms[unit.kind][k] for k in unit.options]
 
 
-def predicted_ms(costs: RegimeCosts, units: list[Unit], allocation: dict[str, int]) -> float:
+def predicted_ms(costs: RegimeCosts, units: Sequence[Unit], allocation: dict[str, int]) -> float:
     kept: dict[str, list[int]] = {}
     for u in units:
         kept.setdefault(u.kind, []).append(allocation[u.name])
     return costs.predict_ms(kept)
 
 
-def predicted_dense_ms(costs: RegimeCosts, units: list[Unit]) -> float:
+def predicted_dense_ms(costs: RegimeCosts, units: Sequence[Unit]) -> float:
     return predicted_ms(costs, units, {u.name: u.full for u in units})
 
 
-def predicted_min_ms(costs: RegimeCosts, units: list[Unit]) -> float:
+def predicted_min_ms(costs: RegimeCosts, units: Sequence[Unit]) -> float:
     cheapest = {u.name: min(u.options, key=lambda k: costs.unit_ms[u.kind][k]) for u in units}
     return predicted_ms(costs, units, cheapest)
 
 
-def target_latency_ms(cfg: BudgetConfig, costs: RegimeCosts, units: list[Unit], profile: str) -> float:
+def target_latency_ms(cfg: BudgetConfig, costs: RegimeCosts, units: Sequence[Unit], profile: str) -> float:
     """The latency the pruned model is planned for (the target less the headroom), after checking that the target
     is reachable with this space on this profile (a target reachable only without headroom is planned exactly)."""
     validate_budget(cfg)

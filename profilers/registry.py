@@ -16,7 +16,7 @@ from torch import nn
 from allocator.core.config import ProfileConfig
 from allocator.core.errors import UserInputError
 from allocator.core.registry import Registry
-from allocator.core.space import ATTN, MLP, ModelShape, Unit
+from allocator.core.space import Space
 from profilers.cpu import profile_cpu
 from profilers.devices import DEVICES, DeviceSpec
 from profilers.gpu import profile_gpu
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 TABLES_DIR = Path(__file__).resolve().parent / "tables"
 
 OnRegime = Optional[Callable[[str, RegimeCosts], None]]
-# (name, dense, shape, units, cfg, dtype, cache_dir, first_regime, on_regime, tables_dir) → (table, its file)
+# (name, dense, space, cfg, dtype, cache_dir, first_regime, on_regime, tables_dir) → (table, its file)
 Obtain = Callable[..., tuple[CostTable, Path]]
 PROFILES: Registry[Obtain] = Registry("profile")
 
@@ -39,8 +39,7 @@ PROFILES: Registry[Obtain] = Registry("profile")
 def get_cost_table(
     name: str,
     dense: nn.Module | None,
-    shape: ModelShape,
-    units: list[Unit],
+    space: Space,
     cfg: ProfileConfig,
     dtype: str,
     cache_dir: str | Path,
@@ -54,7 +53,7 @@ def get_cost_table(
         raise UserInputError(f"profile={name!r} is unknown; known: {', '.join(PROFILES.names())}")
     tables_dir = TABLES_DIR if tables_dir is None else tables_dir
     obtain = PROFILES.get(name)
-    return obtain(name, dense, shape, units, cfg, dtype, Path(cache_dir), first_regime, on_regime, tables_dir)
+    return obtain(name, dense, space, cfg, dtype, Path(cache_dir), first_regime, on_regime, tables_dir)
 
 
 def device_present(name: str) -> bool:
@@ -83,14 +82,14 @@ def _load(path: Path) -> CostTable:
 
 
 def _measured_cpu(
-    name: str, dense: nn.Module | None, shape: ModelShape, units: list[Unit], cfg: ProfileConfig, dtype: str,
+    name: str, dense: nn.Module | None, space: Space, cfg: ProfileConfig, dtype: str,
     cache_dir: Path, first_regime: str | None, on_regime: OnRegime, tables_dir: Path,
 ) -> tuple[CostTable, Path]:
     if dense is None:
         raise UserInputError("profile=cpu measures the model: its weights must be loaded")
     # profile_cpu calls on_regime after the first regime, so a budget fails before the other regimes are measured.
     # The fingerprint is part of its file name, so only a renamed or copied file can disagree below.
-    table, path = profile_cpu(dense, shape, units, cfg, dtype, cache_dir, first_regime, on_regime)
+    table, path = profile_cpu(dense, space, cfg, dtype, cache_dir, first_regime, on_regime)
     reason = fingerprint_mismatch(cpu_fingerprint(dtype, torch.get_num_threads()), table.fingerprint)
     if reason is not None:
         raise UserInputError(f"latency table {path} was measured on another device ({reason}); "
@@ -98,17 +97,17 @@ def _measured_cpu(
     return table, path
 
 
-def _covers(table: CostTable, shape: ModelShape, options: dict, regimes: list[Regime]) -> bool:
+def _covers(table: CostTable, space: Space, regimes: list[Regime]) -> bool:
     """The table is for this model and space and has every regime asked for (else it is another model's table)."""
     return (
-        table.model_shape == asdict(shape)
-        and table.options == options
+        table.model_shape == asdict(space.shape)
+        and table.options == space.options
         and all(r.name in table.regimes and table.regimes[r.name].regime == asdict(r) for r in regimes)
     )
 
 
 def find_measured(
-    spec: DeviceSpec, shape: ModelShape, options: dict, regimes: list[Regime], dtype: str, dirs: list[Path]
+    spec: DeviceSpec, space: Space, regimes: list[Regime], dtype: str, dirs: list[Path]
 ) -> tuple[CostTable, Path] | None:
     """A measured table of `spec` for this model, from `dirs` in order; refused, naming the field, if the only
     ones for this model were measured on another device or in another precision."""
@@ -119,7 +118,7 @@ def find_measured(
             if path.name.startswith(f"{spec.key}-roofline-") or path.name.endswith(".partial.json"):
                 continue
             table = _load(path)
-            if table.source != "measured" or not _covers(table, shape, options, regimes):
+            if table.source != "measured" or not _covers(table, space, regimes):
                 continue
             reason = fingerprint_mismatch(expected, table.fingerprint)
             if reason is None:
@@ -134,7 +133,7 @@ def find_measured(
 
 
 def _device_table(
-    spec: DeviceSpec, name: str, dense: nn.Module | None, shape: ModelShape, units: list[Unit], cfg: ProfileConfig,
+    spec: DeviceSpec, name: str, dense: nn.Module | None, space: Space, cfg: ProfileConfig,
     dtype: str, cache_dir: Path, first_regime: str | None, on_regime: OnRegime, tables_dir: Path,
 ) -> tuple[CostTable, Path]:
     present = spec.is_gpu and device_present(name)
@@ -145,17 +144,16 @@ def _device_table(
         if not present:
             raise UserInputError(f"profile.refresh=true: cannot measure profile {name}: device {spec.name} is not "
                                  "present on this machine")
-        return _measured_gpu(spec, name, dense, shape, units, cfg, dtype, cache_dir, first_regime, on_regime)
+        return _measured_gpu(spec, name, dense, space, cfg, dtype, cache_dir, first_regime, on_regime)
     regimes = regimes_of(cfg)
-    options = {ATTN: list(units[0].options), MLP: list(units[1].options)}
-    found = find_measured(spec, shape, options, regimes, dtype, [cache_dir / "profiles", tables_dir])
+    found = find_measured(spec, space, regimes, dtype, [cache_dir / "profiles", tables_dir])
     if found is not None:
         table, path = found
         log.info("latency table: measured table of %s: %s", spec.name, path)
     elif present and dense is not None:  # the device is here: measure it rather than trust its datasheet
-        return _measured_gpu(spec, name, dense, shape, units, cfg, dtype, cache_dir, first_regime, on_regime)
+        return _measured_gpu(spec, name, dense, space, cfg, dtype, cache_dir, first_regime, on_regime)
     else:
-        table = roofline_table(spec, shape, units, regimes, dtype)
+        table = roofline_table(spec, space, regimes, dtype)
         key = table_key(table.fingerprint, table.model_shape, table.options, table.settings)
         path = cache_dir / "profiles" / f"{name}-roofline-{key}.json"
         save_table(table, path)  # so a plan names the table it was made with
@@ -166,7 +164,7 @@ def _device_table(
 
 
 def _measured_gpu(
-    spec: DeviceSpec, name: str, dense: nn.Module | None, shape: ModelShape, units: list[Unit], cfg: ProfileConfig,
+    spec: DeviceSpec, name: str, dense: nn.Module | None, space: Space, cfg: ProfileConfig,
     dtype: str, cache_dir: Path, first_regime: str | None, on_regime: OnRegime,
 ) -> tuple[CostTable, Path]:
     """Measure (or reuse this GPU's cached measurement of) the table on the present device. The table's file name
@@ -176,7 +174,7 @@ def _measured_gpu(
     device = cuda_device_named(spec.name)
     if device is None:
         raise UserInputError(f"cannot measure profile {name}: device {spec.name} is not present on this machine")
-    return profile_gpu(dense, shape, units, replace(cfg, name=name), dtype, cache_dir, first_regime, on_regime,
+    return profile_gpu(dense, space, replace(cfg, name=name), dtype, cache_dir, first_regime, on_regime,
                        device=device)
 
 

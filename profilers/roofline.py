@@ -15,7 +15,7 @@ import torch
 from allocator.core.formats import KernelWork, linear_work
 from allocator.core.patterns import SparsityPattern
 from allocator.core.space import (
-    ATTN, MLP, ModelShape, Option, Unit, is_sparse, kept_width, option_params, sparse_pattern, unit_linear_shapes,
+    ATTN, MLP, ModelShape, Option, Space, is_sparse, kept_width, option_params, sparse_pattern, unit_linear_shapes,
 )
 from profilers.devices import DeviceSpec
 from profilers.regimes import Regime
@@ -174,14 +174,14 @@ def roofline_fingerprint(device: DeviceSpec, dtype: str) -> dict:
 
 
 def roofline_table(
-    device: DeviceSpec, shape: ModelShape, units: list[Unit], regimes: list[Regime], dtype: str
+    device: DeviceSpec, space: Space, regimes: list[Regime], dtype: str
 ) -> CostTable:
     """The CostTable a measured profile of `device` would give, from its datasheet numbers (structured options)."""
+    shape, options = space.shape, space.options
     layer = option_params(shape, ATTN, shape.num_kv_heads) + option_params(shape, MLP, shape.intermediate)
     weights_gb = ELEMENT_BYTES * (shape.num_layers * layer + 2 * shape.vocab * shape.hidden) / 1e9
     if weights_gb > device.memory_gb:  # priced anyway, as if it fit: the plan may be what makes it fit
         log.warning("dense model (%.1f GB in 16 bits) exceeds %s (%g GB)", weights_gb, device.name, device.memory_gb)
-    options = {ATTN: list(units[0].options), MLP: list(units[1].options)}  # every layer shares its kind's options
     settings = {"regimes": [asdict(r) for r in regimes], "method": METHOD}
     costs = {r.name: regime_costs(device, shape, options, r) for r in regimes}
     fingerprint = roofline_fingerprint(device, dtype)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from allocator.model.surgery import LevelSource, decoder_layers, unit_modules
-from allocator.core.space import ModelShape, Unit
+from allocator.core.space import Space
 from search.fitness import Fitness
 
 LayerKey = tuple[int, ...]  # the option indices of one decoder layer's units
@@ -41,8 +41,7 @@ class StitchedKLFitness(Fitness):
     def __init__(
         self,
         dense: nn.Module,
-        shape: ModelShape,
-        units: list[Unit],
+        space: Space,
         source: LevelSource,
         pool: torch.Tensor,
         batch_size: int = 4,
@@ -50,18 +49,19 @@ class StitchedKLFitness(Fitness):
         prefix_reuse: bool = True,
     ) -> None:
         super().__init__(seq_len=pool.shape[1], pool_sequences=pool.shape[0])
-        self.dense, self.shape, self.units, self.source = dense, shape, units, source
+        self.dense, self.source = dense, source
+        self.shape, self.units = space.shape, space.units
         self.pool = pool
         self.batch_size = batch_size
         self.prefix_references = prefix_references if prefix_reuse else 0
-        self._layer_units: list[list[int]] = [[] for _ in range(shape.num_layers)]
-        for u, unit in enumerate(units):
+        self._layer_units: list[list[int]] = [[] for _ in range(self.shape.num_layers)]
+        for u, unit in enumerate(self.units):
             self._layer_units[unit.layer].append(u)
         self._modules: dict[tuple[int, int], dict[str, nn.Module]] = {}
         # The working model: dense structure, shared tensors, units swapped per candidate.
         shared = {id(t): t for t in [*dense.parameters(), *dense.buffers()]}
         self.model = copy.deepcopy(dense, memo=shared)
-        self._current = [u.options.index(u.full) for u in units]
+        self._current = [u.options.index(u.full) for u in self.units]
         self._dense_logp = dense_log_probs(dense, pool, batch_size)
         # n_sequences → LRU of (layer keys, inputs of every layer + the final hidden state)
         self._refs: dict[int, OrderedDict[tuple[LayerKey, ...], list[torch.Tensor]]] = {}

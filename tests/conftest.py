@@ -23,8 +23,7 @@ def tiny(tmp_path_factory):
     """A tiny random Llama (3 layers, GQA 4 heads / 2 KV groups) with its space."""
     loaded = load_model(ModelConfig(name="tiny-llama", tiny_layers=3), tmp_path_factory.mktemp("cache"))
     shape = ModelShape.from_config(loaded.model.config)
-    units = build_space(shape, SpaceConfig(mlp_step=32))
-    return loaded, shape, units
+    return loaded, build_space(shape, SpaceConfig(mlp_step=32))
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

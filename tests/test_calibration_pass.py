@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from allocator.core.config import SpaceConfig
-from allocator.core.space import ATTN, MLP, build_space
+from allocator.core.space import ATTN, MLP, Space, build_space
 from allocator.levels.compress.calibration_pass import GradientCollector, calibration_pass
 from allocator.levels.compress.fisher import OutputFisher
 from allocator.levels.compress.linear_hessians import INPUT_GROUPS, InputHessians
@@ -178,7 +178,7 @@ def _equal(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def calibration(tiny):
-    loaded, _, _ = tiny
+    loaded, _ = tiny
     return torch.randint(0, loaded.model.config.vocab_size, (7, 12), generator=torch.Generator().manual_seed(1))
 
 
@@ -259,24 +259,25 @@ def test_pass_rejects_bad_input(tiny, calibration):
 
 
 def test_database_build_calls_the_model_once_per_calibration_batch(tiny, calibration, tmp_path):
-    loaded, shape, _ = tiny
+    loaded, space = tiny
+    shape = space.shape
     model = loaded.model
     cfg = SpaceConfig(kind="mixed", mlp_step=32, fisher_sequences=3, sparsities=[0.5], nm_patterns=["2:4"],
                       block_sparsities=[0.5])
-    units = build_space(shape, cfg)[:2]  # layer 0's attention and MLP: structured and sparse options
+    space = Space(shape, build_space(shape, cfg).units[:2])  # layer 0's attention and MLP: structured and sparse
     calls = []
     counter = model.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         owl = OutlierNorms(5, 2)
-        db = open_or_build_database(model, shape, units, calibration, "tiny", "random", cfg, tmp_path, batch_size=4,
+        db = open_or_build_database(model, space, calibration, "tiny", "random", cfg, tmp_path, batch_size=4,
                                     also=[owl])
         assert len(calls) == math.ceil(len(calibration) / 4)
         assert owl.ratios() == layer_outlier_ratios(model, calibration[:5], batch_size=2)
-        assert set(db.errors) == {u.name for u in units}
+        assert set(db.errors) == {u.name for u in space.units}
         # Reused: nothing to build, so the outlier collector runs a pass of its own over its sequences only.
         calls.clear()
         again = OutlierNorms(5, 2)
-        open_or_build_database(model, shape, units, calibration, "tiny", "random", cfg, tmp_path, batch_size=4,
+        open_or_build_database(model, space, calibration, "tiny", "random", cfg, tmp_path, batch_size=4,
                                also=[again])
         assert len(calls) == math.ceil(5 / 4) and again.ratios() == owl.ratios()
     finally:
@@ -301,6 +302,6 @@ def test_search_setup_gathers_owl_ratios_on_the_database_pass(tmp_path):
     )
     built = prepare_search(job)
     expected = layer_outlier_ratios(built.dense, built.data.calibration[:6], batch_size=2)
-    assert built.problem.outlier_ratios == tuple(expected[u.layer] for u in built.units)
+    assert built.problem.outlier_ratios == tuple(expected[u.layer] for u in built.space.units)
     reused = prepare_search(job)  # the database is reused: the ratios come from a pass of their own
     assert reused.problem.outlier_ratios == built.problem.outlier_ratios

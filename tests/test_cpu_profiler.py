@@ -41,15 +41,15 @@ def test_time_interleaved_calls_every_variant_each_round():
 
 
 def test_table_is_saved_reused_and_corruption_is_named(tiny, tmp_path):
-    loaded, shape, units = tiny
+    loaded, space = tiny
     cfg = ProfileConfig(repeats=2, warmup=0, decode_batches=[1], decode_context=16, prefill_length=16)
-    table, path = profile_cpu(loaded.model, shape, units, cfg, "float32", tmp_path)
+    table, path = profile_cpu(loaded.model, space, cfg, "float32", tmp_path)
     assert set(table.regimes) == {"prefill", "decode_b1"}
     for costs in table.regimes.values():
         for kind, curve in costs.unit_ms.items():
             values = [curve[k] for k in sorted(curve)]
             assert values == sorted(values) and values[0] == 0.0  # non-decreasing in width, cheapest is 0
-    again, same_path = profile_cpu(loaded.model, shape, units, cfg, "float32", tmp_path)
+    again, same_path = profile_cpu(loaded.model, space, cfg, "float32", tmp_path)
     assert same_path == path and again.regimes["prefill"].raw == table.regimes["prefill"].raw
     path.write_text(json.dumps({"version": 1, "regimes": {}}))
     with pytest.raises(ValueError, match=f"latency table {path} is corrupt"):
@@ -57,7 +57,7 @@ def test_table_is_saved_reused_and_corruption_is_named(tiny, tmp_path):
 
 
 def test_interrupted_profile_resumes_from_its_partial_table(tiny, tmp_path):
-    loaded, shape, units = tiny
+    loaded, space = tiny
     cfg = ProfileConfig(repeats=2, warmup=0, decode_batches=[1], decode_context=16, prefill_length=16)
     seen = []
 
@@ -66,10 +66,10 @@ def test_interrupted_profile_resumes_from_its_partial_table(tiny, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        profile_cpu(loaded.model, shape, units, cfg, "float32", tmp_path, "prefill", interrupt)
+        profile_cpu(loaded.model, space, cfg, "float32", tmp_path, "prefill", interrupt)
     (partial,) = (tmp_path / "profiles").glob("*.partial.json")
     kept = load_table(partial).regimes["prefill"].raw
-    table, path = profile_cpu(loaded.model, shape, units, cfg, "float32", tmp_path, "prefill", lambda r, _: seen.append(r))
+    table, path = profile_cpu(loaded.model, space, cfg, "float32", tmp_path, "prefill", lambda r, _: seen.append(r))
     assert table.regimes["prefill"].raw == kept  # not measured again
     assert set(table.regimes) == {"prefill", "decode_b1"} and seen == ["prefill", "prefill"]
     assert path.is_file() and not partial.exists()

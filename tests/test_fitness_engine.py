@@ -13,10 +13,11 @@ from allocator.model.quality import kl_to_dense
 
 @pytest.fixture(scope="module")
 def engine_setup(tiny):
-    loaded, shape, units = tiny
+    loaded, space = tiny
+    shape = space.shape
     torch.manual_seed(0)
     pool = torch.randint(0, loaded.model.config.vocab_size, (6, 24))
-    return loaded.model, shape, units, leading_levels(loaded.model, shape), pool
+    return loaded.model, space, leading_levels(loaded.model, shape), pool
 
 
 def naive_kl(dense, shape, units, source, choice, tokens) -> float:
@@ -31,8 +32,9 @@ def random_choices(units, n, seed):
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_engine_matches_fresh_stitch(engine_setup, reuse):
-    dense, shape, units, source, pool = engine_setup
-    engine = StitchedKLFitness(dense, shape, units, source, pool, batch_size=4, prefix_reuse=reuse)
+    dense, space, source, pool = engine_setup
+    shape, units = space.shape, space.units
+    engine = StitchedKLFitness(dense, space, source, pool, batch_size=4, prefix_reuse=reuse)
     choices = random_choices(units, 6, seed=1)
     # Children of one parent: share prefixes, so reuse has something to reuse.
     parent = choices[0]
@@ -43,15 +45,16 @@ def test_engine_matches_fresh_stitch(engine_setup, reuse):
         assert value == pytest.approx(naive_kl(dense, shape, units, source, choice, pool[:4]), rel=3e-3)
     if reuse:
         assert engine.layers_reused > 0
-        exact = StitchedKLFitness(dense, shape, units, source, pool, batch_size=4, prefix_reuse=False)
+        exact = StitchedKLFitness(dense, space, source, pool, batch_size=4, prefix_reuse=False)
         assert got == pytest.approx(exact.score([parent, *children], tokens=4 * pool.shape[1]), rel=1e-5)
     else:
         assert engine.layers_reused == 0
 
 
 def test_dense_choice_scores_zero_and_tokens_are_counted(engine_setup):
-    dense, shape, units, source, pool = engine_setup
-    engine = StitchedKLFitness(dense, shape, units, source, pool, batch_size=4)
+    dense, space, source, pool = engine_setup
+    units = space.units
+    engine = StitchedKLFitness(dense, space, source, pool, batch_size=4)
     full = tuple(u.options.index(u.full) for u in units)
     engine.begin(max_tokens=3 * pool.shape[1])
     assert engine.score([full], tokens=1)[0] == pytest.approx(0.0, abs=1e-4)  # float16 dense cache

@@ -132,8 +132,10 @@ def unit_stored_bytes(state: dict[str, torch.Tensor], layer: int, kind: str) -> 
 def test_roofline_weight_bytes_equal_the_exported_checkpoint(tiny, tmp_path):
     """Every option of a mixed space, exported for real (16-bit, as the roofline prices it): the roofline's weight
     bytes for the unit, the memory model's, and the checkpoint's stored bytes agree exactly."""
-    loaded, shape, _ = tiny
-    units = build_space(shape, SpaceConfig(kind="mixed", mlp_step=32))
+    loaded, space = tiny
+    shape = space.shape
+    space = build_space(shape, SpaceConfig(kind="mixed", mlp_step=32))
+    units = space.units
     dense = copy.deepcopy(loaded.model).to(roofline.DTYPE)
     source = leading_levels(dense, shape)
     layers = shape.num_layers

@@ -130,20 +130,21 @@ def test_regimes_cover_what_the_cpu_config_asks_for():
 # ---- models and steps on CPU ----
 
 def test_variants_and_their_bytes(tiny):
-    loaded, shape, units = tiny
-    variants = gpu_variants(units)
+    loaded, space = tiny
+    shape, units = space.shape, space.units
+    variants = gpu_variants(space)
     assert list(variants)[:2] == ["dense", "fixed"]
     assert set(variants) == {"dense", "fixed", "attn=0", "attn=1", "mlp=0", "mlp=32", "mlp=64", "mlp=96"}
     assert all(variants["fixed"][u.name] == u.options[0] for u in units)
     assert all(variants["attn=1"][u.name] == (1 if u.kind == ATTN else u.full) for u in units)
     model = device_copy(loaded.model, torch.device("cpu"), torch.bfloat16)
     regime = Regime("prefill", "prefill", 1, 16)
-    read, own = variant_bytes(shape, units, variants["dense"], regime, 2)
+    read, own = variant_bytes(space, variants["dense"], regime, 2)
     step = forward_step(model, regime)
     assert read == weight_read_bytes(model) + step.kv_bytes  # the estimate is what the built model reads
     assert own == step.kv_bytes  # dense owns only its KV cache; its weights are the shared dense ones
     pruned = build_pruned_model(model, shape, variants["mlp=32"], leading_levels(model, shape))
-    read, own = variant_bytes(shape, units, variants["mlp=32"], regime, 2)
+    read, own = variant_bytes(space, variants["mlp=32"], regime, 2)
     assert read == weight_read_bytes(pruned) + forward_step(pruned, regime).kv_bytes
     assert own == step.kv_bytes + 3 * (3 * shape.hidden * 32 + shape.hidden) * 2
 
@@ -151,14 +152,16 @@ def test_variants_and_their_bytes(tiny):
 def test_sparse_variant_bytes_are_what_the_deployed_model_reads_and_copies(tiny):
     """A sparse variant as profiled (compressed SparseLinear buffers): the byte estimate, read off the format
     registry, is what the built model reads, and every weight copy owns its compressed weights."""
-    loaded, shape, _ = tiny
-    units = build_space(shape, SpaceConfig(kind="mixed", mlp_step=32))
+    loaded, space = tiny
+    shape = space.shape
+    space = build_space(shape, SpaceConfig(kind="mixed", mlp_step=32))
+    units = space.units
     model = device_copy(loaded.model, torch.device("cpu"), torch.bfloat16)
     regime = Regime("decode_b1", "decode", 1, 16)
     for attn, mlp in (("unstructured70", "2:4"), ("block16x16-50", "unstructured30")):
         allocation = {u.name: attn if u.kind == ATTN else mlp for u in units}
         deployed = build_deployable(model, shape, allocation, leading_levels(model, shape))
-        read, _ = variant_bytes(shape, units, allocation, regime, 2)
+        read, _ = variant_bytes(space, allocation, regime, 2)
         assert read == weight_read_bytes(deployed) + forward_step(deployed, regime).kv_bytes
         first, second = weight_copies(deployed, 2)
         a, b = first.model.layers[0].mlp.up_proj, second.model.layers[0].mlp.up_proj
@@ -167,7 +170,7 @@ def test_sparse_variant_bytes_are_what_the_deployed_model_reads_and_copies(tiny)
 
 
 def test_device_copy_and_weight_copies_leave_the_original_alone(tiny):
-    loaded, _, _ = tiny
+    loaded, space = tiny
     dense = loaded.model
     before = {n: p.dtype for n, p in dense.named_parameters()}
     model = device_copy(dense, torch.device("cpu"), torch.bfloat16)
@@ -183,7 +186,8 @@ def test_device_copy_and_weight_copies_leave_the_original_alone(tiny):
 
 
 def test_fixed_context_decode_matches_a_dynamic_cache_and_does_not_grow(tiny):
-    loaded, shape, units = tiny
+    loaded, space = tiny
+    shape, units = space.shape, space.units
     alloc = {u.name: (0 if (u.layer == 1 and u.kind == ATTN) else u.full) for u in units}  # a dropped attention too
     model = build_pruned_model(loaded.model, shape, alloc, leading_levels(loaded.model, shape))
     regime = Regime("decode_b4", "decode", 4, 16)
@@ -222,7 +226,8 @@ class _HostSyncs(TorchDispatchMode):
 def test_steps_never_read_tensors_on_the_host(tiny):
     """What can be checked of CUDA-graph capturability without a GPU: no .item()/bool(tensor) in a step (a plain
     use_cache=False forward has one, so the probe does see them)."""
-    loaded, shape, units = tiny
+    loaded, space = tiny
+    shape, units = space.shape, space.units
     model = device_copy(loaded.model, torch.device("cpu"), torch.bfloat16)
     alloc = {u.name: (0 if u.layer == 1 else u.options[1]) for u in units}
     for m in (model, build_pruned_model(model, shape, alloc, leading_levels(model, shape))):
@@ -263,16 +268,17 @@ class _Labelled(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def cpu_table(tiny, tmp_path_factory):
-    loaded, shape, units = tiny
+    loaded, space = tiny
     cache = tmp_path_factory.mktemp("gpu-cache")
     seen = []
-    table, path = profile_gpu(loaded.model, shape, units, CFG, "float32", cache, "decode_b1",
+    table, path = profile_gpu(loaded.model, space, CFG, "float32", cache, "decode_b1",
                               lambda r, c: seen.append(r), device="cpu")
     return table, path, cache, seen
 
 
 def test_profile_on_cpu_gives_a_well_formed_table(tiny, cpu_table):
-    loaded, shape, units = tiny
+    loaded, space = tiny
+    shape = space.shape
     table, path, cache, seen = cpu_table
     assert seen == ["decode_b1"] and path.is_file() and load_table(path) == table
     assert not list(path.parent.glob("*.partial.json"))
@@ -285,30 +291,30 @@ def test_profile_on_cpu_gives_a_well_formed_table(tiny, cpu_table):
     for costs in table.regimes.values():
         dense = {kind: [max(costs.unit_ms[kind])] * shape.num_layers for kind in costs.unit_ms}
         assert costs.predict_ms(dense) > 0 and costs.fixed_ms > 0 and costs.dense_ms > 0
-        assert all(costs.raw[name]["rotations"] == 2 for name in gpu_variants(units))  # l2_rotations=2
+        assert all(costs.raw[name]["rotations"] == 2 for name in gpu_variants(space))  # l2_rotations=2
         assert len(costs.raw["dense"]["samples_ms"]) == CFG.repeats
         assert len(costs.raw["_rounds"]) == CFG.repeats and costs.raw["_rounds"][0]["clock_mhz"] is None
-    again, same = profile_gpu(loaded.model, shape, units, CFG, "float32", cache, device="cpu")
+    again, same = profile_gpu(loaded.model, space, CFG, "float32", cache, device="cpu")
     assert same == path and again == table  # reused: the key matches
     assert loaded.model.lm_head.weight.dtype == torch.float32  # the host model is untouched
 
 
 def test_registry_refuses_a_gpu_table_measured_on_another_device(tiny, cpu_table, tmp_path):
-    _, shape, units = tiny
+    _, space = tiny
     table, _, _, _ = cpu_table
     cfg = replace(CFG, name="h100")
     table = replace(table, profile="h100")
     save_table(table, tmp_path / "h100-measured-here.json")
     with pytest.raises(UserInputError, match=r"h100-measured-here.json \(fingerprint field 'device' is "):
-        get_cost_table("h100", None, shape, units, cfg, "float32", tmp_path / "cache", tables_dir=tmp_path)
+        get_cost_table("h100", None, space, cfg, "float32", tmp_path / "cache", tables_dir=tmp_path)
     a100 = replace(table, fingerprint={**table.fingerprint, "device": DEVICES["a100"].name})
     save_table(a100, tmp_path / "h100-measured-here.json")
     with pytest.raises(UserInputError, match="fingerprint field 'device' is 'NVIDIA A100-SXM4-80GB', this device has "
                                              "'NVIDIA H100 80GB HBM3'"):
-        get_cost_table("h100", None, shape, units, cfg, "float32", tmp_path / "cache", tables_dir=tmp_path)
+        get_cost_table("h100", None, space, cfg, "float32", tmp_path / "cache", tables_dir=tmp_path)
     h100 = replace(table, fingerprint={**table.fingerprint, "device": DEVICES["h100"].name})
     save_table(h100, tmp_path / "h100-measured-here.json")
-    found, path = get_cost_table("h100", None, shape, units, cfg, "float32", tmp_path / "cache", tables_dir=tmp_path)
+    found, path = get_cost_table("h100", None, space, cfg, "float32", tmp_path / "cache", tables_dir=tmp_path)
     assert found == h100 and path == tmp_path / "h100-measured-here.json"
 
 
@@ -316,10 +322,11 @@ def test_registry_measures_a_present_gpu(tiny, tmp_path, monkeypatch):
     """Wiring only (no GPU here): a present GPU with no table, or refresh=true, goes to profile_gpu."""
     import profilers.registry as registry
 
-    loaded, shape, units = tiny
+    loaded, space = tiny
+
     calls = []
 
-    def fake_profile(dense, shape, units, cfg, dtype, cache_dir, first_regime, on_regime, device):
+    def fake_profile(dense, space, cfg, dtype, cache_dir, first_regime, on_regime, device):
         calls.append((cfg.name, cfg.refresh, device))
         return "table", Path("t.json")
 
@@ -327,16 +334,16 @@ def test_registry_measures_a_present_gpu(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "cuda_device_named", lambda name: torch.device("cuda", 0))
     monkeypatch.setattr(registry, "profile_gpu", fake_profile)
     cfg = replace(CFG, name="h100")
-    table, _ = get_cost_table("h100", loaded.model, shape, units, cfg, "float32", tmp_path, tables_dir=tmp_path)
+    table, _ = get_cost_table("h100", loaded.model, space, cfg, "float32", tmp_path, tables_dir=tmp_path)
     assert table == "table"
-    get_cost_table("h100", loaded.model, shape, units, replace(cfg, refresh=True), "float32", tmp_path)
+    get_cost_table("h100", loaded.model, space, replace(cfg, refresh=True), "float32", tmp_path)
     assert calls == [("h100", False, torch.device("cuda", 0)), ("h100", True, torch.device("cuda", 0))]
-    roofline, _ = get_cost_table("h100", None, shape, units, cfg, "float32", tmp_path, tables_dir=tmp_path)
+    roofline, _ = get_cost_table("h100", None, space, cfg, "float32", tmp_path, tables_dir=tmp_path)
     assert roofline.source == "roofline"  # no weights to time: the datasheet
     with pytest.raises(UserInputError, match="its weights must be loaded"):
-        get_cost_table("h100", None, shape, units, replace(cfg, refresh=True), "float32", tmp_path)
+        get_cost_table("h100", None, space, replace(cfg, refresh=True), "float32", tmp_path)
     with pytest.raises(UserInputError, match="NVIDIA A100-SXM4-80GB is not present"):
-        get_cost_table("a100", None, shape, units, replace(cfg, name="a100", refresh=True), "float32", tmp_path)
+        get_cost_table("a100", None, space, replace(cfg, name="a100", refresh=True), "float32", tmp_path)
 
 
 # ---- GPU verification ----
@@ -351,7 +358,7 @@ def _fake_export(path: Path, profile: str) -> Path:
 
 @pytest.mark.skipif(CUDA, reason="checks the error raised where CUDA is missing; this machine has CUDA")
 def test_cuda_verification_without_cuda_is_a_clear_error(tiny, tmp_path):
-    loaded, _, _ = tiny
+    loaded, space = tiny
     run = _fake_export(tmp_path / "export", "h100")
     with pytest.raises(UserInputError, match=r"profile h100 \(NVIDIA H100 80GB HBM3\) needs a CUDA GPU, but "
                                              r"torch.cuda.is_available\(\) is False"):
@@ -365,7 +372,8 @@ def test_cuda_verification_without_cuda_is_a_clear_error(tiny, tmp_path):
 
 def test_gpu_verification_path_runs_on_cpu(tiny):
     """measure_models_gpu with device="cpu": the GPU verification's steps and interleaving, minus the graphs."""
-    loaded, shape, units = tiny
+    loaded, space = tiny
+    shape, units = space.shape, space.units
     alloc = {u.name: u.options[1] for u in units}
     pruned = build_pruned_model(loaded.model, shape, alloc, leading_levels(loaded.model, shape))
     for regime in (Regime("decode_b4", "decode", 4, 16), Regime("prefill", "prefill", 1, 16)):
@@ -379,7 +387,9 @@ def test_gpu_branch_of_measure_speedup_on_cpu(tiny, cpu_table, tmp_path, monkeyp
     timer standing in for the GPU."""
     import allocator.app.verify_job as verify_job
 
-    loaded, shape, units = tiny
+    loaded, space = tiny
+
+    shape, units = space.shape, space.units
     table, path, _, _ = cpu_table
     alloc = {u.name: u.options[1] for u in units}
     model = build_pruned_model(loaded.model, shape, alloc, leading_levels(loaded.model, shape))
@@ -400,7 +410,7 @@ def test_gpu_branch_of_measure_speedup_on_cpu(tiny, cpu_table, tmp_path, monkeyp
 
 @needs_cuda
 def test_cuda_graph_step_replays_what_eager_computes(tiny):
-    loaded, shape, units = tiny
+    loaded, space = tiny
     timer = make_timer("cuda")
     model = device_copy(loaded.model, timer.device, torch.bfloat16)
     for regime in (Regime("decode_b4", "decode", 4, 32), Regime("prefill", "prefill", 2, 32)):
@@ -417,15 +427,15 @@ def test_cuda_graph_step_replays_what_eager_computes(tiny):
 
 @needs_cuda
 def test_profile_tiny_model_on_cuda(tiny, tmp_path):
-    loaded, shape, units = tiny
-    table, path = profile_gpu(loaded.model, shape, units, CFG, "float32", tmp_path, device="cuda")
+    loaded, space = tiny
+    table, path = profile_gpu(loaded.model, space, CFG, "float32", tmp_path, device="cuda")
     assert table.fingerprint["device"] == torch.cuda.get_device_name() and "CUDA" in table.fingerprint["driver"]
     assert table.settings["timer"] == "CudaTimer"
     _monotone(table)
     for costs in table.regimes.values():
         assert 0 < costs.fixed_ms <= costs.dense_ms
         assert all(costs.raw[name]["p10_ms"] <= costs.raw[name]["median_ms"] <= costs.raw[name]["p90_ms"]
-                   for name in gpu_variants(units))
+                   for name in gpu_variants(space))
 
 
 @needs_cuda

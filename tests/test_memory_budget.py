@@ -24,7 +24,8 @@ TINY = [
 
 
 def test_byte_model_matches_the_model(tiny):
-    loaded, shape, units = tiny
+    loaded, space = tiny
+    shape, units = space.shape, space.units
     dense = loaded.model
     alloc = mixed_allocation(units)
     pruned = build_pruned_model(dense, shape, alloc, leading_levels(dense, shape))
@@ -32,18 +33,18 @@ def test_byte_model_matches_the_model(tiny):
         predicted_kv = sum(kv_bytes(shape, widths[u.name], 1, 1, 4) for u in units if u.kind == ATTN)
         assert measured_kv_bytes_per_token(model) == predicted_kv
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        assert weights == fixed_bytes(dense, shape, units) + sum(
+        assert weights == fixed_bytes(dense, space) + sum(
             unit_weight_bytes(shape, u.kind, widths[u.name], 4) for u in units
         )
     assert decoder_weight_count(pruned) == sum(option_params(shape, u.kind, alloc[u.name]) for u in units)
 
 
 def test_capacity_and_unreachable_memory_names_the_range(tiny):
-    loaded, shape, units = tiny
+    loaded, space = tiny
     cfg = BudgetConfig(speedup=None, memory_gb=1e-6, memory_batch=2, memory_context=128)
-    per_unit = memory_costs(cfg, shape, units, 4)
+    per_unit = memory_costs(cfg, space, 4)
     with pytest.raises(UserInputError, match=r"budget.memory_gb=1e-06 is unreachable: with batch 2 x context 128"):
-        memory_capacity(cfg, per_unit, fixed_bytes(loaded.model, shape, units))
+        memory_capacity(cfg, per_unit, fixed_bytes(loaded.model, space))
 
 
 @pytest.mark.parametrize(

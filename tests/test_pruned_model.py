@@ -9,7 +9,8 @@ from .plans import sample_plan
 
 
 def test_dense_allocation_reproduces_dense_logits(tiny):
-    loaded, shape, units = tiny
+    loaded, space = tiny
+    shape, units = space.shape, space.units
     dense_alloc = {u.name: u.full for u in units}
     model = build_pruned_model(loaded.model, shape, dense_alloc, leading_levels(loaded.model, shape))
     ids = torch.randint(0, 256, (2, 12))
@@ -18,7 +19,8 @@ def test_dense_allocation_reproduces_dense_logits(tiny):
 
 
 def test_pruned_model_is_physically_smaller_and_drops_blocks(tiny):
-    loaded, shape, units = tiny
+    loaded, space = tiny
+    shape, units = space.shape, space.units
     alloc = mixed_allocation(units)
     model = build_pruned_model(loaded.model, shape, alloc, leading_levels(loaded.model, shape))
     layers = model.model.layers
@@ -33,7 +35,8 @@ def test_pruned_model_is_physically_smaller_and_drops_blocks(tiny):
 
 
 def test_kv_cache_decode_matches_full_forward_with_dropped_blocks(tiny):
-    loaded, shape, units = tiny
+    loaded, space = tiny
+    shape, units = space.shape, space.units
     alloc = {u.name: (0 if u.layer == 0 else u.options[1]) for u in units}  # layer 0 fully dropped
     model = build_pruned_model(loaded.model, shape, alloc, leading_levels(loaded.model, shape))
     assert isinstance(model.model.layers[0].mlp, DroppedMLP)
@@ -46,7 +49,8 @@ def test_kv_cache_decode_matches_full_forward_with_dropped_blocks(tiny):
 
 
 def test_export_reload_logits_equal_stitched(tiny, tmp_path):
-    loaded, shape, units = tiny
+    loaded, space = tiny
+    shape, units = space.shape, space.units
     model = build_pruned_model(loaded.model, shape, mixed_allocation(units), leading_levels(loaded.model, shape))
     export_checkpoint(model, loaded.tokenizer, tmp_path, sample_plan(mixed_allocation(units)))
     reloaded, tokenizer, plan = load_pruned(tmp_path)
@@ -77,7 +81,7 @@ def test_model_option_takes_a_local_llama_directory(tiny, tmp_path):
     from allocator.core.config import ModelConfig
     from allocator.model.loader import load_model
 
-    loaded, _, _ = tiny
+    loaded, space = tiny
     loaded.model.save_pretrained(tmp_path)
     loaded.tokenizer.save_pretrained(tmp_path)
     again = load_model(ModelConfig(name=str(tmp_path)), tmp_path / "cache")

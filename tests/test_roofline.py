@@ -75,16 +75,17 @@ def _assert_consistent(table, shape, units):
 
 
 def test_roofline_tables_for_tiny_and_llama3_8b(tiny, tmp_path):
-    _, shape, units = tiny
-    tiny_table = roofline_table(DEVICES["h100"], shape, units, regimes_of(TINY_PROFILE), "float32")
+    _, space = tiny
+    shape, units = space.shape, space.units
+    tiny_table = roofline_table(DEVICES["h100"], space, regimes_of(TINY_PROFILE), "float32")
     assert tiny_table.source == "roofline" and tiny_table.fingerprint["dtype"] == "bfloat16"
     _assert_consistent(tiny_table, shape, units)
     save_table(tiny_table, tmp_path / "t.json")
     assert load_table(tmp_path / "t.json") == tiny_table  # the CPU profiler's format, JSON round trip
 
-    units8b = build_space(LLAMA3_8B, SpaceConfig())
-    table = roofline_table(DEVICES["h100"], LLAMA3_8B, units8b, REGIMES, "bfloat16")
-    _assert_consistent(table, LLAMA3_8B, units8b)
+    space8b = build_space(LLAMA3_8B, SpaceConfig())
+    table = roofline_table(DEVICES["h100"], space8b, REGIMES, "bfloat16")
+    _assert_consistent(table, LLAMA3_8B, space8b.units)
     # Decode at batch 1 reads every decoder weight and lm_head once (the embedding table only a row): ~14 GB at
     # 3.35 TB/s = 4.2 ms, plus a few hundred kernel launches.
     weights = LLAMA3_8B.num_layers * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) + 4096 * 128256
@@ -96,9 +97,9 @@ def test_roofline_tables_for_tiny_and_llama3_8b(tiny, tmp_path):
 
 
 def test_faster_device_gives_lower_latency():
-    units = build_space(LLAMA3_8B, SpaceConfig())
+    space = build_space(LLAMA3_8B, SpaceConfig())
     dense = {
-        key: {n: c.dense_ms for n, c in roofline_table(DEVICES[key], LLAMA3_8B, units, REGIMES, "bfloat16").regimes.items()}
+        key: {n: c.dense_ms for n, c in roofline_table(DEVICES[key], space, REGIMES, "bfloat16").regimes.items()}
         for key in ("h200", "h100", "a100", "rtx4090", "l4", "cpu-generic")
     }
     decode = [d["decode_b1"] for d in dense.values()]
@@ -107,11 +108,11 @@ def test_faster_device_gives_lower_latency():
 
 
 def test_unknown_profile_lists_the_known_ones(tiny, tmp_path):
-    loaded, shape, units = tiny
+    loaded, space = tiny
     assert set(PROFILES.names()) >= {"cpu", "h100", "h200", "a100", "l4", "rtx4090", "cpu-generic"}
     for call in (
         lambda: validate_profile_name("tpu"),
-        lambda: get_cost_table("tpu", loaded.model, shape, units, TINY_PROFILE, "float32", tmp_path),
+        lambda: get_cost_table("tpu", loaded.model, space, TINY_PROFILE, "float32", tmp_path),
     ):
         with pytest.raises(UserInputError, match="profile='tpu' is unknown; known: a100, cpu, cpu-generic, h100"):
             call()
@@ -119,8 +120,8 @@ def test_unknown_profile_lists_the_known_ones(tiny, tmp_path):
 
 def _fake_measured(tiny, path, **fingerprint):
     """The roofline table re-labelled as a measurement of an H100 (costs doubled, so it is told apart)."""
-    _, shape, units = tiny
-    table = roofline_table(DEVICES["h100"], shape, units, regimes_of(TINY_PROFILE), "float32")
+    _, space = tiny
+    table = roofline_table(DEVICES["h100"], space, regimes_of(TINY_PROFILE), "float32")
     table = replace(table, source="measured",
                     fingerprint={"device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "torch": "2.4.0", **fingerprint})
     for costs in table.regimes.values():
@@ -130,59 +131,59 @@ def _fake_measured(tiny, path, **fingerprint):
 
 
 def test_measured_table_is_preferred_over_the_roofline(tiny, tmp_path):
-    loaded, shape, units = tiny
+    loaded, space = tiny
     tables, cache = tmp_path / "tables", tmp_path / "cache"
-    roofline, path = get_cost_table("h100", None, shape, units, TINY_PROFILE, "float32", cache, tables_dir=tables)
+    roofline, path = get_cost_table("h100", None, space, TINY_PROFILE, "float32", cache, tables_dir=tables)
     assert roofline.source == "roofline" and path.parent == cache / "profiles" and path.name.startswith("h100-roofline-")
     assert load_table(path) == roofline  # written, so a plan can name it
 
     other_model = _fake_measured(tiny, tables / "h100-other.json")
     other_model.model_shape = {**other_model.model_shape, "hidden": 4096}
     save_table(other_model, tables / "h100-other.json")  # another model's table: not for this one, not refused
-    assert get_cost_table("h100", None, shape, units, TINY_PROFILE, "float32", cache, tables_dir=tables)[0] == roofline
+    assert get_cost_table("h100", None, space, TINY_PROFILE, "float32", cache, tables_dir=tables)[0] == roofline
 
     measured = _fake_measured(tiny, tables / "h100-committed.json")
     seen = []
-    table, found = get_cost_table("h100", None, shape, units, TINY_PROFILE, "float32", cache, "prefill",
+    table, found = get_cost_table("h100", None, space, TINY_PROFILE, "float32", cache, "prefill",
                                   lambda r, c: seen.append((r, c.fixed_ms)), tables_dir=tables)
     assert table == measured and table.source == "measured" and found == tables / "h100-committed.json"
     assert seen == [("prefill", measured.regimes["prefill"].fixed_ms)]
     # The cache is looked at too (where a measurement on the device itself would be written).
     (cache / "profiles" / "h100-local.json").write_text((tables / "h100-committed.json").read_text())
     (tables / "h100-committed.json").unlink()
-    assert get_cost_table("h100", None, shape, units, TINY_PROFILE, "float32", cache, tables_dir=tables)[1] == (
+    assert get_cost_table("h100", None, space, TINY_PROFILE, "float32", cache, tables_dir=tables)[1] == (
         cache / "profiles" / "h100-local.json"
     )
 
 
 def test_mismatched_fingerprint_is_refused_naming_the_field(tiny, tmp_path):
-    _, shape, units = tiny
+    _, space = tiny
     path = tmp_path / "h100-a100.json"
     _fake_measured(tiny, path, device="NVIDIA A100-SXM4-80GB")
     with pytest.raises(UserInputError, match=r"h100-a100.json \(fingerprint field 'device' is 'NVIDIA A100-SXM4-80GB'"):
-        get_cost_table("h100", None, shape, units, TINY_PROFILE, "float32", tmp_path / "cache", tables_dir=tmp_path)
+        get_cost_table("h100", None, space, TINY_PROFILE, "float32", tmp_path / "cache", tables_dir=tmp_path)
     _fake_measured(tiny, path, dtype="float16")
     with pytest.raises(UserInputError, match="fingerprint field 'dtype' is 'float16', this device has 'bfloat16'"):
-        get_cost_table("h100", None, shape, units, TINY_PROFILE, "float32", tmp_path / "cache", tables_dir=tmp_path)
+        get_cost_table("h100", None, space, TINY_PROFILE, "float32", tmp_path / "cache", tables_dir=tmp_path)
 
 
 def test_corrupt_table_is_named(tiny, tmp_path):
-    _, shape, units = tiny
+    _, space = tiny
     for text in ("{not json", json.dumps({"version": 1, "regimes": {}})):
         (tmp_path / "h100-broken.json").write_text(text)
         with pytest.raises(UserInputError, match=f"latency table {tmp_path / 'h100-broken.json'} is corrupt"):
-            get_cost_table("h100", None, shape, units, TINY_PROFILE, "float32", tmp_path / "cache", tables_dir=tmp_path)
+            get_cost_table("h100", None, space, TINY_PROFILE, "float32", tmp_path / "cache", tables_dir=tmp_path)
 
 
 def test_refresh_needs_the_device(tiny, tmp_path):
-    _, shape, units = tiny
+    _, space = tiny
     assert device_present("cpu") and not device_present("cpu-generic")
     if not torch.cuda.is_available():
         assert not device_present("h100")
         with pytest.raises(UserInputError, match="NVIDIA H100 80GB HBM3 is not present on this machine"):
-            get_cost_table("h100", None, shape, units, replace(TINY_PROFILE, refresh=True), "float32", tmp_path)
+            get_cost_table("h100", None, space, replace(TINY_PROFILE, refresh=True), "float32", tmp_path)
     with pytest.raises(UserInputError, match="use profile=cpu to measure this machine"):
-        get_cost_table("cpu-generic", None, shape, units, replace(TINY_PROFILE, refresh=True), "float32", tmp_path)
+        get_cost_table("cpu-generic", None, space, replace(TINY_PROFILE, refresh=True), "float32", tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,8 @@ def test_random_errors() -> None:
 
 
 def test_layer_outlier_ratios_tiny(tiny) -> None:
-    loaded, shape, _ = tiny
+    loaded, space = tiny
+    shape = space.shape
     model = copy.deepcopy(loaded.model)  # the fixture is shared: inject the outlier into a copy
     tokens = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
     before = layer_outlier_ratios(model, tokens, batch_size=2)

@@ -64,7 +64,8 @@ def test_exported_model_equals_the_scored_stitched_model(searched):
 
     dense = load_model(job.model, cache).model
     shape = ModelShape.from_config(dense.config)
-    units = build_space(shape, job.space)
+    space = build_space(shape, job.space)
+    units = space.units
     (db_root,) = (cache / "databases").iterdir()
     stitched = build_pruned_model(dense, shape, plan.allocation, LevelDatabase(db_root, units).source)
     reloaded, _, reloaded_plan = load_pruned(run_dir)

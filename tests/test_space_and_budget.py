@@ -21,7 +21,8 @@ def test_mlp_levels_are_hardware_friendly():
 
 
 def test_space_has_attention_and_mlp_unit_per_layer():
-    units = build_space(SHAPE, SpaceConfig(mlp_step=64))
+    space = build_space(SHAPE, SpaceConfig(mlp_step=64))
+    units = space.units
     assert [u.name for u in units] == ["layer00.attn", "layer00.mlp", "layer01.attn", "layer01.mlp"]
     assert units[0].options == (0, 1, 2) and units[1].options == (0, 64, 128)
 
@@ -36,7 +37,8 @@ def costs() -> RegimeCosts:
 
 
 def test_speedup_target_and_unreachable_budget_names_the_range():
-    units = build_space(SHAPE, SpaceConfig(mlp_step=64))
+    space = build_space(SHAPE, SpaceConfig(mlp_step=64))
+    units = space.units
     assert predicted_dense_ms(costs(), units) == 50.0
     assert target_latency_ms(BudgetConfig(speedup=2.0, headroom=0.0), costs(), units, "cpu") == 25.0
     assert target_latency_ms(BudgetConfig(speedup=2.0, headroom=0.25), costs(), units, "cpu") == 20.0

@@ -255,7 +255,7 @@ def test_pruner_validation() -> None:
 
 
 def test_input_hessians_match_manual(tiny) -> None:
-    loaded, _shape, _units = tiny
+    loaded, space = tiny
     model = loaded.model
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (3, 10), generator=gen)

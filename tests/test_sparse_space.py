@@ -27,28 +27,31 @@ from .plans import sample_plan
 
 @pytest.fixture(scope="module")
 def mixed_db(tiny, tmp_path_factory):
-    loaded, shape, _ = tiny
+    loaded, space = tiny
     cfg = SpaceConfig(kind="mixed", mlp_step=32, fisher_sequences=4)
-    units = build_space(shape, cfg)
+    space = build_space(space.shape, cfg)
+    shape = space.shape
     calibration = torch.randint(0, shape.vocab, (8, 32), generator=torch.Generator().manual_seed(0))
-    db = open_or_build_database(loaded.model, shape, units, calibration, "tiny", "random", cfg,
+    db = open_or_build_database(loaded.model, space, calibration, "tiny", "random", cfg,
                                 tmp_path_factory.mktemp("cache"), batch_size=4)
-    return loaded.model, shape, units, db, calibration
+    return loaded.model, space, db, calibration
 
 
 def test_space_kinds_order_options_by_kept_weights(tiny):
-    _, shape, _ = tiny
+    _, space = tiny
+    shape = space.shape
     for kind in ("unstructured", "nm", "mixed"):
-        units = build_space(shape, SpaceConfig(kind=kind, mlp_step=32, allow_drop=False))
+        space = build_space(shape, SpaceConfig(kind=kind, mlp_step=32, allow_drop=False))
+        units = space.units
         for unit in units:
             params = [option_params(shape, unit.kind, o) for o in unit.options]
             assert params == sorted(params) and unit.options[-1] == unit.full
             assert any(is_sparse(o) for o in unit.options)
-    unstructured = build_space(shape, SpaceConfig(kind="unstructured", allow_drop=False))[0].options
+    unstructured = build_space(shape, SpaceConfig(kind="unstructured", allow_drop=False)).units[0].options
     assert unstructured == ("unstructured90", "unstructured80", "unstructured70", "unstructured60", "unstructured50",
                             "unstructured40", "unstructured30", "unstructured20", "unstructured10", shape.num_kv_heads)
-    assert build_space(shape, SpaceConfig(kind="nm", allow_drop=False))[1].options == ("2:4", "4:8", shape.intermediate)
-    structured = build_space(shape, SpaceConfig(mlp_step=32))[1].options
+    assert build_space(shape, SpaceConfig(kind="nm", allow_drop=False)).units[1].options == ("2:4", "4:8", shape.intermediate)
+    structured = build_space(shape, SpaceConfig(mlp_step=32)).units[1].options
     assert structured == (0, 32, 64, 96, 128)  # structured spaces are unchanged
 
 
@@ -66,13 +69,15 @@ def test_space_kinds_order_options_by_kept_weights(tiny):
     ],
 )
 def test_bad_space_names_the_value(tiny, cfg, named):
-    _, shape, _ = tiny
+    _, space = tiny
+    shape = space.shape
     with pytest.raises(UserInputError, match=named.replace("(", r"\(").replace(")", r"\)")):
         build_space(shape, cfg)
 
 
 def test_database_levels_carry_their_pattern_and_exact_counts(mixed_db):
-    dense, shape, units, db, _ = mixed_db
+    dense, space, db, _ = mixed_db
+    shape, units = space.shape, space.units
     for unit in units[:2]:
         for option in unit.options:
             if not is_sparse(option):
@@ -97,7 +102,8 @@ def test_database_levels_carry_their_pattern_and_exact_counts(mixed_db):
 def test_stitched_compressed_and_reloaded_models_agree(tiny, mixed_db, tmp_path):
     from allocator.model.export import export_checkpoint
 
-    dense, shape, units, db, calibration = mixed_db
+    dense, space, db, calibration = mixed_db
+    shape, units = space.shape, space.units
     allocation = {u.name: u.full for u in units}
     formats = {units[0].name: "unstructured70", units[1].name: "2:4", units[3].name: "block16x16-50", units[4].name: 1}
     allocation.update(formats)
@@ -131,7 +137,7 @@ def test_stitched_compressed_and_reloaded_models_agree(tiny, mixed_db, tmp_path)
 
 
 def test_roofline_prices_formats_by_their_bytes(tiny):
-    _, shape, _ = tiny
+    _, space = tiny
     big = ModelShape(num_layers=1, hidden=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate=14336, vocab=32000)
     decode = Regime("decode_b1", "decode", 1, 128)
     h100 = DEVICES["h100"]
@@ -148,9 +154,10 @@ def test_fitness_engine_scores_sparse_candidates_like_a_fresh_stitch(mixed_db):
     from search.fitness_engine import StitchedKLFitness
     from allocator.model.quality import kl_to_dense
 
-    dense, shape, units, db, calibration = mixed_db
+    dense, space, db, calibration = mixed_db
+    shape, units = space.shape, space.units
     pool = calibration[:4]
-    engine = StitchedKLFitness(dense, shape, units, db.source, pool, batch_size=2)
+    engine = StitchedKLFitness(dense, space, db.source, pool, batch_size=2)
     choices = [tuple((u + shift) % len(unit.options) for u, unit in enumerate(units)) for shift in (1, 4)]
     got = engine.score(choices, tokens=pool.numel())
     for choice, value in zip(choices, got):

@@ -18,15 +18,14 @@ def validate_profile_name(name: str) -> None:
 def run_profile(cfg: ProfileJob) -> None:
     validate_profile_name(cfg.profile.name)
     loaded = load_model(cfg.model, cfg.cache_dir)
-    shape = ModelShape.from_config(loaded.model.config)
-    units = build_space(shape, cfg.space)
+    space = build_space(ModelShape.from_config(loaded.model.config), cfg.space)
     table, path = get_cost_table(
-        cfg.profile.name, loaded.model, shape, units, cfg.profile, cfg.model.dtype, cfg.cache_dir
+        cfg.profile.name, loaded.model, space, cfg.profile, cfg.model.dtype, cfg.cache_dir
     )
     threads = f", {table.fingerprint['threads']} threads" if "threads" in table.fingerprint else ""
     print(f"latency table ({table.source}, {table.fingerprint['device']}{threads}): {path}")
     for name, costs in table.regimes.items():
-        dense, fastest = predicted_dense_ms(costs, units), predicted_min_ms(costs, units)
+        dense, fastest = predicted_dense_ms(costs, space.units), predicted_min_ms(costs, space.units)
         print(
             f"  {name:<12} dense {table.source} {costs.dense_ms:8.3f} ms, predicted {dense:8.3f} ms "
             f"({(dense / costs.dense_ms - 1) * 100:+.1f}%), fixed {costs.fixed_ms:7.3f} ms, max speedup {dense / fastest:.2f}x"

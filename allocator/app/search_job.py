@@ -33,7 +33,7 @@ from allocator.app.pareto_plot import plot_pareto_front
 from allocator.app.problem_file import write_problem
 from allocator.model.quality import kl_to_dense, perplexity
 from allocator.app.report import allocation_lines, plot_allocation, summary_lines
-from allocator.core.space import ATTN, ModelShape, Option, Unit, build_space, option_params, sparse_patterns
+from allocator.core.space import ATTN, ModelShape, Option, Space, build_space, option_params, sparse_patterns
 from allocator.app.verify_job import measure_speedup
 from profilers.registry import device_present, get_cost_table
 from profilers.regimes import find_regime
@@ -70,12 +70,12 @@ def validate_search_job(cfg: SearchJob) -> None:
         )
 
 
-def memory_limit(cfg: SearchJob, dense: nn.Module, shape: ModelShape, units: list[Unit]) -> tuple[list, float] | None:
+def memory_limit(cfg: SearchJob, dense: nn.Module, space: Space) -> tuple[list, float] | None:
     """(per-unit option bytes, capacity for the units) under budget.memory_gb, or None without a memory budget."""
     if cfg.budget.memory_gb is None:
         return None
-    per_unit = memory_costs(cfg.budget, shape, units, next(dense.parameters()).element_size())
-    return per_unit, memory_capacity(cfg.budget, per_unit, fixed_bytes(dense, shape, units))
+    per_unit = memory_costs(cfg.budget, space, next(dense.parameters()).element_size())
+    return per_unit, memory_capacity(cfg.budget, per_unit, fixed_bytes(dense, space))
 
 
 def problem_cost_unit(cfg: SearchJob) -> str:
@@ -88,19 +88,19 @@ def problem_cost_unit(cfg: SearchJob) -> str:
 def build_problem(
     cfg: SearchJob,
     dense: nn.Module,
-    shape: ModelShape,
-    units: list[Unit],
+    space: Space,
     costs: RegimeCosts,
     db: LevelDatabase,
     target_ms: float | None,
 ) -> AllocationProblem:
     """The budget's costs: latency (ms, less the fixed part) under a speedup/latency target, kept weights under a
     sparsity one, bytes under memory alone; memory beside a target becomes the problem's second limit."""
-    memory = memory_limit(cfg, dense, shape, units)
+    shape, units = space.shape, space.units
+    memory = memory_limit(cfg, dense, space)
     second = None
     if is_param_budget(cfg.budget):
         unit_cost = [[float(option_params(shape, u.kind, k)) for k in u.options] for u in units]
-        capacity = target_params(cfg.budget, shape, units)
+        capacity = target_params(cfg.budget, space)
         second = memory
     elif is_latency_budget(cfg.budget):
         unit_cost = [unit_costs(costs, u) for u in units]
@@ -130,8 +130,7 @@ class SearchSetup:
 
     dense: nn.Module
     tokenizer: object
-    shape: ModelShape
-    units: list[Unit]
+    space: Space
     table: CostTable
     table_path: Path
     costs: RegimeCosts
@@ -148,19 +147,18 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, cfg.cache_dir)
     dense = loaded.model
-    shape = ModelShape.from_config(dense.config)
-    units = build_space(shape, cfg.space)
+    space = build_space(ModelShape.from_config(dense.config), cfg.space)
     budget_ms: dict[str, float] = {}
     if is_param_budget(cfg.budget):  # unreachable budgets fail now, not after profiling
-        target_params(cfg.budget, shape, units)
-    memory_limit(cfg, dense, shape, units)
+        target_params(cfg.budget, space)
+    memory_limit(cfg, dense, space)
 
     def check_budget(regime: str, costs: RegimeCosts) -> None:
         if is_latency_budget(cfg.budget):
-            budget_ms["target"] = target_latency_ms(cfg.budget, costs, units, cfg.profile.name)
+            budget_ms["target"] = target_latency_ms(cfg.budget, costs, space.units, cfg.profile.name)
 
     table, table_path = get_cost_table(
-        cfg.profile.name, dense, shape, units, cfg.profile, cfg.model.dtype, cfg.cache_dir, cfg.budget.regime, check_budget
+        cfg.profile.name, dense, space, cfg.profile, cfg.model.dtype, cfg.cache_dir, cfg.budget.regime, check_budget
     )
     costs = table.regime(cfg.budget.regime)
     fitness_pool = fitness_pool or SEARCHERS.get(cfg.searcher.name).uses_fitness
@@ -168,15 +166,15 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     # OWL allocates by each layer's activation-outlier ratio: gathered on the database's calibration pass.
     outliers = OutlierNorms(cfg.fitness.sequences, cfg.fitness.batch_size) if cfg.searcher.name == "owl" else None
     db = open_or_build_database(
-        dense, shape, units, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir,
+        dense, space, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir,
         also=[outliers] if outliers else [],
     )
     target_ms = budget_ms.get("target")
-    problem = build_problem(cfg, dense, shape, units, costs, db, target_ms)
+    problem = build_problem(cfg, dense, space, costs, db, target_ms)
     if outliers is not None:
         ratios = outliers.ratios()
-        problem = replace(problem, outlier_ratios=tuple(ratios[u.layer] for u in units))
-    return SearchSetup(dense, loaded.tokenizer, shape, units, table, table_path, costs, target_ms, data, db, problem)
+        problem = replace(problem, outlier_ratios=tuple(ratios[u.layer] for u in space.units))
+    return SearchSetup(dense, loaded.tokenizer, space, table, table_path, costs, target_ms, data, db, problem)
 
 
 def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
@@ -184,10 +182,11 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / JOB_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # what `export` re-runs
     setup = prepare_search(cfg)
-    dense, tokenizer, shape, units, costs, data, db, problem = (
-        setup.dense, setup.tokenizer, setup.shape, setup.units, setup.costs, setup.data, setup.db, setup.problem
+    dense, tokenizer, space, costs, data, db, problem = (
+        setup.dense, setup.tokenizer, setup.space, setup.costs, setup.data, setup.db, setup.problem
     )
-    found = run_searcher(cfg, run_dir, problem, dense, shape, units, db, data.fitness)
+    shape, units = space.shape, space.units
+    found = run_searcher(cfg, run_dir, problem, dense, space, db, data.fitness)
     uniform = UniformSearcher().search(problem, seed=cfg.seed)
     allocations = {"searched": found.labels(problem), "uniform": uniform.labels(problem)}
     models = {name: build_pruned_model(dense, shape, alloc, db.source) for name, alloc in allocations.items()}
@@ -226,8 +225,7 @@ def run_searcher(
     run_dir: Path,
     problem: AllocationProblem,
     dense: nn.Module,
-    shape: ModelShape,
-    units: list[Unit],
+    space: Space,
     db: LevelDatabase,
     pool: torch.Tensor | None,
 ) -> Allocation:
@@ -239,7 +237,7 @@ def run_searcher(
     searcher = make_searcher(searcher_cfg)
     fitness = None
     if searcher.uses_fitness:
-        fitness = StitchedKLFitness(dense, shape, units, db.source, pool, batch_size=cfg.fitness.batch_size)
+        fitness = StitchedKLFitness(dense, space, db.source, pool, batch_size=cfg.fitness.batch_size)
     found = searcher.search(problem, seed=cfg.seed, fitness=fitness)
     if "trace" in found.info:
         write_json_atomic(run_dir / "search_trace.json", found.info)
@@ -262,7 +260,7 @@ def make_plan(
 ) -> Plan:
     """The run's plan, built once: `kl` and `ppl` by allocation name ("searched", "uniform"; ppl also "dense"),
     `weights` of the exported model, `kv_cache` bytes of the searched allocation at the budget's batch and context."""
-    costs, units, table = setup.costs, setup.units, setup.table
+    costs, units, table = setup.costs, setup.space.units, setup.table
     dense_ms = predicted_dense_ms(costs, units)
     searched_ms = predicted_ms(costs, units, allocations["searched"])
     uniform_ms = predicted_ms(costs, units, allocations["uniform"])
@@ -292,7 +290,7 @@ def make_plan(
             latency_ms=searched_ms,
             dense_latency_ms=dense_ms,
             speedup=dense_ms / searched_ms,
-            param_sparsity=param_sparsity(setup.shape, units, allocations["searched"]),
+            param_sparsity=param_sparsity(setup.space, allocations["searched"]),
             weight_bytes=weights,
             dense_weight_bytes=dense_weights,
             kv_cache_bytes=kv_cache,
@@ -303,7 +301,7 @@ def make_plan(
             proxy_error=float(uniform.error),
             predicted_latency_ms=uniform_ms,
             predicted_speedup=dense_ms / uniform_ms,
-            param_sparsity=param_sparsity(setup.shape, units, allocations["uniform"]),
+            param_sparsity=param_sparsity(setup.space, allocations["uniform"]),
             kl=kl["uniform"],
             ppl_dense=ppl["dense"],
             ppl_pruned=ppl["uniform"],

@@ -51,8 +51,8 @@ def main(n_candidates: int = 12) -> dict:
     for i in tqdm(range(n_candidates), desc="candidates", unit="cand"):
         log2 = {g: 0.0 if i == 0 else float(rng.uniform(-LOG2_RANGE, LOG2_RANGE)) for g in dict.fromkeys(groups)}
         choice = spdy_choice(problem, groups, log2)
-        labels = {u.name: u.options[j] for u, j in zip(setup.units, choice)}
-        model = build_pruned_model(setup.dense, setup.shape, labels, setup.db.source)
+        labels = {u.name: u.options[j] for u, j in zip(setup.space.units, choice)}
+        model = build_pruned_model(setup.dense, setup.space.shape, labels, setup.db.source)
         quality = {name: heldout_quality(model, dense_logp[name], tokens, batch) for name, tokens in texts.items()}
         rows.append({"candidate": "dp" if i == 0 else f"spdy-{i}", "choice": list(choice), "proxy_error": problem.error_of(choice),
                      **{f"kl_{name}": q["kl"] for name, q in quality.items()}, "heldout_ppl": quality["heldout"]["ppl"]})

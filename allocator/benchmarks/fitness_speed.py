@@ -37,9 +37,9 @@ def main(n_candidates: int = 12, tokens: int = 1024) -> dict:
     pool = setup.data.fitness
     n_seq = -(-tokens // pool.shape[1])
     engines = {
-        "engine": StitchedKLFitness(setup.dense, setup.shape, setup.units, setup.db.source, pool, prefix_reuse=True),
+        "engine": StitchedKLFitness(setup.dense, setup.space, setup.db.source, pool, prefix_reuse=True),
         "engine_no_prefix_reuse": StitchedKLFitness(
-            setup.dense, setup.shape, setup.units, setup.db.source, pool, prefix_reuse=False
+            setup.dense, setup.space, setup.db.source, pool, prefix_reuse=False
         ),
     }
     seconds: dict[str, list[float]] = {name: [] for name in ("naive", *engines)}
@@ -47,9 +47,9 @@ def main(n_candidates: int = 12, tokens: int = 1024) -> dict:
     for engine in engines.values():  # the parent is scored first, as evolution does; it is not timed
         engine.score([parent], tokens)
     for child in children:
-        labels = {u.name: u.options[j] for u, j in zip(setup.units, child)}
+        labels = {u.name: u.options[j] for u, j in zip(setup.space.units, child)}
         start = time.perf_counter()
-        model = build_pruned_model(setup.dense, setup.shape, labels, setup.db.source)
+        model = build_pruned_model(setup.dense, setup.space.shape, labels, setup.db.source)
         values["naive"].append(kl_to_dense(setup.dense, {"m": model}, pool[:n_seq], cfg.fitness.batch_size)["m"])
         seconds["naive"].append(time.perf_counter() - start)
         for name, engine in engines.items():

@@ -74,15 +74,15 @@ def run_budget(label: str, overrides: list[str], max_tokens: int, saved: dict) -
     setup: SearchSetup = prepare_search(cfg, fitness_pool=True)
     heldout, pool = benchmark_heldout(cfg, setup.tokenizer), setup.data.fitness
     dense_logp = dense_log_probs(setup.dense, heldout, cfg.fitness.batch_size)
-    fitness = StitchedKLFitness(setup.dense, setup.shape, setup.units, setup.db.source, pool, cfg.fitness.batch_size)
+    fitness = StitchedKLFitness(setup.dense, setup.space, setup.db.source, pool, cfg.fitness.batch_size)
     results = saved["results"].setdefault(label, {})
     evaluated: dict[tuple[int, ...], dict] = {}
 
     def quality(choice: list[int] | tuple[int, ...]) -> dict:
         key = tuple(choice)
         if key not in evaluated:
-            labels = {u.name: u.options[j] for u, j in zip(setup.units, key)}
-            evaluated[key] = heldout_quality(build_pruned_model(setup.dense, setup.shape, labels, setup.db.source),
+            labels = {u.name: u.options[j] for u, j in zip(setup.space.units, key)}
+            evaluated[key] = heldout_quality(build_pruned_model(setup.dense, setup.space.shape, labels, setup.db.source),
                                              dense_logp, heldout)
         return evaluated[key]
 
@@ -95,7 +95,7 @@ def run_budget(label: str, overrides: list[str], max_tokens: int, saved: dict) -
         if name == "owl":
             ratios = layer_outlier_ratios(setup.dense, setup.data.calibration[: cfg.fitness.sequences],
                                           batch_size=cfg.fitness.batch_size)
-            problem = replace(problem, outlier_ratios=tuple(ratios[u.layer] for u in setup.units))
+            problem = replace(problem, outlier_ratios=tuple(ratios[u.layer] for u in setup.space.units))
         searcher = make_searcher(searcher_config(name, max_tokens))
         start = time.perf_counter()
         found = searcher.search(problem, seed=cfg.seed, fitness=fitness if searcher.uses_fitness else None)

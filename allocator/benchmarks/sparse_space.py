@@ -49,11 +49,11 @@ def dp_vs_uniform() -> dict:
     allocations = {
         "dp": SEARCHERS.get("dp")().search(setup.problem).labels(setup.problem),
         "uniform": SEARCHERS.get("uniform")().search(setup.problem).labels(setup.problem),
-        "every unit 50%": {u.name: "unstructured50" for u in setup.units},
+        "every unit 50%": {u.name: "unstructured50" for u in setup.space.units},
     }
     out = {}
     for name, allocation in allocations.items():
-        model = build_pruned_model(setup.dense, setup.shape, allocation, setup.db.source)
+        model = build_pruned_model(setup.dense, setup.space.shape, allocation, setup.db.source)
         out[name] = {
             **heldout_quality(model, dense_logp, setup.data.heldout),
             "levels": dict(Counter(allocation.values())),
@@ -74,9 +74,9 @@ def mixed_export(memory_gb: float) -> dict:
 
 def check_export(setup, allocation: dict, overrides: list[str]) -> dict:
     """Export the deployable model, reload it and compare its logits with the stitched model's."""
-    stitched = build_pruned_model(setup.dense, setup.shape, allocation, setup.db.source)
-    deployed = build_deployable(setup.dense, setup.shape, allocation, setup.db.source)
-    full = {u.name: u.full for u in setup.units}
+    stitched = build_pruned_model(setup.dense, setup.space.shape, allocation, setup.db.source)
+    deployed = build_deployable(setup.dense, setup.space.shape, allocation, setup.db.source)
+    full = {u.name: u.full for u in setup.space.units}
     formats = Counter(
         export_format(sparse_pattern(o))[0] if is_sparse(o) else "dense" if o == full[n] else "dropped" if o == 0
         else "structured" for n, o in allocation.items()

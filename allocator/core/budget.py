@@ -6,7 +6,7 @@ from __future__ import annotations
 from allocator.core.config import BudgetConfig
 from allocator.core.errors import UserInputError
 from allocator.core.memory import option_bytes
-from allocator.core.space import ModelShape, Unit, option_params
+from allocator.core.space import Option, Space, option_params
 
 
 def validate_budget(cfg: BudgetConfig) -> None:
@@ -42,11 +42,11 @@ def is_latency_budget(cfg: BudgetConfig) -> bool:
     return cfg.speedup is not None or cfg.latency_ms is not None
 
 
-def memory_costs(cfg: BudgetConfig, shape: ModelShape, units: list[Unit], dtype_bytes: int) -> list[list[float]]:
+def memory_costs(cfg: BudgetConfig, space: Space, dtype_bytes: int) -> list[list[float]]:
     """Per unit, bytes of each option: weights, plus the KV cache for attention."""
     return [
-        [float(option_bytes(shape, u.kind, k, cfg.memory_batch, cfg.memory_context, dtype_bytes)) for k in u.options]
-        for u in units
+        [float(option_bytes(space.shape, u.kind, k, cfg.memory_batch, cfg.memory_context, dtype_bytes)) for k in u.options]
+        for u in space.units
     ]
 
 
@@ -63,10 +63,10 @@ def memory_capacity(cfg: BudgetConfig, units_bytes: list[list[float]], fixed: in
     return asked - fixed
 
 
-def target_params(cfg: BudgetConfig, shape: ModelShape, units: list[Unit]) -> float:
+def target_params(cfg: BudgetConfig, space: Space) -> float:
     """Weights the pruned decoder may keep under budget.sparsity, after checking the space can get that low."""
-    dense = sum(option_params(shape, u.kind, u.full) for u in units)
-    least = sum(min(option_params(shape, u.kind, k) for k in u.options) for u in units)
+    dense = param_count(space, space.dense_allocation())
+    least = sum(min(option_params(space.shape, u.kind, k) for k in u.options) for u in space.units)
     target = (1.0 - cfg.sparsity) * dense
     if target < least:
         raise UserInputError(
@@ -76,9 +76,13 @@ def target_params(cfg: BudgetConfig, shape: ModelShape, units: list[Unit]) -> fl
     return target
 
 
-def param_sparsity(shape: ModelShape, units: list[Unit], allocation: dict[str, int]) -> float:
-    dense = sum(option_params(shape, u.kind, u.full) for u in units)
-    return 1.0 - sum(option_params(shape, u.kind, allocation[u.name]) for u in units) / dense
+def param_count(space: Space, allocation: dict[str, Option]) -> int:
+    """Decoder linear weights an allocation keeps."""
+    return sum(option_params(space.shape, u.kind, allocation[u.name]) for u in space.units)
+
+
+def param_sparsity(space: Space, allocation: dict[str, Option]) -> float:
+    return 1.0 - param_count(space, allocation) / param_count(space, space.dense_allocation())
 
 
 def budget_label(cfg: BudgetConfig) -> str:

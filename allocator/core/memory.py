@@ -5,7 +5,7 @@ GB here is 10^9 bytes. What is not a decoder linear (embeddings, lm_head if unti
 from __future__ import annotations
 
 from allocator.core.formats import sparse_unit_bytes
-from allocator.core.space import ATTN, ModelShape, Option, Unit, is_sparse, kept_width, option_params, sparse_pattern
+from allocator.core.space import ATTN, ModelShape, Option, is_sparse, kept_width, option_params, sparse_pattern
 
 
 def kv_bytes(shape: ModelShape, kept: Option, batch: int, context: int, dtype_bytes: int) -> int:

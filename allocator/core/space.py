@@ -6,7 +6,7 @@ unit at full width. `space.kind` picks which options a unit has."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 from allocator.core.patterns import SparsityPattern, kept_count
@@ -163,7 +163,33 @@ def check_pattern_fits(shape: ModelShape, pattern: SparsityPattern) -> None:
             raise UserInputError(f"space option {pattern.label} does not fit this model: {exc}") from None
 
 
-def build_space(shape: ModelShape, cfg: SpaceConfig) -> list[Unit]:
+@dataclass(frozen=True)
+class Space:
+    """A model's search space: its shape and its units (attention, then MLP, per layer in order). Every unit of a
+    kind has that kind's options, so `options[kind]` describes all of them."""
+
+    shape: ModelShape
+    units: tuple[Unit, ...]
+    # kind → its options, ascending in kept weights (the dense one last): the form latency tables are keyed on.
+    options: dict[str, list[Option]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units", tuple(self.units))
+        options: dict[str, tuple[Option, ...]] = {}
+        for unit in self.units:
+            if options.setdefault(unit.kind, unit.options) != unit.options:
+                raise ValueError(f"unit {unit.name} has options {unit.options}, other {unit.kind} units {options[unit.kind]}")
+        object.__setattr__(self, "options", {kind: list(opts) for kind, opts in options.items()})
+
+    @property
+    def has_sparse(self) -> bool:
+        return any(is_sparse(o) for opts in self.options.values() for o in opts)
+
+    def dense_allocation(self) -> dict[str, Option]:
+        return {u.name: u.full for u in self.units}
+
+
+def build_space(shape: ModelShape, cfg: SpaceConfig) -> Space:
     """Options ascending in kept weights (ties in label order), the dense one last."""
     patterns = sparse_patterns(cfg)
     for pattern in patterns:
@@ -186,5 +212,5 @@ def build_space(shape: ModelShape, cfg: SpaceConfig) -> list[Unit]:
     for layer in range(shape.num_layers):
         units.append(Unit(unit_name(layer, ATTN), layer, ATTN, shape.num_kv_heads, attn_options))
         units.append(Unit(unit_name(layer, MLP), layer, MLP, shape.intermediate, mlp_options))
-    return units
+    return Space(shape, tuple(units))
 

@@ -28,7 +28,7 @@ from allocator.model.surgery import (
     UNIT_LINEARS, LevelSource, SparseUnitWeights, UnitWeights, decoder_layers, group_rows,
 )
 from allocator.core.space import (
-    ATTN, MLP, ModelShape, Option, Unit, is_sparse, option_key, parse_option_key, sparse_pattern, unit_name,
+    ATTN, MLP, Option, Space, Unit, is_sparse, option_key, parse_option_key, sparse_pattern, unit_name,
 )
 from allocator.levels.sparse_levels import HESSIAN_OF, BlockCalls, block_output_errors, prune_unit, unit_block
 
@@ -163,8 +163,7 @@ def _build_unit(build_levels, unit: Unit, root: Path) -> None:
 
 def open_or_build_database(
     model: torch.nn.Module,
-    shape: ModelShape,
-    units: list[Unit],
+    space: Space,
     calibration: torch.Tensor,
     model_fp: str,
     data_fp: str,
@@ -173,9 +172,10 @@ def open_or_build_database(
     batch_size: int = 8,
     also: Sequence[Collector] = (),
 ) -> LevelDatabase:
-    """The level database of `units`, built (what is missing of it) from one calibration pass over `calibration`
-    in batches of `batch_size` sequences. The collectors in `also` ride on that pass (on a pass of their own when
-    nothing is left to build)."""
+    """The level database of the space's units, built (what is missing of it) from one calibration pass over
+    `calibration` in batches of `batch_size` sequences. The collectors in `also` ride on that pass (on a pass of their
+    own when nothing is left to build)."""
+    shape, units = space.shape, space.units
     root = Path(cache_dir) / "databases" / database_key(model_fp, data_fp, units, cfg)
     todo = [u for u in units if not (root / u.name / "errors.json").is_file()]
     if not todo:

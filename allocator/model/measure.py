@@ -7,7 +7,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from allocator.core.memory import unit_weight_bytes
-from allocator.core.space import ModelShape, Unit
+from allocator.core.space import Space
 from allocator.model.surgery import decoder_layers
 
 
@@ -17,10 +17,10 @@ def weight_bytes(model: nn.Module) -> int:
     return params + sum(getattr(m, "weight_nbytes", 0) for m in model.modules() if not list(m.parameters(recurse=False)))
 
 
-def fixed_bytes(dense: nn.Module, shape: ModelShape, units: list[Unit]) -> int:
+def fixed_bytes(dense: nn.Module, space: Space) -> int:
     """Every parameter byte outside the prunable units."""
     dtype_bytes = next(dense.parameters()).element_size()
-    return weight_bytes(dense) - sum(unit_weight_bytes(shape, u.kind, u.full, dtype_bytes) for u in units)
+    return weight_bytes(dense) - sum(unit_weight_bytes(space.shape, u.kind, u.full, dtype_bytes) for u in space.units)
 
 
 @torch.inference_mode()
