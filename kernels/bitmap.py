@@ -270,14 +270,74 @@ def _block_m(m: int) -> int:
     return min(64, max(16, triton.next_power_of_2(m)))
 
 
-def _default_split_k(programs: int, tiles_k: int, device: torch.device) -> int:
-    """Split K until the grid has about two programs per SM, keeping at least two tiles per split."""
-    if device.type != "cuda":
+def _default_split_k(programs: int, tiles_k: int, sms: int | None) -> int:
+    """Split K until the grid has about two programs per SM (`sms` None: the interpreter), keeping at least two
+    tiles per split."""
+    if sms is None:
         return 1  # the interpreter runs programs one after another: splitting only adds work
-    target = 2 * _sm_count(device)
+    target = 2 * sms
     if programs >= target:
         return 1
     return max(1, min(-(-target // programs), tiles_k // 2))
+
+
+NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How `triton_matmul` launches the kernel for one call: grid (M blocks, tile rows, K splits), constexprs,
+    warps. The static benchmark (allocator.benchmarks.kernel_static) compiles exactly this."""
+
+    grid: tuple[int, int, int]
+    block_m: int
+    split: int
+    tiles_per_split: int
+    num_warps: int = NUM_WARPS
+
+    @property
+    def use_dot(self) -> bool:
+        return self.block_m >= 16
+
+
+def launch_plan(m: int, tiles: tuple[int, int], sms: int | None, split_k: int | None = None) -> Launch:
+    """The launch for m rows of x against a weight of `tiles` (tiles_n, tiles_k) on a device with `sms` SMs (None:
+    the interpreter); `split_k` forces the number of K splits."""
+    tiles_n, tiles_k = tiles
+    block_m = _block_m(m)
+    grid_m = triton.cdiv(m, block_m)
+    split = split_k if split_k is not None else _default_split_k(grid_m * tiles_n, tiles_k, sms)
+    if split < 1:
+        raise UnsupportedShape(f"bitmap.triton_matmul: split_k={split} must be >= 1")
+    per_split = triton.cdiv(tiles_k, split)
+    split = triton.cdiv(tiles_k, per_split)  # no empty splits
+    return Launch((grid_m, tiles_n, split), block_m, split, per_split)
+
+
+def _fp32_out(plan: Launch, dtype: torch.dtype) -> bool:
+    # Split-K partial sums go to an fp32 workspace summed afterwards. So does bf16 in the interpreter: its
+    # fp32 → bf16 cast truncates where the GPU (and torch) round to nearest even.
+    return plan.split > 1 or (INTERPRETED and dtype == torch.bfloat16)
+
+
+def output_buffer(plan: Launch, m: int, n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """The (split, m, n) tensor the kernel writes: x's dtype, or fp32 partial sums (see `_fp32_out`)."""
+    return torch.empty((plan.split, m, n), dtype=torch.float32 if _fp32_out(plan, dtype) else dtype, device=device)
+
+
+def kernel_arguments(
+    x2: torch.Tensor, w: BitmapWeight, bias: torch.Tensor | None, out: torch.Tensor, plan: Launch
+) -> tuple[tuple, dict]:
+    """The kernel's runtime arguments and constexprs for one launch on a 2-D x (what triton_matmul passes)."""
+    m, k = x2.shape
+    (tn, tk), tiles_k = w.tile, w.tiles[1]
+    args = (x2, w.bitmap, w.offsets, w.values, bias if bias is not None else w.values, out,
+            m, w.shape[0], k, x2.stride(0), x2.stride(1), out.stride(1), out.stride(2), out.stride(0),
+            tiles_k, plan.tiles_per_split)
+    constexprs = dict(TILE_N=tn, TILE_K=tk, BLOCK_M=plan.block_m, USE_DOT=plan.use_dot, UPCAST=INTERPRETED,
+                      HAS_BIAS=bias is not None,
+                      DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32")  # fp32: fp32, not TF32
+    return args, constexprs
 
 
 def triton_matmul(
@@ -291,7 +351,7 @@ def triton_matmul(
     check_linear_call(where, x, w, bias)
     check_kernel_device(where, "bitmap", INTERPRETED, x, w.bitmap, w.offsets, w.values, bias)
     n, k = w.shape
-    (tn, tk), (tiles_n, tiles_k) = w.tile, w.tiles
+    tn, (tiles_n, tiles_k) = w.tile[0], w.tiles
     lead = x.shape[:-1]
     if x.numel() == 0 or n == 0:  # nothing to launch; an empty K sum is zero
         return F.linear(x, x.new_zeros(n, k), bias)
@@ -299,24 +359,9 @@ def triton_matmul(
     m = x2.shape[0]
     if tiles_n > 65535:  # grid axis 1; CUDA caps it at 65535
         raise UnsupportedShape(f"{where}: out_features={n} needs {tiles_n} row tiles of {tn}, at most 65535")
-    block_m = _block_m(m)
-    grid_m = triton.cdiv(m, block_m)
-    split = split_k if split_k is not None else _default_split_k(grid_m * tiles_n, tiles_k, x.device)
-    if split < 1:
-        raise UnsupportedShape(f"{where}: split_k={split} must be >= 1")
-    per_split = triton.cdiv(tiles_k, split)
-    split = triton.cdiv(tiles_k, per_split)  # no empty splits
-    # Split-K partial sums go to an fp32 workspace summed below. So does bf16 in the interpreter: its fp32 → bf16
-    # cast truncates where the GPU (and torch) round to nearest even.
-    fp32_out = split > 1 or (INTERPRETED and x.dtype == torch.bfloat16)
-    out = torch.empty((split, m, n), dtype=torch.float32 if fp32_out else x.dtype, device=x.device)
-    _bitmap_matmul_kernel[(grid_m, tiles_n, split)](
-        x2, w.bitmap, w.offsets, w.values, bias if bias is not None else w.values, out,
-        m, n, k, x2.stride(0), x2.stride(1), out.stride(1), out.stride(2), out.stride(0),
-        tiles_k, per_split,
-        TILE_N=tn, TILE_K=tk, BLOCK_M=block_m,
-        USE_DOT=block_m >= 16, UPCAST=INTERPRETED, HAS_BIAS=bias is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 weights: fp32, not TF32, products
-        num_warps=4,
-    )
+    plan = launch_plan(m, (tiles_n, tiles_k), _sm_count(x.device) if x.device.type == "cuda" else None, split_k)
+    fp32_out = _fp32_out(plan, x.dtype)
+    out = output_buffer(plan, m, n, x.dtype, x.device)
+    args, constexprs = kernel_arguments(x2, w, bias, out, plan)
+    _bitmap_matmul_kernel[plan.grid](*args, **constexprs, num_warps=plan.num_warps)
     return (out.sum(0).to(x.dtype) if fp32_out else out[0]).reshape(*lead, n)

@@ -269,9 +269,28 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
     return kept or [c for c in configs if c.kwargs["GROUP"] * bc >= 16][:1]
 
 
+def candidate_configs(m: int, block: tuple[int, int]) -> list[triton.Config]:
+    """The configs the CUDA autotuner times for m rows of x and (rows, cols) blocks: the kernel runs the fastest
+    of these (the static benchmark, allocator.benchmarks.kernel_static, compiles each)."""
+    return _prune(_cuda_configs(), {"M_BUCKET": triton.next_power_of_2(m)}, BR=block[0], BC=block[1])
+
+
 _tuned_kernel = triton.autotune(configs=_cuda_configs(), key=["M_BUCKET", "N", "K", "BR", "BC"],
                                 prune_configs_by={"early_config_prune": _prune})(_bsr_matmul_kernel)
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "GROUP": 2}  # a fixed config: autotuning would only multiply the runtime
+
+
+def kernel_arguments(x2d: torch.Tensor, w: BSRWeight, bias: torch.Tensor | None,
+                     out: torch.Tensor) -> tuple[tuple, dict]:
+    """The kernel's runtime arguments and constexprs (all but the config's) for one launch on a 2-D x."""
+    M, in_features = x2d.shape
+    args = (x2d, w.blocks, w.row_ptr, w.col_idx, bias if bias is not None else out, out,
+            M, w.shape[0], in_features, triton.next_power_of_2(M),
+            x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1))
+    # fp32 weights get fp32 products ("ieee"), not TF32's 10-bit mantissas; 16-bit operands are exact either way.
+    meta = dict(BR=w.block[0], BC=w.block[1], HAS_BIAS=bias is not None, UPCAST=INTERPRETED,
+                DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32")
+    return args, meta
 
 
 def triton_matmul(x: torch.Tensor, w: BSRWeight, bias: torch.Tensor | None = None,
@@ -300,12 +319,7 @@ def triton_matmul(x: torch.Tensor, w: BSRWeight, bias: torch.Tensor | None = Non
     fp32_out = INTERPRETED and x.dtype == torch.bfloat16
     out = torch.empty(M, out_features, dtype=torch.float32 if fp32_out else x.dtype, device=x.device)
     br, bc = w.block
-    args = (x2d, w.blocks, w.row_ptr, w.col_idx, bias.contiguous() if bias is not None else out, out,
-            M, out_features, in_features, triton.next_power_of_2(M),
-            x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1))
-    # fp32 weights get fp32 products ("ieee"), not TF32's 10-bit mantissas; 16-bit operands are exact either way.
-    meta = dict(BR=br, BC=bc, HAS_BIAS=bias is not None, UPCAST=INTERPRETED,
-                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    args, meta = kernel_arguments(x2d, w, bias.contiguous() if bias is not None else None, out)
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * (out_features // br),)

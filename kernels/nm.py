@@ -325,30 +325,51 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
     return kept or [c for c in configs if c.kwargs["BLOCK_K"] >= mm_p2 and c.kwargs["SPLIT_K"] == 1][:1]
 
 
+def candidate_configs(m: int, group: int) -> list[triton.Config]:
+    """The configs the CUDA autotuner times for m rows of x and groups of `group` (the format's m): the kernel
+    runs the fastest of these (the static benchmark, allocator.benchmarks.kernel_static, compiles each)."""
+    return _prune(_cuda_configs(), {"M_BUCKET": triton.next_power_of_2(m)}, MM_P2=triton.next_power_of_2(group))
+
+
 _tuned_kernel = triton.autotune(configs=_cuda_configs(), key=["M_BUCKET", "N", "K"],
                                 prune_configs_by={"early_config_prune": _prune})(_nm_matmul_kernel)
 # The interpreter runs one fixed config (autotuning there would only multiply the runtime).
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}
 
 
+def buffers(M: int, N: int, dtype: torch.dtype, device: torch.device | str,
+            config: dict[str, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and the split-K workspace one launch writes (`config` None: autotuned)."""
+    # The interpreter casts fp32 to bf16 by truncation where GPUs (and torch) round to nearest even: there the
+    # kernel stores fp32 and torch casts.
+    fp32_out = INTERPRETED and dtype == torch.bfloat16
+    out = torch.empty(M, N, dtype=torch.float32 if fp32_out else dtype, device=device)
+    # The split-K workspace, only where a split can be chosen (autotuning splits decode-sized M only).
+    may_split = config["SPLIT_K"] > 1 if config is not None else triton.next_power_of_2(M) <= SPLIT_M_MAX
+    ws = torch.empty((M, N) if may_split else (1,), dtype=torch.float32, device=device)
+    return out, ws
+
+
+def kernel_arguments(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, out: torch.Tensor,
+                     ws: torch.Tensor) -> tuple[tuple, dict]:
+    """The kernel's runtime arguments and constexprs (all but the config's) for one launch on a 2-D x."""
+    M, K = x2d.shape
+    args = (x2d, w.values, w.indices, bias if bias is not None else out, out, ws,
+            M, w.shape[0], K, triton.next_power_of_2(M), w.indices.shape[1],  # idx_cols: a host int (alignment)
+            x2d.stride(0), x2d.stride(1), w.values.stride(0), w.indices.stride(0), out.stride(0), out.stride(1))
+    # fp32 weights get fp32 products ("ieee"), not TF32's 10-bit mantissas; 16-bit operands are exact either way.
+    meta = dict(NN=w.n, MM=w.m, MM_P2=triton.next_power_of_2(w.m), BITS=w.bits, HAS_BIAS=bias is not None,
+                UPCAST=INTERPRETED, DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32")
+    return args, meta
+
+
 def _launch(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, config: dict[str, int] | None) -> torch.Tensor:
     """One kernel launch on a 2-D x; `config` fixes the tile sizes (the interpreter, tests), None autotunes."""
     M, K = x2d.shape
     N = w.shape[0]
-    # The interpreter casts fp32 to bf16 by truncation where GPUs (and torch) round to nearest even: there the
-    # kernel stores fp32 and torch casts.
-    fp32_out = INTERPRETED and x2d.dtype == torch.bfloat16
-    out = torch.empty(M, N, dtype=torch.float32 if fp32_out else x2d.dtype, device=x2d.device)
-    # The split-K workspace, only where a split can be chosen (autotuning splits decode-sized M only).
-    may_split = config["SPLIT_K"] > 1 if config is not None else triton.next_power_of_2(M) <= SPLIT_M_MAX
-    ws = torch.empty((M, N) if may_split else (1,), dtype=torch.float32, device=x2d.device)
+    out, ws = buffers(M, N, x2d.dtype, x2d.device, config)
     mm_p2 = triton.next_power_of_2(w.m)
-    args = (x2d, w.values, w.indices, bias if bias is not None else out, out, ws,
-            M, N, K, triton.next_power_of_2(M), w.indices.shape[1],  # idx_cols: a host int, so its alignment is known
-            x2d.stride(0), x2d.stride(1), w.values.stride(0), w.indices.stride(0), out.stride(0), out.stride(1))
-    # fp32 weights get fp32 products ("ieee"), not TF32's 10-bit mantissas; 16-bit operands are exact either way.
-    meta = dict(NN=w.n, MM=w.m, MM_P2=mm_p2, BITS=w.bits, HAS_BIAS=bias is not None, UPCAST=INTERPRETED,
-                DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32")
+    args, meta = kernel_arguments(x2d, w, bias, out, ws)
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"]
