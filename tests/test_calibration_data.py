@@ -10,6 +10,7 @@ import torch
 
 from allocator.model.byte_tokenizer import MARKER_FILE, ByteTokenizer
 from allocator.core.config import DataConfig
+from allocator.core.errors import UserInputError
 from allocator.model.calibration_data import build_calibration_data, load_documents, split_documents, spread_blocks, token_blocks, validate_data_config
 
 TOK = ByteTokenizer()
@@ -187,3 +188,37 @@ def test_too_few_tokens_for_the_fitness_pool_names_it(tmp_path):
     build_calibration_data(cfg, TOK)
     with pytest.raises(ValueError, match=r"calibration split, fitness.sequences=1000: text has"):
         build_calibration_data(cfg, TOK, fitness_sequences=1000)
+
+
+def test_unusable_files_say_what_was_read_and_why(tmp_path, caplog):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 40)  # NUL bytes: binary, whatever its suffix
+    short = tmp_path / "short.txt"
+    short.write_text("one paragraph, far under one ~2000-character document " * 5)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(range(128, 256)) * 40)  # no NUL, but not UTF-8
+    cases = {
+        (binary,): ["1 file(s) read", "1 skipped as binary or not UTF-8", str(binary), "no text to calibrate on"],
+        (noise,): ["1 skipped as binary or not UTF-8", str(noise), "no text to calibrate on"],
+        (short,): ["1 with text (270 characters)", "this one makes 1", "at least 2 documents"],
+        (binary, short, tmp_path / "empty.txt"): [
+            "3 file(s) read", "1 with text (270 characters)", "1 empty", "empty.txt", "1 skipped as binary", str(binary),
+            "at least 2 documents",
+        ],
+        (tmp_path / "sub",): ["no file read (directories are searched for *.txt / *.md)", "no text to calibrate on"],
+    }
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "data.bin").write_bytes(b"\x00" * 10)
+    for paths, parts in cases.items():
+        with pytest.raises(UserInputError) as err:
+            load_documents(DataConfig(name="files", paths=[str(p) for p in paths]))
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(f"data.paths={[str(p) for p in paths]}: ")
+        for part in parts:
+            assert part in msg, (part, msg)
+    # Enough text beside a binary file: it is used, and the skipped file is named in a warning.
+    (tmp_path / "more.txt").write_text("another document " * 20)
+    with caplog.at_level("WARNING"):
+        docs = load_documents(DataConfig(name="files", paths=[str(binary), str(short), str(tmp_path / "more.txt")]))
+    assert len(docs) == 2 and f"skipped 1 binary or non-UTF-8 file(s): {binary}" in caplog.text

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -21,10 +22,13 @@ import torch
 from allocator.core.config import DataConfig
 from allocator.core.errors import UserInputError
 
+log = logging.getLogger(__name__)
+
 KNOWN_NAMES = ("python-docs", "files")
 MIN_DOC_CHARS = 200  # shorter docstrings are mostly one-liners: little text, many EOS separators
 CHUNK_CHARS = 2000  # target size when one large file has to be cut into documents
 TEXT_SUFFIXES = (".txt", ".md")
+BINARY_UNDECODABLE = 0.1  # a file with more than this fraction of non-UTF-8 bytes is binary (Latin-1 text has ~2%)
 
 # Pure-Python stdlib modules with substantial docstrings; part of the corpus definition, so keep the order fixed.
 # (unittest's classes live in unittest.case, hence both.)
@@ -120,6 +124,21 @@ def _chunk(text: str, size: int = CHUNK_CHARS) -> list[str]:
     return chunks
 
 
+def _decode(data: bytes) -> str | None:
+    """A file's text, or None for a binary file: one with a NUL byte, or with more than BINARY_UNDECODABLE of its
+    bytes not UTF-8. Stray bad bytes in text are replaced (errors="replace"): they should not abort a long run."""
+    if b"\x00" in data:
+        return None
+    text = data.decode("utf-8", errors="replace")
+    undecodable = text.count("\ufffd") - data.count("\ufffd".encode("utf-8"))
+    return None if undecodable > BINARY_UNDECODABLE * len(data) else text
+
+
+def _names(files: list[Path], limit: int = 5) -> str:
+    shown = ", ".join(map(str, files[:limit]))
+    return shown + (f" and {len(files) - limit} more" if len(files) > limit else "")
+
+
 def _read_files(paths: list[str]) -> list[str]:
     files: list[Path] = []
     for p in map(Path, paths):
@@ -127,12 +146,43 @@ def _read_files(paths: list[str]) -> list[str]:
             files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES))
         else:
             files.append(p)
-    # errors="replace": a stray non-UTF-8 byte should not abort a long run; empty files carry no text.
-    docs = [t for t in (f.read_text(encoding="utf-8", errors="replace") for f in files) if t.strip()]
-    if not docs:
-        raise UserInputError(f"no readable text (*.txt / *.md, non-empty) in data.paths={paths}")
+    texts: list[str] = []
+    empty: list[Path] = []
+    binary: list[Path] = []
+    for f in files:
+        text = _decode(f.read_bytes())
+        if text is None:
+            binary.append(f)
+        elif not text.strip():
+            empty.append(f)
+        else:
+            texts.append(text)
     # A single document cannot be split into calibration and held-out parts, so cut it into chunks.
-    return _chunk(docs[0]) if len(docs) == 1 else docs
+    docs = _chunk(texts[0]) if len(texts) == 1 else texts
+    if len(docs) < 2:
+        raise UserInputError(_unusable(paths, files, texts, empty, binary))
+    if binary:
+        log.warning("data.paths: skipped %d binary or non-UTF-8 file(s): %s", len(binary), _names(binary))
+    return docs
+
+
+def _unusable(paths: list[str], files: list[Path], texts: list[str], empty: list[Path], binary: list[Path]) -> str:
+    """One line: what the files held, and why that is not enough to split into calibration and held-out text."""
+    read = [f"{len(files)} file(s) read"]
+    if not files:
+        read = [f"no file read (directories are searched for {' / '.join('*' + s for s in TEXT_SUFFIXES)})"]
+    if texts:
+        read.append(f"{len(texts)} with text ({sum(map(len, texts))} characters)")
+    if empty:
+        read.append(f"{len(empty)} empty ({_names(empty)})")
+    if binary:
+        read.append(f"{len(binary)} skipped as binary or not UTF-8 ({_names(binary)})")
+    if texts:
+        why = (f"one text is cut into documents of ~{CHUNK_CHARS} characters at blank lines and this one makes 1, "
+               "but calibration and held-out text need at least 2 documents; add text or files")
+    else:
+        why = "no text to calibrate on; pass UTF-8 text files (*.txt / *.md) or directories of them"
+    return f"data.paths={paths}: {', '.join(read)}: {why}"
 
 
 def load_documents(cfg: DataConfig) -> list[str]:
