@@ -155,3 +155,54 @@ def test_bad_state_dict_and_bias():
         SparseLinear.from_dense(torch.eye(16), torch.zeros(15), "bitmap")
     with pytest.raises(UnsupportedShape, match="in_features=16"):
         m(torch.randn(2, 15))
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """CPU tensors as a CPU runs them outside the tests (conftest sets TRITON_INTERPRET=1, which routes them to the
+    interpreted kernel): no kernel, the ops' torch reference."""
+    from kernels import ops
+
+    monkeypatch.setattr(ops, "backend", lambda device: "torch-reference")
+
+
+@pytest.mark.parametrize("fmt,params,shape", CASES)
+def test_cpu_decompresses_once_and_runs_the_dense_unit(fmt, params, shape, monkeypatch, no_kernel):
+    """On a CPU (no kernel: the ops' torch reference) the weight is decompressed on the first call only and the
+    call is the dense unit's F.linear, bit for bit; the compressed buffers and the state dict are unchanged."""
+    w = sparse_weight(fmt, params, shape, torch.float32)
+    b = torch.randn(shape[0])
+    m = SparseLinear.from_dense(w, b, fmt, **params)
+    keys = sorted(m.state_dict())
+    calls = []
+    real = formats.decompress
+    monkeypatch.setattr(formats, "decompress", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 7, shape[1])
+    assert not m.decompressed
+    for _ in range(3):
+        assert torch.equal(m(x), F.linear(x, w, b))
+    assert len(calls) == 1 and m.decompressed
+    assert sorted(m.state_dict()) == keys  # the dense copy is no buffer: export and weight_nbytes as before
+    with pytest.raises(UnsupportedShape, match="differs from the weight's"):
+        m(x.half())
+
+
+def test_cpu_dense_copy_follows_the_buffers(no_kernel):
+    """A cast, an in-place change of the compressed values or a load_state_dict rebuilds the dense weight."""
+    w = sparse_weight("bitmap", {}, (37, 50), torch.float32)
+    m = SparseLinear.from_dense(w, None, "bitmap")
+    x = torch.randn(3, 50)
+    assert torch.equal(m(x), F.linear(x, w))
+    m.to(torch.bfloat16)
+    assert torch.equal(m(x.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
+    m.to(torch.float32)
+    rounded = w.bfloat16().float()  # the cast back keeps bf16's rounding: a stale fp32 copy would not
+    assert not torch.equal(rounded, w) and torch.equal(m(x), F.linear(x, rounded))
+    m.weight_values.mul_(2.0)
+    assert torch.equal(m(x), F.linear(x, 2.0 * rounded))
+    other = 3.0 * w  # the same non-zeros (load_state_dict keeps buffer shapes), other values
+    donor = SparseLinear.from_dense(other, None, "bitmap")
+    fresh = SparseLinear.from_state_dict(donor.state_dict())
+    assert torch.equal(fresh(x), F.linear(x, other))
+    m.load_state_dict(donor.state_dict())
+    assert torch.equal(m(x), F.linear(x, other))
