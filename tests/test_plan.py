@@ -37,6 +37,11 @@ measured.dense_stats.median_ms measured.dense_stats.p10_ms measured.dense_stats.
 measured.param_sparsity measured.memory.weight_bytes measured.memory.kv_cache_bytes measured.memory.total_bytes
 measured.device measured.target_met measured.verdict verify_skipped version
 """.split()
+# Version 2 added, all optional: absolute latency against the latency table (allocator/app/verify_job.py).
+V2_FIELDS = V1_FIELDS + """
+measured.predicted_latency_ms measured.predicted_dense_latency_ms measured.dense_prediction_error
+measured.table_stale measured.table_note
+""".split()
 
 
 def full_plan() -> Plan:
@@ -58,9 +63,20 @@ def schema_fields(cls, prefix: str = "") -> list[str]:
     return out
 
 
-def test_schema_is_version_1():
-    assert PLAN_VERSION == 1
-    assert sorted(schema_fields(Plan)) == sorted(V1_FIELDS)
+def test_schema_is_version_2():
+    assert PLAN_VERSION == 2
+    assert sorted(schema_fields(Plan)) == sorted(V2_FIELDS)
+
+
+def test_version_1_plan_loads_and_is_saved_as_version_2():
+    """A version-1 plan (no absolute-latency fields) reads as it is; written back, only the version changes."""
+    data = {**full_plan().to_json(), "version": 1}
+    plan = Plan.from_json(data)
+    assert plan.measured.table_stale is None and plan.measured.predicted_latency_ms is None
+    assert plan.to_json() == {**data, "version": 2}
+    stale = sample_measured(predicted_latency_ms=7256.0, predicted_dense_latency_ms=10602.0,
+                            dense_prediction_error=10602.0 / 1110.0 - 1, table_stale=True, table_note="refresh it")
+    assert Plan.from_json(json.loads(json.dumps(full_plan().with_measured(stale).to_json()))).measured == stale
 
 
 @pytest.mark.parametrize("plan", [sample_plan(), full_plan(), sample_plan(verify_skipped="no such GPU here")])
@@ -108,11 +124,11 @@ def test_missing_field_names_file_and_field(path, tmp_path):
         Plan.load(tmp_path / "plan.json")
 
 
-@pytest.mark.parametrize("version", [2, 99, -1, "1", 1.0, None, True])
+@pytest.mark.parametrize("version", [3, 99, -1, "1", 1.0, None, True])
 def test_unknown_version_is_a_clear_error(version):
     data = {**sample_plan().to_json(), "version": version}
     with pytest.raises(PlanError, match=rf"^run/plan\.json: plan version {version!r} is unknown; this "
-                                        rf"sparsity-allocator reads versions up to 1 \(and plans without a version\)"):
+                                        rf"sparsity-allocator reads versions up to 2 \(and plans without a version\)"):
         Plan.from_json(data, "run/plan.json")
 
 
@@ -167,7 +183,7 @@ def test_oldest_plans_are_upgraded():
     assert plan.uniform.param_sparsity is None
     assert plan.measured.latency_prediction_error == 0.04
     assert plan.measured.speedup_prediction_error == pytest.approx(1.52 / 1.5 - 1.0)
-    assert Plan.from_json(plan.to_json()) == plan  # saved again, it is a version-1 plan
+    assert Plan.from_json(plan.to_json()) == plan  # saved again, it is a current-version plan
     assert "parameter sparsity" not in "\n".join(summary_lines(plan))
 
 

@@ -44,6 +44,8 @@ def summary_lines(plan: Plan) -> list[str]:
         )
         if m.verdict is not None:
             lines.append(m.verdict)
+        if m.table_note is not None:
+            lines.append(f"WARNING: {m.table_note}")
     lines += [
         f"{'':10}{'KL to dense':>12}{'held-out ppl':>14}",
         f"{'dense':10}{0.0:>12.4f}{q.ppl_dense:>14.2f}",

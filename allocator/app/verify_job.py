@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+import shlex
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from allocator.core.config import BudgetConfig, ProfileConfig
+from allocator.core.config import BudgetConfig, ModelConfig, ProfileConfig, SpaceConfig
 
 from allocator.app.config import VerifyJob
 from allocator.core.plan import PLAN_FILE, Measured, MeasuredMemory, Plan, Timing
@@ -24,6 +26,14 @@ from profilers.regimes import Regime, find_regime
 from profilers.roofline import deploy_dtype
 from profilers.table import load_table
 from profilers.timing import paired_ratio
+
+# A measured table whose dense prediction is further than this from the dense model measured by verify no longer
+# describes the machine. Between a profile and a verify on a quiet machine the dense time drifts by a few percent
+# (budget.headroom plans 5% for it); a table measured under load was off by 855% (10,602 vs 1,110 ms).
+TABLE_TOLERANCE = 0.25
+# ProfileConfig fields that select a CPU table (its cache key and regimes); the refresh command repeats them.
+_TABLE_KEYS = ("repeats", "warmup", "decode_batches", "decode_context", "prefill_batch", "prefill_length", "threads",
+               "gpu_decode_batches", "l2_rotations")
 
 
 
@@ -68,6 +78,17 @@ def measure_speedup(
     widths = {kind: [allocation[unit_name(i, kind)] for i in range(layers)] for kind in (ATTN, MLP)}
     predicted_ms, predicted_dense = predicted_latency(plan, regime.name, widths)
     measured_ms, dense_ms = stats["pruned"].median_ms, stats["dense"].median_ms
+    dense_error = predicted_dense / dense_ms - 1.0
+    stale = plan.profile.source == "measured" and abs(dense_error) > TABLE_TOLERANCE  # a roofline is no measurement
+    note = None
+    if stale:
+        note = (
+            f"the latency table no longer describes this machine: it predicts {predicted_dense:.1f} ms for the dense "
+            f"model, measured {dense_ms:.1f} ms ({dense_error * 100:+.0f}%, tolerance ±{TABLE_TOLERANCE * 100:.0f}%), "
+            f"and {predicted_ms:.1f} ms for the pruned one, measured {measured_ms:.1f} ms (the table was measured on a "
+            f"busy machine, or this machine is busy now or has changed). Re-measure it on a quiet machine: {refresh_command(run, plan)} "
+            "(or add profile.refresh=true to the search command), then search again"
+        )
     speedup = paired_ratio(stats["dense"], stats["pruned"])
     budget = plan.budget
     memory = None
@@ -90,11 +111,56 @@ def measure_speedup(
                         if budget.sparsity is not None else None),
         memory=memory,
         device=None if gpu is None else torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else str(gpu),
+        predicted_latency_ms=predicted_ms,
+        predicted_dense_latency_ms=predicted_dense,
+        dense_prediction_error=dense_error,
+        table_stale=stale,
+        table_note=note,
     )
     verdict = budget_verdict(budget, measured, regime.name == budget.regime)
     if verdict is not None:
         measured = replace(measured, target_met=verdict[0], verdict=verdict[1])
     return measured
+
+
+def _override(key: str, value: object) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "null"
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ",".join(str(v) for v in value) + "]"
+    else:
+        text = str(value)
+    return shlex.quote(f"{key}={text}")
+
+
+def _changed(section: str, values: dict, defaults: object, keys) -> list[str]:
+    return [_override(f"{section}.{k}", values[k]) for k in keys if k in values and values[k] != getattr(defaults, k)]
+
+
+def refresh_command(run: Path, plan: Plan) -> str:
+    """`python -m allocator profile ... profile.refresh=true` with the model, space and profile settings the plan's
+    table was measured with (read from the run's search_job.yaml; the model alone where that file is missing)."""
+    from allocator.app.search_job import JOB_FILE
+
+    args = [] if plan.profile.name == "cpu" else [_override("profile", plan.profile.name)]
+    saved = run / JOB_FILE
+    if saved.is_file():
+        job = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        model, space, profile = job.get("model", {}), job.get("space", {}), job.get("profile", {})
+        args.append(_override("model", model.get("name", plan.model_spec.name)))
+        args += _changed("model", model, ModelConfig(), [f.name for f in fields(ModelConfig) if f.name != "name"])
+        args.append(_override("space", space.get("kind", "structured")))
+        args += _changed("space", space, SpaceConfig(), [f.name for f in fields(SpaceConfig) if f.name != "kind"])
+        args += _changed("profile", profile, ProfileConfig(), _TABLE_KEYS)
+        if job.get("cache_dir", "runs/cache") != "runs/cache":
+            args.append(_override("cache_dir", job["cache_dir"]))
+    else:
+        spec = asdict(plan.model_spec)
+        args.append(_override("model", plan.model_spec.name))
+        args += _changed("model", spec, ModelConfig(), [k for k in spec if k != "name"])
+    return " ".join(["python -m allocator profile", *args, "profile.refresh=true"])
 
 
 def budget_verdict(budget: BudgetConfig, measured: Measured, same_regime: bool) -> tuple[bool, str] | None:
@@ -136,6 +202,14 @@ def run_verify(cfg: VerifyJob) -> Measured:
         f"{measured.dense_latency_ms:.1f} ms), speedup prediction error "
         f"{measured.speedup_prediction_error * 100:+.1f}%"
     )
+    if measured.predicted_latency_ms is not None:
+        print(
+            f"absolute latency: predicted {measured.predicted_latency_ms:.1f} ms, measured {measured.latency_ms:.1f} ms "
+            f"({measured.latency_prediction_error * 100:+.1f}%); dense: table {measured.predicted_dense_latency_ms:.1f} "
+            f"ms, measured {measured.dense_latency_ms:.1f} ms ({measured.dense_prediction_error * 100:+.1f}%)"
+        )
     if measured.verdict is not None:
         print(measured.verdict)
+    if measured.table_note is not None:
+        print(f"WARNING: {measured.table_note}")
     return measured

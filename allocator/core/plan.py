@@ -24,7 +24,7 @@ from allocator.core.config import BudgetConfig, ErrorMetric, ModelConfig
 from allocator.core.errors import UserInputError
 from allocator.core.space import Option
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 PLAN_FILE = "plan.json"
 _OMIT = "omit_if_none"
 
@@ -141,6 +141,13 @@ class Measured:
     device: Optional[str] = _when_set()  # the GPU timed on, for a GPU profile
     target_met: Optional[bool] = _when_set()  # whenever a limit of the budget was checked
     verdict: Optional[str] = _when_set()
+    # Version 2: absolute latency against the latency table, so a table that no longer describes the machine is
+    # flagged even where the speedup (a ratio, in which a uniformly slow table cancels) looks right.
+    predicted_latency_ms: Optional[float] = _when_set()  # the table's prediction for the pruned model, this regime
+    predicted_dense_latency_ms: Optional[float] = _when_set()  # ... and for the dense model
+    dense_prediction_error: Optional[float] = _when_set()  # predicted / measured dense latency - 1
+    table_stale: Optional[bool] = _when_set()  # |dense_prediction_error| beyond the tolerance (verify_job.py)
+    table_note: Optional[str] = _when_set()  # when stale: the mismatch and the command that re-measures the table
 
 
 @dataclass
@@ -229,7 +236,13 @@ def _upgrade_unversioned(data: dict) -> dict:
     return data
 
 
-_UPGRADES: dict[int, Callable[[dict], dict]] = {0: _upgrade_unversioned}
+def _upgrade_1(data: dict) -> dict:
+    """Version 2 added optional fields to `measured` (absolute latency against the table): a version-1 plan is
+    read as it is, without them."""
+    return dict(data)
+
+
+_UPGRADES: dict[int, Callable[[dict], dict]] = {0: _upgrade_unversioned, 1: _upgrade_1}
 
 
 # --- dataclasses <-> JSON -------------------------------------------------------------------------------------------
