@@ -78,7 +78,8 @@ class BayesConfig(SearcherConfig):
     storage: str = ""
     # Empty = derived from a hash of the problem, the seed and the options above, so a resume must be the same search.
     study_name: str = ""
-    # Enqueue the DP and uniform solutions of the additive proxy as the first trials of a new study.
+    # Enqueue the DP solution of the additive proxy and the uniform baseline (the same kept fraction in every unit)
+    # as the first trials of a new study.
     warm_start: bool = True
     # Search each unit within this many options of the DP solution of the proxy (a trust region: in tens of
     # dimensions a model-based sampler learns little from a few hundred trials over the full range); 0 = full range.
@@ -128,12 +129,15 @@ def problem_digest(problem: AllocationProblem) -> str:
 
 
 def _warm_starts(problem: AllocationProblem) -> list[tuple[int, ...]]:
-    """DP and uniform optima of the additive proxy (distinct, skipping any that cannot be built)."""
+    """The DP optimum of the additive proxy and the uniform baseline (distinct, skipping any that cannot be built).
+    The uniform start is the same kept fraction in every unit, not the proxy's best same option per kind
+    (uniform_best): that one shares the DP's trust in the proxy across kinds, while the same fraction everywhere is
+    a point the proxy did not choose and, on SmolLM2 at 70% sparsity, far better on real text."""
     out: list[tuple[int, ...]] = []
     for searcher in (DPSearcher(), UniformSearcher()):
         try:
             choice = searcher.search(problem).choice
-        except ValueError:  # e.g. uniform with differing labels within a kind: just no warm start from it
+        except ValueError:  # e.g. no same-kept-fraction allocation fits (InfeasibleBudget): no warm start from it
             continue
         if choice not in out:
             out.append(choice)

@@ -39,7 +39,8 @@ if not hasattr(creator, "AllocationFitness"):
 
 
 class Init(StrEnum):
-    """Evolution's starting point: the DP optimum of the additive proxy, or the best uniform allocation."""
+    """Evolution's starting point: the DP optimum of the additive proxy, or the uniform baseline (the same kept
+    fraction in every unit, search/uniform.py: EvoPress's own start)."""
 
     dp = "dp"
     uniform = "uniform"
@@ -49,7 +50,7 @@ class Init(StrEnum):
 @dataclass
 class EvoConfig(SearcherConfig):
     name: str = "evo"
-    # Starting point: the DP optimum of the additive proxy, or the best uniform allocation.
+    # Starting point: the DP optimum of the additive proxy, or the uniform baseline (same kept fraction everywhere).
     init: Init = Init.dp
     generations: int = 30
     offspring: int = 8

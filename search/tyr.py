@@ -1,8 +1,8 @@
 """Týr-the-Pruner-style coarse-to-fine search: evolve on a coarse level grid, then on finer grids from the best.
 
 Stage s moves levels `strides[s]` options at a time, so it explores the grid of every strides[s]-th option around
-its start; the first stage starts from the DP (or uniform) optimum of the additive proxy restricted to the coarsest
-grid, each later stage from the previous stage's result. Defaults follow Týr's schedule of halving the grid.
+its start; the first stage starts from the DP optimum of the additive proxy (or, init=uniform, the uniform baseline)
+restricted to the coarsest grid, each later stage from the previous stage's result. Defaults follow Týr's schedule of halving the grid.
 Under searcher.max_tokens each stage gets an equal share of the tokens still left."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def coarse_grid(problem: AllocationProblem, stride: int) -> list[list[int]]:
 
 
 def coarse_start(problem: AllocationProblem, stride: int, init: str) -> tuple[int, ...]:
-    """The proxy optimum on the coarse grid, as option indices of the full problem."""
+    """The proxy optimum (or the uniform baseline) on the coarse grid, as option indices of the full problem."""
     grids = coarse_grid(problem, stride)
     sub = AllocationProblem(
         unit_names=problem.unit_names,
@@ -59,6 +59,8 @@ def coarse_start(problem: AllocationProblem, stride: int, init: str) -> tuple[in
         budget=problem.budget,
         second_costs=None if problem.second_costs is None else tuple(c[g] for c, g in zip(problem.second_costs, grids)),
         second_budget=problem.second_budget,
+        # init=uniform picks by kept fraction: the full problem's, on the grid (sparse labels have none of their own)
+        kept_fractions=tuple(problem.fractions(u)[grid] for u, grid in enumerate(grids)) if init == "uniform" else None,
     )
     return tuple(grids[u][j] for u, j in enumerate(initial_choice(sub, init)))
 

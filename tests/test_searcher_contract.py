@@ -197,12 +197,13 @@ def test_same_seed_same_choice(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_seed_matters_only_when_stochastic(name: str) -> None:
-    # Identical units under a noisy fitness that disagrees with the proxy (so a proxy-optimal warm start is not
-    # already the answer): many allocations tie, and on a small token budget a stochastic searcher should end
-    # elsewhere, or get there by another path, for some seed.
+    # Equal costs under a noisy fitness that disagrees with the proxy and with the same kept fraction everywhere
+    # (other per-unit error scales: so neither a proxy-optimal nor a uniform warm start is already the answer):
+    # many allocations nearly tie, and on a small token budget a stochastic searcher should end elsewhere, or get
+    # there by another path, for some seed.
     problem = synthetic(6, 4, 0.5, per_unit_costs=False)
-    flat = synthetic(6, 4, 0.5, per_unit_costs=False, jitter=0.0)
-    runs = [run(name, problem, seed=s, noise=0.05, max_tokens=SMALL_TOKENS, scored_on=flat) for s in range(4)]
+    other = synthetic(46, 4, 0.5, per_unit_costs=False, jitter=1.0)
+    runs = [run(name, problem, seed=s, noise=0.05, max_tokens=SMALL_TOKENS, scored_on=other) for s in range(4)]
     outcomes = {(r.choice, repr(trace_of(r))) for r in runs}
     if SEARCHERS.get(name).stochastic:
         assert len(outcomes) > 1, f"{name} is declared stochastic but gave the same result and trace for 4 seeds"
