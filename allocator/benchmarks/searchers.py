@@ -3,8 +3,9 @@
 Two budgets: the default structured speedup (1.5x prefill on the CPU profile) and 50% parameter sparsity. Searchers
 that score real candidates (random, bayes, tyr, evo) get the same token bound; their counts (generations, trials,
 samples) are set high so that the bound is what stops them. Their incumbents at 1/8, 1/4, 1/2 and all of the tokens
-are evaluated on held-out text, giving quality-vs-tokens curves; dp, uniform and owl spend no forward tokens.
-Results are saved after every searcher with its config; a re-run skips the searchers whose config is unchanged.
+are evaluated on held-out text, giving quality-vs-tokens curves; dp, uniform, uniform_best and owl spend no forward
+tokens. Results are saved after every searcher with its config; a re-run skips the searchers whose config is unchanged
+(the proxy-only ones: whose config and allocation are unchanged).
 
 python -m allocator.benchmarks.searchers [max_tokens]  →  runs/bench/searchers/smollm2.json and smollm2.png
 """
@@ -32,7 +33,7 @@ from allocator.app.search_job import SearchSetup, prepare_search
 from search import SEARCHERS, make_searcher
 
 BUDGETS = {"speedup_1.5": [], "sparsity_0.5": ["budget=sparsity", "budget.sparsity=0.5"]}
-SEARCHER_ORDER = ("uniform", "owl", "dp", "random", "bayes", "tyr", "evo")
+SEARCHER_ORDER = ("uniform", "uniform_best", "owl", "dp", "random", "bayes", "tyr", "evo")
 UNBOUNDED = {"generations": 10**6, "n_trials": 10**6, "samples": 10**6, "stage_generations": [10**6] * 3}
 # Non-default settings per searcher: bayes searches SPDY coefficients (a few dimensions) rather than one level per
 # unit, which its 48 trials at this token budget cannot cover.
@@ -88,7 +89,8 @@ def run_budget(label: str, overrides: list[str], max_tokens: int, saved: dict) -
 
     for name in SEARCHER_ORDER:
         config = asdict(searcher_config(name, max_tokens))
-        if results.get(name, {}).get("config") == config:
+        same_config = results.get(name, {}).get("config") == config
+        if same_config and SEARCHERS.get(name).uses_fitness:
             print(f"[{label}] {name}: already measured with this config, skipped")
             continue
         problem = setup.problem
@@ -100,6 +102,11 @@ def run_budget(label: str, overrides: list[str], max_tokens: int, saved: dict) -
         start = time.perf_counter()
         found = searcher.search(problem, seed=cfg.seed, fitness=fitness if searcher.uses_fitness else None)
         seconds = time.perf_counter() - start
+        # The proxy-only searchers take seconds, so they are re-run: a rule that changed under an unchanged config
+        # (uniform became the same kept fraction in every unit) shows as a different allocation and is re-measured.
+        if same_config and results[name].get("choice") == list(found.choice):
+            print(f"[{label}] {name}: the same allocation as already measured, skipped")
+            continue
         entry = {
             "config": config,
             "seconds": seconds,
@@ -162,7 +169,8 @@ def main(max_tokens: int = 98304) -> dict:
     saved: dict = {"settings": settings, "results": {}}
     if OUT.is_file():
         previous = json.loads(OUT.read_text())
-        if previous.get("settings") == settings:
+        # A searcher added to the list leaves the others' results valid: each is checked against its own config.
+        if {**previous.get("settings", {}), "searchers": None} == {**settings, "searchers": None}:
             saved["results"] = previous.get("results", {})
     for label, overrides in BUDGETS.items():
         run_budget(label, overrides, max_tokens, saved)
