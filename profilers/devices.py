@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -42,3 +43,31 @@ DEVICES: dict[str, DeviceSpec] = {
         DeviceSpec("cpu-generic", "generic CPU (assumed)", 100e9, 1e12, False, 64, launch_s=5e-6, is_gpu=False),
     )
 }
+
+# Outside DeviceSpec, whose fields are a roofline table's fingerprint (adding one would invalidate cached tables).
+# Streaming multiprocessors and max boost clock (Hz): the instruction-issue rate a static kernel estimate divides by
+# (SMs x 4 warp schedulers x clock; allocator.benchmarks.kernel_static). H100 / H200 SXM: 132 SMs, 1.98 GHz (NVIDIA
+# H100 datasheet and Hopper whitepaper); A100: 108 SMs, 1.41 GHz (NVIDIA A100 whitepaper).
+ISSUE_RATE: dict[str, tuple[int, float]] = {"h100": (132, 1.98e9), "h200": (132, 1.98e9), "a100": (108, 1.41e9)}
+# The word(s) that name each GPU's family in what torch reports ("NVIDIA H200 NVL" is an H200), matched whole and in
+# order by `name_matches`.
+FAMILY: dict[str, tuple[str, ...]] = {
+    "h100": ("H100",), "h200": ("H200",), "a100": ("A100",), "l4": ("L4",), "rtx4090": ("RTX", "4090"),
+}
+
+
+def _words(name: str) -> list[str]:
+    return re.findall(r"[A-Z0-9]+", name.upper())
+
+
+def name_matches(expected: str, reported: str) -> bool:
+    """Whether a GPU reporting `reported` (torch.cuda.get_device_name) is the device named `expected` (a
+    DeviceSpec.name): the same name, or, for a known device, its family words whole and in order ("NVIDIA H200
+    NVL" is an "NVIDIA H200"; "NVIDIA L40S" is not an "NVIDIA L4")."""
+    if reported == expected:
+        return True
+    spec = next((d for d in DEVICES.values() if d.name == expected), None)
+    if spec is None or spec.key not in FAMILY:
+        return False
+    words, family = _words(reported), [w.upper() for w in FAMILY[spec.key]]
+    return any(words[i:i + len(family)] == family for i in range(len(words) - len(family) + 1))

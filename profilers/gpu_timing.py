@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 
 from allocator.core.errors import UserInputError
-from profilers.devices import DEVICES
+from profilers.devices import DEVICES, name_matches
 from profilers.table import cpu_name
 
 MAX_ROTATIONS = 1024  # bounds graph capture time for tiny models (whose copies would otherwise number thousands)
@@ -93,11 +93,12 @@ def current_fingerprint(device: torch.device, dtype: str) -> dict:
 
 
 def cuda_device_named(name: str) -> torch.device | None:
-    """The first CUDA device that reports `name` (what DeviceSpec.name holds), or None."""
+    """The first CUDA device that reports `name` (what DeviceSpec.name holds) or a name of its family
+    (profilers.devices.name_matches: "NVIDIA H200 NVL" for "NVIDIA H200"), or None."""
     if not torch.cuda.is_available():
         return None
     for i in range(torch.cuda.device_count()):
-        if torch.cuda.get_device_name(i) == name:
+        if name_matches(name, torch.cuda.get_device_name(i)):
             return torch.device("cuda", i)
     return None
 

@@ -18,7 +18,7 @@ from allocator.core.errors import UserInputError
 from allocator.core.registry import Registry
 from allocator.core.space import Space
 from profilers.cpu import profile_cpu
-from profilers.devices import DEVICES, DeviceSpec
+from profilers.devices import DEVICES, DeviceSpec, name_matches
 from profilers.gpu import profile_gpu
 from profilers.gpu_timing import cuda_device_named
 from profilers.regimes import Regime, regimes_of
@@ -63,7 +63,7 @@ def device_present(name: str) -> bool:
     spec = DEVICES[name]
     if not spec.is_gpu or not torch.cuda.is_available():
         return False
-    return any(torch.cuda.get_device_name(i) == spec.name for i in range(torch.cuda.device_count()))
+    return any(name_matches(spec.name, torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count()))
 
 
 def fingerprint_mismatch(expected: dict, found: dict) -> str | None:

@@ -114,14 +114,39 @@ def test_pruning_keeps_the_largest_weights_and_the_export_format():
         assert params == {"2:4": {"n": 2, "m": 4}, "bitmap": {}, "bsr": {"block": spec.block}}[spec.fmt], spec.label
 
 
-@pytest.mark.parametrize("module", ["allocator.benchmarks.kernels", "kernels.ops", "kernels.sparse_linear"])
-def test_the_kernel_path_loads_no_app_frameworks(module):
-    """The kernel benchmark and the kernels load no Hydra, Optuna or DEAP (a fresh interpreter, as the layering
-    test checks the core)."""
-    code = f"import sys, {module}; print([m for m in ('optuna', 'deap', 'hydra') if m in sys.modules])"
+BLOCKED = ("hydra", "optuna", "deap", "transformers")
+BLOCKER = f"""
+import importlib.abc, sys
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BLOCKED!r}:
+            raise ImportError(f"{{name}} is blocked: a GPU machine may lack it")
+sys.meta_path.insert(0, Blocked())
+"""
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["kernels", "kernels.ops", "kernels.sparse_linear", "allocator.benchmarks.kernels",
+     "allocator.benchmarks.kernel_static"],
+)
+def test_the_kernel_path_imports_with_app_frameworks_absent(module):
+    """The kernels and the kernel benchmarks import in a fresh interpreter where Hydra, Optuna, DEAP and
+    transformers cannot be imported at all (a finder raises ImportError for them), and load none of them."""
+    code = BLOCKER + f"import {module}\nprint([m for m in {BLOCKED!r} if m in sys.modules])"
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("module", [*BLOCKED, "allocator.app.config"])
+def test_the_import_blocker_blocks(module):
+    """The check above can fail: the same blocker refuses each blocked package, and the Hydra schemas that need one."""
+    code = BLOCKER + f"import {module}"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert out.returncode != 0 and "is blocked" in out.stderr
 
 
 def test_plot_speedups(tmp_path):
