@@ -25,6 +25,22 @@ def short_name(text: str, limit: int = 96) -> str:
     return f"{flat[:limit]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
+def fresh_dir(base: str) -> str:
+    """`base`, else `base-2`, `base-3`, ...: the first one this call creates, so runs started in the same second
+    (the run directories are named to the second) never share a directory. Creating it is what makes it atomic;
+    Hydra then finds it there. Registered with use_cache, so a job resolves its directory once."""
+    path = Path(base)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+            return str(candidate)
+        except FileExistsError:
+            n += 1
+
+
 def _known_options(group: str) -> set[str]:
     return {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
 
@@ -98,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     register_configs()
     if not OmegaConf.has_resolver("short"):
         OmegaConf.register_new_resolver("short", short_name)
+    if not OmegaConf.has_resolver("fresh"):
+        OmegaConf.register_new_resolver("fresh", fresh_dir, use_cache=True)
     sys.argv = [f"allocator {command}", *rewrite_shorthands(argv[1:])]
     hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")(_task(command))()
 

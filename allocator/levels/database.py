@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from allocator.core.atomic_io import write_json_atomic
+from allocator.core.cache_lock import TMP_PREFIX, CacheLock
 from allocator.levels.compress.calibration_pass import Collector, calibration_pass
 from allocator.levels.compress.fisher import OutputFisher
 from allocator.levels.compress.linear_hessians import InputHessians
@@ -155,10 +157,14 @@ def _sparse_levels(
 
 def _build_unit(build_levels, unit: Unit, root: Path) -> None:
     """Write one unit's levels and errors into a temporary directory, then rename it into place (atomic)."""
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{unit.name}-"))
-    errors = build_levels(tmp)
-    (tmp / "errors.json").write_text(json.dumps({option_key(k): v for k, v in errors.items()}))
-    os.replace(tmp, root / unit.name)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{unit.name}-"))
+    try:
+        errors = build_levels(tmp)
+        (tmp / "errors.json").write_text(json.dumps({option_key(k): v for k, v in errors.items()}))
+        os.replace(tmp, root / unit.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def open_or_build_database(
@@ -175,17 +181,34 @@ def open_or_build_database(
     """The level database of the space's units, built (what is missing of it) from one calibration pass over
     `calibration` in batches of `batch_size` sequences. The collectors in `also` ride on that pass (on a pass of their
     own when nothing is left to build)."""
-    shape, units = space.shape, space.units
+    units = space.units
     root = Path(cache_dir) / "databases" / database_key(model_fp, data_fp, units, cfg)
-    todo = [u for u in units if not (root / u.name / "errors.json").is_file()]
-    if not todo:
-        log.info("level database: reusing %s", root)
-        if also:
-            calibration_pass(model, calibration, batch_size, also)
-        return LevelDatabase(root, units)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # leftovers of an interrupted build
-        shutil.rmtree(stale, ignore_errors=True)
+
+    def missing() -> list[Unit]:
+        return [u for u in units if not (root / u.name / "errors.json").is_file()]
+
+    if missing():
+        # Concurrent runs build once: the others wait for the lock, then find every unit built.
+        with CacheLock(cache_dir, root, "level database") as lock:
+            root.mkdir(parents=True, exist_ok=True)
+            lock.remove_stale(root)  # a killed builder's unit directories (every builder of root holds this lock)
+            todo = missing()
+            if todo:
+                _build_units(model, space, calibration, cfg, root, todo, batch_size, also)
+                write_json_atomic(root / "manifest.json", {"version": DATABASE_VERSION, "units": [u.name for u in units]})
+                return LevelDatabase(root, units)
+    log.info("level database: reusing %s", root)
+    if also:
+        calibration_pass(model, calibration, batch_size, also)
+    return LevelDatabase(root, units)
+
+
+def _build_units(
+    model: torch.nn.Module, space: Space, calibration: torch.Tensor, cfg: SpaceConfig, root: Path, todo: list[Unit],
+    batch_size: int, also: Sequence[Collector],
+) -> None:
+    """Build the `todo` units' levels into `root` from one calibration pass (the caller holds root's lock)."""
+    shape, units = space.shape, space.units
     log.info("level database: building %d of %d units into %s", len(todo), len(units), root)
     stats = CalibrationStatistics(todo, calibration, cfg)
     calibration_pass(model, calibration, batch_size, [*stats.collectors, *also])
@@ -206,5 +229,3 @@ def open_or_build_database(
 
         _build_unit(build_levels, unit, root)
         stats.release(unit)
-    (root / "manifest.json").write_text(json.dumps({"version": DATABASE_VERSION, "units": [u.name for u in units]}))
-    return LevelDatabase(root, units)

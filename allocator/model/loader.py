@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from allocator.core.cache_lock import TMP_PREFIX, CacheLock
 from allocator.core.config import ModelConfig
 from allocator.core.errors import UserInputError
 
@@ -107,10 +109,15 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
+    # Named after the target, so the holder of its lock can tell a killed conversion's leftovers (load_model).
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TMP_PREFIX}{target.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _tiny_llama(cfg: ModelConfig) -> LoadedModel:
@@ -161,8 +168,12 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path) -> LoadedModel:
         digest = _file_digest(gguf)
         path = Path(cache_dir) / "models" / f"{cfg.name}-{digest[:12]}"
         if not (path / "config.json").is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _convert_gguf(gguf, path)
+            # Concurrent runs convert once: the others wait for the lock, then find the converted model.
+            with CacheLock(cache_dir, path, "converted model") as lock:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                lock.remove_stale(path.parent, f"{TMP_PREFIX}{path.name}-")
+                if not (path / "config.json").is_file():
+                    _convert_gguf(gguf, path)
         source = str(path)
     else:
         source = cfg.name
