@@ -92,6 +92,13 @@ class SparseLinear(nn.Module):
         """The compressed weight object over the current buffers."""
         return formats.build(self.fmt, self._data(), self._headers)
 
+    def value_buffer_names(self) -> tuple[str, ...]:
+        """The buffers that hold float values (the compressed weight's values, the bias): what a change of the
+        model's dtype casts. The others (bitmaps, indices, offsets, block pointers, shapes, layout) are metadata and
+        keep their dtype."""
+        values = _PREFIX + type(self.compressed()).VALUES
+        return (values,) if self.bias is None else (values, "bias")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if ops.backend(x.device) == "torch-reference":  # no kernel here: the weight decompressed once, dense GEMM
             weight = self.dense_weight()

@@ -223,13 +223,16 @@ def forward_step(model: nn.Module, regime: Regime, seed: int = 0) -> Step:
 
 def device_copy(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """`model` on `device` with its parameters in `dtype`, leaving the original untouched (the search goes on
-    using it); buffers (rotary frequencies) keep their dtype. Tied weights stay tied."""
+    using it). SparseLinear's value buffers (compressed values, bias) are cast to `dtype` too, its metadata buffers
+    not; other buffers (rotary frequencies) keep their dtype. Tied weights stay tied."""
     memo: dict[int, object] = {}
+    values = {id(getattr(m, name)) for m in model.modules() if isinstance(m, SparseLinear)
+              for name in m.value_buffer_names()}
     with torch.no_grad():
         for p in model.parameters():
             memo[id(p)] = nn.Parameter(p.detach().to(device, dtype), requires_grad=False)
         for b in model.buffers():
-            memo[id(b)] = b.to(device)
+            memo[id(b)] = b.to(device, dtype) if id(b) in values else b.to(device)
     return copy.deepcopy(model, memo)
 
 
@@ -241,10 +244,12 @@ def _untied_embedding(model: nn.Module) -> torch.Tensor | None:
 
 def weight_read_bytes(model: nn.Module) -> int:
     """Weight bytes one step reads: the parameters but an untied input embedding (a step gathers a few of its rows)
-    and the compressed weights SparseLinear modules hold as buffers."""
+    and the compressed weights and biases SparseLinear modules hold as buffers."""
     skip = _untied_embedding(model)
     params = sum(p.numel() * p.element_size() for p in model.parameters() if p is not skip)
-    return params + sum(m.weight_nbytes for m in model.modules() if isinstance(m, SparseLinear))
+    sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    biases = sum(m.bias.numel() * m.bias.element_size() for m in sparse if m.bias is not None)
+    return params + sum(m.weight_nbytes for m in sparse) + biases
 
 
 def weight_copies(model: nn.Module, n: int) -> list[nn.Module]:
