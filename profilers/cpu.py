@@ -18,11 +18,13 @@ from allocator.core.space import Option, Space, is_sparse
 from allocator.model.sparse_export import build_deployable
 from profilers.regimes import Regime, forward_call, regimes_of
 from profilers.table import CostTable, RegimeCosts, base_cost, clean_curve, cpu_fingerprint, load_or_measure
+from profilers.stability import measure_checked, unstable_regimes
 from profilers.timing import time_interleaved
 
 log = logging.getLogger(__name__)
 # How costs are derived from the timings; part of the table's cache key, so a change re-measures.
-METHOD = "neighbour-dense variants, per-round dense fractions, Theil-Sen width fit, median-residual intercept"
+METHOD = ("neighbour-dense variants, per-round dense fractions, Theil-Sen width fit, median-residual intercept; "
+          "stability checked")  # tables from before the checks are not reused
 # Appended for spaces with sparse options only, so structured tables keep their cache key.
 SPARSE_METHOD = "; sparse options: per-option medians, costs above the cheapest option"
 
@@ -125,9 +127,14 @@ def profile_cpu(
     def measure(name: str) -> RegimeCosts:
         regime = by_name[name]
         log.info("measuring regime %s (batch %d, length %d)", regime.name, regime.batch, regime.length)
-        return measure_regime(dense, space, regime, cfg)
+        return measure_checked(name, lambda: measure_regime(dense, space, regime, cfg), forward_call(dense, regime),
+                               torch.get_num_threads(), cfg.retries, cfg.allow_unstable)
 
-    return load_or_measure(
-        cfg.name, cache_dir, fingerprint, asdict(space.shape), space.options, settings, list(by_name), measure,
-        cfg.refresh, first_regime, on_regime,
-    )
+    args = (cfg.name, cache_dir, fingerprint, asdict(space.shape), space.options, settings, list(by_name), measure)
+    table, path = load_or_measure(*args, cfg.refresh, first_regime, on_regime)
+    unstable = unstable_regimes(table.regimes)
+    if unstable and not cfg.allow_unstable:  # kept by an earlier run with allow_unstable: not reused silently
+        log.warning("latency table %s: regime(s) %s were measured on a busy machine; measuring again", path,
+                    ", ".join(unstable))
+        table, path = load_or_measure(*args, True, first_regime, on_regime)
+    return table, path

@@ -37,6 +37,12 @@ def target_latency_ms(cfg: BudgetConfig, costs: RegimeCosts, units: Sequence[Uni
     validate_budget(cfg)
     dense = predicted_dense_ms(costs, units)
     fastest = predicted_min_ms(costs, units)
+    if not fastest > 0:  # fixed cost clipped to 0: a table measured on a busy machine (profilers/stability.py)
+        raise UserInputError(
+            f"the latency table of profile {profile} cannot plan regime {cfg.regime}: it predicts {fastest:.1f} ms for "
+            f"the fastest allocation and {dense:.1f} ms for dense (fixed cost {costs.fixed_ms:.1f} ms), so it was not "
+            "measured on a quiet machine; measure it again with profile.refresh=true"
+        )
     asked = dense / cfg.speedup if cfg.speedup is not None else float(cfg.latency_ms)
     target = asked / (1.0 + cfg.headroom)
     if asked < fastest:

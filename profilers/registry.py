@@ -17,7 +17,7 @@ from allocator.core.config import ProfileConfig
 from allocator.core.errors import UserInputError
 from allocator.core.registry import Registry
 from allocator.core.space import Space
-from profilers.cpu import profile_cpu
+from profilers.cpu import cached_cpu_table, profile_cpu
 from profilers.devices import DEVICES, DeviceSpec, name_matches
 from profilers.gpu import profile_gpu
 from profilers.gpu_timing import cuda_device_named
@@ -54,6 +54,22 @@ def get_cost_table(
     tables_dir = TABLES_DIR if tables_dir is None else tables_dir
     obtain = PROFILES.get(name)
     return obtain(name, dense, space, cfg, dtype, Path(cache_dir), first_regime, on_regime, tables_dir)
+
+
+def existing_cost_table(
+    name: str, space: Space, cfg: ProfileConfig, dtype: str, cache_dir: str | Path, *, tables_dir: Path | None = None
+) -> tuple[CostTable, Path] | None:
+    """A latency table of profile `name` that costs no measurement: a CPU table this machine already saved, a
+    measured table of the device (cache or repository), else the device's roofline; None for a CPU with none saved.
+    For budgets that read no latency: predictions where they are free, never a profile."""
+    if name not in PROFILES:
+        raise UserInputError(f"profile={name!r} is unknown; known: {', '.join(PROFILES.names())}")
+    if name == "cpu":
+        return cached_cpu_table(space, cfg, dtype, cache_dir)
+    tables_dir = TABLES_DIR if tables_dir is None else tables_dir
+    # no model (dense=None) and no refresh: a measured table or the roofline, never a measurement on the device
+    return _device_table(DEVICES[name], name, None, space, replace(cfg, refresh=False), dtype, Path(cache_dir), None,
+                         None, tables_dir)
 
 
 def device_present(name: str) -> bool:

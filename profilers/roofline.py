@@ -1,7 +1,8 @@
 """Roofline latency model: a kernel costs max(bytes / bandwidth, FLOPs / throughput) plus a launch overhead.
 
-Per linear it prices the kernel the exported model runs: a dense GEMM at the unit's kept width, or the sparse
-option's export format, whose bytes and FLOPs come from the format registry (allocator.core.formats), so the
+Per linear it prices the kernel the exported model runs: a dense GEMM at the unit's kept width, or on a GPU the
+sparse option's export format (a CPU has no sparse kernel: SparseLinear decompresses once and runs the dense GEMM,
+so there a sparse unit costs its full-width dense unit), whose bytes and FLOPs come from the format registry (allocator.core.formats), so the
 roofline prices the model that is exported. From those it builds a CostTable in the CPU profiler's format, so the
 search plans for a device that is not present (source "roofline") exactly as it does with a measured table."""
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # Part of the table's cache key: a change of the model writes a new table.
 METHOD = ("roofline v2: max(bytes/bandwidth, flops/throughput) + launch per kernel; 16-bit weights and "
-          "activations; sparse linears as allocator.core.formats stores and runs them")
+          "activations; sparse linears as allocator.core.formats stores and runs them; on a CPU as the dense unit")
 
 DTYPE = torch.bfloat16  # these devices serve LLMs in 16 bits whatever dtype the host search loads
 ELEMENT_BYTES = DTYPE.itemsize
@@ -104,6 +105,8 @@ def unit_weight_bytes(shape: ModelShape, kind: str, option: Option) -> int:
 
 
 def _unit_kernels_seconds(device: DeviceSpec, shape: ModelShape, kind: str, option: Option, m: int) -> float:
+    if is_sparse(option) and not device.is_gpu:  # a CPU runs SparseLinear decompressed: the full-width dense unit
+        option = kept_width(shape, kind, option)
     return sum(kernel_cost(device, w.bytes, w.flops).seconds for w in unit_weight_kernels(shape, kind, option, m))
 
 

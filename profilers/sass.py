@@ -9,6 +9,8 @@ shuffles (SHFL), shared-memory traffic (LDS / STS / LDSM), and whether cp.async 
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -100,12 +102,21 @@ def cuobjdump() -> Path:
     return path
 
 
-def disassemble(cubin: bytes, workdir: Path) -> str:
-    """`cuobjdump -sass` of a cubin (written to `workdir`)."""
+def disassemble(cubin: bytes, workdir: Path, cache_dir: Path | None = None) -> str:
+    """`cuobjdump -sass` of a cubin (written to `workdir`); with `cache_dir`, kept there by the cubin's hash (the
+    disassembly, ~0.5 s a kernel, is most of a warm static benchmark's time)."""
+    cached = cache_dir / f"{hashlib.sha256(cubin).hexdigest()}.sass" if cache_dir is not None else None
+    if cached is not None and cached.exists():
+        return cached.read_text()
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "kernel.cubin"
     path.write_bytes(cubin)
     done = subprocess.run([str(cuobjdump()), "-sass", str(path)], capture_output=True, text=True, check=True)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(done.stdout)
+        tmp.replace(cached)
     return done.stdout
 
 

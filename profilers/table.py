@@ -47,6 +47,9 @@ class RegimeCosts:
     dense_ms: float  # the dense model, measured end to end
     unit_ms: dict[str, dict[Option, float]]  # kind → option → per-layer cost (widths cleaned: non-increasing with pruning)
     raw: dict[str, dict] = field(default_factory=dict)  # variant → TimingStats fields, as measured
+    # CPU tables: spread, dense re-checks, other processes' CPU and the verdict (profilers/stability.py); None in
+    # tables measured before it was recorded, and in GPU and roofline tables.
+    stability: dict | None = None
 
     def predict_ms(self, widths: dict[str, list[Option]]) -> float:
         """fixed + Σ per-unit costs, for a {kind: [option per layer]} description."""
@@ -79,7 +82,8 @@ class CostTable:
             unit_ms = {
                 kind: {parse_option_key(str(k)): float(v) for k, v in costs.items()} for kind, costs in r["unit_ms"].items()
             }
-            regimes[name] = RegimeCosts(r["regime"], float(r["fixed_ms"]), float(r["dense_ms"]), unit_ms, r["raw"])
+            regimes[name] = RegimeCosts(r["regime"], float(r["fixed_ms"]), float(r["dense_ms"]), unit_ms, r["raw"],
+                                         r.get("stability"))
         fields = {k: data[k] for k in ("profile", "source", "fingerprint", "model_shape", "options", "settings")}
         return cls(**fields, regimes=regimes, version=data["version"])
 

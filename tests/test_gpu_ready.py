@@ -1,5 +1,8 @@
 """What the first GPU run needs, checked on a CPU: the GPU profiler's device copy casts SparseLinear's values and
-bias to the run's dtype (metadata untouched), and the bytes one step reads count SparseLinear's biases."""
+bias to the run's dtype (metadata untouched), the bytes one step reads count SparseLinear's biases, and the kernel
+tests pick CUDA where present (else the CPU under the interpreter)."""
+
+import os
 
 import pytest
 import torch
@@ -76,3 +79,41 @@ def test_weight_read_bytes_counts_sparse_biases_and_copies_own_them():
     first, second = weight_copies(with_bias, 2)
     assert first.layer.bias.data_ptr() != second.layer.bias.data_ptr()
     assert torch.equal(first.layer.bias, second.layer.bias)
+
+
+def test_kernel_tests_pick_cuda_unless_interpreted():
+    from .kernel_checks import DEVICE, kernel_test_device
+
+    assert kernel_test_device(True, None) == torch.device("cuda")
+    assert kernel_test_device(True, "1") == torch.device("cpu")
+    assert kernel_test_device(False, None) == torch.device("cpu")
+    assert DEVICE == kernel_test_device(torch.cuda.is_available(), os.environ.get("TRITON_INTERPRET"))
+
+
+def test_kernel_test_data_is_drawn_on_cpu_and_lands_on_the_default_device():
+    """What the kernel tests do on a GPU, with the meta device standing in for CUDA: data drawn from CPU
+    generators (the same numbers everywhere), returned on the default device; tensors made in the test follow it."""
+    from .kernel_checks import default_device, generated_on_cpu
+
+    @generated_on_cpu
+    def draw(seed: int) -> torch.Tensor:
+        return torch.randn(4, generator=torch.Generator().manual_seed(seed))
+
+    on_cpu = draw(0)
+    with default_device(torch.device("meta")):
+        elsewhere = draw(0)
+        made_here = torch.zeros(3)
+    assert on_cpu.device.type == "cpu" and elsewhere.device.type == "meta" and made_here.device.type == "meta"
+    assert torch.get_default_device().type == "cpu" and torch.equal(draw(0), on_cpu)
+
+
+def test_kernel_tests_use_the_device_fixture():
+    """Every kernel test module runs its tests under `kernel_device` (pytestmark) and draws its data through a
+    generated_on_cpu helper."""
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    for name in ("test_kernels_bitmap.py", "test_kernels_nm.py", "test_kernels_bsr.py", "test_sparse_linear.py"):
+        text = (here / name).read_text()
+        assert 'pytestmark = pytest.mark.usefixtures("kernel_device")' in text, name
+        assert "@generated_on_cpu" in text, name

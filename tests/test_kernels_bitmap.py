@@ -8,12 +8,18 @@ import torch.nn.functional as F
 from kernels import bitmap, formats, ops
 from kernels.errors import UnsupportedShape
 
+from .kernel_checks import generated_on_cpu, kernel_device, on_cpu  # noqa: F401 (fixtures)
+
+# On CUDA (compiled kernels) where present and TRITON_INTERPRET is unset, else on the CPU under the interpreter.
+pytestmark = pytest.mark.usefixtures("kernel_device")
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1), (7, 33), (65, 100), (128, 96)]
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 EPS = {torch.float32: 1e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
+@generated_on_cpu
 def sparse(shape: tuple[int, int], density: float, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g)
@@ -182,7 +188,7 @@ def test_unsupported_inputs_name_the_value():
         bitmap.BitmapWeight.from_tensors(bad)
 
 
-def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
+def test_cpu_without_interpreter_runs_the_reference(monkeypatch, on_cpu):
     """How a CPU-only deployment runs: Triton has no CPU backend, so the op falls back to the torch reference."""
     w = sparse((10, 70), 0.5, torch.float16)
     c = bitmap.compress(w)

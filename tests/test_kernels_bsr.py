@@ -10,10 +10,14 @@ from safetensors.torch import load_file, save_file
 from kernels import bsr
 from kernels.errors import UnsupportedShape
 
-from .kernel_checks import DTYPES, close, same_bits
+from .kernel_checks import DTYPES, close, generated_on_cpu, kernel_device, on_cpu, same_bits  # noqa: F401
+
+# On CUDA (compiled kernels) where present and TRITON_INTERPRET is unset, else on the CPU under the interpreter.
+pytestmark = pytest.mark.usefixtures("kernel_device")
 
 
 
+@generated_on_cpu
 def block_weight(rows: int, cols: int, block: tuple[int, int], dtype: torch.dtype, keep: float = 0.5,
                  seed: int = 0) -> torch.Tensor:
     """Random weight whose blocks are kept with probability `keep`; kept blocks also hold scattered zeros (so a
@@ -61,7 +65,7 @@ def test_layout_and_nbytes():
     assert c.density == 3 / 12
 
 
-def test_tensors_round_trip_through_safetensors(tmp_path):
+def test_tensors_round_trip_through_safetensors(tmp_path, on_cpu):
     w = block_weight(96, 32, (32, 16), torch.bfloat16)
     c = bsr.compress(w, (32, 16))
     t = c.tensors()
@@ -140,7 +144,7 @@ def test_errors_name_value_and_constraint():
             fn(torch.zeros(2, 64, dtype=torch.bfloat16), c)
 
 
-def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
+def test_cpu_tensor_without_interpreter_is_refused(monkeypatch, on_cpu):
     c = bsr.compress(block_weight(32, 32, (16, 16), torch.float16, keep=1.0))
     monkeypatch.setattr(bsr, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match=r"CUDA"):

@@ -10,12 +10,16 @@ from safetensors.torch import load_file, save_file
 from kernels import nm
 from kernels.errors import UnsupportedShape
 
-from .kernel_checks import DTYPES, close, same_bits
+from .kernel_checks import DTYPES, close, generated_on_cpu, kernel_device, on_cpu, same_bits  # noqa: F401
 from allocator.core.patterns import SparsityPattern
 from profilers.roofline import weight_bytes_per_element
 
+# On CUDA (compiled kernels) where present and TRITON_INTERPRET is unset, else on the CPU under the interpreter.
+pytestmark = pytest.mark.usefixtures("kernel_device")
 
 
+
+@generated_on_cpu
 def nm_weight(rows: int, cols: int, n: int, m: int, dtype: torch.dtype, seed: int = 0,
               full: bool = False) -> torch.Tensor:
     """Random weight obeying n:m, exactly n non-zeros per group if `full`, else 0..n (so padding is exercised).
@@ -79,7 +83,7 @@ def test_nbytes_match_the_roofline_model():
     assert c48.nbytes == 64 * 256 * weight_bytes_per_element(SparsityPattern.parse("4:8"), 64, 256)
 
 
-def test_tensors_round_trip_through_safetensors(tmp_path):
+def test_tensors_round_trip_through_safetensors(tmp_path, on_cpu):
     w = nm_weight(9, 64, 4, 8, torch.bfloat16)
     c = nm.compress(w, 4, 8)
     t = c.tensors()
@@ -181,7 +185,7 @@ def test_errors_name_value_and_constraint():
             fn(torch.zeros(3, 32, dtype=torch.float16), c, torch.zeros(5, dtype=torch.float16))
 
 
-def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
+def test_cpu_tensor_without_interpreter_is_refused(monkeypatch, on_cpu):
     c = nm.compress(nm_weight(4, 32, 2, 4, torch.float16), 2, 4)
     monkeypatch.setattr(nm, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match=r"CUDA"):

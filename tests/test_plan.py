@@ -134,7 +134,7 @@ def test_unknown_version_is_a_clear_error(version):
 
 def test_wrong_types_and_unknown_fields_are_clear_errors(tmp_path):
     cases = [
-        (("predicted", "speedup", "fast"), r"field predicted\.speedup must be float, got 'fast'"),
+        (("predicted", "speedup", "fast"), r"field predicted\.speedup must be float or null, got 'fast'"),
         (("predicted", "weight_bytes", 1.5), r"field predicted\.weight_bytes must be int, got 1\.5"),
         (("budget", "memory_gb", "big"), r"field budget\.memory_gb must be float or null, got 'big'"),
         (("searcher", "error_metric", "squared"), r"field searcher\.error_metric='squared' is not one of fisher, "),
@@ -212,3 +212,24 @@ def test_cli_verify_names_an_unreadable_plan(tmp_path):
     done = run_cli("verify", f"run={run}", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"error: {run}/plan.json: plan version 7 is unknown" in done.stderr
+
+
+def test_plan_without_a_latency_table_round_trips():
+    """A parameter or memory budget with no table saved: profile source "none", no predicted latency or speedup
+    (the plan, its uniform and its verification), and the plan reads back as written."""
+    from dataclasses import replace
+
+    from allocator.core.plan import NO_TABLE
+
+    plan = full_plan()
+    plan = replace(
+        plan,
+        profile=replace(plan.profile, source=NO_TABLE, fingerprint={}, table=None),
+        predicted=replace(plan.predicted, latency_ms=None, dense_latency_ms=None, speedup=None),
+        uniform=replace(plan.uniform, predicted_latency_ms=None, predicted_speedup=None),
+        measured=replace(plan.measured, predicted_speedup=None, speedup_prediction_error=None,
+                         latency_prediction_error=None),
+    )
+    data = plan.to_json()
+    assert data["profile"]["table"] is None and data["predicted"]["speedup"] is None
+    assert Plan.from_json(json.loads(json.dumps(data))) == plan

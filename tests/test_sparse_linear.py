@@ -11,6 +11,11 @@ from kernels import formats
 from kernels.errors import UnsupportedShape
 from kernels.sparse_linear import SparseLinear
 
+from .kernel_checks import generated_on_cpu, kernel_device, on_cpu  # noqa: F401 (fixtures)
+
+# On CUDA (compiled kernels) where present and TRITON_INTERPRET is unset, else on the CPU under the interpreter.
+pytestmark = pytest.mark.usefixtures("kernel_device")
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = {torch.float32: 1e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 # (format, params, shape): irregular shapes within each format's constraints (nm: K % m, bsr: both % block).
@@ -22,6 +27,7 @@ CASES = [
 ]
 
 
+@generated_on_cpu
 def sparse_weight(fmt: str, params: dict, shape: tuple[int, int], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g)
@@ -65,7 +71,7 @@ def test_matches_f_linear(fmt, params, shape, dtype):
 
 
 @pytest.mark.parametrize("fmt,params,shape", CASES)
-def test_state_dict_round_trip_through_safetensors(fmt, params, shape, tmp_path):
+def test_state_dict_round_trip_through_safetensors(fmt, params, shape, tmp_path, on_cpu):
     w = sparse_weight(fmt, params, shape, torch.float16, seed=3)
     b = torch.randn(shape[0]).half()
     m = SparseLinear.from_dense(w, b, fmt, **params)
@@ -158,7 +164,7 @@ def test_bad_state_dict_and_bias():
 
 
 @pytest.fixture
-def no_kernel(monkeypatch):
+def no_kernel(monkeypatch, on_cpu):
     """CPU tensors as a CPU runs them outside the tests (conftest sets TRITON_INTERPRET=1, which routes them to the
     interpreted kernel): no kernel, the ops' torch reference."""
     from kernels import ops

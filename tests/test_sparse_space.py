@@ -15,6 +15,8 @@ from allocator.core.memory import unit_weight_bytes
 from allocator.model.measure import decoder_weight_count, weight_bytes
 from allocator.model.surgery import SPARSE_KEY, UNIT_LINEARS, BLOCK_ATTRIBUTE, build_pruned_model, decoder_layers
 from allocator.model.runtime import load_pruned
+from allocator.app.problem_file import load_problem
+from allocator.core.plan import Plan
 from allocator.core.space import ATTN, MLP, ModelShape, build_space, is_sparse, option_params
 from allocator.model.sparse_export import build_deployable
 from kernels.sparse_linear import SparseLinear
@@ -185,9 +187,27 @@ def test_mixed_search_exports_and_verifies_a_sparse_model(tmp_path, monkeypatch)
         score=ScoreConfig(kl_sequences=4, batch_size=4),
         cache_dir=str(tmp_path / "cache"),
     )
+    import profilers.cpu
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("a sparsity budget reads no latency: nothing may be profiled")
+
+    monkeypatch.setattr(profilers.cpu, "measure_regime", no_profiling)
     plan = run_search(job, tmp_path / "run")
     assert any(is_sparse(o) for o in plan.allocation.values())
     assert plan.measured.param_sparsity >= 0.5 and plan.measured.verdict.startswith("target met")
+    # No latency table (none was saved and the budget needs none): none written, nothing predicted, and verify
+    # still measured the exported model against the dense one.
+    assert not (tmp_path / "cache" / "profiles").exists() or not list((tmp_path / "cache" / "profiles").iterdir())
+    assert plan.profile.source == "none" and plan.profile.table is None
+    assert plan.predicted.latency_ms is None and plan.predicted.speedup is None
+    assert plan.uniform.predicted_speedup is None and plan.predicted.weight_bytes < plan.predicted.dense_weight_bytes
+    assert plan.measured.speedup > 0 and plan.measured.predicted_speedup is None
+    assert plan.measured.speedup_prediction_error is None and plan.measured.table_stale is None
+    assert Plan.load(tmp_path / "run" / "plan.json") == plan
+    problem = json.loads((tmp_path / "run" / "problem.json").read_text())
+    assert problem["cost_unit"] == "params" and problem["fixed_ms"] is None
+    assert load_problem(tmp_path / "run").fixed_ms is None
     problem = json.loads((tmp_path / "run" / "problem.json").read_text())
     assert all(len(u["kept_fraction"]) == len(u["options"]) for u in problem["units"])
     reloaded, _, _ = load_pruned(tmp_path / "run")

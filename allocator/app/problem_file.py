@@ -6,7 +6,8 @@ AllocationProblem (floats round-trip exactly through JSON), so a run's choice ca
 
     cost_unit       what `cost` and `budget` count: "ms" (latency on top of fixed_ms, in the budget's regime),
                     "params" (kept decoder linear weights) or "bytes" (weights plus KV cache, memory alone)
-    fixed_ms        the latency table's fixed part (embeddings, norms, lm_head, overheads) in the budget's regime
+    fixed_ms        the latency table's fixed part (embeddings, norms, lm_head, overheads) in the budget's regime;
+                    null when the run had no latency table (a parameter or memory budget reads none)
     budget          the cap on the summed unit costs
     units[]         name, kind, options (kept counts or sparse labels), and per option: cost, error (the proxy the
                     searcher minimises), kept_fraction (share of the unit's weights), second_cost (only with a
@@ -39,11 +40,11 @@ SECOND_UNIT = "bytes"  # the only second limit: memory beside a latency or spars
 class ProblemFile:
     problem: AllocationProblem
     cost_unit: str
-    fixed_ms: float
+    fixed_ms: float | None  # None: no latency table (the budget read none)
     second_unit: str | None = None
 
 
-def problem_json(problem: AllocationProblem, cost_unit: str, fixed_ms: float) -> dict:
+def problem_json(problem: AllocationProblem, cost_unit: str, fixed_ms: float | None) -> dict:
     if cost_unit not in COST_UNITS:
         raise ValueError(f"problem.json: cost_unit {cost_unit!r} is not one of {', '.join(COST_UNITS)}")
     units = []
@@ -58,7 +59,7 @@ def problem_json(problem: AllocationProblem, cost_unit: str, fixed_ms: float) ->
         if problem.outlier_ratios is not None:
             unit["outlier_ratio"] = problem.outlier_ratios[u]
         units.append(unit)
-    data: dict[str, Any] = {"cost_unit": cost_unit, "fixed_ms": float(fixed_ms), "budget": problem.budget}
+    data: dict[str, Any] = {"cost_unit": cost_unit, "fixed_ms": None if fixed_ms is None else float(fixed_ms), "budget": problem.budget}
     if problem.second_costs is not None:
         data.update(second_unit=SECOND_UNIT, second_budget=problem.second_budget)
     data["units"] = units
@@ -100,11 +101,14 @@ def problem_from_json(data: Any, source: str = PROBLEM_FILE) -> ProblemFile:
         if isinstance(e, UserInputError):
             raise
         raise UserInputError(f"{source}: {e}") from e
-    fixed_ms = float(need(data, "fixed_ms", "the file"))
+    fixed_ms = need(data, "fixed_ms", "the file")
+    if fixed_ms is None and cost_unit == "ms":
+        raise UserInputError(f"{source}: fixed_ms is null, but costs in ms are priced by a latency table")
+    fixed_ms = None if fixed_ms is None else float(fixed_ms)
     return ProblemFile(problem, cost_unit, fixed_ms, data.get("second_unit", SECOND_UNIT) if second else None)
 
 
-def write_problem(run_dir: str | Path, problem: AllocationProblem, cost_unit: str, fixed_ms: float) -> Path:
+def write_problem(run_dir: str | Path, problem: AllocationProblem, cost_unit: str, fixed_ms: float | None) -> Path:
     path = Path(run_dir) / PROBLEM_FILE
     write_json_atomic(path, problem_json(problem, cost_unit, fixed_ms))
     return path

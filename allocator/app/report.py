@@ -24,10 +24,15 @@ def allocation_lines(shape: ModelShape, searched: dict[str, Option], uniform: di
     return lines
 
 
+CPU_PROFILES = ("cpu", "cpu-generic")  # SparseLinear runs dense there (kernels/sparse_linear.py)
+
+
 def summary_lines(plan: Plan) -> list[str]:
     q, u, p, b = plan.quality, plan.uniform, plan.predicted, plan.budget
     planned = "" if b.target_ms is None else f", planned for {b.target_ms:.1f} ms"
-    predicted = [f"{p.latency_ms:.1f} ms", f"speedup {p.speedup:.2f}x", f"weights {p.weight_bytes / 2**20:.1f} MiB"]
+    predicted = ([f"{p.latency_ms:.1f} ms", f"speedup {p.speedup:.2f}x"] if p.latency_ms is not None else
+                 ["latency not predicted (no latency table: the budget reads none and none was saved)"])
+    predicted.append(f"weights {p.weight_bytes / 2**20:.1f} MiB")
     if p.param_sparsity is not None:  # None only in plans written before these were recorded
         predicted.append(f"parameter sparsity {p.param_sparsity:.3f}")
     if p.memory_bytes is not None:
@@ -36,11 +41,15 @@ def summary_lines(plan: Plan) -> list[str]:
         f"profile {plan.profile.name} ({plan.profile.source}), budget {b.label()}{planned}",
         f"predicted ({b.regime}): " + ", ".join(predicted),
     ]
+    if plan.profile.name in CPU_PROFILES and any(is_sparse(o) for o in plan.allocation.values()):
+        lines.append("on a CPU sparse units run decompressed (once, at load) at the dense unit's speed: their formats "
+                     "shrink the stored weights, not the latency")
     m = plan.measured
     if m is not None:
+        error = ("latency not predicted" if m.speedup_prediction_error is None
+                 else f"speedup prediction error {m.speedup_prediction_error * 100:+.1f}%")
         lines.append(
-            f"measured:  {m.latency_ms:.1f} ms (dense {m.dense_latency_ms:.1f} ms), speedup {m.speedup:.2f}x "
-            f"(speedup prediction error {m.speedup_prediction_error * 100:+.1f}%)"
+            f"measured:  {m.latency_ms:.1f} ms (dense {m.dense_latency_ms:.1f} ms), speedup {m.speedup:.2f}x ({error})"
         )
         if m.verdict is not None:
             lines.append(m.verdict)

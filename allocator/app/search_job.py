@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from allocator.core.budget import is_latency_budget, is_param_budget, memory_capacity, memory_costs, param_sparsity, target_params, validate_budget
+from allocator.core.budget import budget_label, is_latency_budget, is_param_budget, memory_capacity, memory_costs, param_sparsity, target_params, validate_budget
 
 from profilers.prediction import predicted_dense_ms, predicted_ms, target_latency_ms, unit_costs
 from allocator.model.calibration_data import CalibrationData, build_calibration_data, validate_data_config
@@ -18,7 +18,7 @@ from allocator.app.config import SearchJob
 from allocator.core.config import ErrorMetric, check_choice
 from allocator.core.errors import UserInputError
 from allocator.core.atomic_io import write_json_atomic
-from allocator.core.plan import PLAN_FILE, Plan, PlanBudget, PlanProfile, Predicted, Quality, SearcherInfo, Uniform
+from allocator.core.plan import NO_TABLE, PLAN_FILE, Plan, PlanBudget, PlanProfile, Predicted, Quality, SearcherInfo, Uniform
 from allocator.levels.compress.outliers import OutlierNorms
 from allocator.model.export import export_checkpoint
 from allocator.model.sparse_export import build_deployable
@@ -35,7 +35,7 @@ from allocator.model.quality import kl_to_dense, perplexity
 from allocator.app.report import allocation_lines, plot_allocation, summary_lines
 from allocator.core.space import ATTN, ModelShape, Option, Space, build_space, option_params, sparse_patterns
 from allocator.app.verify_job import measure_speedup
-from profilers.registry import device_present, get_cost_table
+from profilers.registry import device_present, existing_cost_table, get_cost_table
 from profilers.regimes import find_regime
 from profilers.table import CostTable, RegimeCosts
 from search import SEARCHERS, Allocation, AllocationProblem, make_searcher
@@ -124,6 +124,27 @@ def build_problem(
     )
 
 
+NOT_PREDICTED = "no latency table: the budget reads none, and profile {profile} has none that costs no profiling"
+
+
+def latency_table(
+    cfg: SearchJob, dense: nn.Module, space: Space, check_budget
+) -> tuple[CostTable, Path] | tuple[None, None]:
+    """The latency table a latency budget prices with (loaded, or measured now). A parameter or memory-only budget
+    reads no latency: it gets a table only where one costs no profiling (a CPU table already saved, a device's
+    measured table or its roofline), for the predicted latency in the plan; else (None, None), and the plan says
+    latency was not predicted."""
+    p = cfg.profile
+    if is_latency_budget(cfg.budget):
+        return get_cost_table(p.name, dense, space, p, cfg.model.dtype, cfg.cache_dir, cfg.budget.regime, check_budget)
+    found = existing_cost_table(p.name, space, p, cfg.model.dtype, cfg.cache_dir)
+    if found is None:
+        print(f"latency not predicted: {NOT_PREDICTED.format(profile=p.name)} (budget {budget_label(cfg.budget)}; "
+              "python -m allocator profile measures one)")
+        return None, None
+    return found
+
+
 @dataclass
 class SearchSetup:
     """Everything a searcher needs, built (or loaded from the caches) once."""
@@ -131,9 +152,9 @@ class SearchSetup:
     dense: nn.Module
     tokenizer: object
     space: Space
-    table: CostTable
-    table_path: Path
-    costs: RegimeCosts
+    table: CostTable | None  # None: the budget reads no latency and no table was free (see latency_table)
+    table_path: Path | None
+    costs: RegimeCosts | None
     target_ms: float | None
     data: CalibrationData
     db: LevelDatabase
@@ -157,10 +178,8 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
         if is_latency_budget(cfg.budget):
             budget_ms["target"] = target_latency_ms(cfg.budget, costs, space.units, cfg.profile.name)
 
-    table, table_path = get_cost_table(
-        cfg.profile.name, dense, space, cfg.profile, cfg.model.dtype, cfg.cache_dir, cfg.budget.regime, check_budget
-    )
-    costs = table.regime(cfg.budget.regime)
+    table, table_path = latency_table(cfg, dense, space, check_budget)
+    costs = None if table is None else table.regime(cfg.budget.regime)
     fitness_pool = fitness_pool or SEARCHERS.get(cfg.searcher.name).uses_fitness
     data = build_calibration_data(cfg.data, loaded.tokenizer, cfg.fitness.sequences if fitness_pool else 0)
     # OWL allocates by each layer's activation-outlier ratio: gathered on the database's calibration pass.
@@ -204,7 +223,7 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
         for u in units if u.kind == ATTN
     )
     plan = make_plan(cfg, setup, allocations, found, uniform, kl, ppl, weight_bytes(deployed), weight_bytes(dense), kv)
-    write_problem(run_dir, problem, problem_cost_unit(cfg), costs.fixed_ms)
+    write_problem(run_dir, problem, problem_cost_unit(cfg), None if costs is None else costs.fixed_ms)
     if cfg.export:
         export_checkpoint(deployed, tokenizer, run_dir, plan)
         if cfg.verify and not device_present(cfg.profile.name):
@@ -261,9 +280,11 @@ def make_plan(
     """The run's plan, built once: `kl` and `ppl` by allocation name ("searched", "uniform"; ppl also "dense"),
     `weights` of the exported model, `kv_cache` bytes of the searched allocation at the budget's batch and context."""
     costs, units, table = setup.costs, setup.space.units, setup.table
-    dense_ms = predicted_dense_ms(costs, units)
-    searched_ms = predicted_ms(costs, units, allocations["searched"])
-    uniform_ms = predicted_ms(costs, units, allocations["uniform"])
+    dense_ms = searched_ms = uniform_ms = None  # not predicted without a table
+    if costs is not None:
+        dense_ms = predicted_dense_ms(costs, units)
+        searched_ms = predicted_ms(costs, units, allocations["searched"])
+        uniform_ms = predicted_ms(costs, units, allocations["uniform"])
     info = found.info
     return Plan(
         allocation=allocations["searched"],
@@ -274,7 +295,7 @@ def make_plan(
         ),
         profile=PlanProfile(
             name=table.profile, source=table.source, fingerprint=table.fingerprint, table=str(setup.table_path)
-        ),
+        ) if table is not None else PlanProfile(name=cfg.profile.name, source=NO_TABLE, fingerprint={}, table=None),
         model=cfg.model.name,
         model_spec=replace(cfg.model),
         searcher=SearcherInfo(
@@ -289,7 +310,7 @@ def make_plan(
         predicted=Predicted(
             latency_ms=searched_ms,
             dense_latency_ms=dense_ms,
-            speedup=dense_ms / searched_ms,
+            speedup=None if costs is None else dense_ms / searched_ms,
             param_sparsity=param_sparsity(setup.space, allocations["searched"]),
             weight_bytes=weights,
             dense_weight_bytes=dense_weights,
@@ -300,7 +321,7 @@ def make_plan(
             allocation=allocations["uniform"],
             proxy_error=float(uniform.error),
             predicted_latency_ms=uniform_ms,
-            predicted_speedup=dense_ms / uniform_ms,
+            predicted_speedup=None if costs is None else dense_ms / uniform_ms,
             param_sparsity=param_sparsity(setup.space, allocations["uniform"]),
             kl=kl["uniform"],
             ppl_dense=ppl["dense"],

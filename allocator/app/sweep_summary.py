@@ -301,7 +301,9 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
         out.setdefault(" ".join([r["profile"], *r["other_overrides"]]), []).append(r)
-    return {k: sorted(v, key=lambda r: r["predicted_speedup"]) for k, v in out.items()}
+    # runs without a latency table (a parameter or memory budget) predicted no speedup: they have no place on it
+    return {k: sorted((r for r in v if r["predicted_speedup"] is not None), key=lambda r: r["predicted_speedup"])
+            for k, v in out.items()}
 
 
 def _shared_budget(rows: list[dict]) -> tuple | None:
@@ -324,7 +326,8 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
     series = _series(rows)
     for (label, runs), colour in zip(series.items(), itertools.cycle(colours)):
         front.plot([r["predicted_speedup"] for r in runs], [r["ppl"] for r in runs], "o-", color=colour, label=label)
-        uni = sorted((r for r in runs if r["uniform_ppl"] is not None), key=lambda r: r["uniform_predicted_speedup"])
+        uni = sorted((r for r in runs if r["uniform_ppl"] is not None and r["uniform_predicted_speedup"] is not None),
+                     key=lambda r: r["uniform_predicted_speedup"])
         if uni:
             front.plot([r["uniform_predicted_speedup"] for r in uni], [r["uniform_ppl"] for r in uni], "x--",
                        color=colour, alpha=0.8, label=f"{label} uniform")

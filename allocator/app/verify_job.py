@@ -37,8 +37,13 @@ _TABLE_KEYS = ("repeats", "warmup", "decode_batches", "decode_context", "prefill
 
 
 
-def predicted_latency(plan: Plan, regime: str, widths: dict[str, list[Option]]) -> tuple[float, float]:
-    """(pruned, dense) latency that the plan's table predicts in `regime`; `widths`: per kind, each layer's option."""
+def predicted_latency(
+    plan: Plan, regime: str, widths: dict[str, list[Option]]
+) -> tuple[float, float] | tuple[None, None]:
+    """(pruned, dense) latency that the plan's table predicts in `regime`; `widths`: per kind, each layer's option.
+    (None, None) for a plan made without a table (a parameter or memory budget): nothing was predicted."""
+    if plan.profile.table is None:
+        return None, None
     if regime == plan.budget.regime:
         return plan.predicted.latency_ms, plan.predicted.dense_latency_ms
     costs = load_table(Path(plan.profile.table)).regime(regime)
@@ -49,8 +54,10 @@ def predicted_latency(plan: Plan, regime: str, widths: dict[str, list[Option]]) 
 
 def _planned_regime(plan: Plan, profile: ProfileConfig, name: str) -> Regime:
     """The regime as the plan's table measured it (batch, context), so the GPU times what was predicted."""
-    table = Path(plan.profile.table)
-    return Regime(**load_table(table).regime(name).regime) if table.is_file() else find_gpu_regime(profile, name)
+    table = None if plan.profile.table is None else Path(plan.profile.table)
+    if table is not None and table.is_file():
+        return Regime(**load_table(table).regime(name).regime)
+    return find_gpu_regime(profile, name)
 
 
 def measure_speedup(
@@ -78,8 +85,9 @@ def measure_speedup(
     widths = {kind: [allocation[unit_name(i, kind)] for i in range(layers)] for kind in (ATTN, MLP)}
     predicted_ms, predicted_dense = predicted_latency(plan, regime.name, widths)
     measured_ms, dense_ms = stats["pruned"].median_ms, stats["dense"].median_ms
-    dense_error = predicted_dense / dense_ms - 1.0
-    stale = plan.profile.source == "measured" and abs(dense_error) > TABLE_TOLERANCE  # a roofline is no measurement
+    predicted = predicted_ms is not None  # a plan without a table: the speedup is measured, nothing compared
+    dense_error = predicted_dense / dense_ms - 1.0 if predicted else None
+    stale = predicted and plan.profile.source == "measured" and abs(dense_error) > TABLE_TOLERANCE  # a roofline is no measurement
     note = None
     if stale:
         note = (
@@ -101,9 +109,9 @@ def measure_speedup(
         latency_ms=measured_ms,
         dense_latency_ms=dense_ms,
         speedup=speedup,
-        predicted_speedup=predicted_dense / predicted_ms,
-        speedup_prediction_error=predicted_dense / predicted_ms / speedup - 1.0,
-        latency_prediction_error=predicted_ms / measured_ms - 1.0,
+        predicted_speedup=predicted_dense / predicted_ms if predicted else None,
+        speedup_prediction_error=predicted_dense / predicted_ms / speedup - 1.0 if predicted else None,
+        latency_prediction_error=predicted_ms / measured_ms - 1.0 if predicted else None,
         pruned_stats=Timing(**asdict(stats["pruned"])),
         dense_stats=Timing(**asdict(stats["dense"])),
         # a weight budget: counted in the reloaded model
@@ -114,7 +122,7 @@ def measure_speedup(
         predicted_latency_ms=predicted_ms,
         predicted_dense_latency_ms=predicted_dense,
         dense_prediction_error=dense_error,
-        table_stale=stale,
+        table_stale=stale if predicted else None,
         table_note=note,
     )
     verdict = budget_verdict(budget, measured, regime.name == budget.regime)
@@ -196,12 +204,15 @@ def run_verify(cfg: VerifyJob) -> Measured:
     measured = measure_speedup(run, cfg.profile, regime, cfg.cache_dir)
     if regime == plan.budget.regime:
         plan.with_measured(measured).save(run / PLAN_FILE)
-    print(
-        f"{run} ({regime}): predicted speedup {measured.predicted_speedup:.2f}x, "
-        f"measured {measured.speedup:.2f}x ({measured.latency_ms:.1f} ms vs dense "
-        f"{measured.dense_latency_ms:.1f} ms), speedup prediction error "
-        f"{measured.speedup_prediction_error * 100:+.1f}%"
-    )
+    measured_text = (f"measured {measured.speedup:.2f}x ({measured.latency_ms:.1f} ms vs dense "
+                     f"{measured.dense_latency_ms:.1f} ms)")
+    if measured.predicted_speedup is None:
+        print(f"{run} ({regime}): {measured_text}; latency was not predicted (the plan has no latency table)")
+    else:
+        print(
+            f"{run} ({regime}): predicted speedup {measured.predicted_speedup:.2f}x, {measured_text}, speedup "
+            f"prediction error {measured.speedup_prediction_error * 100:+.1f}%"
+        )
     if measured.predicted_latency_ms is not None:
         print(
             f"absolute latency: predicted {measured.predicted_latency_ms:.1f} ms, measured {measured.latency_ms:.1f} ms "

@@ -52,6 +52,7 @@ MS = (1, 16, 256)  # decode (bitmap's M <= 4 multiply-reduce), the smallest tl.d
 ARCH_DEVICE = {90: "h200", 80: "a100"}  # whose rates an arch's predictions use
 VARIANTS = ("bitmap50", "bitmap70", "bitmap90", "nm2:4", "nm4:8", "bsr16x16-70")
 OUT_DIR = Path("runs/bench/kernels/static")
+SASS_CACHE = Path("runs/cache/sass")  # disassemblies by cubin hash; Triton caches the compiles (~/.triton/cache)
 SCHEDULERS_PER_SM = 4
 
 
@@ -169,7 +170,7 @@ def analyse(launch: Launch, arch: int, workdir: Path) -> dict:
     """Compile, disassemble and count one launch."""
     kernel = compile_launch(launch, arch)
     cubin = kernel.asm["cubin"]
-    listing = sass.parse(sass.disassemble(cubin, workdir))
+    listing = sass.parse(sass.disassemble(cubin, workdir, SASS_CACHE))
     loop = sass.hot_loop(listing)
     if loop is None:
         raise RuntimeError(f"{kernel.metadata.name}: no backward branch in its SASS, so no hot loop to count")

@@ -101,6 +101,10 @@ class ProfileConfig:
     l2_rotations: int = 0
     # Measure again even when a table for this device fingerprint exists.
     refresh: bool = False
+    # CPU tables: a regime measured while the machine was busy or unstable (profilers/stability.py) is measured
+    # again this many times, then refused with the reason; allow_unstable keeps it instead, marked unstable.
+    retries: int = 1
+    allow_unstable: bool = False
 
 
 @dataclass

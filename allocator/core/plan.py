@@ -26,6 +26,9 @@ from allocator.core.space import Option
 
 PLAN_VERSION = 2
 PLAN_FILE = "plan.json"
+# profile.source of a plan made without a latency table (a parameter or memory budget, none saved): its predicted
+# latencies and speedups are null, and verify measures the speedup without comparing it with a prediction.
+NO_TABLE = "none"
 _OMIT = "omit_if_none"
 
 
@@ -54,9 +57,9 @@ class PlanBudget(BudgetConfig):
 @dataclass
 class PlanProfile:
     name: str
-    source: str  # "measured" or "roofline"
-    fingerprint: dict[str, Any]  # the device fingerprint the latency table is keyed by
-    table: str  # path of the latency table the plan was made with
+    source: str  # "measured", "roofline" or NO_TABLE ("none": latency not predicted)
+    fingerprint: dict[str, Any]  # the device fingerprint the latency table is keyed by ({} without a table)
+    table: Optional[str]  # path of the latency table the plan was made with; None without one
 
 
 @dataclass
@@ -73,11 +76,12 @@ class SearcherInfo:
 
 @dataclass
 class Predicted:
-    """What the latency table and the memory model predict for the searched allocation (in budget.regime)."""
+    """What the latency table and the memory model predict for the searched allocation (in budget.regime); the
+    latencies and speedup are None when the plan had no latency table (profile.source NO_TABLE)."""
 
-    latency_ms: float
-    dense_latency_ms: float
-    speedup: float
+    latency_ms: Optional[float]
+    dense_latency_ms: Optional[float]
+    speedup: Optional[float]
     param_sparsity: Optional[float]  # share of the decoder linear weights removed; None in plans older than it
     weight_bytes: int  # the exported (deployable) model's weights
     dense_weight_bytes: int
@@ -91,8 +95,8 @@ class Uniform:
 
     allocation: dict[str, Option]
     proxy_error: float
-    predicted_latency_ms: float
-    predicted_speedup: float
+    predicted_latency_ms: Optional[float]  # None without a latency table
+    predicted_speedup: Optional[float]
     param_sparsity: Optional[float]  # None in plans older than it
     kl: float
     ppl_dense: float
@@ -131,9 +135,9 @@ class Measured:
     latency_ms: float
     dense_latency_ms: float
     speedup: float
-    predicted_speedup: float
-    speedup_prediction_error: float
-    latency_prediction_error: float
+    predicted_speedup: Optional[float]  # the three are None for a plan without a latency table
+    speedup_prediction_error: Optional[float]
+    latency_prediction_error: Optional[float]
     pruned_stats: Timing
     dense_stats: Timing
     param_sparsity: Optional[float] = _when_set()  # under a sparsity budget, counted in the reloaded weights
