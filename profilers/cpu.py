@@ -13,11 +13,14 @@ from scipy.stats import theilslopes
 from torch import nn
 
 from allocator.core.config import ProfileConfig
+from kernels import ops
 from allocator.model.surgery import leading_levels
 from allocator.core.space import Option, Space, is_sparse
 from allocator.model.sparse_export import build_deployable
 from profilers.regimes import Regime, forward_call, regimes_of
-from profilers.table import CostTable, RegimeCosts, base_cost, clean_curve, cpu_fingerprint, load_or_measure
+from profilers.table import (
+    CostTable, RegimeCosts, base_cost, clean_curve, cpu_fingerprint, load_or_measure, load_table, table_key,
+)
 from profilers.stability import measure_checked, unstable_regimes
 from profilers.timing import time_interleaved
 
@@ -27,10 +30,20 @@ METHOD = ("neighbour-dense variants, per-round dense fractions, Theil-Sen width 
           "stability checked")  # tables from before the checks are not reused
 # Appended for spaces with sparse options only, so structured tables keep their cache key.
 SPARSE_METHOD = "; sparse options: per-option medians, costs above the cheapest option"
+# ... when SparseLinear runs a dense GEMM on this CPU (no kernel: the weight decompressed once, see
+# kernels/sparse_linear.py): a sparse option is the full-width unit in time, so it is priced as that, not timed.
+SPARSE_DENSE_METHOD = "; sparse options: decompressed once and run dense on a CPU, priced as the full-width unit"
 
 
-def _variants(space: Space) -> dict[str, dict[str, Option]]:
-    """The models timed: dense, and each option of a kind applied to every layer with the other kind dense.
+def sparse_runs_dense() -> bool:
+    """Whether exported sparse units run on this CPU as their dense unit (SparseLinear's dense path), rather than
+    through a kernel (Triton's interpreter, TRITON_INTERPRET=1: the tests)."""
+    return ops.backend("cpu") == "torch-reference"
+
+
+def _variants(space: Space, time_sparse: bool = True) -> dict[str, dict[str, Option]]:
+    """The models timed: dense, and each option of a kind applied to every layer with the other kind dense
+    (sparse options only when `time_sparse`).
 
     All layers of a Llama-family model share one shape, so an option's per-layer cost is measured in the whole
     model's real context (caches, overheads, the neighbouring block present, as in the plans searched for) with
@@ -40,6 +53,8 @@ def _variants(space: Space) -> dict[str, dict[str, Option]]:
     variants = {"dense": dense}
     for kind, options in space.options.items():
         for kept in options[:-1]:
+            if is_sparse(kept) and not time_sparse:
+                continue
             variants[f"{kind}={kept}"] = {
                 name: kept if name.endswith("." + kind) else full for name, full in dense.items()
             }
@@ -70,7 +85,8 @@ def measure_regime(
     dense: nn.Module, space: Space, regime: Regime, cfg: ProfileConfig
 ) -> RegimeCosts:
     source = leading_levels(dense, space.shape)
-    variants = _variants(space)
+    as_dense = sparse_runs_dense()
+    variants = _variants(space, time_sparse=not as_dense)
     calls = {
         name: forward_call(build_deployable(dense, space.shape, alloc, source), regime)
         for name, alloc in variants.items()
@@ -86,13 +102,16 @@ def measure_regime(
     for kind, options in space.options.items():
         widths = tuple(o for o in options if not is_sparse(o))
         curve: dict[Option, float] = _fit_widths(kind, widths, fractions)
-        curve.update({o: float(np.median(fractions[f"{kind}={o}"])) for o in options if is_sparse(o)})
+        if not as_dense:
+            curve.update({o: float(np.median(fractions[f"{kind}={o}"])) for o in options if is_sparse(o)})
         # The fixed part is the model with every unit at its cheapest option: the narrowest width, or a sparse
         # format that beats it (a sparse space without dropping has only the full width).
         cheapest = base_cost(curve)
         fixed -= 1.0 - cheapest
         per_layer = {k: (f - cheapest) * dense_ms / space.shape.num_layers for k, f in curve.items()}
         unit_ms[kind] = clean_curve({k: max(0.0, v) for k, v in per_layer.items()})
+        if as_dense:  # run as the full-width dense unit: priced as its cleaned cost
+            unit_ms[kind].update({o: unit_ms[kind][max(widths)] for o in options if is_sparse(o)})
     return RegimeCosts(
         regime=asdict(regime),
         fixed_ms=max(0.0, fixed) * dense_ms,
@@ -100,6 +119,34 @@ def measure_regime(
         unit_ms=unit_ms,
         raw={name: asdict(s) for name, s in stats.items()},
     )
+
+
+def _settings(space: Space, cfg: ProfileConfig) -> dict:
+    """How the table is measured: part of its cache key."""
+    return {
+        "warmup": cfg.warmup,
+        "repeats": cfg.repeats,
+        "regimes": [asdict(r) for r in regimes_of(cfg)],
+        "method": METHOD + ((SPARSE_DENSE_METHOD if sparse_runs_dense() else SPARSE_METHOD) if space.has_sparse else ""),
+    }
+
+
+def cached_cpu_table(space: Space, cfg: ProfileConfig, dtype: str, cache_dir: str | Path) -> tuple[CostTable, Path] | None:
+    """The table `profile_cpu` would reuse for this device, model, options and settings, if one was saved; None
+    instead of measuring one (for a budget that reads no latency, predictions only where they are free). A table
+    kept from a busy machine (profile.allow_unstable) is not offered."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    key = table_key(cpu_fingerprint(dtype, torch.get_num_threads()), asdict(space.shape), space.options,
+                    _settings(space, cfg))
+    path = Path(cache_dir) / "profiles" / f"{cfg.name}-{key}.json"  # load_or_measure's file for that key
+    if not path.is_file():
+        return None
+    table = load_table(path)
+    if unstable_regimes(table.regimes):
+        log.info("latency table %s was measured on a busy machine: not used for predictions", path)
+        return None
+    return table, path
 
 
 def profile_cpu(
@@ -116,12 +163,7 @@ def profile_cpu(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     fingerprint = cpu_fingerprint(dtype, torch.get_num_threads())
-    settings = {
-        "warmup": cfg.warmup,
-        "repeats": cfg.repeats,
-        "regimes": [asdict(r) for r in regimes_of(cfg)],
-        "method": METHOD + (SPARSE_METHOD if space.has_sparse else ""),
-    }
+    settings = _settings(space, cfg)
     by_name = {r.name: r for r in regimes_of(cfg)}
 
     def measure(name: str) -> RegimeCosts:

@@ -77,3 +77,52 @@ def test_interrupted_profile_resumes_from_its_partial_table(tiny, tmp_path):
     assert table.regimes["prefill"].raw == kept  # not measured again
     assert set(table.regimes) == {"prefill", "decode_b1"} and seen == ["prefill", "prefill"]
     assert path.is_file() and not partial.exists()
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """CPU tensors as a CPU runs them outside the tests (conftest's TRITON_INTERPRET=1 gives them the interpreted
+    kernel): no kernel, so SparseLinear decompresses once and runs the dense GEMM."""
+    from kernels import ops
+
+    monkeypatch.setattr(ops, "backend", lambda device: "torch-reference")
+
+
+def test_cpu_prices_sparse_options_as_the_dense_unit_they_run_as(tiny, tmp_path, no_kernel):
+    """A mixed space on a CPU: sparse variants are not timed (they run as the full-width dense unit), every sparse
+    option costs exactly the full width's cost, and the table's method says so."""
+    import torch
+
+    from allocator.core.config import SpaceConfig
+    from allocator.core.space import build_space, is_sparse, parse_option_key
+    from allocator.model.sparse_export import build_deployable
+    from allocator.model.surgery import build_pruned_model, leading_levels
+    from kernels.sparse_linear import SparseLinear
+    from profilers.cpu import measure_regime, sparse_runs_dense
+    from profilers.regimes import regimes_of
+
+    loaded, structured = tiny
+    space = build_space(structured.shape, SpaceConfig(kind="mixed", mlp_step=32))
+    assert space.has_sparse and sparse_runs_dense()
+    cfg = ProfileConfig(repeats=2, warmup=0, decode_batches=[1], decode_context=16, prefill_length=16)
+    # measure_regime itself (profile_cpu adds the busy-machine checks, which a loaded test machine can fail)
+    for regime in regimes_of(cfg):
+        costs = measure_regime(loaded.model, space, regime, cfg)
+        timed = set(costs.raw)
+        assert not any(is_sparse(parse_option_key(name.split("=", 1)[1])) for name in timed if "=" in name), timed
+        assert any("=" in name for name in timed)  # the widths are still timed
+        for kind, curve in costs.unit_ms.items():
+            full = max(k for k in curve if not is_sparse(k))
+            sparse = [k for k in curve if is_sparse(k)]
+            assert sparse and all(curve[k] == curve[full] for k in sparse)
+    # What was priced is what runs: the deployable model's SparseLinear modules run the dense GEMM of the very
+    # weights the masked model multiplies.
+    alloc = {u.name: next(o for o in u.options if is_sparse(o)) for u in space.units}
+    source = leading_levels(loaded.model, space.shape)
+    deployed = build_deployable(loaded.model, space.shape, alloc, source)
+    masked = build_pruned_model(loaded.model, space.shape, alloc, source)
+    ids = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        assert torch.equal(deployed(ids).logits, masked(ids).logits)
+    modules = [m for m in deployed.modules() if isinstance(m, SparseLinear)]
+    assert modules and all(m.decompressed for m in modules)
