@@ -186,3 +186,43 @@ def test_bench_shape_bookkeeping_on_cpu():
         assert row["fraction_of_ideal"] == pytest.approx(row["speedup_vs_cublas"]["median"] / row["ideal_speedup"])
     assert by_kernel["cublas-dense"]["ideal_speedup"] == 1.0
     assert by_kernel["triton-nm-2:4"]["weight_bytes"] == 64 * 128 * 9 // 8
+
+
+def test_fixed_configs_are_the_autotuners_first_candidates():
+    from kernels import bsr, nm
+
+    for m in (1, 16, 256):
+        config = kb.fixed_config("nm", {"n": 2, "m": 4}, m)
+        first = nm.candidate_configs(m, 4)[0]
+        assert config == {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
+        first = bsr.candidate_configs(m, (32, 32))[0]
+        assert kb.fixed_config("bsr", {"block": (32, 32)}, m)["GROUP"] == first.kwargs["GROUP"]
+    assert kb.fixed_config("bitmap", {}, 1) is None
+    assert kb.settings(True).fixed_configs and not kb.settings(False).fixed_configs
+
+
+def test_cutlass_is_skipped_off_sm8():
+    assert kb.cutlass_unsupported((8, 0)) is None and kb.cutlass_unsupported((8, 9)) is None
+    assert "sm_90" in kb.cutlass_unsupported((9, 0)) and "SM 8.x" in kb.cutlass_unsupported((12, 0))
+    assert kb.cutlass_unsupported(None) == "no CUDA GPU"
+    with pytest.raises(kb.UnsupportedShape, match="no CUDA GPU"):
+        kb._semi_structured(torch.zeros(16, 16, dtype=torch.float16), cutlass=True)
+
+
+def test_bench_shape_with_fixed_configs_on_cpu():
+    """The quick mode's fixed N:M and BSR configs run (interpreted) and give correct results."""
+    import time
+
+    def wall_clock(calls):
+        def sample() -> float:
+            start = time.perf_counter()
+            calls[0]()
+            return (time.perf_counter() - start) * 1e6
+        return sample, "wall-clock", calls
+
+    cfg = kb.Settings(True, {"tiny": (64, 128)}, (1,), (0.5,), repeats=1, warmup_rounds=0, fixed_configs=True)
+    rows = kb.bench_shape("tiny", 64, 128, cfg, (None, None), l2_bytes=0, device="cpu", sampler=wall_clock)
+    by_kernel = {r["kernel"]: r for r in rows}
+    assert "no CUDA GPU" in by_kernel["torch-2:4-cutlass"]["reason"]
+    for name in ("triton-nm-2:4", "triton-bsr-16x16", "triton-bsr-32x32"):
+        assert by_kernel[name]["status"] == "ok", by_kernel[name]

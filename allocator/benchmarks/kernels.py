@@ -19,6 +19,10 @@ ideal. It only bounds kernels that are memory bound: `dense_memory_bound` says w
 whose datasheet numbers profilers.devices knows. Where it is compute bound, formats that expand to dense tiles
 (bitmap, N:M, BSR) can at best match dense, and only the 2:4 sparse tensor cores can beat it.
 
+--quick: two shapes, M 1/16/256, 10 repeats, and N:M / BSR at one fixed config per M (the first autotune candidate)
+instead of autotuning every shape and M; sized for a few minutes of one GPU (not yet timed on one).
+The CUTLASS 2:4 path is skipped, with its reason, off SM 8.x.
+
 python -m allocator.benchmarks.kernels [--quick]  →  runs/bench/kernels/<gpu-name>[-quick].json and .png
 """
 
@@ -42,6 +46,7 @@ import torch.nn.functional as F
 from allocator.benchmarks.common import environment, spread, write_result
 from allocator.core.errors import UserInputError
 from allocator.core.patterns import SparsityPattern, select_mask
+from kernels.errors import UnsupportedShape
 from profilers.timing import interleaved_schedule
 
 DTYPE = torch.float16
@@ -98,13 +103,18 @@ class Settings:
     sparsities: tuple[float, ...]
     repeats: int
     warmup_rounds: int
+    # N:M and BSR at one fixed config per M (the first the CUDA autotuner would time) instead of autotuning at every
+    # shape and M, which takes most of a short device budget; their times are then those of that config, not of the
+    # autotuned best.
+    fixed_configs: bool = False
 
 
 # ---- pure helpers (tested without a GPU) ----
 
 def settings(quick: bool) -> Settings:
     if quick:
-        return Settings(True, {k: SHAPES[k] for k in QUICK_SHAPES}, QUICK_MS, SPARSITIES, repeats=10, warmup_rounds=2)
+        return Settings(True, {k: SHAPES[k] for k in QUICK_SHAPES}, QUICK_MS, SPARSITIES, repeats=10, warmup_rounds=2,
+                        fixed_configs=True)
     return Settings(False, dict(SHAPES), MS, SPARSITIES, repeats=50, warmup_rounds=5)
 
 
@@ -202,9 +212,36 @@ def _clone(w: object) -> object:
     return type(w).from_tensors({k: v.clone() for k, v in w.tensors().items()})  # type: ignore[attr-defined]
 
 
+def fixed_config(fmt: str, params: dict, m: int) -> dict | None:
+    """The config a fixed-config run launches N:M or BSR with at m rows of x: the first of the CUDA autotuner's
+    candidates (tiles, split, warps, stages); None for bitmap, which does not autotune."""
+    if fmt == "nm":
+        config = _kernel_module("nm").candidate_configs(m, params["m"])[0]
+    elif fmt == "bsr":
+        config = _kernel_module("bsr").candidate_configs(m, params["block"])[0]
+    else:
+        return None
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def cutlass_unsupported(capability: tuple[int, int] | None) -> str | None:
+    """Why torch's CUTLASS 2:4 path cannot run on a GPU of compute `capability` (None: no GPU), or None. Its
+    kernels are built for SM 8.x; off it the call may fail or fault the CUDA context every later variant shares."""
+    if capability is None:
+        return "no CUDA GPU"
+    if capability[0] != 8:
+        return f"torch's CUTLASS 2:4 kernels run on SM 8.x only; this GPU is sm_{capability[0]}{capability[1]}"
+    return None
+
+
 def _semi_structured(dense: torch.Tensor, cutlass: bool) -> object:
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
+    if cutlass:
+        capability = torch.cuda.get_device_capability(dense.device) if dense.device.type == "cuda" else None
+        reason = cutlass_unsupported(capability)
+        if reason:
+            raise UnsupportedShape(f"skipped: {reason}")
     if not cutlass and not torch.backends.cusparselt.is_available():
         raise RuntimeError("cuSPARSELt is not available in this torch build")
     previous = SparseSemiStructuredTensor._FORCE_CUTLASS
@@ -221,7 +258,7 @@ def _semi_structured_nbytes(w: object) -> int:
                if t is not None)
 
 
-def build_variant(spec: Spec, base: torch.Tensor, l2_bytes: int) -> Variant:
+def build_variant(spec: Spec, base: torch.Tensor, l2_bytes: int, fixed_configs: bool = False) -> Variant:
     from profilers.gpu_timing import rotation_count
 
     dense = pruned_weight(base, spec)
@@ -243,6 +280,10 @@ def build_variant(spec: Spec, base: torch.Tensor, l2_bytes: int) -> Variant:
         module = _kernel_module(fmt)
         first = module.compress(dense, **params)
         call, nbytes = module.triton_matmul, int(first.nbytes)
+        if fixed_configs and fmt in ("nm", "bsr"):
+            def call(x: torch.Tensor, w: object, module: ModuleType = module, fmt: str = fmt,
+                     params: dict = params) -> torch.Tensor:
+                return module.triton_matmul(x, w, config=fixed_config(fmt, params, x.numel() // x.shape[-1]))
 
         def make() -> object:
             return _clone(first)
@@ -319,7 +360,7 @@ def bench_shape(name: str, n: int, k: int, cfg: Settings, device_numbers: tuple[
     skipped: dict[str, str] = {}
     for spec in variant_specs(cfg.sparsities):
         try:
-            variants[spec.label] = build_variant(spec, base, l2_bytes)
+            variants[spec.label] = build_variant(spec, base, l2_bytes, cfg.fixed_configs)
         except Exception as exc:  # an unsupported shape/device/backend is a result, not a crash
             skipped[spec.label] = f"{type(exc).__name__}: {exc}"
     dense_bytes = n * k * ELEMENT_BYTES
@@ -462,6 +503,8 @@ def main(quick: bool = False) -> dict:
             "quick": cfg.quick, "dtype": str(DTYPE), "shapes": cfg.shapes, "M": list(cfg.ms),
             "sparsities": list(cfg.sparsities), "bsr_blocks": [list(b) for b in BSR_BLOCKS],
             "repeats": cfg.repeats, "warmup_rounds": cfg.warmup_rounds, "warmup_calls": WARMUP_CALLS,
+            "configs": ("fixed: N:M and BSR at the first autotune candidate per M (fixed_config), not autotuned"
+                        if cfg.fixed_configs else "N:M and BSR autotuned per shape and M"),
             "timing": "CUDA graph over L2-rotated weight copies (their bytes > 2x L2, at most "
                       f"{MAX_COPIES}), CUDA events, µs per call; rounds interleave variants in seeded orders",
             "pruning": "magnitude masks by allocator.core.patterns.select_mask, as exported: bitmap: per row; "
@@ -483,7 +526,8 @@ def main(quick: bool = False) -> dict:
 def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m allocator.benchmarks.kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help=f"shapes {', '.join(QUICK_SHAPES)}; M {QUICK_MS}; 10 repeats")
+                        help=f"shapes {', '.join(QUICK_SHAPES)}; M {QUICK_MS}; 10 repeats; N:M and BSR at one "
+                             "fixed config per M (no autotuning)")
     args = parser.parse_args(argv)
     try:
         main(quick=args.quick)
