@@ -17,7 +17,8 @@ Kernel. Each program owns BLOCK_M rows of x, one tile row of W (tile_n outputs) 
 (split-K). Per tile it loads the bitmap words, turns each element's bit into its rank among the tile's stored values
 (a row-wise cumsum plus the exclusive cumsum of row counts), gathers the values from `offsets[tile] + rank`, and
 multiplies with x by `tl.dot` (BLOCK_M >= 16) or a broadcast multiply-reduce (M <= 4, decode). Accumulation is fp32;
-split-K programs write fp32 partial sums to a workspace that is summed afterwards, so results are deterministic."""
+split-K programs write fp32 partial sums to a workspace, and the last split of each output tile to finish adds them in
+split order, casts and stores, in the same launch (no sum or cast kernel after it), so results are deterministic."""
 
 from __future__ import annotations
 
@@ -199,11 +200,12 @@ def reference_matmul(x: torch.Tensor, w: BitmapWeight, bias: torch.Tensor | None
 
 @triton.jit
 def _bitmap_matmul_kernel(
-    x_ptr, bitmap_ptr, offsets_ptr, values_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_xk, stride_om, stride_on, stride_os,
-    tiles_k, tiles_per_split,
+    x_ptr, bitmap_ptr, offsets_ptr, values_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
+    M, N, K, stride_xm, stride_xk, stride_om, stride_on,
+    tiles_k, tiles_per_split, splits,
     TILE_N: tl.constexpr, TILE_K: tl.constexpr, BLOCK_M: tl.constexpr,
     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -249,8 +251,25 @@ def _bitmap_matmul_kernel(
     if HAS_BIAS:  # added once, by the first K split
         b = tl.load(bias_ptr + on, mask=(on < N) & (pid_k == 0), other=0.0)
         acc += b.to(tl.float32)[None, :]
-    out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + on[None, :] * stride_on
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (on[None, :] < N))
+    mask = (rm[:, None] < M) & (on[None, :] < N)
+    out = out_ptr + rm[:, None] * stride_om + on[None, :] * stride_on
+    if SPLIT:
+        # Split-K, reduced in this launch: every split stores its fp32 partial sums to the (splits, M, N) workspace
+        # and counts itself in on its output tile; the last to arrive adds the partials in split order
+        # (deterministic), casts and stores the output, and resets the count for the next launch.
+        part = rm[:, None] * N + on[None, :]
+        tl.store(ws_ptr + pid_k * M * N + part, acc, mask=mask)
+        tl.debug_barrier()  # the whole program's partials are written before the (release) count below
+        counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            total = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
+            for s in range(0, splits):
+                total += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter, 0)
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -314,29 +333,55 @@ def launch_plan(m: int, tiles: tuple[int, int], sms: int | None, split_k: int | 
     return Launch((grid_m, tiles_n, split), block_m, split, per_split)
 
 
-def _fp32_out(plan: Launch, dtype: torch.dtype) -> bool:
-    # Split-K partial sums go to an fp32 workspace summed afterwards. So does bf16 in the interpreter: its
-    # fp32 → bf16 cast truncates where the GPU (and torch) round to nearest even.
-    return plan.split > 1 or (INTERPRETED and dtype == torch.bfloat16)
+def _fp32_out(dtype: torch.dtype) -> bool:
+    # bf16 in the interpreter: its fp32 → bf16 cast truncates where the GPU (and torch) round to nearest even, so
+    # the kernel stores fp32 and torch casts.
+    return INTERPRETED and dtype == torch.bfloat16
 
 
-def output_buffer(plan: Launch, m: int, n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """The (split, m, n) tensor the kernel writes: x's dtype, or fp32 partial sums (see `_fp32_out`)."""
-    return torch.empty((plan.split, m, n), dtype=torch.float32 if _fp32_out(plan, dtype) else dtype, device=device)
+# Per-device arrival counts of split-K output tiles: zero between launches (the last split of a tile resets its
+# count), so no launch zeroes them. Launches that share them must not run concurrently (one stream; a CUDA graph
+# replays them in order).
+_COUNTS: dict[str, torch.Tensor] = {}
+
+
+def _counts(size: int, device: torch.device | str) -> torch.Tensor:
+    key = str(torch.device(device))
+    if key not in _COUNTS or _COUNTS[key].numel() < size:
+        _COUNTS[key] = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+    return _COUNTS[key]
+
+
+@dataclass
+class Buffers:
+    out: torch.Tensor  # (m, n) in x's dtype (fp32 for bf16 in the interpreter)
+    workspace: torch.Tensor  # (split, m, n) fp32 partial sums; a placeholder when not split
+    counts: torch.Tensor  # int32 arrivals per output tile; a placeholder when not split
+
+
+def buffers(plan: Launch, m: int, n: int, dtype: torch.dtype, device: torch.device | str) -> Buffers:
+    """What one launch writes: the output and, for split-K, the fp32 partials and the tiles' arrival counts."""
+    out = torch.empty((m, n), dtype=torch.float32 if _fp32_out(dtype) else dtype, device=device)
+    if plan.split == 1:
+        return Buffers(out, out, out)
+    workspace = torch.empty((plan.split, m, n), dtype=torch.float32, device=device)
+    return Buffers(out, workspace, _counts(plan.grid[0] * plan.grid[1], device))
 
 
 def kernel_arguments(
-    x2: torch.Tensor, w: BitmapWeight, bias: torch.Tensor | None, out: torch.Tensor, plan: Launch
+    x2: torch.Tensor, w: BitmapWeight, bias: torch.Tensor | None, bufs: Buffers, plan: Launch
 ) -> tuple[tuple, dict]:
     """The kernel's runtime arguments and constexprs for one launch on a 2-D x (what triton_matmul passes)."""
     m, k = x2.shape
     (tn, tk), tiles_k = w.tile, w.tiles[1]
-    args = (x2, w.bitmap, w.offsets, w.values, bias if bias is not None else w.values, out,
-            m, w.shape[0], k, x2.stride(0), x2.stride(1), out.stride(1), out.stride(2), out.stride(0),
-            tiles_k, plan.tiles_per_split)
+    out = bufs.out
+    args = (x2, w.bitmap, w.offsets, w.values, bias if bias is not None else w.values, out, bufs.workspace,
+            bufs.counts, m, w.shape[0], k, x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
+            tiles_k, plan.tiles_per_split, plan.split)
     constexprs = dict(TILE_N=tn, TILE_K=tk, BLOCK_M=plan.block_m, USE_DOT=plan.use_dot, UPCAST=INTERPRETED,
                       HAS_BIAS=bias is not None,
-                      DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32")  # fp32: fp32, not TF32
+                      DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",  # fp32: fp32, not TF32
+                      SPLIT=plan.split > 1)
     return args, constexprs
 
 
@@ -360,8 +405,8 @@ def triton_matmul(
     if tiles_n > 65535:  # grid axis 1; CUDA caps it at 65535
         raise UnsupportedShape(f"{where}: out_features={n} needs {tiles_n} row tiles of {tn}, at most 65535")
     plan = launch_plan(m, (tiles_n, tiles_k), _sm_count(x.device) if x.device.type == "cuda" else None, split_k)
-    fp32_out = _fp32_out(plan, x.dtype)
-    out = output_buffer(plan, m, n, x.dtype, x.device)
-    args, constexprs = kernel_arguments(x2, w, bias, out, plan)
+    bufs = buffers(plan, m, n, x.dtype, x.device)
+    args, constexprs = kernel_arguments(x2, w, bias, bufs, plan)
     _bitmap_matmul_kernel[plan.grid](*args, **constexprs, num_warps=plan.num_warps)
-    return (out.sum(0).to(x.dtype) if fp32_out else out[0]).reshape(*lead, n)
+    out = bufs.out.to(x.dtype) if _fp32_out(x.dtype) else bufs.out
+    return out.reshape(*lead, n)

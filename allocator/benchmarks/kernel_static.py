@@ -101,7 +101,7 @@ def _bitmap_launch(n: int, k: int, m: int, sms: int) -> list[Launch]:
                             _meta(tiles[0] * tiles[1] + 1, dtype=torch.int32), _meta(n * k // 2))
     plan = bitmap.launch_plan(m, tiles, sms)
     x2 = _meta(m, k)
-    args, constexprs = bitmap.kernel_arguments(x2, w, None, bitmap.output_buffer(plan, m, n, DTYPE, "meta"), plan)
+    args, constexprs = bitmap.kernel_arguments(x2, w, None, bitmap.buffers(plan, m, n, DTYPE, "meta"), plan)
     grid_m = plan.grid[0]
     # Every program walks its split's tiles of one tile row: each (M block, tile) pair once.
     return [Launch(bitmap._bitmap_matmul_kernel, args, constexprs, plan.num_warps, None,
@@ -201,7 +201,7 @@ def predict(row: dict, variant: Variant, n: int, k: int, m: int, device: DeviceS
     """Issue-, bytes- and compute-bound times and the PREDICTED speedup over cuBLAS (see the module docstring)."""
     work = linear_work(variant.pattern, m, n, k, DTYPE)
     dense = linear_work(None, m, n, k, DTYPE)
-    partials = 2 * row["split_k"] * m * n * 4 if row["split_k"] > 1 else 0  # fp32 written, then read and summed
+    partials = 2 * row["split_k"] * m * n * 4 if row["split_k"] > 1 else 0  # fp32 written, read back and summed
     sms, clock_hz = ISSUE_RATE[device.key]
     issue_s = row["warp_instructions"] / (sms * SCHEDULERS_PER_SM * clock_hz)
     bytes_s = (work.bytes + partials) / device.bandwidth
