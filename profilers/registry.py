@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from allocator.core.cache_lock import TMP_PREFIX, CacheLock
 from allocator.core.config import ProfileConfig
 from allocator.core.errors import UserInputError
 from allocator.core.registry import Registry
@@ -172,7 +173,9 @@ def _device_table(
         table = roofline_table(spec, space, regimes, dtype)
         key = table_key(table.fingerprint, table.model_shape, table.options, table.settings)
         path = cache_dir / "profiles" / f"{name}-roofline-{key}.json"
-        save_table(table, path)  # so a plan names the table it was made with
+        with CacheLock(cache_dir, path, "roofline table") as lock:  # one writer at a time; its leftovers cleaned
+            lock.remove_stale(path.parent, f"{TMP_PREFIX}{path.name}-")
+            save_table(table, path)  # so a plan names the table it was made with
         log.info("latency table: no measured table of %s, roofline from its datasheet: %s", spec.name, path)
     if on_regime is not None and first_regime is not None:
         on_regime(first_regime, table.regime(first_regime))

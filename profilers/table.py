@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from allocator.core.atomic_io import write_json_atomic
+from allocator.core.cache_lock import TMP_PREFIX, CacheLock
 from allocator.core.space import Option, is_sparse, parse_option_key
 
 log = logging.getLogger(__name__)
@@ -122,29 +123,48 @@ def load_or_measure(
 ) -> tuple[CostTable, Path]:
     """The cached table for this key, or one measured regime by regime with `measure` (`first_regime` first, so
     `on_regime` can check a budget before the others are spent on). Regimes measured so far are kept in a partial
-    table, so an interrupted profile resumes where it stopped."""
+    table, so an interrupted profile resumes where it stopped. Concurrent callers measure once: the others wait for
+    the table's lock, then reuse what the first saved (with `refresh`, a table saved while they waited)."""
     path = Path(cache_dir) / "profiles" / f"{profile}-{table_key(fingerprint, model_shape, options, settings)}.json"
     if path.is_file() and not refresh:
-        table = load_table(path)
-        log.info("latency table: reusing %s (fingerprint matches)", path)
-        if on_regime is not None and first_regime is not None:
-            on_regime(first_regime, table.regime(first_regime))
-        return table, path
+        return _reuse(path, first_regime, on_regime), path
+    seen = _mtime(path)
     partial = path.with_suffix(".partial.json")
-    table = CostTable(profile, "measured", fingerprint, model_shape, options, settings, {})
-    if partial.is_file() and not refresh:
-        table.regimes = load_table(partial).regimes
-        log.info("latency table: resuming %s (%s measured)", partial, ", ".join(table.regimes) or "nothing")
-    for name in sorted(regime_names, key=lambda n: n != first_regime):
-        if name not in table.regimes:
-            table.regimes[name] = measure(name)
-            save_table(table, partial)
-        if on_regime is not None and name == first_regime:
-            on_regime(name, table.regimes[name])
-    save_table(table, path)
-    partial.unlink(missing_ok=True)
+    with CacheLock(cache_dir, path, "latency table") as lock:
+        for name in (path.name, partial.name):  # a killed profiler's unfinished atomic writes
+            lock.remove_stale(path.parent, f"{TMP_PREFIX}{name}-")
+        if path.is_file() and (not refresh or _mtime(path) != seen):
+            log.info("latency table: measured by another process while this one waited")
+            return _reuse(path, first_regime, on_regime), path
+        table = CostTable(profile, "measured", fingerprint, model_shape, options, settings, {})
+        if partial.is_file() and not refresh:
+            table.regimes = load_table(partial).regimes
+            log.info("latency table: resuming %s (%s measured)", partial, ", ".join(table.regimes) or "nothing")
+        for name in sorted(regime_names, key=lambda n: n != first_regime):
+            if name not in table.regimes:
+                table.regimes[name] = measure(name)
+                save_table(table, partial)
+            if on_regime is not None and name == first_regime:
+                on_regime(name, table.regimes[name])
+        save_table(table, path)
+        partial.unlink(missing_ok=True)
     log.info("latency table: measured and saved to %s", path)
     return table, path
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def _reuse(path: Path, first_regime: str | None, on_regime: Callable[[str, RegimeCosts], None] | None) -> CostTable:
+    table = load_table(path)
+    log.info("latency table: reusing %s (fingerprint matches)", path)
+    if on_regime is not None and first_regime is not None:
+        on_regime(first_regime, table.regime(first_regime))
+    return table
 
 
 def base_cost(costs: dict[Option, float]) -> float:
