@@ -94,7 +94,7 @@ def census(instructions: list[Instruction] | tuple[Instruction, ...]) -> dict[st
 
 def cuobjdump() -> Path:
     """The `cuobjdump` shipped in the Triton wheel (triton/backends/nvidia/bin)."""
-    import triton  # noqa: PLC0415 — only this helper needs triton's install path
+    import triton  # only this helper needs triton's install path
 
     path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not path.exists():

@@ -92,7 +92,7 @@ def test_kernel_static_runs_one_variant(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "allocator.benchmarks.kernel_static", "--arch", "90", "--only", "bitmap70",
          "--shapes", "4096x4096", "--ms", "1", "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "PREDICTED" in done.stdout and "bitmap70" in done.stdout

@@ -150,9 +150,9 @@ def _bsr_launches(n: int, k: int, m: int, pattern: SparsityPattern) -> list[Laun
 
 def compile_launch(launch: Launch, arch: int) -> triton.compiler.CompiledKernel:
     """Compile one launch for `arch` as the JIT would on that device: its binder specialises the arguments."""
-    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
-    from triton.compiler import ASTSource, make_backend  # noqa: PLC0415
-    from triton.runtime.jit import create_function_from_signature  # noqa: PLC0415
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
     fn = launch.fn
     target = GPUTarget("cuda", arch, 32)
