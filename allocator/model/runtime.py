@@ -2,7 +2,8 @@
 
 Plain transformers cannot build per-layer head/neuron counts, so the dense architecture is instantiated
 empty (meta device, no memory), shrunk to the recorded widths and filled from the checkpoint; sparse units get
-SparseLinear modules (compressed formats, run by the Triton kernels on a GPU)."""
+SparseLinear modules (compressed formats, run by the Triton kernels on a GPU; on a CPU each decompresses its weight
+once, on its first call, and runs the dense GEMM, as the CPU profiler prices it)."""
 
 from __future__ import annotations
 

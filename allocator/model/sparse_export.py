@@ -2,7 +2,9 @@
 
 The export, the reloaded checkpoint and both profilers go through `compress_sparse_units`, so what is profiled
 is what is exported and run. Unstructured patterns are stored as bitmaps, N:M patterns in the N:M format (values
-and in-group indices), block sparsity as BSR."""
+and in-group indices), block sparsity as BSR. On a GPU the modules run their formats' Triton kernels; on a CPU
+(no kernel) each decompresses once and runs the dense GEMM, so there a sparse unit costs its dense unit's time
+(kernels/sparse_linear.py; profilers/cpu.py prices it so)."""
 
 from __future__ import annotations
 
