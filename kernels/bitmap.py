@@ -31,6 +31,7 @@ import triton.language as tl
 
 from kernels.compressed import CompressedWeight
 from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_layout_args, check_linear_call
+from kernels.splitk import arrival_counts
 
 DTYPES = FLOAT_DTYPES
 # Same-width integer views, so "stored" is decided on bits (keeps -0.0 and NaN payloads exact).
@@ -254,9 +255,8 @@ def _bitmap_matmul_kernel(
     mask = (rm[:, None] < M) & (on[None, :] < N)
     out = out_ptr + rm[:, None] * stride_om + on[None, :] * stride_on
     if SPLIT:
-        # Split-K, reduced in this launch: every split stores its fp32 partial sums to the (splits, M, N) workspace
-        # and counts itself in on its output tile; the last to arrive adds the partials in split order
-        # (deterministic), casts and stores the output, and resets the count for the next launch.
+        # Split-K reduced in this launch (kernels/splitk.py): partials to the workspace, the last split to arrive
+        # on this output tile adds them in split order, casts, stores, and resets the tile's count.
         part = rm[:, None] * N + on[None, :]
         tl.store(ws_ptr + pid_k * M * N + part, acc, mask=mask)
         tl.debug_barrier()  # the whole program's partials are written before the (release) count below
@@ -339,19 +339,6 @@ def _fp32_out(dtype: torch.dtype) -> bool:
     return INTERPRETED and dtype == torch.bfloat16
 
 
-# Per-device arrival counts of split-K output tiles: zero between launches (the last split of a tile resets its
-# count), so no launch zeroes them. Launches that share them must not run concurrently (one stream; a CUDA graph
-# replays them in order).
-_COUNTS: dict[str, torch.Tensor] = {}
-
-
-def _counts(size: int, device: torch.device | str) -> torch.Tensor:
-    key = str(torch.device(device))
-    if key not in _COUNTS or _COUNTS[key].numel() < size:
-        _COUNTS[key] = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
-    return _COUNTS[key]
-
-
 @dataclass
 class Buffers:
     out: torch.Tensor  # (m, n) in x's dtype (fp32 for bf16 in the interpreter)
@@ -365,7 +352,7 @@ def buffers(plan: Launch, m: int, n: int, dtype: torch.dtype, device: torch.devi
     if plan.split == 1:
         return Buffers(out, out, out)
     workspace = torch.empty((plan.split, m, n), dtype=torch.float32, device=device)
-    return Buffers(out, workspace, _counts(plan.grid[0] * plan.grid[1], device))
+    return Buffers(out, workspace, arrival_counts(plan.grid[0] * plan.grid[1], device))
 
 
 def kernel_arguments(

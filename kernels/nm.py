@@ -11,7 +11,8 @@ The Triton kernel loads a tile of values and packed indices, expands it in regis
 (BLOCK_K x BLOCK_N) tile of W^T and multiplies with tl.dot (fp32 accumulation). For power-of-two n and m (2:4,
 4:8, ...) x, values and index bytes are contiguous tiles that the pipeliner streams several stages ahead (cp.async
 on Hopper); other n:m load per kept slot and lay the tile's K axis out as groups x m_pow2 slots, slots >= m masked
-off in x and never selected in W. Decode-sized M splits K across programs, summing in an fp32 workspace.
+off in x and never selected in W. Decode-sized M splits K across programs, whose fp32 partials the last of them to
+finish adds in the same launch (kernels/splitk.py).
 Zeros are compared numerically: a -0.0 that is not kept decompresses as +0.0 (equal, not the same bits)."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import triton.language as tl
 
 from kernels.compressed import CompressedWeight
 from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_layout_args, check_linear_call
+from kernels.splitk import arrival_counts
 MAX_M = 16  # indices pack at least two per byte; 1:4, 2:4, 4:8, 8:16, 2:8 are all the patterns in practice
 # Triton built this module's kernels for its interpreter (TRITON_INTERPRET=1 when it was imported): they run on
 # CPU tensors there and nowhere else; compiled kernels run on CUDA tensors only.
@@ -203,7 +205,7 @@ def reference_matmul(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None = N
 
 @triton.jit
 def _nm_matmul_kernel(
-    x_ptr, val_ptr, idx_ptr, bias_ptr, out_ptr, ws_ptr,
+    x_ptr, val_ptr, idx_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
     M, N, K, M_BUCKET, idx_cols,
     stride_xm, stride_xk, stride_vn, stride_in, stride_om, stride_on,
     NN: tl.constexpr, MM: tl.constexpr, MM_P2: tl.constexpr, BITS: tl.constexpr,
@@ -283,17 +285,28 @@ def _nm_matmul_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     mask_o = mask_m[:, None] & mask_n[None, :]
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=mask_o)
-    else:  # partial sums of the K slices meet in an fp32 workspace (row-major M x N); the host adds bias, casts
-        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_o)
-
-
-def _zero_workspace(nargs: dict) -> None:
-    nargs["ws_ptr"].zero_()
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_o)
+    else:
+        # Split-K reduced in this launch (kernels/splitk.py): partials to the (SPLIT_K, M, N) workspace, the last
+        # split to arrive on this output tile adds them in split order and the bias, casts, stores, and resets the
+        # tile's count.
+        part = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * M * N + part, acc, mask=mask_o)
+        tl.debug_barrier()  # the whole program's partials are written before the (release) count below
+        counter = count_ptr + pid
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(0, SPLIT_K):
+                total += tl.load(ws_ptr + s * M * N + part, mask=mask_o, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask_o)
+            tl.atomic_xchg(counter, 0)
 
 
 def _cuda_configs() -> list[triton.Config]:
@@ -306,9 +319,8 @@ def _cuda_configs() -> list[triton.Config]:
         (64, 64, 64, 1, 4, 4), (64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4),
         (64, 128, 32, 1, 4, 4),
     ):
-        hook = _zero_workspace if split_k > 1 else None
         configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                                      "SPLIT_K": split_k}, num_warps=warps, num_stages=stages, pre_hook=hook))
+                                      "SPLIT_K": split_k}, num_warps=warps, num_stages=stages))
     return configs
 
 
@@ -338,23 +350,29 @@ INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}
 
 
 def buffers(M: int, N: int, dtype: torch.dtype, device: torch.device | str,
-            config: dict[str, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output and the split-K workspace one launch writes (`config` None: autotuned)."""
+            config: dict[str, int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output, the split-K workspace and the output tiles' arrival counts one launch uses (`config` None:
+    autotuned, so sized for the largest split and the smallest tiles any candidate has)."""
     # The interpreter casts fp32 to bf16 by truncation where GPUs (and torch) round to nearest even: there the
     # kernel stores fp32 and torch casts.
     fp32_out = INTERPRETED and dtype == torch.bfloat16
     out = torch.empty(M, N, dtype=torch.float32 if fp32_out else dtype, device=device)
     # The split-K workspace, only where a split can be chosen (autotuning splits decode-sized M only).
-    may_split = config["SPLIT_K"] > 1 if config is not None else triton.next_power_of_2(M) <= SPLIT_M_MAX
-    ws = torch.empty((M, N) if may_split else (1,), dtype=torch.float32, device=device)
-    return out, ws
+    if config is not None:
+        splits = config["SPLIT_K"]
+    else:
+        splits = max(c.kwargs["SPLIT_K"] for c in _cuda_configs()) if triton.next_power_of_2(M) <= SPLIT_M_MAX else 1
+    if splits == 1:
+        return out, out, out
+    ws = torch.empty((splits, M, N), dtype=torch.float32, device=device)
+    return out, ws, arrival_counts(triton.cdiv(M, 16) * triton.cdiv(N, 16), device)  # tiles are >= 16 x 16
 
 
 def kernel_arguments(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, out: torch.Tensor,
-                     ws: torch.Tensor) -> tuple[tuple, dict]:
+                     ws: torch.Tensor, counts: torch.Tensor) -> tuple[tuple, dict]:
     """The kernel's runtime arguments and constexprs (all but the config's) for one launch on a 2-D x."""
     M, K = x2d.shape
-    args = (x2d, w.values, w.indices, bias if bias is not None else out, out, ws,
+    args = (x2d, w.values, w.indices, bias if bias is not None else out, out, ws, counts,
             M, w.shape[0], K, triton.next_power_of_2(M), w.indices.shape[1],  # idx_cols: a host int (alignment)
             x2d.stride(0), x2d.stride(1), w.values.stride(0), w.indices.stride(0), out.stride(0), out.stride(1))
     # fp32 weights get fp32 products ("ieee"), not TF32's 10-bit mantissas; 16-bit operands are exact either way.
@@ -367,26 +385,20 @@ def _launch(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, config: d
     """One kernel launch on a 2-D x; `config` fixes the tile sizes (the interpreter, tests), None autotunes."""
     M, K = x2d.shape
     N = w.shape[0]
-    out, ws = buffers(M, N, x2d.dtype, x2d.device, config)
+    out, ws, counts = buffers(M, N, x2d.dtype, x2d.device, config)
     mm_p2 = triton.next_power_of_2(w.m)
-    args, meta = kernel_arguments(x2d, w, bias, out, ws)
+    args, meta = kernel_arguments(x2d, w, bias, out, ws, counts)
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"]
 
     if config is None:
         _tuned_kernel[grid](*args, **meta)
-        split_k = _tuned_kernel.best_config.kwargs["SPLIT_K"]
     else:
         if config["BLOCK_K"] < mm_p2 or config["BLOCK_K"] < 16 or config["BLOCK_M"] < 16 or config["BLOCK_N"] < 16:
             raise UnsupportedShape(f"nm: config {config} needs BLOCK_M, BLOCK_N >= 16 and BLOCK_K >= "
                                    f"max(16, {mm_p2}) (m={w.m} rounded to a power of two)")
-        split_k = config["SPLIT_K"]
-        if split_k > 1:
-            ws.zero_()
         _nm_matmul_kernel[grid](*args, **meta, **config)
-    if split_k > 1:
-        return (ws if bias is None else ws + bias.float()).to(x2d.dtype)
     return out.to(x2d.dtype)
 
 

@@ -115,8 +115,7 @@ def _nm_launches(n: int, k: int, m: int, pattern: SparsityPattern) -> list[Launc
     w = nm.NMWeight((n, k), pattern.n, pattern.m, _meta(n, entries), _meta(n, nm.packed_cols(entries, bits),
                                                                            dtype=torch.uint8))
     x2 = _meta(m, k)
-    out, ws = nm.buffers(m, n, DTYPE, "meta", None)
-    args, meta = nm.kernel_arguments(x2, w, None, out, ws)
+    args, meta = nm.kernel_arguments(x2, w, None, *nm.buffers(m, n, DTYPE, "meta", None))
     launches = []
     for config in nm.candidate_configs(m, pattern.m):
         c = config.kwargs
