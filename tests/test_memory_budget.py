@@ -19,7 +19,7 @@ from .conftest import mixed_allocation, run_cli
 TINY = [
     "model=tiny-llama", "data.seq_len=64", "data.calib_sequences=8", "data.eval_sequences=4", "space.mlp_step=32",
     "space.fisher_sequences=4", "profile.repeats=2", "profile.warmup=1", "profile.decode_batches=[1]",
-    "profile.decode_context=64", "profile.prefill_length=64",
+    "profile.decode_context=64", "profile.prefill_length=64", "profile.allow_unstable=true",
 ]
 
 

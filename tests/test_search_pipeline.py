@@ -25,7 +25,9 @@ def tiny_job(cache_dir) -> SearchJob:
         model=ModelConfig(name="tiny-llama", tiny_layers=3),
         data=DataConfig(seq_len=64, calib_sequences=8, eval_sequences=4),
         space=SpaceConfig(mlp_step=32, fisher_sequences=4),
-        profile=ProfileConfig(repeats=2, warmup=1, decode_batches=[1], decode_context=64, prefill_length=64),
+        # allow_unstable: the pipeline, not the table's figures, is tested here (tests/test_table_stability.py)
+        profile=ProfileConfig(repeats=2, warmup=1, decode_batches=[1], decode_context=64, prefill_length=64,
+                              allow_unstable=True),
         budget=BudgetConfig(speedup=1.3),
         score=ScoreConfig(kl_sequences=4, batch_size=4),
         cache_dir=str(cache_dir),
@@ -103,7 +105,7 @@ def test_cli_rejects_bad_input_with_one_line(searched, tmp_path):
     _, _, cache = searched
     common = ["model=tiny-llama", f"cache_dir={cache}", "data.seq_len=64", "space.mlp_step=32", "space.fisher_sequences=4", "data.calib_sequences=8",
               "profile.repeats=2", "profile.warmup=1", "profile.decode_batches=[1]", "profile.decode_context=64",
-              "profile.prefill_length=64", "model.tiny_layers=3"]
+              "profile.prefill_length=64", "model.tiny_layers=3", "profile.allow_unstable=true"]
     unreachable = run_cli("search", *common, "budget.speedup=50", cwd=tmp_path)
     assert unreachable.returncode == 2
     assert "error: budget.speedup=50.0 is unreachable on profile cpu (regime prefill): achievable speedup" in unreachable.stderr

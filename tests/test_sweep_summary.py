@@ -152,7 +152,7 @@ def test_plot_and_summarize_command(synthetic_sweep, capsys):
 
 TINY = ["model=tiny-llama", "data.seq_len=64", "data.calib_sequences=8", "data.eval_sequences=4", "space.mlp_step=32",
         "space.fisher_sequences=4", "profile.repeats=2", "profile.warmup=1", "profile.decode_batches=[1]",
-        "profile.decode_context=64", "profile.prefill_length=64"]
+        "profile.decode_context=64", "profile.prefill_length=64", "profile.allow_unstable=true"]
 
 
 def test_real_sweep_writes_summary_at_the_end(tmp_path):
