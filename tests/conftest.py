@@ -39,3 +39,12 @@ def mixed_allocation(units) -> dict[str, int]:
 
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A profile with profile.threads set changes torch's thread count for the process; later tests (and the table
+    keys they compute, which hold the thread count) must not inherit it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
