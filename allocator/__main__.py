@@ -106,10 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     command = argv[0]
     import hydra
+    from omegaconf import OmegaConf
 
     from allocator.app.config import register_configs
-
-    from omegaconf import OmegaConf
 
     register_configs()
     if not OmegaConf.has_resolver("short"):

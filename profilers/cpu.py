@@ -13,15 +13,22 @@ from scipy.stats import theilslopes
 from torch import nn
 
 from allocator.core.config import ProfileConfig
-from kernels import ops
-from allocator.model.surgery import leading_levels
 from allocator.core.space import Option, Space, is_sparse
 from allocator.model.sparse_export import build_deployable
+from allocator.model.surgery import leading_levels
+from kernels import ops
 from profilers.regimes import Regime, forward_call, regimes_of
-from profilers.table import (
-    CostTable, RegimeCosts, base_cost, clean_curve, cpu_fingerprint, load_or_measure, load_table, table_key,
-)
 from profilers.stability import measure_checked, unstable_regimes
+from profilers.table import (
+    CostTable,
+    RegimeCosts,
+    base_cost,
+    clean_curve,
+    cpu_fingerprint,
+    load_or_measure,
+    load_table,
+    table_key,
+)
 from profilers.timing import time_interleaved
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ from transformers.cache_utils import DynamicLayer
 from allocator.core.config import ProfileConfig
 from allocator.core.errors import UserInputError
 from allocator.core.memory import kv_bytes, unit_weight_bytes
-from allocator.model.loader import DTYPES
-from allocator.model.surgery import DroppedAttention, decoder_layers, leading_levels
-from allocator.model.sparse_export import build_deployable
 from allocator.core.space import ATTN, ModelShape, Space, is_sparse
+from allocator.model.loader import DTYPES
+from allocator.model.sparse_export import build_deployable
+from allocator.model.surgery import DroppedAttention, decoder_layers, leading_levels
 from kernels.sparse_linear import SparseLinear
 from profilers.gpu_timing import Sampler, Timer, current_fingerprint, make_timer, rotation_count
 from profilers.regimes import Regime

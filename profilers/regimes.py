@@ -11,8 +11,8 @@ from transformers import DynamicCache
 
 from allocator.core.config import ProfileConfig
 from allocator.core.errors import UserInputError
-from allocator.model.surgery import DroppedAttention, decoder_layers
 from allocator.core.space import ModelShape
+from allocator.model.surgery import DroppedAttention, decoder_layers
 
 
 @dataclass(frozen=True)

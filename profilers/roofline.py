@@ -16,7 +16,16 @@ import torch
 from allocator.core.formats import KernelWork, linear_work
 from allocator.core.patterns import SparsityPattern
 from allocator.core.space import (
-    ATTN, MLP, ModelShape, Option, Space, is_sparse, kept_width, option_params, sparse_pattern, unit_linear_shapes,
+    ATTN,
+    MLP,
+    ModelShape,
+    Option,
+    Space,
+    is_sparse,
+    kept_width,
+    option_params,
+    sparse_pattern,
+    unit_linear_shapes,
 )
 from profilers.devices import DeviceSpec
 from profilers.regimes import Regime

@@ -6,9 +6,9 @@ import hashlib
 import json
 import logging
 import platform
-from typing import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 

@@ -26,19 +26,18 @@ from tqdm import tqdm
 from allocator.core.config import check_choice
 from allocator.core.errors import UserInputError
 from search.base import (
-    register_searcher,
     Allocation,
     AllocationProblem,
     ConfiguredSearcher,
     SearcherConfig,
     allocation_from,
-    repair,
     check_int_option,
+    register_searcher,
+    repair,
 )
 from search.dp import DPSearcher
 from search.fitness import Fitness
 from search.uniform import UniformSearcher
-
 
 
 class Sampler(StrEnum):

@@ -19,12 +19,12 @@ from tqdm import tqdm
 from allocator.core.config import check_choice
 from allocator.core.errors import UserInputError
 from search.base import (
-    register_searcher,
     Allocation,
     AllocationProblem,
     ConfiguredSearcher,
     SearcherConfig,
     allocation_from,
+    register_searcher,
     repair,
 )
 from search.dp import DPConfig, DPSearcher

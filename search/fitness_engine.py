@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
-from allocator.model.surgery import LevelSource, decoder_layers, unit_modules
 from allocator.core.space import Space
+from allocator.model.surgery import LevelSource, decoder_layers, unit_modules
 from search.fitness import Fitness
 
 LayerKey = tuple[int, ...]  # the option indices of one decoder layer's units

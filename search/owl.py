@@ -12,12 +12,12 @@ import numpy as np
 
 from allocator.core.errors import UserInputError
 from search.base import (
-    register_searcher,
     Allocation,
     AllocationProblem,
     ConfiguredSearcher,
     SearcherConfig,
     allocation_from,
+    register_searcher,
     repair,
 )
 

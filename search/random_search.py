@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from search.base import (
-    register_searcher,
     Allocation,
     AllocationProblem,
     ConfiguredSearcher,
     SearcherConfig,
     allocation_from,
-    repair,
     check_int_option,
+    register_searcher,
+    repair,
 )
 from search.fitness import Fitness
 

@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from allocator.core.config import ModelConfig, SpaceConfig
-from allocator.model.loader import load_model
 from allocator.core.space import ModelShape, build_space
+from allocator.model.loader import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,16 @@ from dataclasses import is_dataclass, replace
 
 from allocator.core.config import ErrorMetric, ModelConfig
 from allocator.core.plan import (
-    Measured, MeasuredMemory, Plan, PlanBudget, PlanProfile, Predicted, Quality, SearcherInfo, Timing, Uniform,
+    Measured,
+    MeasuredMemory,
+    Plan,
+    PlanBudget,
+    PlanProfile,
+    Predicted,
+    Quality,
+    SearcherInfo,
+    Timing,
+    Uniform,
 )
 
 

@@ -8,10 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from allocator.model.byte_tokenizer import MARKER_FILE, ByteTokenizer
 from allocator.core.config import DataConfig
 from allocator.core.errors import UserInputError
-from allocator.model.calibration_data import build_calibration_data, load_documents, split_documents, spread_blocks, token_blocks, validate_data_config
+from allocator.model.byte_tokenizer import MARKER_FILE, ByteTokenizer
+from allocator.model.calibration_data import (
+    build_calibration_data,
+    load_documents,
+    split_documents,
+    spread_blocks,
+    token_blocks,
+    validate_data_config,
+)
 
 TOK = ByteTokenizer()
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from search.fitness_engine import StitchedKLFitness
-from allocator.model.surgery import build_pruned_model, leading_levels
 from allocator.model.quality import kl_to_dense
+from allocator.model.surgery import build_pruned_model, leading_levels
+from search.fitness_engine import StitchedKLFitness
 
 
 @pytest.fixture(scope="module")

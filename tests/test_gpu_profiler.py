@@ -9,19 +9,29 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
+from allocator.app.verify_job import measure_speedup
 from allocator.core.config import BudgetConfig, ProfileConfig, SpaceConfig
 from allocator.core.errors import UserInputError
-from allocator.model.export import PLAN_FILE, WEIGHTS_FILE, export_checkpoint
-from allocator.model.surgery import build_pruned_model, leading_levels
-from allocator.model.sparse_export import build_deployable
 from allocator.core.space import ATTN, MLP, build_space
-from allocator.app.verify_job import measure_speedup
+from allocator.model.export import PLAN_FILE, WEIGHTS_FILE, export_checkpoint
+from allocator.model.sparse_export import build_deployable
+from allocator.model.surgery import build_pruned_model, leading_levels
 from kernels.sparse_linear import SparseLinear
 from profilers.devices import DEVICES
 from profilers.end_to_end import measure_models_gpu
 from profilers.gpu import (
-    device_copy, fixed_context_cache, forward_step, gpu_regimes, gpu_variants, memory_groups, profile_gpu,
-    regime_costs, time_models, variant_bytes, weight_copies, weight_read_bytes,
+    device_copy,
+    fixed_context_cache,
+    forward_step,
+    gpu_regimes,
+    gpu_variants,
+    memory_groups,
+    profile_gpu,
+    regime_costs,
+    time_models,
+    variant_bytes,
+    weight_copies,
+    weight_read_bytes,
 )
 from profilers.gpu_timing import CpuTimer, gpu_fingerprint, make_timer, parse_driver_version, rotation_count
 from profilers.regimes import Regime, regimes_of

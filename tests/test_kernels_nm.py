@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from allocator.core.patterns import SparsityPattern
 from kernels import nm
 from kernels.errors import UnsupportedShape
+from profilers.roofline import weight_bytes_per_element
 
 from .kernel_checks import DTYPES, close, generated_on_cpu, kernel_device, on_cpu, same_bits  # noqa: F401
-from allocator.core.patterns import SparsityPattern
-from profilers.roofline import weight_bytes_per_element
 
 # On CUDA (compiled kernels) where present and TRITON_INTERPRET is unset, else on the CPU under the interpreter.
 pytestmark = pytest.mark.usefixtures("kernel_device")

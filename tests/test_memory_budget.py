@@ -10,9 +10,9 @@ from allocator.core.budget import memory_capacity, memory_costs, validate_budget
 from allocator.core.config import BudgetConfig
 from allocator.core.errors import UserInputError
 from allocator.core.memory import kv_bytes, unit_weight_bytes
+from allocator.core.space import ATTN, option_params
 from allocator.model.measure import decoder_weight_count, fixed_bytes, measured_kv_bytes_per_token
 from allocator.model.surgery import build_pruned_model, leading_levels
-from allocator.core.space import ATTN, option_params
 
 from .conftest import mixed_allocation, run_cli
 

@@ -1,8 +1,8 @@
 import torch
 
 from allocator.model.export import export_checkpoint
-from allocator.model.surgery import DroppedAttention, DroppedMLP, build_pruned_model, leading_levels
 from allocator.model.runtime import load_pruned
+from allocator.model.surgery import DroppedAttention, DroppedMLP, build_pruned_model, leading_levels
 
 from .conftest import mixed_allocation
 from .plans import sample_plan

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from allocator.app.profile_job import validate_profile_name
+from allocator.app.search_job import run_search
 from allocator.core.config import BudgetConfig, ProfileConfig, SpaceConfig
 from allocator.core.errors import UserInputError
 from allocator.core.patterns import SparsityPattern
-from allocator.app.profile_job import validate_profile_name
-from allocator.app.search_job import run_search
 from allocator.core.space import ModelShape, build_space
 from profilers.devices import DEVICES
 from profilers.regimes import Regime, regimes_of

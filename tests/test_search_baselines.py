@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from allocator.levels.compress.outliers import layer_outlier_ratios
 from allocator.core.errors import UserInputError
+from allocator.levels.compress.outliers import layer_outlier_ratios
 from allocator.model.surgery import decoder_layers
 from search.base import AllocationProblem, InfeasibleBudget, make_searcher
 from search.fitness import ProxyFitness

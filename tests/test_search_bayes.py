@@ -15,8 +15,8 @@ import pytest
 from optuna.trial import TrialState
 
 import search.bayes  # noqa: F401  (registers "bayes")
-from allocator.core.errors import UserInputError
 from allocator.app.pareto_plot import plot_pareto_front
+from allocator.core.errors import UserInputError
 from search.base import SEARCHERS, AllocationProblem, make_searcher
 from search.bayes import BayesConfig, BayesSearcher
 from search.dp import DPConfig

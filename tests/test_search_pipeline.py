@@ -6,15 +6,22 @@ from dataclasses import replace
 import pytest
 import torch
 
-from allocator.core.config import DataConfig
-from allocator.core.config import BudgetConfig, FitnessConfig, ModelConfig, ProfileConfig, ScoreConfig, SpaceConfig
 from allocator.app.config import SearchJob
-from allocator.levels.database import LevelDatabase
-from allocator.model.surgery import build_pruned_model
-from allocator.model.runtime import load_pruned
 from allocator.app.search_job import prepare_search, run_search
+from allocator.core.config import (
+    BudgetConfig,
+    DataConfig,
+    FitnessConfig,
+    ModelConfig,
+    ProfileConfig,
+    ScoreConfig,
+    SpaceConfig,
+)
 from allocator.core.plan import PLAN_VERSION, Plan
 from allocator.core.space import ModelShape, build_space
+from allocator.levels.database import LevelDatabase
+from allocator.model.runtime import load_pruned
+from allocator.model.surgery import build_pruned_model
 from search.evo import EvoConfig
 
 from .conftest import run_cli

@@ -4,11 +4,10 @@ honoured. Every module of the `search` package is imported, so a searcher added 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import importlib
 import itertools
 import pkgutil
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 

@@ -1,11 +1,10 @@
 import pytest
 
 from allocator.core.budget import validate_budget
-
-from profilers.prediction import predicted_dense_ms, target_latency_ms
 from allocator.core.config import BudgetConfig, SpaceConfig
 from allocator.core.errors import UserInputError
 from allocator.core.space import ModelShape, build_space, mlp_levels
+from profilers.prediction import predicted_dense_ms, target_latency_ms
 from profilers.table import RegimeCosts, clean_curve
 
 SHAPE = ModelShape(num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate=128, vocab=257)

@@ -7,18 +7,18 @@ import json
 import pytest
 import torch
 
-from allocator.core.patterns import SparsityPattern
+from allocator.app.problem_file import load_problem
 from allocator.core.config import SpaceConfig
 from allocator.core.errors import UserInputError
-from allocator.levels.database import open_or_build_database
 from allocator.core.memory import unit_weight_bytes
-from allocator.model.measure import decoder_weight_count, weight_bytes
-from allocator.model.surgery import SPARSE_KEY, UNIT_LINEARS, BLOCK_ATTRIBUTE, build_pruned_model, decoder_layers
-from allocator.model.runtime import load_pruned
-from allocator.app.problem_file import load_problem
+from allocator.core.patterns import SparsityPattern
 from allocator.core.plan import Plan
 from allocator.core.space import ATTN, MLP, ModelShape, build_space, is_sparse, option_params
+from allocator.levels.database import open_or_build_database
+from allocator.model.measure import decoder_weight_count, weight_bytes
+from allocator.model.runtime import load_pruned
 from allocator.model.sparse_export import build_deployable
+from allocator.model.surgery import BLOCK_ATTRIBUTE, SPARSE_KEY, UNIT_LINEARS, build_pruned_model, decoder_layers
 from kernels.sparse_linear import SparseLinear
 from profilers.devices import DEVICES
 from profilers.regimes import Regime
@@ -153,8 +153,8 @@ def test_roofline_prices_formats_by_their_bytes(tiny):
 
 
 def test_fitness_engine_scores_sparse_candidates_like_a_fresh_stitch(mixed_db):
-    from search.fitness_engine import StitchedKLFitness
     from allocator.model.quality import kl_to_dense
+    from search.fitness_engine import StitchedKLFitness
 
     dense, space, db, calibration = mixed_db
     shape, units = space.shape, space.units
@@ -173,10 +173,9 @@ def test_mixed_search_exports_and_verifies_a_sparse_model(tmp_path, monkeypatch)
     from kernels import ops
 
     monkeypatch.setattr(ops, "INTERPRETED", False)
-    from allocator.core.config import DataConfig
-    from allocator.core.config import BudgetConfig, ModelConfig, ProfileConfig, ScoreConfig
     from allocator.app.config import SearchJob
     from allocator.app.search_job import run_search
+    from allocator.core.config import BudgetConfig, DataConfig, ModelConfig, ProfileConfig, ScoreConfig
 
     job = SearchJob(
         model=ModelConfig(name="tiny-llama", tiny_layers=3),

@@ -9,7 +9,6 @@ import yaml
 
 from allocator.__main__ import main as cli_main
 from allocator.app.sweep_summary import summarize_sweep
-
 from allocator.core.plan import Plan
 
 from .conftest import run_cli

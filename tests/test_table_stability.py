@@ -15,7 +15,13 @@ from allocator.core.plan import Plan
 from profilers.cpu import profile_cpu
 from profilers.prediction import target_latency_ms
 from profilers.stability import (
-    Checks, CpuSample, degenerate_reasons, judge, measure_checked, others_cores, spread_of,
+    Checks,
+    CpuSample,
+    degenerate_reasons,
+    judge,
+    measure_checked,
+    others_cores,
+    spread_of,
 )
 from profilers.table import RegimeCosts, load_table
 
@@ -125,8 +131,9 @@ def test_verify_of_a_plan_from_a_stale_table_prints_the_mismatch_and_the_refresh
     """A search on a table that no longer describes the machine, then `verify`. The table is written with the key a
     real profile of these settings has, but with times 1000x shorter than any run of the tiny model (a loaded
     machine only slows the measurement, so load cannot hide the mismatch; a real profile here could be refused)."""
-    from .conftest import run_cli
     import profilers.cpu as cpu
+
+    from .conftest import run_cli
 
     loaded, _ = tiny
     cache = tmp_path / "cache"

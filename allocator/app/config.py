@@ -10,7 +10,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from allocator.core.config import (
-    BudgetConfig, DataConfig, FitnessConfig, ModelConfig, ProfileConfig, ScoreConfig, SpaceConfig,
+    BudgetConfig,
+    DataConfig,
+    FitnessConfig,
+    ModelConfig,
+    ProfileConfig,
+    ScoreConfig,
+    SpaceConfig,
 )
 from search import SEARCHERS, SearcherConfig
 

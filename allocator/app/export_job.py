@@ -7,11 +7,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from allocator.core.config import BudgetConfig
-from allocator.core.plan import Plan
-
 from allocator.app.config import ExportJob, SearchJob
 from allocator.app.search_job import JOB_FILE, run_search
+from allocator.core.config import BudgetConfig
+from allocator.core.plan import Plan
 from search import SEARCHERS
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from profilers.prediction import predicted_dense_ms, predicted_min_ms
 from allocator.app.config import ProfileJob
 from allocator.core.errors import UserInputError
-from allocator.model.loader import load_model
 from allocator.core.space import ModelShape, build_space
+from allocator.model.loader import load_model
+from profilers.prediction import predicted_dense_ms, predicted_min_ms
 from profilers.registry import PROFILES, get_cost_table
 
 

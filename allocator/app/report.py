@@ -5,7 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from allocator.core.plan import Plan
-from allocator.core.space import ATTN, MLP, ModelShape, Option, full_width, is_sparse, option_params, sparse_pattern, unit_name
+from allocator.core.space import (
+    ATTN,
+    MLP,
+    ModelShape,
+    Option,
+    full_width,
+    is_sparse,
+    option_params,
+    sparse_pattern,
+    unit_name,
+)
 
 
 def option_text(shape: ModelShape, kind: str, option: Option) -> str:

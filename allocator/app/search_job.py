@@ -10,36 +10,54 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from allocator.core.budget import budget_label, is_latency_budget, is_param_budget, memory_capacity, memory_costs, param_sparsity, target_params, validate_budget
-
-from profilers.prediction import predicted_dense_ms, predicted_ms, target_latency_ms, unit_costs
-from allocator.model.calibration_data import CalibrationData, build_calibration_data, validate_data_config
 from allocator.app.config import SearchJob
-from allocator.core.config import ErrorMetric, check_choice
-from allocator.core.errors import UserInputError
-from allocator.core.atomic_io import write_json_atomic
-from allocator.core.plan import NO_TABLE, PLAN_FILE, Plan, PlanBudget, PlanProfile, Predicted, Quality, SearcherInfo, Uniform
-from allocator.levels.compress.outliers import OutlierNorms
-from allocator.model.export import export_checkpoint
-from allocator.model.sparse_export import build_deployable
-from search.fitness_engine import StitchedKLFitness
-from allocator.core.memory import kv_bytes
-from allocator.model.measure import fixed_bytes, weight_bytes
-from allocator.levels.database import LevelDatabase, open_or_build_database
-from allocator.model.loader import load_model, validate_model_config
-from allocator.app.profile_job import validate_profile_name
-from allocator.model.surgery import build_pruned_model
 from allocator.app.pareto_plot import plot_pareto_front
 from allocator.app.problem_file import write_problem
-from allocator.model.quality import kl_to_dense, perplexity
+from allocator.app.profile_job import validate_profile_name
 from allocator.app.report import allocation_lines, plot_allocation, summary_lines
-from allocator.core.space import ATTN, ModelShape, Option, Space, build_space, option_params, sparse_patterns
 from allocator.app.verify_job import measure_speedup
-from profilers.registry import device_present, existing_cost_table, get_cost_table
+from allocator.core.atomic_io import write_json_atomic
+from allocator.core.budget import (
+    budget_label,
+    is_latency_budget,
+    is_param_budget,
+    memory_capacity,
+    memory_costs,
+    param_sparsity,
+    target_params,
+    validate_budget,
+)
+from allocator.core.config import ErrorMetric, check_choice
+from allocator.core.errors import UserInputError
+from allocator.core.memory import kv_bytes
+from allocator.core.plan import (
+    NO_TABLE,
+    PLAN_FILE,
+    Plan,
+    PlanBudget,
+    PlanProfile,
+    Predicted,
+    Quality,
+    SearcherInfo,
+    Uniform,
+)
+from allocator.core.space import ATTN, ModelShape, Option, Space, build_space, option_params, sparse_patterns
+from allocator.levels.compress.outliers import OutlierNorms
+from allocator.levels.database import LevelDatabase, open_or_build_database
+from allocator.model.calibration_data import CalibrationData, build_calibration_data, validate_data_config
+from allocator.model.export import export_checkpoint
+from allocator.model.loader import load_model, validate_model_config
+from allocator.model.measure import fixed_bytes, weight_bytes
+from allocator.model.quality import kl_to_dense, perplexity
+from allocator.model.sparse_export import build_deployable
+from allocator.model.surgery import build_pruned_model
+from profilers.prediction import predicted_dense_ms, predicted_ms, target_latency_ms, unit_costs
 from profilers.regimes import find_regime
+from profilers.registry import device_present, existing_cost_table, get_cost_table
 from profilers.table import CostTable, RegimeCosts
 from search import SEARCHERS, Allocation, AllocationProblem, make_searcher
 from search.bayes import BayesConfig
+from search.fitness_engine import StitchedKLFitness
 from search.uniform import UniformSearcher
 
 JOB_FILE = "search_job.yaml"

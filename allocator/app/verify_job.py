@@ -10,15 +10,14 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from allocator.core.config import BudgetConfig, ModelConfig, ProfileConfig, SpaceConfig
-
 from allocator.app.config import VerifyJob
+from allocator.core.config import BudgetConfig, ModelConfig, ProfileConfig, SpaceConfig
 from allocator.core.plan import PLAN_FILE, Measured, MeasuredMemory, Plan, Timing
+from allocator.core.space import ATTN, MLP, Option, is_sparse, unit_name
 from allocator.model.loader import DTYPES, load_model
 from allocator.model.measure import decoder_weight_count, measured_kv_bytes_per_token, weight_bytes
-from allocator.model.surgery import SPARSE_KEY, WIDTHS_KEY, allocation_from_widths
-from allocator.core.space import ATTN, MLP, Option, is_sparse, unit_name
 from allocator.model.runtime import load_plan, load_pruned
+from allocator.model.surgery import SPARSE_KEY, WIDTHS_KEY, allocation_from_widths
 from profilers.end_to_end import measure_models, measure_models_gpu
 from profilers.gpu import find_gpu_regime
 from profilers.gpu_timing import cuda_device_for_profile

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+
 import numpy as np
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
+from allocator.app.search_job import prepare_search
 from allocator.benchmarks.common import write_result
 from allocator.benchmarks.search_config import search_job
 from allocator.benchmarks.searchers import benchmark_heldout, heldout_quality
 from allocator.model.calibration_data import build_calibration_data
-from search.fitness_engine import dense_log_probs
 from allocator.model.surgery import build_pruned_model
-from allocator.app.search_job import prepare_search
 from search.bayes import spdy_choice, spdy_groups
+from search.fitness_engine import dense_log_probs
 
 SPDY_GROUPS = 6
 LOG2_RANGE = 2.0

@@ -15,15 +15,15 @@ import time
 
 import numpy as np
 
+from allocator.app.search_job import prepare_search
 from allocator.benchmarks.common import spread, write_result
 from allocator.benchmarks.search_config import search_job
-from search.fitness_engine import StitchedKLFitness
-from allocator.model.surgery import build_pruned_model
 from allocator.model.quality import kl_to_dense
-from allocator.app.search_job import prepare_search
+from allocator.model.surgery import build_pruned_model
 from search import make_searcher
 from search.dp import DPConfig
 from search.evo import LevelMover
+from search.fitness_engine import StitchedKLFitness
 
 
 def main(n_candidates: int = 12, tokens: int = 1024) -> dict:

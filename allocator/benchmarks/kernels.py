@@ -415,9 +415,9 @@ def bench_shape(name: str, n: int, k: int, cfg: Settings, device_numbers: tuple[
 # ---- environment, plot, entry point ----
 
 def gpu_environment() -> dict:
-    from profilers.gpu_timing import driver_version
-
     import triton
+
+    from profilers.gpu_timing import driver_version
 
     props = torch.cuda.get_device_properties(0)
     cusparselt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None

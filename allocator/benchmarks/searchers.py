@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allocator.app.search_job import SearchSetup, prepare_search
 from allocator.benchmarks.common import write_result
 from allocator.benchmarks.search_config import search_job
-from allocator.model.calibration_data import load_documents, split_documents, spread_blocks
 from allocator.levels.compress.outliers import layer_outlier_ratios
-from search.fitness_engine import StitchedKLFitness, dense_log_probs
+from allocator.model.calibration_data import load_documents, split_documents, spread_blocks
 from allocator.model.surgery import build_pruned_model
-from allocator.app.search_job import SearchSetup, prepare_search
 from search import SEARCHERS, make_searcher
+from search.fitness_engine import StitchedKLFitness, dense_log_probs
 
 BUDGETS = {"speedup_1.5": [], "sparsity_0.5": ["budget=sparsity", "budget.sparsity=0.5"]}
 SEARCHER_ORDER = ("uniform", "uniform_best", "owl", "dp", "random", "bayes", "tyr", "evo")

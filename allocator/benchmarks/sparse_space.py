@@ -23,20 +23,20 @@ from pathlib import Path
 
 import torch
 
+from allocator.app.search_job import prepare_search
 from allocator.benchmarks.common import write_result
 from allocator.benchmarks.search_config import search_job
 from allocator.benchmarks.searchers import heldout_quality
-from search.fitness_engine import dense_log_probs
-from allocator.model.surgery import build_pruned_model
-from allocator.model.runtime import load_pruned
-from allocator.app.search_job import prepare_search
-from allocator.core.space import is_sparse, sparse_pattern
-from allocator.model.sparse_export import build_deployable
 from allocator.core.formats import export_format
+from allocator.core.space import is_sparse, sparse_pattern
 from allocator.model.export import export_checkpoint
+from allocator.model.runtime import load_pruned
+from allocator.model.sparse_export import build_deployable
+from allocator.model.surgery import build_pruned_model
 from kernels import ops
 from kernels.sparse_linear import SparseLinear
 from search import SEARCHERS
+from search.fitness_engine import dense_log_probs
 
 OUT = Path("runs/bench/sparse/smollm2.json")
 UNSTRUCTURED = ["space=unstructured", "budget=sparsity", "budget.sparsity=0.5", "profile=h100"]

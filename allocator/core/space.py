@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-from allocator.core.patterns import SparsityPattern, kept_count
 from allocator.core.config import PrunerName, SpaceConfig, SpaceKind, check_choice
 from allocator.core.errors import UserInputError
+from allocator.core.patterns import SparsityPattern, kept_count
 
 ATTN = "attn"
 MLP = "mlp"

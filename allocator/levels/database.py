@@ -21,18 +21,32 @@ from tqdm import tqdm
 
 from allocator.core.atomic_io import write_json_atomic
 from allocator.core.cache_lock import TMP_PREFIX, CacheLock
+from allocator.core.config import SpaceConfig
+from allocator.core.space import (
+    ATTN,
+    MLP,
+    Option,
+    Space,
+    Unit,
+    is_sparse,
+    option_key,
+    parse_option_key,
+    sparse_pattern,
+    unit_name,
+)
 from allocator.levels.compress.calibration_pass import Collector, calibration_pass
 from allocator.levels.compress.fisher import OutputFisher
 from allocator.levels.compress.linear_hessians import InputHessians
 from allocator.levels.compress.structured_obs import PrunedLevel, structured_obs_sweep
-from allocator.core.config import SpaceConfig
-from allocator.model.surgery import (
-    UNIT_LINEARS, LevelSource, SparseUnitWeights, UnitWeights, decoder_layers, group_rows,
-)
-from allocator.core.space import (
-    ATTN, MLP, Option, Space, Unit, is_sparse, option_key, parse_option_key, sparse_pattern, unit_name,
-)
 from allocator.levels.sparse_levels import HESSIAN_OF, BlockCalls, block_output_errors, prune_unit, unit_block
+from allocator.model.surgery import (
+    UNIT_LINEARS,
+    LevelSource,
+    SparseUnitWeights,
+    UnitWeights,
+    decoder_layers,
+    group_rows,
+)
 
 log = logging.getLogger(__name__)
 DATABASE_VERSION = 2

@@ -14,9 +14,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.hooks import RemovableHandle
 
+from allocator.core.patterns import SparsityPattern
 from allocator.levels.compress.calibration_pass import Collector
 from allocator.levels.compress.linear_hessians import InputHessians
-from allocator.core.patterns import SparsityPattern
 from allocator.levels.compress.sparse_prune import PRUNERS, sparsegpt_levels
 from allocator.model.surgery import BLOCK_ATTRIBUTE, UNIT_LINEARS, decoder_layers
 

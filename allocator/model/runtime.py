@@ -16,10 +16,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from allocator.core.plan import PLAN_FILE, Plan
+from allocator.core.space import ModelShape
 from allocator.model.export import WEIGHTS_FILE
 from allocator.model.loader import load_tokenizer
 from allocator.model.surgery import SPARSE_KEY, WIDTHS_KEY, shrink_to_widths
-from allocator.core.space import ModelShape
 
 
 def _check_export_dir(path: Path, *names: str) -> None:

@@ -13,8 +13,15 @@ from torch import nn
 
 from allocator.core.formats import export_format
 from allocator.core.patterns import SparsityPattern
-from allocator.model.surgery import BLOCK_ATTRIBUTE, SPARSE_KEY, UNIT_LINEARS, LevelSource, build_pruned_model, decoder_layers
 from allocator.core.space import ATTN, MLP, ModelShape, Option
+from allocator.model.surgery import (
+    BLOCK_ATTRIBUTE,
+    SPARSE_KEY,
+    UNIT_LINEARS,
+    LevelSource,
+    build_pruned_model,
+    decoder_layers,
+)
 from kernels.sparse_linear import SparseLinear
 
 

@@ -14,7 +14,17 @@ import torch
 from torch import nn
 
 from allocator.core.patterns import select_mask
-from allocator.core.space import ATTN, MLP, ModelShape, Option, full_width, is_sparse, kept_width, sparse_pattern, unit_name
+from allocator.core.space import (
+    ATTN,
+    MLP,
+    ModelShape,
+    Option,
+    full_width,
+    is_sparse,
+    kept_width,
+    sparse_pattern,
+    unit_name,
+)
 
 WIDTHS_KEY = "sparsity_allocator_widths"
 SPARSE_KEY = "sparsity_allocator_sparse"  # per kind, per layer: the sparse option's label, or null
