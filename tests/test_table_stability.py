@@ -1,7 +1,6 @@
 """Latency tables that notice a busy machine: spread recorded, busy or unstable regimes measured again then refused
 (or kept marked unstable on request), degenerate tables never kept, and a plan from a stale table flagged by verify."""
 
-import json
 import os
 import subprocess
 import sys
