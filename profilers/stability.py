@@ -43,6 +43,8 @@ MAX_FRACTION_SPREAD = 0.5
 MAX_RECHECK_DRIFT = 0.25
 RECHECK_CALLS = 3  # dense calls timed at each end of a regime
 RECHECK_WARMUP = 2  # untimed dense calls before the first re-check
+QUIET_WINDOW_S = 1.0  # how long one look at the other processes' CPU use lasts (wait_for_quiet)
+QUIET_WINDOWS = 2  # consecutive quiet looks before measuring: one quiet second between two bursts is not quiet
 
 _PROC_STAT = Path("/proc/stat")
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal (guest time is inside user)
@@ -76,6 +78,43 @@ def others_cores(start: CpuSample, end: CpuSample) -> Optional[float]:
     if start.busy_s is None or end.busy_s is None or wall <= 0:
         return None
     return max(0.0, (end.busy_s - start.busy_s) - (end.own_s - start.own_s)) / wall
+
+
+def others_limit(threads: int, cores: int) -> float:
+    """Cores other processes may use while a regime is measured (OTHERS_SPARE_CORES beyond the ones we leave free)."""
+    return max(0.0, cores - threads) + OTHERS_SPARE_CORES
+
+
+def wait_for_quiet(
+    threads: int,
+    cores: int,
+    max_wait_s: float,
+    sample: Callable[[], CpuSample] = cpu_sample,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Optional[float]:
+    """Wait, up to `max_wait_s`, until other processes have left our cores quiet for QUIET_WINDOWS windows in a row;
+    returns the others' cores in the last window (None where /proc/stat is unreadable: nothing to wait for).
+    Runs started together on one cache are the common case: one measures the table under its lock while the others
+    are still importing torch and loading the model, then wait idle on the lock, so a few seconds' wait turns a
+    refused table into a clean one. On a machine that stays busy it measures after `max_wait_s`, and the checks
+    decide."""
+    limit, quiet, used = others_limit(threads, cores), 0, None
+    deadline = time.monotonic() + max_wait_s
+    announced = False
+    while quiet < QUIET_WINDOWS:
+        start = sample()
+        sleep(QUIET_WINDOW_S)
+        used = others_cores(start, sample())
+        if used is None:
+            return None
+        quiet = quiet + 1 if used <= limit else 0
+        if quiet < QUIET_WINDOWS and time.monotonic() >= deadline:
+            break
+        if quiet == 0 and not announced:
+            log.info("latency table: other processes use %.2f cores (limit %.2f); waiting up to %.0f s for them",
+                     used, limit, max_wait_s)
+            announced = True
+    return used
 
 
 def _rel(samples: np.ndarray) -> tuple[float, float]:
@@ -133,7 +172,7 @@ def judge(checks: Checks, costs: RegimeCosts) -> list[str]:
     """Every reason the regime does not describe a quiet machine, worded for a one-line error (empty: it does)."""
     s = checks.spread
     reasons = []
-    limit = max(0.0, checks.cores - checks.threads) + OTHERS_SPARE_CORES
+    limit = others_limit(checks.threads, checks.cores)
     if checks.others_cores is not None and checks.others_cores > limit:
         reasons.append(f"other processes used {checks.others_cores:.2f} of {checks.cores} cores "
                        f"(torch runs {checks.threads} threads; limit {limit:.2f})")
@@ -168,16 +207,20 @@ def measure_checked(
     threads: int,
     retries: int,
     allow_unstable: bool,
+    quiet_wait_s: float = 0.0,
     sample: Callable[[], CpuSample] = cpu_sample,
 ) -> RegimeCosts:
-    """`measure()` with its checks recorded in `stability`; re-measured up to `retries` times while a check fails,
-    then refused (UserInputError) or, with `allow_unstable`, kept marked unstable (a degenerate one too: budgets
+    """`measure()` with its checks recorded in `stability`, each attempt after waiting up to `quiet_wait_s` for the
+    other processes to leave the cores quiet; re-measured up to `retries` times while a check fails, then refused
+    (UserInputError) or, with `allow_unstable`, kept marked unstable (a degenerate one too: budgets
     on it are then refused by profilers/prediction.py, since it predicts 0 ms)."""
     if retries < 0:
         raise UserInputError(f"profile.retries={retries} must be >= 0")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     best: tuple[tuple, RegimeCosts, Checks] | None = None  # the attempt kept if none is clean
     for attempt in range(1, retries + 2):
+        if quiet_wait_s > 0:
+            wait_for_quiet(threads, cores, quiet_wait_s, sample)
         for _ in range(RECHECK_WARMUP):  # untimed: the first calls of a regime allocate its buffers
             dense_call()
         before = sample()

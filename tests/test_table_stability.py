@@ -21,10 +21,11 @@ from profilers.stability import (
     measure_checked,
     others_cores,
     spread_of,
+    wait_for_quiet,
 )
 from profilers.table import RegimeCosts, load_table
 
-SMALL = dict(repeats=3, warmup=1, decode_batches=[1], decode_context=16, prefill_length=16)
+SMALL = dict(repeats=3, warmup=1, decode_batches=[1], decode_context=16, prefill_length=16, quiet_wait_s=2.0)
 
 
 def _costs(dense: list[float], variant: list[float], fixed_ms: float = 1.0, unit: float = 0.5) -> RegimeCosts:
@@ -66,22 +67,49 @@ def test_busy_regime_is_measured_again_then_refused_or_kept_marked(monkeypatch):
     monkeypatch.setattr("profilers.stability._dense_ms", lambda call, n: 10.0)  # the re-checks agree
     quiet, noisy = _costs([10.0, 10.2, 9.9], [5.0, 5.1, 5.0]), _costs([10.0, 30.0, 9.0], [5.0, 5.1, 14.0])
     runs = iter([noisy, quiet])
-    costs = measure_checked("prefill", lambda: next(runs), lambda: None, 2, 1, False, _sampler(0.0))
+    costs = measure_checked("prefill", lambda: next(runs), lambda: None, 2, 1, False, sample=_sampler(0.0))
     assert costs.raw == quiet.raw
     assert costs.stability["stable"] and costs.stability["attempts"] == 2 and costs.stability["reasons"] == []
 
     busy = _sampler(1.5)  # other processes keep 1.5 of this machine's cores busy
     with pytest.raises(UserInputError, match=r"^latency table not saved: regime prefill was measured on a busy or "
                                              r"unstable machine after 2 attempt\(s\): other processes used 1\.50 of"):
-        measure_checked("prefill", lambda: quiet, lambda: None, os.cpu_count(), 1, False, busy)
-    kept = measure_checked("prefill", lambda: quiet, lambda: None, os.cpu_count(), 0, True, _sampler(1.5 * 64))
+        measure_checked("prefill", lambda: quiet, lambda: None, os.cpu_count(), 1, False, sample=busy)
+    kept = measure_checked("prefill", lambda: quiet, lambda: None, os.cpu_count(), 0, True, sample=_sampler(1.5 * 64))
     assert not kept.stability["stable"] and "other processes used" in kept.stability["reasons"][0]
 
     degenerate = _costs([10.0, 10.1, 10.0], [5.0, 5.0, 5.0], fixed_ms=0.0)
     with pytest.raises(UserInputError, match="fixed cost clipped to 0 ms"):
-        measure_checked("prefill", lambda: degenerate, lambda: None, 2, 0, False, _sampler(0.0))
-    marked = measure_checked("prefill", lambda: degenerate, lambda: None, 2, 0, True, _sampler(0.0))
+        measure_checked("prefill", lambda: degenerate, lambda: None, 2, 0, False, sample=_sampler(0.0))
+    marked = measure_checked("prefill", lambda: degenerate, lambda: None, 2, 0, True, sample=_sampler(0.0))
     assert not marked.stability["stable"]  # kept only on request, never as clean (budgets on it are refused)
+
+
+def _scheduled_sampler(others: list[float]):
+    """A CPU sampler over one-second windows: window i has `others[i]` cores used by other processes (the last value
+    repeats). Two samples per window, as wait_for_quiet takes them."""
+    state = {"t": 0.0, "busy": 0.0, "calls": 0}
+
+    def sample() -> CpuSample:
+        window = state["calls"] // 2
+        if state["calls"] % 2:  # the end of a window: one second later
+            state["t"] += 1.0
+            state["busy"] += others[min(window, len(others) - 1)]
+        state["calls"] += 1
+        return CpuSample(state["t"], state["busy"], 0.0)
+
+    return sample
+
+
+def test_wait_for_quiet_waits_out_a_burst_then_needs_two_quiet_windows():
+    """Runs started together: three windows of startup load, then quiet. Waiting ends after two quiet windows in a
+    row (a quiet window between bursts does not count), and on a machine that stays busy it ends at its limit."""
+    sample = _scheduled_sampler([1.6, 0.1, 1.2, 0.05, 0.02, 1.9])
+    assert wait_for_quiet(threads=2, cores=2, max_wait_s=60, sample=sample, sleep=lambda s: None) == pytest.approx(0.02)
+    always_busy = _scheduled_sampler([1.5])
+    assert wait_for_quiet(threads=2, cores=2, max_wait_s=0, sample=always_busy, sleep=lambda s: None) == pytest.approx(1.5)
+    # With a core left free by torch's threads, one other process is within the limit.
+    assert wait_for_quiet(threads=1, cores=2, max_wait_s=0, sample=_scheduled_sampler([1.0]), sleep=lambda s: None) == pytest.approx(1.0)
 
 
 def test_degenerate_table_refuses_budgets_instead_of_accepting_any(tiny):

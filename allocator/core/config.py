@@ -105,6 +105,9 @@ class ProfileConfig:
     # again this many times, then refused with the reason; allow_unstable keeps it instead, marked unstable.
     retries: int = 1
     allow_unstable: bool = False
+    # Before each attempt, wait up to this long for other processes to leave the cores quiet (runs started together
+    # on one cache: the others finish starting up and wait idle on the table's lock within seconds).
+    quiet_wait_s: float = 60.0
 
 
 @dataclass
