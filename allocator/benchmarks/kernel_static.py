@@ -48,7 +48,7 @@ from profilers.devices import DEVICES, ISSUE_RATE, DeviceSpec
 
 DTYPE = torch.bfloat16
 SHAPES: dict[str, tuple[int, int]] = {"4096x14336": (4096, 14336), "4096x4096": (4096, 4096)}  # (N out, K in)
-MS = (1, 16, 256)  # decode (bitmap's M <= 4 multiply-reduce), the smallest tl.dot M, a prefill M
+MS = (1, 16, 256)  # decode (bitmap's one-warp decode kernel), the smallest tl.dot M, a prefill M
 ARCH_DEVICE = {90: "h200", 80: "a100"}  # whose rates an arch's predictions use
 VARIANTS = ("bitmap50", "bitmap70", "bitmap90", "nm2:4", "nm4:8", "bsr16x16-70")
 OUT_DIR = Path("runs/bench/kernels/static")
@@ -97,14 +97,14 @@ class Launch:
 def _bitmap_launch(n: int, k: int, m: int, sms: int) -> list[Launch]:
     tn, tk = bitmap.DEFAULT_TILE
     tiles = (-(-n // tn), -(-k // tk))
-    w = bitmap.BitmapWeight((n, k), _meta(*tiles, tn, tk // 32, dtype=torch.int32),
-                            _meta(tiles[0] * tiles[1] + 1, dtype=torch.int32), _meta(n * k // 2))
+    w = bitmap.BitmapWeight((n, k), _meta(*tiles, tk // 32, tn, dtype=torch.int32),
+                            _meta(tiles[0] * tiles[1] * tn + 1, dtype=torch.int32), _meta(n * k // 2))
     plan = bitmap.launch_plan(m, tiles, sms)
     x2 = _meta(m, k)
     args, constexprs = bitmap.kernel_arguments(x2, w, None, bitmap.buffers(plan, m, n, DTYPE, "meta"), plan)
     grid_m = plan.grid[0]
     # Every program walks its split's tiles of one tile row: each (M block, tile) pair once.
-    return [Launch(bitmap._bitmap_matmul_kernel, args, constexprs, plan.num_warps, None,
+    return [Launch(plan.kernel, args, constexprs, plan.num_warps, None,
                    grid_m * tiles[0] * plan.split, grid_m * tiles[0] * tiles[1],
                    {"BLOCK_M": plan.block_m, "TILE": [tn, tk], "SPLIT_K": plan.split}, plan.split)]
 
