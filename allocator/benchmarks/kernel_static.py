@@ -2,9 +2,9 @@
 
 For each kernel (bitmap, N:M 2:4 and 4:8, BSR 16x16), weight shape (N, K) = (out, in) and M (rows of x) it takes the
 launch the op would make on that device — the kernel module's own `launch_plan` / `kernel_arguments` (bitmap, its
-split-K from the device's SM count) or every config the CUDA autotuner would time (`candidate_configs`, N:M and BSR)
-— binds it with Triton's own JIT specialisation (pointer alignment, ints equal to 1 or divisible by 16), compiles it
-with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` and disassembles the cubin with the
+split-K from the device's SM count; N:M at decode, its `decode_plan`) or every config the CUDA autotuner would time
+(`candidate_configs`, N:M and BSR) — binds it with Triton's own JIT specialisation (pointer alignment, ints equal to 1
+or divisible by 16), compiles it with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` and disassembles the cubin with the
 `cuobjdump` shipped in the Triton wheel (profilers.sass).
 
 Per variant it reports the hot loop (found by its backward branch) and its instructions per dense weight element:
@@ -109,12 +109,18 @@ def _bitmap_launch(n: int, k: int, m: int, sms: int) -> list[Launch]:
                    {"BLOCK_M": plan.block_m, "TILE": [tn, tk], "SPLIT_K": plan.split}, plan.split)]
 
 
-def _nm_launches(n: int, k: int, m: int, pattern: SparsityPattern) -> list[Launch]:
+def _nm_launches(n: int, k: int, m: int, pattern: SparsityPattern, sms: int) -> list[Launch]:
     bits = nm.index_bits(pattern.m)
     entries = k // pattern.m * pattern.n
     w = nm.NMWeight((n, k), pattern.n, pattern.m, _meta(n, entries), _meta(n, nm.packed_cols(entries, bits),
                                                                            dtype=torch.uint8))
     x2 = _meta(m, k)
+    if nm.decodes(m, pattern.n, bits):  # what triton_matmul runs at decode: one fixed launch, no autotuning
+        plan = nm.decode_plan(m, n, k, pattern.m, sms)
+        args, meta = nm.decode_arguments(x2, w, None, *nm.decode_buffers(plan, m, n, DTYPE, "meta"), plan)
+        steps = -(-(k // pattern.m) // nm.DECODE_BLOCK_G)
+        return [Launch(nm._nm_decode_kernel, args, meta, plan.num_warps, None, m * plan.grid[1] * plan.split,
+                       m * plan.grid[1] * steps, {"BLOCK_N": nm.DECODE_BLOCK_N, "SPLIT_K": plan.split}, plan.split)]
     args, meta = nm.kernel_arguments(x2, w, None, *nm.buffers(m, n, DTYPE, "meta", None))
     launches = []
     for config in nm.candidate_configs(m, pattern.m):
@@ -232,7 +238,7 @@ def run(variants: list[str], shapes: list[str], ms: list[int], arch: int, workdi
                     launches = _bitmap_launch(n, k, m, ISSUE_RATE[device.key][0])
                 elif variant.fmt == "nm":
                     key = ("nm", variant.pattern.n, variant.pattern.m, n, k, m)
-                    launches = _nm_launches(n, k, m, variant.pattern)
+                    launches = _nm_launches(n, k, m, variant.pattern, ISSUE_RATE[device.key][0])
                 else:
                     key = ("bsr", variant.pattern.label, n, k, m)
                     launches = _bsr_launches(n, k, m, variant.pattern)
