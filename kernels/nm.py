@@ -403,10 +403,12 @@ def _launch(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, config: d
     return out.to(x2d.dtype)
 
 
-# Decode: up to DECODE_MAX_M rows of x, one program per row, for n a power of two (so a step's entries are an arange).
+# Decode: up to DECODE_MAX_M rows of x, all in one program, for n a power of two (so a step's entries are an arange).
 DECODE_MAX_M = 4
 DECODE_BLOCK_N = 16  # rows of W per program
-DECODE_BLOCK_G = 32  # groups per step: 32 * n entries of each row, loaded as contiguous vectors
+# Groups per step, by rows of x: 32 * n entries of each row of W (contiguous vector loads), fewer when the
+# (rows of x, BLOCK_N, entries) accumulator would otherwise spill.
+DECODE_BLOCK_G = {1: 32, 2: 32, 4: 16}
 PROGRAMS_PER_SM = 8  # one-warp programs per SM that split-K aims for
 
 
@@ -416,12 +418,12 @@ def _nm_decode_kernel(
     M, N, K, stride_xm, stride_xk, stride_vn, stride_in, stride_om, stride_on,
     steps_per_split, splits,
     NN: tl.constexpr, MM: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    """One row of x (program axis 0) against BLOCK_N rows of W (axis 1) over a range of K steps (axis 2), by one
-    warp, working per stored value: each value's column is its group's first column plus its unpacked in-group index,
-    and x is gathered there (an L1 hit: the row of x is small and shared by every program). Nothing is expanded to
-    dense; the (BLOCK_N, entries) fp32 accumulator is reduced across lanes once, at the end."""
+    """BLOCK_M rows of x (program axis 0) against BLOCK_N rows of W (axis 1) over a range of K steps (axis 2), by
+    one warp, working per stored value: each value's column is its group's first column plus its unpacked in-group
+    index, and each row of x is gathered there (L1 hits: x is small and shared by every program). Nothing is
+    expanded to dense; the (BLOCK_M, BLOCK_N, entries) fp32 accumulator is reduced across lanes once, at the end."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -430,9 +432,14 @@ def _nm_decode_kernel(
     groups = K // MM
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
     e = tl.arange(0, KC)[None, :]
-    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    if BLOCK_M == 1:
+        rm = pid_m
+        acc = tl.zeros((BLOCK_N, KC), dtype=tl.float32)
+    else:
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None, None]  # (BLOCK_M, 1, 1)
+        acc = tl.zeros((BLOCK_M, BLOCK_N, KC), dtype=tl.float32)
+    x_rows = x_ptr + rm.to(tl.int64) * stride_xm
 
-    acc = tl.zeros((BLOCK_N, KC), dtype=tl.float32)
     steps = tl.cdiv(groups, BLOCK_G)
     step_begin = pid_k * steps_per_split
     step_end = tl.minimum(steps, step_begin + steps_per_split)
@@ -442,23 +449,32 @@ def _nm_decode_kernel(
         v = tl.load(val_ptr + rn * stride_vn + p, mask=ok, other=0.0)
         byte = tl.load(idx_ptr + rn * stride_in + p // PER_BYTE, mask=ok, other=0)
         code = (byte.to(tl.int32) >> ((p % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
-        x = tl.load(x_row + ((p // NN) * MM + code) * stride_xk, mask=ok, other=0.0)
-        acc += v.to(tl.float32) * x.to(tl.float32)
+        col = (p // NN) * MM + code
+        if BLOCK_M == 1:  # 2-D, so the compiler keeps one layout for the whole loop (no conversion, no barrier)
+            x = tl.load(x_rows + col * stride_xk, mask=ok, other=0.0)
+            acc += v.to(tl.float32) * x.to(tl.float32)
+        else:
+            x = tl.load(x_rows + col[None] * stride_xk, mask=ok[None] & (rm < M), other=0.0)
+            acc += v.to(tl.float32)[None] * x.to(tl.float32)
 
-    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    total = tl.sum(acc, axis=1)
+    on = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    om = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    if BLOCK_M == 1:
+        total = tl.sum(acc, axis=1)[None, :]  # (1, BLOCK_N)
+    else:
+        total = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
     if HAS_BIAS:  # added once, by the first K split
         total += tl.load(bias_ptr + on, mask=(on < N) & (pid_k == 0), other=0.0).to(tl.float32)
-    mask = on < N
-    out = out_ptr + pid_m * stride_om + on * stride_on
+    mask = (om < M) & (on < N)
+    out = out_ptr + om * stride_om + on * stride_on
     if SPLIT:  # reduced in this launch, as in _nm_matmul_kernel (kernels/splitk.py)
-        part = pid_m * N + on
+        part = om * N + on
         tl.store(ws_ptr + pid_k * M * N + part, total, mask=mask)
         tl.debug_barrier()
         counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == splits - 1:
-            reduced = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            reduced = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(splits):
                 reduced += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(out, reduced.to(out_ptr.dtype.element_ty), mask=mask)
@@ -469,14 +485,17 @@ def _nm_decode_kernel(
 
 def decodes(m: int, n: int, bits: int) -> bool:
     """Whether m rows of x against an n:m weight (with `bits`-bit indices) run on the decode kernel."""
-    return m <= DECODE_MAX_M and n & (n - 1) == 0 and (DECODE_BLOCK_G * n) % (8 // bits) == 0
+    return 1 <= m <= DECODE_MAX_M and n & (n - 1) == 0 and (min(DECODE_BLOCK_G.values()) * n) % (8 // bits) == 0
 
 
 @dataclass(frozen=True)
 class DecodePlan:
-    """The decode kernel's launch: grid (rows of x, row blocks of W, K splits), steps per split, warps."""
+    """The decode kernel's launch: grid (1, row blocks of W, K splits), rows of x and groups per step, steps per
+    split, warps."""
 
     grid: tuple[int, int, int]
+    block_m: int
+    block_g: int
     split: int
     steps_per_split: int
     num_warps: int = 1
@@ -486,16 +505,18 @@ def decode_plan(m: int, out_features: int, in_features: int, group: int, sms: in
                 split_k: int | None = None) -> DecodePlan:
     """Split K until about PROGRAMS_PER_SM programs per SM (`sms` None, the interpreter: no split), at least two
     steps per split; `split_k` forces it."""
+    block_m = triton.next_power_of_2(m)
+    block_g = DECODE_BLOCK_G[block_m]
     blocks = triton.cdiv(out_features, DECODE_BLOCK_N)
-    steps = triton.cdiv(in_features // group, DECODE_BLOCK_G)
+    steps = triton.cdiv(in_features // group, block_g)
     if split_k is None:
         target = PROGRAMS_PER_SM * sms if sms is not None else 0
-        split_k = 1 if m * blocks >= target else max(1, min(-(-target // (m * blocks)), steps // 2))
+        split_k = 1 if blocks >= target else max(1, min(-(-target // blocks), steps // 2))
     if split_k < 1:
         raise UnsupportedShape(f"nm.triton_matmul: split_k={split_k} must be >= 1")
     per_split = triton.cdiv(max(steps, 1), split_k)
     split = max(1, triton.cdiv(steps, per_split))  # no empty splits
-    return DecodePlan((m, blocks, split), split, per_split)
+    return DecodePlan((1, blocks, split), block_m, block_g, split, per_split)
 
 
 def decode_arguments(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, out: torch.Tensor, ws: torch.Tensor,
@@ -506,7 +527,7 @@ def decode_arguments(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, 
             M, w.shape[0], K, x2d.stride(0), x2d.stride(1), w.values.stride(0), w.indices.stride(0),
             out.stride(0), out.stride(1), plan.steps_per_split, plan.split)
     meta = {"NN": w.n, "MM": w.m, "BITS": w.bits, "HAS_BIAS": bias is not None, "SPLIT": plan.split > 1,
-            "BLOCK_N": DECODE_BLOCK_N, "BLOCK_G": DECODE_BLOCK_G}
+            "BLOCK_M": plan.block_m, "BLOCK_N": DECODE_BLOCK_N, "BLOCK_G": plan.block_g}
     return args, meta
 
 

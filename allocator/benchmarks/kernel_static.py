@@ -118,9 +118,10 @@ def _nm_launches(n: int, k: int, m: int, pattern: SparsityPattern, sms: int) -> 
     if nm.decodes(m, pattern.n, bits):  # what triton_matmul runs at decode: one fixed launch, no autotuning
         plan = nm.decode_plan(m, n, k, pattern.m, sms)
         args, meta = nm.decode_arguments(x2, w, None, *nm.decode_buffers(plan, m, n, DTYPE, "meta"), plan)
-        steps = -(-(k // pattern.m) // nm.DECODE_BLOCK_G)
-        return [Launch(nm._nm_decode_kernel, args, meta, plan.num_warps, None, m * plan.grid[1] * plan.split,
-                       m * plan.grid[1] * steps, {"BLOCK_N": nm.DECODE_BLOCK_N, "SPLIT_K": plan.split}, plan.split)]
+        steps = -(-(k // pattern.m) // plan.block_g)
+        return [Launch(nm._nm_decode_kernel, args, meta, plan.num_warps, None, plan.grid[1] * plan.split,
+                       plan.grid[1] * steps, {"BLOCK_M": plan.block_m, "BLOCK_N": nm.DECODE_BLOCK_N,
+                                              "SPLIT_K": plan.split}, plan.split)]
     args, meta = nm.kernel_arguments(x2, w, None, *nm.buffers(m, n, DTYPE, "meta", None))
     launches = []
     for config in nm.candidate_configs(m, pattern.m):
