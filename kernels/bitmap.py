@@ -194,8 +194,8 @@ def stored_nbytes(shape: tuple[int, int], kept: int, dtype: torch.dtype, tile: t
 
 
 def dot_elements(shape: tuple[int, int], kept: int, tile: tuple[int, int] = DEFAULT_TILE) -> int:
-    """Weight elements the kernel multiplies with each row of x: every element of every padded tile (a tile is
-    expanded to dense in registers before tl.dot), however few are stored."""
+    """Weight elements the kernel multiplies with each row of x: every element of every padded tile (each is
+    decoded, multiplied or handed to tl.dot as zero or its value), however few are stored."""
     n, k, _ = check_layout_args("bitmap.dot_elements", shape, kept, torch.float32)
     tn, tk = _check_tile(tile)
     return -(-n // tn) * tn * -(-k // tk) * tk

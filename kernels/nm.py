@@ -13,6 +13,11 @@ The Triton kernel loads a tile of values and packed indices, expands it in regis
 on Hopper); other n:m load per kept slot and lay the tile's K axis out as groups x m_pow2 slots, slots >= m masked
 off in x and never selected in W. Decode-sized M splits K across programs, whose fp32 partials the last of them to
 finish adds in the same launch (kernels/splitk.py).
+
+Decode (at most DECODE_MAX_M rows of x, n a power of two) runs `_nm_decode_kernel` instead, which expands nothing:
+one warp per 16 rows of W works per stored value, unpacking its index, gathering x at its column and multiplying
+into an fp32 accumulator reduced once at the end; split K to about 8 programs per SM, reduced in the launch.
+
 Zeros are compared numerically: a -0.0 that is not kept decompresses as +0.0 (equal, not the same bits)."""
 
 from __future__ import annotations
