@@ -1,24 +1,30 @@
-"""Bitmap sparse format: one bit per weight element plus the non-zero values packed, and its Triton matmul kernel.
+"""Bitmap sparse format: one bit per weight element plus the non-zero values packed, and its Triton matmul kernels.
 
-Layout. The (out_features N, in_features K) weight is zero-padded to whole tiles of (tile_n rows x tile_k columns)
-(default 16 x 64) and stored as
-  - `bitmap`  int32 (tiles_n, tiles_k, tile_n, tile_k // 32): bit j of word w in row r of a tile is element
-              (r, 32 * w + j) of the tile; 1 = stored. Tile-major so one tile's bits are one contiguous 128 bytes.
-  - `offsets` int32 (tiles_n * tiles_k + 1,): start of each tile's values in `values`, tiles in row-major order;
-              the last entry is the number of stored values. A program finds its tile's values without a prefix sum
-              over the whole matrix.
+Layout (format version 2). The (out_features N, in_features K) weight is zero-padded to whole tiles of (tile_n rows x
+tile_k columns) (default 16 x 64) and stored as
+  - `bitmap`  int32 (tiles_n, tiles_k, tile_k // 32, tile_n): bit j of word [.., w, r] is element (r, 32 * w + j) of the
+              tile; 1 = stored. Word-major within a tile, so one word column of a tile's rows is contiguous: the decode
+              kernel loads it with vector loads.
+  - `offsets` int32 (tiles_n * tiles_k * tile_n + 1,): start in `values` of each tile row's values (tiles in row-major
+              order, a tile's rows in order); the last entry is the number of stored values. A value's position is
+              then its row's offset plus a popcount of the bits before it in that row: no scan at run time.
   - `values`  (nnz,) in the weight's dtype: stored elements, tile by tile, row-major within a tile.
   - `shape`   int64 (2,): (N, K) before padding.
 The tile shape is read back from `bitmap.shape`, so `tensors()` carries everything needed to rebuild the weight.
+Version 1 (row-major words, one offset per tile) is recognised by its offsets' length and converted on load
+(`from_tensors`), so exports written before still load.
 
 "Non-zero" is decided on the bit pattern, not on `!= 0`: -0.0 is stored, so decompress(compress(w)) is bitwise w.
 
-Kernel. Each program owns BLOCK_M rows of x, one tile row of W (tile_n outputs) and a contiguous range of K tiles
-(split-K). Per tile it loads the bitmap words, turns each element's bit into its rank among the tile's stored values
-(a row-wise cumsum plus the exclusive cumsum of row counts), gathers the values from `offsets[tile] + rank`, and
-multiplies with x by `tl.dot` (BLOCK_M >= 16) or a broadcast multiply-reduce (M <= 4, decode). Accumulation is fp32;
-split-K programs write fp32 partial sums to a workspace, and the last split of each output tile to finish adds them in
-split order, casts and stores, in the same launch (no sum or cast kernel after it), so results are deterministic."""
+Kernel (`_bitmap_matmul_kernel`). One warp per program: BLOCK_M rows of x, one tile row of W and a contiguous range of
+K tiles (split-K up to about 8 programs per SM). It walks a tile one 32-column word at a time; lane j owns column j
+of the word for every row of the tile, so per element it masks the row's word below its bit, takes the popcount,
+adds the row's stored offset and loads the value there (predicated on its bit): no scans, barriers or layout
+conversions in the loop. One row of x (decode) multiplies into a (tile_n, 32) fp32 accumulator reduced once at the
+end; more rows pass the decoded (tile_n, 32) slice to `tl.dot` (tensor cores), so the decode work is shared by up to
+64 rows. Accumulation is fp32; split-K programs write fp32 partial sums to a workspace, and the last split of each
+output tile to finish adds them in split order, casts and stores, in the same launch (no sum or cast kernel after
+it), so results are deterministic."""
 
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ DEFAULT_TILE = (16, 64)
 # Triton built this module's kernel for its interpreter (TRITON_INTERPRET=1 at import): it then runs on CPU tensors.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 _MAX_INT32 = 2**31 - 1
+FORMAT_VERSION = 2  # per tile-row offsets, word-major tiles; version 1 (per-tile offsets, row-major words) converts
 
 
 @dataclass
@@ -56,7 +63,7 @@ class BitmapWeight(CompressedWeight):
 
     @property
     def tile(self) -> tuple[int, int]:
-        return self.bitmap.shape[2], self.bitmap.shape[3] * 32
+        return self.bitmap.shape[3], self.bitmap.shape[2] * 32
 
     @property
     def tiles(self) -> tuple[int, int]:
@@ -90,17 +97,21 @@ class BitmapWeight(CompressedWeight):
         if bitmap.dtype != torch.int32 or bitmap.dim() != 4:
             raise UnsupportedShape(
                 f"bitmap tensors: bitmap {bitmap.dtype} {tuple(bitmap.shape)} must be int32 "
-                "(tiles_n, tiles_k, tile_n, tile_k // 32)"
+                "(tiles_n, tiles_k, tile_k // 32, tile_n)"
             )
+        if offsets.dim() == 1 and offsets.shape[0] == bitmap.shape[0] * bitmap.shape[1] + 1 and bitmap.numel():
+            bitmap, offsets = _from_version_1(bitmap, offsets)
         w = cls(shape=(n, k), bitmap=bitmap, offsets=offsets, values=values)
         (tn, tk), (rows, cols) = w.tile, w.tiles
         if rows != -(-n // tn) or cols != -(-k // tk):
             raise UnsupportedShape(
                 f"bitmap tensors: {rows}x{cols} tiles of {tn}x{tk} do not cover shape {(n, k)} exactly"
             )
-        if offsets.dtype != torch.int32 or tuple(offsets.shape) != (rows * cols + 1,):
+        expect = rows * cols * tn + 1
+        if offsets.dtype != torch.int32 or tuple(offsets.shape) != (expect,):
             raise UnsupportedShape(
-                f"bitmap tensors: offsets {offsets.dtype} {tuple(offsets.shape)} must be int32 ({rows * cols + 1},)"
+                f"bitmap tensors: offsets {offsets.dtype} {tuple(offsets.shape)} must be int32 ({expect},): one per "
+                f"tile row plus the end (bitmap format version {FORMAT_VERSION})"
             )
         if values.dtype not in DTYPES or values.dim() != 1:
             raise UnsupportedShape(f"bitmap tensors: values {values.dtype} {tuple(values.shape)} must be 1-D {DTYPES}")
@@ -113,6 +124,20 @@ class BitmapWeight(CompressedWeight):
 
     def to(self, device: torch.device | str) -> BitmapWeight:
         return BitmapWeight(self.shape, self.bitmap.to(device), self.offsets.to(device), self.values.to(device))
+
+
+def _from_version_1(bitmap: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A version-1 bitmap (row-major words (.., tile_n, tile_k // 32), one offset per tile) in version 2's layout:
+    words transposed, each tile row's offset its tile's plus the popcounts of the rows before it. Device ops only."""
+    if offsets.dtype != torch.int32:
+        raise UnsupportedShape(f"bitmap tensors: version-1 offsets {offsets.dtype} must be int32")
+    words = bitmap.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(32, device=bitmap.device, dtype=torch.int64)
+    row_counts = ((words[..., None] >> shifts) & 1).sum((-1, -2))  # (tiles_n, tiles_k, tile_n)
+    before = row_counts.cumsum(-1) - row_counts
+    rows = offsets[:-1].to(torch.int64).reshape(before.shape[:2])[..., None] + before
+    new_offsets = torch.cat([rows.flatten(), offsets[-1:].to(torch.int64)]).to(torch.int32)
+    return bitmap.transpose(2, 3).contiguous(), new_offsets
 
 
 def _check_tile(tile: tuple[int, int]) -> tuple[int, int]:
@@ -150,27 +175,27 @@ def compress(dense: torch.Tensor, tile: tuple[int, int] = DEFAULT_TILE) -> Bitma
     values = tiles[mask]
     if values.numel() > _MAX_INT32:
         raise UnsupportedShape(f"bitmap: {values.numel()} stored values exceed the int32 offsets (2**31 - 1)")
-    counts = mask.flatten(2).sum(-1, dtype=torch.int64).flatten()
+    counts = mask.sum(-1, dtype=torch.int64).flatten()  # per tile row, in packing order
     offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
     weights = torch.ones(32, dtype=torch.int64, device=dense.device) << torch.arange(32, device=dense.device)
     words = (mask.reshape(*mask.shape[:3], tk // 32, 32).to(torch.int64) * weights).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement, no overflow cast
-    return BitmapWeight(shape=(n, k), bitmap=words, offsets=offsets, values=values)
+    return BitmapWeight(shape=(n, k), bitmap=words.transpose(2, 3).contiguous(), offsets=offsets, values=values)
 
 
 def stored_nbytes(shape: tuple[int, int], kept: int, dtype: torch.dtype, tile: tuple[int, int] = DEFAULT_TILE) -> int:
     """Bytes `compress` stores (BitmapWeight.nbytes) for an (N, K) weight with `kept` stored elements, from the
-    layout alone: one bit per element of every zero-padded tile, one int32 offset per tile plus the end, the
+    layout alone: one bit per element of every zero-padded tile, one int32 offset per tile row plus the end, the
     values."""
     n, k, value_bytes = check_layout_args("bitmap.stored_nbytes", shape, kept, dtype)
     tn, tk = _check_tile(tile)
     tiles = -(-n // tn) * -(-k // tk)
-    return tiles * tn * (tk // 32) * 4 + (tiles + 1) * 4 + kept * value_bytes
+    return tiles * tn * (tk // 32) * 4 + (tiles * tn + 1) * 4 + kept * value_bytes
 
 
 def dot_elements(shape: tuple[int, int], kept: int, tile: tuple[int, int] = DEFAULT_TILE) -> int:
-    """Weight elements the kernel multiplies with each row of x: every element of every padded tile (a tile is
-    expanded to dense in registers before tl.dot), however few are stored."""
+    """Weight elements the kernel multiplies with each row of x: every element of every padded tile (each is
+    decoded, multiplied or handed to tl.dot as zero or its value), however few are stored."""
     n, k, _ = check_layout_args("bitmap.dot_elements", shape, kept, torch.float32)
     tn, tk = _check_tile(tile)
     return -(-n // tn) * tn * -(-k // tk) * tk
@@ -179,7 +204,7 @@ def dot_elements(shape: tuple[int, int], kept: int, tile: tuple[int, int] = DEFA
 def _mask(w: BitmapWeight) -> torch.Tensor:
     """(tiles_n, tiles_k, tile_n, tile_k) bool: which elements are stored."""
     shifts = torch.arange(32, device=w.bitmap.device, dtype=torch.int64)
-    bits = (w.bitmap.to(torch.int64)[..., None] >> shifts) & 1
+    bits = (w.bitmap.transpose(2, 3).to(torch.int64)[..., None] >> shifts) & 1
     return bits.flatten(-2).bool()
 
 
@@ -200,76 +225,93 @@ def reference_matmul(x: torch.Tensor, w: BitmapWeight, bias: torch.Tensor | None
 
 
 @triton.jit
+def _popc(v, NATIVE: tl.constexpr):
+    """Set bits of each uint32, as int32: the POPC instruction compiled; a SWAR count in the interpreter, which has
+    no libdevice."""
+    if NATIVE:
+        return tl.extra.cuda.libdevice.popc(v.to(tl.int32, bitcast=True))
+    else:
+        v = v - ((v >> 1) & 0x55555555)
+        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+        v = (v + (v >> 4)) & 0x0F0F0F0F
+        return ((v * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
 def _bitmap_matmul_kernel(
     x_ptr, bitmap_ptr, offsets_ptr, values_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_xk, stride_om, stride_on,
     tiles_k, tiles_per_split, splits,
-    TILE_N: tl.constexpr, TILE_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr,
+    TILE_N: tl.constexpr, TILE_K: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, NATIVE_POPC: tl.constexpr,
 ):
+    """BLOCK_M rows of x (program axis 0) against one tile row of W (axis 1) over a range of K tiles (axis 2), by one
+    warp. The tile is walked one 32-column word at a time; lane j owns column j of the word for all TILE_N rows, so
+    each element costs a mask, a popcount, an add and a predicated gather, with no scans, barriers or cross-lane
+    traffic. BLOCK_M == 1 multiplies into a (TILE_N, 32) fp32 accumulator reduced once at the end; BLOCK_M >= 16
+    hands the (TILE_N, 32) slice of W to tl.dot (tensor cores), so the decode work is shared by all the rows."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     WORDS: tl.constexpr = TILE_K // 32
+    USE_DOT: tl.constexpr = BLOCK_M > 1
 
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = tl.arange(0, TILE_N)
-    rk = tl.arange(0, TILE_K)
-    # Element (r, c) of a tile reads word c // 32 of row r (32 lanes share a word; the loads hit the same line).
-    word_idx = rn[:, None] * WORDS + rk[None, :] // 32
-    bit_idx = rk[None, :] % 32
+    rn = tl.arange(0, TILE_N)[:, None]
+    lane = tl.arange(0, 32)[None, :]
+    own = tl.full([1, 32], 1, tl.uint32) << lane.to(tl.uint32)
+    below = own - 1  # the bits before this lane's
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]  # (BLOCK_M, 1)
 
-    acc = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((TILE_N, 32), dtype=tl.float32)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, tiles_k)
     for t in range(t_start, t_end):
         tile = pid_n * tiles_k + t
-        words = tl.load(bitmap_ptr + tile * (TILE_N * WORDS) + word_idx)
-        bits = (words >> bit_idx) & 1
-        # Rank of each stored element among its tile's values: row-major exclusive prefix count.
-        row_counts = tl.sum(bits, axis=1)
-        row_start = tl.cumsum(row_counts, axis=0) - row_counts
-        rank = row_start[:, None] + tl.cumsum(bits, axis=1) - bits
-        base = tl.load(offsets_ptr + tile)
-        w = tl.load(values_ptr + (base + rank), mask=bits != 0, other=0.0)
+        rank = tl.load(offsets_ptr + tile * TILE_N + rn)  # (TILE_N, 1): where each row's values start
+        for w in tl.static_range(WORDS):
+            words = tl.load(bitmap_ptr + (tile * WORDS + w) * TILE_N + rn).to(tl.uint32, bitcast=True)
+            stored = (words & own) != 0
+            v = tl.load(values_ptr + (rank + _popc(words & below, NATIVE_POPC)), mask=stored, other=0.0)
+            if w + 1 < WORDS:
+                rank += _popc(words, NATIVE_POPC)
+            xk = t * TILE_K + w * 32 + lane
+            x = tl.load(x_ptr + rm * stride_xm + xk * stride_xk, mask=(rm < M) & (xk < K), other=0.0)
+            if USE_DOT:
+                if UPCAST:  # the interpreter's tl.dot mishandles bf16: it multiplies fp32 copies
+                    x = x.to(tl.float32)
+                    v = v.to(tl.float32)
+                acc = tl.dot(x, tl.trans(v), acc, input_precision=DOT_PRECISION)
+            else:
+                acc += v.to(tl.float32) * x.to(tl.float32)
 
-        xk = t * TILE_K + rk
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + xk[None, :] * stride_xk,
-            mask=(rm[:, None] < M) & (xk[None, :] < K),
-            other=0.0,
-        )
-        if USE_DOT:
-            if UPCAST:  # the interpreter's tl.dot mishandles bf16: it multiplies fp32 copies
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-
-    on = pid_n * TILE_N + rn
+    on = (pid_n * TILE_N + tl.arange(0, TILE_N))[None, :]
+    if USE_DOT:
+        total = acc
+    else:
+        total = tl.sum(acc, axis=1)[None, :]  # (1, TILE_N): the one reduction across lanes
     if HAS_BIAS:  # added once, by the first K split
-        b = tl.load(bias_ptr + on, mask=(on < N) & (pid_k == 0), other=0.0)
-        acc += b.to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & (on[None, :] < N)
-    out = out_ptr + rm[:, None] * stride_om + on[None, :] * stride_on
+        total += tl.load(bias_ptr + on, mask=(on < N) & (pid_k == 0), other=0.0).to(tl.float32)
+    mask = (rm < M) & (on < N)
+    out = out_ptr + rm * stride_om + on * stride_on
     if SPLIT:
         # Split-K reduced in this launch (kernels/splitk.py): partials to the workspace, the last split to arrive
         # on this output tile adds them in split order, casts, stores, and resets the tile's count.
-        part = rm[:, None] * N + on[None, :]
-        tl.store(ws_ptr + pid_k * M * N + part, acc, mask=mask)
+        part = rm * N + on
+        tl.store(ws_ptr + pid_k * M * N + part, total, mask=mask)
         tl.debug_barrier()  # the whole program's partials are written before the (release) count below
         counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == splits - 1:
-            total = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
-            for s in range(0, splits):
-                total += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+            reduced = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
+            for s in range(splits):
+                reduced += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out, reduced.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(counter, 0)
     else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -283,24 +325,28 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _block_m(m: int) -> int:
-    """Decode (M <= 4): broadcast multiply-reduce on a tiny block. Larger: tl.dot, whose dims must be >= 16."""
-    if m <= 4:
-        return triton.next_power_of_2(max(m, 1))
+    """One row of x: the multiply-add path. More: tl.dot, whose dimensions must be >= 16; past 64 rows, more
+    programs along M (each decodes the tile again, which costs issue slots but keeps registers in bounds)."""
+    if m <= 1:
+        return 1
     return min(64, max(16, triton.next_power_of_2(m)))
 
 
 def _default_split_k(programs: int, tiles_k: int, sms: int | None) -> int:
-    """Split K until the grid has about two programs per SM (`sms` None: the interpreter), keeping at least two
-    tiles per split."""
+    """Split K until the grid has about PROGRAMS_PER_SM programs per SM (`sms` None: the interpreter), keeping at
+    least two tiles per split."""
     if sms is None:
         return 1  # the interpreter runs programs one after another: splitting only adds work
-    target = 2 * sms
+    target = PROGRAMS_PER_SM * sms
     if programs >= target:
         return 1
     return max(1, min(-(-target // programs), tiles_k // 2))
 
 
-NUM_WARPS = 4
+NUM_WARPS = 1  # one warp per program: no barriers or shared memory in the loop
+# Programs per SM that split-K aims for: an SM holds many one-warp programs, and 8 keep its four schedulers fed while
+# each warp waits on its gathers.
+PROGRAMS_PER_SM = 8
 
 
 @dataclass(frozen=True)
@@ -316,7 +362,11 @@ class Launch:
 
     @property
     def use_dot(self) -> bool:
-        return self.block_m >= 16
+        return self.block_m > 1
+
+    @property
+    def kernel(self) -> triton.runtime.JITFunction:
+        return _bitmap_matmul_kernel
 
 
 def launch_plan(m: int, tiles: tuple[int, int], sms: int | None, split_k: int | None = None) -> Launch:
@@ -365,10 +415,10 @@ def kernel_arguments(
     args = (x2, w.bitmap, w.offsets, w.values, bias if bias is not None else w.values, out, bufs.workspace,
             bufs.counts, m, w.shape[0], k, x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
             tiles_k, plan.tiles_per_split, plan.split)
-    constexprs = dict(TILE_N=tn, TILE_K=tk, BLOCK_M=plan.block_m, USE_DOT=plan.use_dot, UPCAST=INTERPRETED,
-                      HAS_BIAS=bias is not None,
-                      DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",  # fp32: fp32, not TF32
-                      SPLIT=plan.split > 1)
+    constexprs = {"TILE_N": tn, "TILE_K": tk, "BLOCK_M": plan.block_m, "UPCAST": INTERPRETED,
+                  "HAS_BIAS": bias is not None,
+                  "DOT_PRECISION": "ieee" if x2.dtype == torch.float32 else "tf32",  # fp32: fp32, not TF32
+                  "SPLIT": plan.split > 1, "NATIVE_POPC": not INTERPRETED}
     return args, constexprs
 
 
@@ -394,6 +444,6 @@ def triton_matmul(
     plan = launch_plan(m, (tiles_n, tiles_k), _sm_count(x.device) if x.device.type == "cuda" else None, split_k)
     bufs = buffers(plan, m, n, x.dtype, x.device)
     args, constexprs = kernel_arguments(x2, w, bias, bufs, plan)
-    _bitmap_matmul_kernel[plan.grid](*args, **constexprs, num_warps=plan.num_warps)
+    plan.kernel[plan.grid](*args, **constexprs, num_warps=plan.num_warps)
     out = bufs.out.to(x.dtype) if _fp32_out(x.dtype) else bufs.out
     return out.reshape(*lead, n)

@@ -13,6 +13,11 @@ The Triton kernel loads a tile of values and packed indices, expands it in regis
 on Hopper); other n:m load per kept slot and lay the tile's K axis out as groups x m_pow2 slots, slots >= m masked
 off in x and never selected in W. Decode-sized M splits K across programs, whose fp32 partials the last of them to
 finish adds in the same launch (kernels/splitk.py).
+
+Decode (at most DECODE_MAX_M rows of x, n a power of two) runs `_nm_decode_kernel` instead, which expands nothing:
+one warp per 16 rows of W works per stored value, unpacking its index, gathering x at its column and multiplying
+into an fp32 accumulator reduced once at the end; split K to about 8 programs per SM, reduced in the launch.
+
 Zeros are compared numerically: a -0.0 that is not kept decompresses as +0.0 (equal, not the same bits)."""
 
 from __future__ import annotations
@@ -403,10 +408,167 @@ def _launch(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, config: d
     return out.to(x2d.dtype)
 
 
+# Decode: up to DECODE_MAX_M rows of x, all in one program, for n a power of two (so a step's entries are an arange).
+DECODE_MAX_M = 4
+DECODE_BLOCK_N = 16  # rows of W per program
+# Groups per step, by rows of x: 32 * n entries of each row of W (contiguous vector loads), fewer when the
+# (rows of x, BLOCK_N, entries) accumulator would otherwise spill.
+DECODE_BLOCK_G = {1: 32, 2: 32, 4: 16}
+PROGRAMS_PER_SM = 8  # one-warp programs per SM that split-K aims for
+
+
+@triton.jit
+def _nm_decode_kernel(
+    x_ptr, val_ptr, idx_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
+    M, N, K, stride_xm, stride_xk, stride_vn, stride_in, stride_om, stride_on,
+    steps_per_split, splits,
+    NN: tl.constexpr, MM: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """BLOCK_M rows of x (program axis 0) against BLOCK_N rows of W (axis 1) over a range of K steps (axis 2), by
+    one warp, working per stored value: each value's column is its group's first column plus its unpacked in-group
+    index, and each row of x is gathered there (L1 hits: x is small and shared by every program). Nothing is
+    expanded to dense; the (BLOCK_M, BLOCK_N, entries) fp32 accumulator is reduced across lanes once, at the end."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    PER_BYTE: tl.constexpr = 8 // BITS
+    KC: tl.constexpr = BLOCK_G * NN  # entries per row and step
+    groups = K // MM
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
+    e = tl.arange(0, KC)[None, :]
+    if BLOCK_M == 1:
+        rm = pid_m
+        acc = tl.zeros((BLOCK_N, KC), dtype=tl.float32)
+    else:
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None, None]  # (BLOCK_M, 1, 1)
+        acc = tl.zeros((BLOCK_M, BLOCK_N, KC), dtype=tl.float32)
+    x_rows = x_ptr + rm.to(tl.int64) * stride_xm
+
+    steps = tl.cdiv(groups, BLOCK_G)
+    step_begin = pid_k * steps_per_split
+    step_end = tl.minimum(steps, step_begin + steps_per_split)
+    for step in range(step_begin, step_end):
+        p = step * KC + e  # entry of each row: group p // NN, slot p % NN
+        ok = (p < groups * NN) & (rn < N)
+        v = tl.load(val_ptr + rn * stride_vn + p, mask=ok, other=0.0)
+        byte = tl.load(idx_ptr + rn * stride_in + p // PER_BYTE, mask=ok, other=0)
+        code = (byte.to(tl.int32) >> ((p % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
+        col = (p // NN) * MM + code
+        if BLOCK_M == 1:  # 2-D, so the compiler keeps one layout for the whole loop (no conversion, no barrier)
+            x = tl.load(x_rows + col * stride_xk, mask=ok, other=0.0)
+            acc += v.to(tl.float32) * x.to(tl.float32)
+        else:
+            x = tl.load(x_rows + col[None] * stride_xk, mask=ok[None] & (rm < M), other=0.0)
+            acc += v.to(tl.float32)[None] * x.to(tl.float32)
+
+    on = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    om = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    if BLOCK_M == 1:
+        total = tl.sum(acc, axis=1)[None, :]  # (1, BLOCK_N)
+    else:
+        total = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
+    if HAS_BIAS:  # added once, by the first K split
+        total += tl.load(bias_ptr + on, mask=(on < N) & (pid_k == 0), other=0.0).to(tl.float32)
+    mask = (om < M) & (on < N)
+    out = out_ptr + om * stride_om + on * stride_on
+    if SPLIT:  # reduced in this launch, as in _nm_matmul_kernel (kernels/splitk.py)
+        part = om * N + on
+        tl.store(ws_ptr + pid_k * M * N + part, total, mask=mask)
+        tl.debug_barrier()
+        counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            reduced = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(splits):
+                reduced += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out, reduced.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter, 0)
+    else:
+        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def decodes(m: int, n: int, bits: int) -> bool:
+    """Whether m rows of x against an n:m weight (with `bits`-bit indices) run on the decode kernel."""
+    return 1 <= m <= DECODE_MAX_M and n & (n - 1) == 0 and (min(DECODE_BLOCK_G.values()) * n) % (8 // bits) == 0
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """The decode kernel's launch: grid (1, row blocks of W, K splits), rows of x and groups per step, steps per
+    split, warps."""
+
+    grid: tuple[int, int, int]
+    block_m: int
+    block_g: int
+    split: int
+    steps_per_split: int
+    num_warps: int = 1
+
+
+def decode_plan(m: int, out_features: int, in_features: int, group: int, sms: int | None,
+                split_k: int | None = None) -> DecodePlan:
+    """Split K until about PROGRAMS_PER_SM programs per SM (`sms` None, the interpreter: no split), at least two
+    steps per split; `split_k` forces it."""
+    block_m = triton.next_power_of_2(m)
+    block_g = DECODE_BLOCK_G[block_m]
+    blocks = triton.cdiv(out_features, DECODE_BLOCK_N)
+    steps = triton.cdiv(in_features // group, block_g)
+    if split_k is None:
+        target = PROGRAMS_PER_SM * sms if sms is not None else 0
+        split_k = 1 if blocks >= target else max(1, min(-(-target // blocks), steps // 2))
+    if split_k < 1:
+        raise UnsupportedShape(f"nm.triton_matmul: split_k={split_k} must be >= 1")
+    per_split = triton.cdiv(max(steps, 1), split_k)
+    split = max(1, triton.cdiv(steps, per_split))  # no empty splits
+    return DecodePlan((1, blocks, split), block_m, block_g, split, per_split)
+
+
+def decode_arguments(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, out: torch.Tensor, ws: torch.Tensor,
+                     counts: torch.Tensor, plan: DecodePlan) -> tuple[tuple, dict]:
+    """The decode kernel's runtime arguments and constexprs for one launch on a 2-D x."""
+    M, K = x2d.shape
+    args = (x2d, w.values, w.indices, bias if bias is not None else out, out, ws, counts,
+            M, w.shape[0], K, x2d.stride(0), x2d.stride(1), w.values.stride(0), w.indices.stride(0),
+            out.stride(0), out.stride(1), plan.steps_per_split, plan.split)
+    meta = {"NN": w.n, "MM": w.m, "BITS": w.bits, "HAS_BIAS": bias is not None, "SPLIT": plan.split > 1,
+            "BLOCK_M": plan.block_m, "BLOCK_N": DECODE_BLOCK_N, "BLOCK_G": plan.block_g}
+    return args, meta
+
+
+def decode_buffers(plan: DecodePlan, M: int, N: int, dtype: torch.dtype,
+                   device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output, split-K workspace and arrival counts of one decode launch."""
+    out = torch.empty(M, N, dtype=torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype,
+                      device=device)  # fp32 for bf16 in the interpreter, as in `buffers`
+    if plan.split == 1:
+        return out, out, out
+    ws = torch.empty((plan.split, M, N), dtype=torch.float32, device=device)
+    return out, ws, arrival_counts(plan.grid[0] * plan.grid[1], device)
+
+
+def _sm_count(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device.index or torch.cuda.current_device()).multi_processor_count
+
+
+def _decode(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, split_k: int | None = None) -> torch.Tensor:
+    """One decode launch on a 2-D x of at most DECODE_MAX_M rows."""
+    M, K = x2d.shape
+    plan = decode_plan(M, w.shape[0], K, w.m, _sm_count(x2d.device), split_k)
+    out, ws, counts = decode_buffers(plan, M, w.shape[0], x2d.dtype, x2d.device)
+    args, meta = decode_arguments(x2d, w, bias, out, ws, counts, plan)
+    _nm_decode_kernel[plan.grid](*args, **meta, num_warps=plan.num_warps)
+    return out.to(x2d.dtype)
+
+
 def triton_matmul(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None = None,
                   config: dict[str, int] | None = None) -> torch.Tensor:
-    """x[..., K] @ W^T + bias on the Triton kernel, fp32 accumulation, output in x's dtype. `config` (BLOCK_M,
-    BLOCK_N, BLOCK_K, SPLIT_K) overrides the autotuned (CUDA) or fixed (interpreter) tile choice."""
+    """x[..., K] @ W^T + bias on the Triton kernel, fp32 accumulation, output in x's dtype. Up to DECODE_MAX_M rows
+    of x (and n a power of two) run the per-stored-value decode kernel; more, the tl.dot kernel. `config` (BLOCK_M,
+    BLOCK_N, BLOCK_K, SPLIT_K) forces the tl.dot kernel with those tiles instead of the autotuned (CUDA) or fixed
+    (interpreter) choice."""
     where = "nm.triton_matmul"
     check_linear_call(where, x, w, bias)
     check_kernel_device(where, "nm", INTERPRETED, x, w.values, w.indices, bias)
@@ -419,7 +581,10 @@ def triton_matmul(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None = None
         return x.new_zeros(*x.shape[:-1], w.shape[0])
     if x2d.shape[0] * w.shape[0] >= INT32_LIMIT:
         raise UnsupportedShape(f"{where}: output {x2d.shape[0]}x{w.shape[0]} needs 64-bit offsets")
+    bias = bias.contiguous() if bias is not None else None
+    if config is None and decodes(x2d.shape[0], w.n, w.bits):
+        return _decode(x2d, w, bias).reshape(*x.shape[:-1], w.shape[0])
     if config is None and INTERPRETED:
         config = INTERPRETER_CONFIG
-    out = _launch(x2d, w, bias.contiguous() if bias is not None else None, config)
+    out = _launch(x2d, w, bias, config)
     return out.reshape(*x.shape[:-1], w.shape[0])

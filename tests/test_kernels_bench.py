@@ -191,10 +191,12 @@ def test_bench_shape_bookkeeping_on_cpu():
 def test_fixed_configs_are_the_autotuners_first_candidates():
     from kernels import bsr, nm
 
-    for m in (1, 16, 256):
+    assert kb.fixed_config("nm", {"n": 2, "m": 4}, 1) is None  # decode: the op's one-warp kernel, not autotuned
+    for m in (16, 256):
         config = kb.fixed_config("nm", {"n": 2, "m": 4}, m)
         first = nm.candidate_configs(m, 4)[0]
         assert config == {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
+    for m in (1, 16, 256):
         first = bsr.candidate_configs(m, (32, 32))[0]
         assert kb.fixed_config("bsr", {"block": (32, 32)}, m)["GROUP"] == first.kwargs["GROUP"]
     assert kb.fixed_config("bitmap", {}, 1) is None

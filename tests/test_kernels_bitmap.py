@@ -259,3 +259,32 @@ def test_split_k_is_reduced_in_the_launch_deterministically(dtype):
     bufs = bitmap.buffers(plan, 3, 40, dtype, x.device)
     assert plan.split == 4 and bufs.workspace.shape == (4, 3, 40) and bufs.workspace.dtype == torch.float32
     assert bufs.counts.dtype == torch.int32 and bufs.counts.numel() >= plan.grid[0] * plan.grid[1]
+
+
+def test_version_1_tensors_still_load():
+    """Exports written by bitmap format version 1 (row-major words, one offset per tile) convert on load to
+    version 2 (word-major tiles, one offset per tile row) and decompress and multiply the same."""
+    w = sparse((37, 150), 0.4, torch.float16, seed=3)
+    c = bitmap.compress(w)
+    tn = c.tile[0]
+    v1 = {"shape": torch.tensor(w.shape), "bitmap": c.bitmap.transpose(2, 3).contiguous(),
+          "offsets": torch.cat([c.offsets[:-1:tn], c.offsets[-1:]]), "values": c.values}
+    assert v1["offsets"].shape[0] == c.tiles[0] * c.tiles[1] + 1
+    back = bitmap.BitmapWeight.from_tensors(v1)
+    assert torch.equal(back.bitmap, c.bitmap) and torch.equal(back.offsets, c.offsets)
+    assert torch.equal(bitmap.decompress(back), w)
+
+
+@pytest.mark.parametrize("m", [1, 2, 16])
+def test_offsets_are_per_tile_row_and_every_path_is_exact(m):
+    """Offsets index each tile row's first value; the one-row (multiply-add) and tl.dot paths agree with the
+    reference on an irregular shape that leaves partial tiles on both axes."""
+    w = sparse((29, 97), 0.3, torch.float32, seed=m)
+    c = bitmap.compress(w)
+    tn, tk = c.tile
+    rows = torch.nn.functional.pad(w, (0, -97 % tk, 0, -29 % tn)) != 0
+    per_row = rows.reshape(c.tiles[0], tn, c.tiles[1], tk).transpose(1, 2).sum(-1).flatten()
+    assert c.offsets.tolist() == [0, *per_row.cumsum(0).tolist()]
+    x = torch.randn(m, 97)
+    assert bitmap.launch_plan(m, c.tiles, None).use_dot == (m > 1)
+    torch.testing.assert_close(bitmap.triton_matmul(x, c), bitmap.reference_matmul(x, c), rtol=1e-5, atol=1e-5)

@@ -229,3 +229,25 @@ def test_cuda_config_pruning():
         else:
             assert any(c.kwargs["SPLIT_K"] > 1 for c in kept)
     assert all(c.kwargs["BLOCK_K"] >= 16 for c in nm._prune(configs, {"M_BUCKET": 4}, MM_P2=16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m,shape", [(2, 4, (37, 300)), (4, 8, (19, 136)), (1, 4, (5, 12)), (2, 8, (21, 88))])
+def test_decode_kernel_gathers_x_by_index(n, m, shape, dtype):
+    """Decode-sized M (<= DECODE_MAX_M rows, one program for all) runs the per-stored-value kernel (x gathered at
+    each value's column): exact against the reference on rows and steps that end part way, with a split K reduced
+    in the launch, a bias, and a strided x."""
+    w = nm_weight(*shape, n, m, dtype, seed=n + m)
+    c = nm.compress(w, n, m)
+    assert nm.decodes(nm.DECODE_MAX_M, n, c.bits) and not nm.decodes(nm.DECODE_MAX_M + 1, n, c.bits)
+    bias = torch.randn(shape[0]).to(dtype)
+    for rows in (1, 3, nm.DECODE_MAX_M):  # 3: a padded row in the (4-row) block
+        x = torch.randn(rows, shape[1]).to(dtype)
+        expect = nm.reference_matmul(x, c, bias)
+        close(nm.triton_matmul(x, c, bias), expect)
+        split = nm._decode(x, c, bias, split_k=3)
+        assert torch.equal(split, nm._decode(x, c, bias, split_k=3))
+        close(split, expect)
+    xt = torch.randn(shape[1], 2).to(dtype).T  # strided rows of x
+    close(nm.triton_matmul(xt, c), nm.reference_matmul(xt, c))
+    assert not nm.decodes(1, 3, nm.index_bits(8))  # n = 3: not an arange of entries; the tl.dot kernel runs it

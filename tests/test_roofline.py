@@ -32,10 +32,10 @@ TINY_PROFILE = ProfileConfig(name="h100", decode_batches=[1], decode_context=64,
     "label, per_element",
     [
         # Bitmap: the values kept per row of 4096 (50%: 2048, 70%: 4096 - round(2867.2), 90%: 4096 - round(3686.4)),
-        # one bit per element, an int32 offset per 16x64 tile (+1): 4096x4096 has 16384 tiles.
-        ("unstructured50", 2048 / 4096 * 2 + 1 / 8 + 4 * (16384 + 1) / 4096**2),
-        ("unstructured70", 1229 / 4096 * 2 + 1 / 8 + 4 * (16384 + 1) / 4096**2),
-        ("unstructured90", 410 / 4096 * 2 + 1 / 8 + 4 * (16384 + 1) / 4096**2),
+        # one bit per element, an int32 offset per row of each 16x64 tile (+1): 4096x4096 has 16384 tiles.
+        ("unstructured50", 2048 / 4096 * 2 + 1 / 8 + 4 * (16384 * 16 + 1) / 4096**2),
+        ("unstructured70", 1229 / 4096 * 2 + 1 / 8 + 4 * (16384 * 16 + 1) / 4096**2),
+        ("unstructured90", 410 / 4096 * 2 + 1 / 8 + 4 * (16384 * 16 + 1) / 4096**2),
         ("2:4", (2 * 2 + 2 * 2 / 8) / 4),  # per group of 4: two values, two 2-bit indices
         ("4:8", (4 * 2 + 4 * 4 / 8) / 8),  # per group of 8: four values, four 4-bit indices (3 bits round up to 4)
         # BSR: half the 16x16 blocks with an int32 column index each, int32 row pointers per block row (+1).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +213,27 @@ def test_mixed_search_exports_and_verifies_a_sparse_model(tmp_path, monkeypatch)
     assert all(len(u["kept_fraction"]) == len(u["options"]) for u in problem["units"])
     reloaded, _, _ = load_pruned(tmp_path / "run")
     assert any(isinstance(m, SparseLinear) for m in reloaded.modules())
+    _version_1_bitmap_export_still_loads(tmp_path / "run", reloaded)
+
+
+def _version_1_bitmap_export_still_loads(run: Path, reloaded: torch.nn.Module) -> None:
+    """An export written with bitmap format version 1 (row-major words, one offset per tile) reloads, converted,
+    and computes the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    from allocator.model.export import WEIGHTS_FILE
+
+    state = load_file(run / WEIGHTS_FILE)
+    converted = 0
+    for key in [k for k in state if k.endswith(".weight_bitmap")]:
+        prefix = key[: -len("weight_bitmap")]
+        bitmap, offsets = state[key], state[prefix + "weight_offsets"]
+        state[key] = bitmap.transpose(2, 3).contiguous()
+        state[prefix + "weight_offsets"] = torch.cat([offsets[:-1:bitmap.shape[3]], offsets[-1:]])
+        converted += 1
+    assert converted
+    save_file(state, run / WEIGHTS_FILE)
+    old, _, _ = load_pruned(run)
+    tokens = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(old(tokens).logits, reloaded(tokens).logits)

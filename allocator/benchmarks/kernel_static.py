@@ -2,9 +2,9 @@
 
 For each kernel (bitmap, N:M 2:4 and 4:8, BSR 16x16), weight shape (N, K) = (out, in) and M (rows of x) it takes the
 launch the op would make on that device — the kernel module's own `launch_plan` / `kernel_arguments` (bitmap, its
-split-K from the device's SM count) or every config the CUDA autotuner would time (`candidate_configs`, N:M and BSR)
-— binds it with Triton's own JIT specialisation (pointer alignment, ints equal to 1 or divisible by 16), compiles it
-with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` and disassembles the cubin with the
+split-K from the device's SM count; N:M at decode, its `decode_plan`) or every config the CUDA autotuner would time
+(`candidate_configs`, N:M and BSR) — binds it with Triton's own JIT specialisation (pointer alignment, ints equal to 1
+or divisible by 16), compiles it with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` and disassembles the cubin with the
 `cuobjdump` shipped in the Triton wheel (profilers.sass).
 
 Per variant it reports the hot loop (found by its backward branch) and its instructions per dense weight element:
@@ -48,7 +48,7 @@ from profilers.devices import DEVICES, ISSUE_RATE, DeviceSpec
 
 DTYPE = torch.bfloat16
 SHAPES: dict[str, tuple[int, int]] = {"4096x14336": (4096, 14336), "4096x4096": (4096, 4096)}  # (N out, K in)
-MS = (1, 16, 256)  # decode (bitmap's M <= 4 multiply-reduce), the smallest tl.dot M, a prefill M
+MS = (1, 16, 256)  # decode (bitmap's one-warp decode kernel), the smallest tl.dot M, a prefill M
 ARCH_DEVICE = {90: "h200", 80: "a100"}  # whose rates an arch's predictions use
 VARIANTS = ("bitmap50", "bitmap70", "bitmap90", "nm2:4", "nm4:8", "bsr16x16-70")
 OUT_DIR = Path("runs/bench/kernels/static")
@@ -97,24 +97,31 @@ class Launch:
 def _bitmap_launch(n: int, k: int, m: int, sms: int) -> list[Launch]:
     tn, tk = bitmap.DEFAULT_TILE
     tiles = (-(-n // tn), -(-k // tk))
-    w = bitmap.BitmapWeight((n, k), _meta(*tiles, tn, tk // 32, dtype=torch.int32),
-                            _meta(tiles[0] * tiles[1] + 1, dtype=torch.int32), _meta(n * k // 2))
+    w = bitmap.BitmapWeight((n, k), _meta(*tiles, tk // 32, tn, dtype=torch.int32),
+                            _meta(tiles[0] * tiles[1] * tn + 1, dtype=torch.int32), _meta(n * k // 2))
     plan = bitmap.launch_plan(m, tiles, sms)
     x2 = _meta(m, k)
     args, constexprs = bitmap.kernel_arguments(x2, w, None, bitmap.buffers(plan, m, n, DTYPE, "meta"), plan)
     grid_m = plan.grid[0]
     # Every program walks its split's tiles of one tile row: each (M block, tile) pair once.
-    return [Launch(bitmap._bitmap_matmul_kernel, args, constexprs, plan.num_warps, None,
+    return [Launch(plan.kernel, args, constexprs, plan.num_warps, None,
                    grid_m * tiles[0] * plan.split, grid_m * tiles[0] * tiles[1],
                    {"BLOCK_M": plan.block_m, "TILE": [tn, tk], "SPLIT_K": plan.split}, plan.split)]
 
 
-def _nm_launches(n: int, k: int, m: int, pattern: SparsityPattern) -> list[Launch]:
+def _nm_launches(n: int, k: int, m: int, pattern: SparsityPattern, sms: int) -> list[Launch]:
     bits = nm.index_bits(pattern.m)
     entries = k // pattern.m * pattern.n
     w = nm.NMWeight((n, k), pattern.n, pattern.m, _meta(n, entries), _meta(n, nm.packed_cols(entries, bits),
                                                                            dtype=torch.uint8))
     x2 = _meta(m, k)
+    if nm.decodes(m, pattern.n, bits):  # what triton_matmul runs at decode: one fixed launch, no autotuning
+        plan = nm.decode_plan(m, n, k, pattern.m, sms)
+        args, meta = nm.decode_arguments(x2, w, None, *nm.decode_buffers(plan, m, n, DTYPE, "meta"), plan)
+        steps = -(-(k // pattern.m) // plan.block_g)
+        return [Launch(nm._nm_decode_kernel, args, meta, plan.num_warps, None, plan.grid[1] * plan.split,
+                       plan.grid[1] * steps, {"BLOCK_M": plan.block_m, "BLOCK_N": nm.DECODE_BLOCK_N,
+                                              "SPLIT_K": plan.split}, plan.split)]
     args, meta = nm.kernel_arguments(x2, w, None, *nm.buffers(m, n, DTYPE, "meta", None))
     launches = []
     for config in nm.candidate_configs(m, pattern.m):
@@ -232,7 +239,7 @@ def run(variants: list[str], shapes: list[str], ms: list[int], arch: int, workdi
                     launches = _bitmap_launch(n, k, m, ISSUE_RATE[device.key][0])
                 elif variant.fmt == "nm":
                     key = ("nm", variant.pattern.n, variant.pattern.m, n, k, m)
-                    launches = _nm_launches(n, k, m, variant.pattern)
+                    launches = _nm_launches(n, k, m, variant.pattern, ISSUE_RATE[device.key][0])
                 else:
                     key = ("bsr", variant.pattern.label, n, k, m)
                     launches = _bsr_launches(n, k, m, variant.pattern)

@@ -214,9 +214,13 @@ def _clone(w: object) -> object:
 
 def fixed_config(fmt: str, params: dict, m: int) -> dict | None:
     """The config a fixed-config run launches N:M or BSR with at m rows of x: the first of the CUDA autotuner's
-    candidates (tiles, split, warps, stages); None for bitmap, which does not autotune."""
+    candidates (tiles, split, warps, stages); None for bitmap and for N:M at decode (its decode kernel, which the
+    op runs there, has one fixed launch and no autotuning)."""
     if fmt == "nm":
-        config = _kernel_module("nm").candidate_configs(m, params["m"])[0]
+        nm = _kernel_module("nm")
+        if nm.decodes(m, params["n"], nm.index_bits(params["m"])):
+            return None
+        config = nm.candidate_configs(m, params["m"])[0]
     elif fmt == "bsr":
         config = _kernel_module("bsr").candidate_configs(m, params["block"])[0]
     else:
@@ -283,7 +287,8 @@ def build_variant(spec: Spec, base: torch.Tensor, l2_bytes: int, fixed_configs: 
         if fixed_configs and fmt in ("nm", "bsr"):
             def call(x: torch.Tensor, w: object, module: ModuleType = module, fmt: str = fmt,
                      params: dict = params) -> torch.Tensor:
-                return module.triton_matmul(x, w, config=fixed_config(fmt, params, x.numel() // x.shape[-1]))
+                config = fixed_config(fmt, params, x.numel() // x.shape[-1])
+                return module.triton_matmul(x, w) if config is None else module.triton_matmul(x, w, config=config)
 
         def make() -> object:
             return _clone(first)

@@ -55,8 +55,9 @@ def build_deployable(dense: nn.Module, shape: ModelShape, allocation: dict[str, 
 
 
 def load_sparse_units(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """For a reloaded checkpoint: build the sparse units' SparseLinear modules from their stored tensors (they
-    stay in `state`, whose load then assigns the same tensors)."""
+    """For a reloaded checkpoint: build the sparse units' SparseLinear modules from their stored tensors and put
+    the modules' own tensors back into `state`, whose load then assigns them (the same tensors, or a format's
+    older layout converted on load: bitmap version 1)."""
     layers = decoder_layers(model)
     for layer, kind, _pattern in sparse_units(model):
         block = getattr(layers[layer], BLOCK_ATTRIBUTE[kind])
@@ -65,4 +66,6 @@ def load_sparse_units(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             tensors = {key[len(prefix):]: t for key, t in state.items() if key.startswith(prefix)}
             if not tensors:
                 raise ValueError(f"checkpoint has no tensors for sparse linear {prefix[:-1]}")
-            setattr(block, name, SparseLinear.from_state_dict(tensors))
+            module = SparseLinear.from_state_dict(tensors)
+            setattr(block, name, module)
+            state.update({prefix + key: t for key, t in module.state_dict().items()})
