@@ -186,7 +186,7 @@ def profile_cpu(
         regime = by_name[name]
         log.info("measuring regime %s (batch %d, length %d)", regime.name, regime.batch, regime.length)
         return measure_checked(name, lambda: measure_regime(dense, space, regime, cfg), forward_call(dense, regime),
-                               torch.get_num_threads(), cfg.retries, cfg.allow_unstable)
+                               torch.get_num_threads(), cfg.retries, cfg.allow_unstable, cfg.quiet_wait_s)
 
     args = (cfg.name, cache_dir, fingerprint, asdict(space.shape), space.options, settings, list(by_name), measure)
     table, path = load_or_measure(*args, cfg.refresh, first_regime, on_regime)
