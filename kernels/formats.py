@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from kernels import bitmap, bsr, nm
+from kernels import bitmap, bsr, csr8, nm
 from kernels.compressed import CompressedWeight
 
-FORMATS: dict[str, ModuleType] = {"bitmap": bitmap, "nm": nm, "bsr": bsr}
+FORMATS: dict[str, ModuleType] = {"bitmap": bitmap, "nm": nm, "bsr": bsr, "csr8": csr8}
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ SPECS: dict[str, FormatSpec] = {
     "bitmap": FormatSpec(1, bitmap.BitmapWeight, ("shape",), bitmap.BitmapWeight.from_tensors),
     "nm": FormatSpec(2, nm.NMWeight, ("shape", "nm"), nm.NMWeight.from_tensors),
     "bsr": FormatSpec(3, bsr.BSRWeight, ("shape", "block"), _build_bsr),
+    "csr8": FormatSpec(4, csr8.CSR8Weight, ("shape",), csr8.CSR8Weight.from_tensors),
 }
 
 

@@ -75,6 +75,17 @@ def hot_loop(instructions: list[Instruction]) -> Loop | None:
     return Loop(start, end, body, len(backward))
 
 
+def inner_loop(instructions: list[Instruction], outer: Loop) -> Loop | None:
+    """The widest loop strictly inside `outer` (a loop nested in the hot loop, e.g. a data-dependent walk per
+    outer trip), or None."""
+    inside = [(i.branch_target, i.address) for i in instructions
+              if i.branch_target is not None and outer.start <= i.branch_target < i.address < outer.end]
+    if not inside:
+        return None
+    start, end = max(inside, key=lambda r: r[1] - r[0])
+    return Loop(start, end, tuple(i for i in instructions if start <= i.address <= end), outer.backward_branches)
+
+
 def census(instructions: list[Instruction] | tuple[Instruction, ...]) -> dict[str, int]:
     """Instruction counts by kind: total, barriers, shuffles, shared-memory ops, global loads / stores, and the
     opcodes that mark cp.async, TMA and wgmma."""

@@ -11,7 +11,13 @@ from safetensors.torch import load_file
 
 from allocator.core import memory
 from allocator.core.config import SpaceConfig
-from allocator.core.formats import FORMATS, export_format, linear_work, stored_bytes
+from allocator.core.formats import (
+    ALTERNATIVES,
+    FORMATS,
+    export_format,
+    linear_work,
+    stored_bytes,
+)
 from allocator.core.patterns import KINDS, SparsityPattern, kept_count, select_mask
 from allocator.core.space import ATTN, build_space
 from allocator.model.export import WEIGHTS_FILE, export_checkpoint
@@ -43,20 +49,27 @@ def pruned(pattern: SparsityPattern, rows: int, cols: int, dtype: torch.dtype, s
 
 def test_every_pattern_kind_has_one_export_format():
     assert set(FORMATS) == set(KINDS)
-    assert {entry.format for entry in FORMATS.values()} == set(kernel_formats.FORMATS)
+    exported = {entry.format for entry in FORMATS.values()}
+    alternatives = {fmt for others in ALTERNATIVES.values() for fmt in others}
+    # Every kernel format is either a kind's export format or an alternative one (priced on request), not both.
+    assert exported | alternatives == set(kernel_formats.FORMATS) and not exported & alternatives
+    assert export_format(SparsityPattern.parse("unstructured70"), "csr8") == ("csr8", {})
+    with pytest.raises(ValueError, match="cannot store nm patterns; valid: nm"):
+        export_format(SparsityPattern.parse("2:4"), "csr8")
 
 
 @pytest.mark.parametrize("label, shape", CASES)
 def test_stored_bytes_equal_the_compressed_weight(label, shape):
     pattern = SparsityPattern.parse(label)
     rows, cols = shape
-    fmt, params = export_format(pattern)
-    for seed, dtype in enumerate(DTYPES):
-        module = SparseLinear.from_dense(pruned(pattern, rows, cols, dtype, seed), None, fmt, **params)
-        assert stored_bytes(pattern, rows, cols, dtype) == module.weight_nbytes
-        work = linear_work(pattern, 3, rows, cols, dtype)
-        assert work.weight_bytes == module.weight_nbytes
-        assert work.activation_bytes == 3 * (rows + cols) * dtype.itemsize
+    for alternative in (None, *ALTERNATIVES.get(pattern.kind, {})):  # the export format, then the others
+        fmt, params = export_format(pattern, alternative)
+        for seed, dtype in enumerate(DTYPES):
+            module = SparseLinear.from_dense(pruned(pattern, rows, cols, dtype, seed), None, fmt, **params)
+            assert stored_bytes(pattern, rows, cols, dtype, alternative) == module.weight_nbytes
+            work = linear_work(pattern, 3, rows, cols, dtype, alternative)
+            assert work.weight_bytes == module.weight_nbytes
+            assert work.activation_bytes == 3 * (rows + cols) * dtype.itemsize
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -71,6 +84,7 @@ def test_layouts_count_any_stored_set(seed):
         w = dense.to(dtype)
         nnz = int((w != 0).sum())
         assert kernel_formats.stored_nbytes("bitmap", (rows, cols), nnz, dtype) == kernel_formats.compress("bitmap", w).nbytes
+        assert kernel_formats.stored_nbytes("csr8", (rows, cols), nnz, dtype) == kernel_formats.compress("csr8", w).nbytes
         for tile in ((32, 32), (16, 128)):
             got = kernel_formats.stored_nbytes("bitmap", (rows, cols), nnz, dtype, tile=tile)
             assert got == kernel_formats.compress("bitmap", w, tile=tile).nbytes
@@ -99,11 +113,14 @@ def test_layout_counts_refuse_what_the_format_cannot_hold():
 
 
 def test_kernel_flops_follow_what_each_kernel_multiplies():
-    """Bitmap multiplies its padded tiles, N:M its groups widened to a power of two, BSR its stored blocks."""
+    """Bitmap multiplies its padded tiles, CSR8 its entries, N:M its groups widened to a power of two, BSR its stored blocks."""
     m = 5
     dense = linear_work(None, m, 40, 96, torch.bfloat16)
     assert dense.flops == 2 * m * 40 * 96 and dense.weight_bytes == 2 * 40 * 96
     assert linear_work(SparsityPattern.parse("unstructured70"), m, 40, 96, torch.bfloat16).flops == 2 * m * 48 * 128
+    # CSR8 multiplies its stored values and at most 3 padding entries per (row, 256-column segment).
+    csr8_work = linear_work(SparsityPattern.parse("unstructured70"), m, 40, 300, torch.bfloat16, "csr8")
+    assert csr8_work.flops == 2 * m * (kept_count(SparsityPattern.parse("unstructured70"), 40, 300) + 3 * 40 * 2)
     assert linear_work(SparsityPattern.parse("2:4"), m, 40, 96, torch.bfloat16).flops == dense.flops
     assert linear_work(SparsityPattern.parse("2:3"), m, 40, 96, torch.bfloat16).flops == 2 * m * 40 * 32 * 4
     block = SparsityPattern.parse("block16x16-50")

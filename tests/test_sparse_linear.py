@@ -24,6 +24,7 @@ CASES = [
     ("bitmap", {"tile": (16, 32)}, (5, 129)),
     ("nm", {"n": 2, "m": 4}, (37, 52)),
     ("bsr", {"block": (16, 16)}, (48, 80)),
+    ("csr8", {}, (37, 300)),
 ]
 
 
@@ -131,11 +132,11 @@ def test_extra_repr_and_properties():
 
 
 def test_registry():
-    assert set(formats.FORMATS) == {"bitmap", "nm", "bsr"}
+    assert set(formats.FORMATS) == {"bitmap", "nm", "bsr", "csr8"}
     w = sparse_weight("nm", {}, (8, 16), torch.float32)
     c = formats.compress("nm", w, n=2, m=4)
     assert torch.equal(formats.decompress("nm", c), w)
-    with pytest.raises(ValueError, match="bitmap, bsr, nm"):
+    with pytest.raises(ValueError, match="bitmap, bsr, csr8, nm"):
         formats.compress("csr", w)
     with pytest.raises(ValueError, match="csr"):
         SparseLinear.from_dense(w, None, "csr")

@@ -9,7 +9,10 @@ or divisible by 16), compiles it with `triton.compile(ASTSource(...), target=GPU
 
 Per variant it reports the hot loop (found by its backward branch) and its instructions per dense weight element:
 loop-body instructions x loop trips (from the launch: tiles, steps or block groups per program) x warps, over all
-programs, plus the code outside the loop once per program and warp, divided by N * K; the loop's barriers (BAR),
+programs, plus the code outside the loop once per program and warp, divided by N * K. CSR8 (kernels.csr8) has a
+data-dependent loop nested in its hot loop (a row group's entries in one segment, to its longest row): its body
+counts once per expected trip, for a uniformly random pattern of the variant's density (each row segment's stored
+count binomial; `csr8_inner_trips`), the rest of the hot loop once per segment; the loop's barriers (BAR),
 shuffles (SHFL) and shared-memory operations (LDS / STS / LDSM); registers and spills (cuobjdump -res-usage); whether
 cp.async (LDGSTS), TMA (UTMALDG) or wgmma (HGMMA) appear. From the device registry (profilers.devices):
   issue-bound time  = warp-instructions / (SMs x 4 schedulers x clock),
@@ -42,7 +45,7 @@ import triton
 from allocator.core.atomic_io import write_json_atomic
 from allocator.core.formats import linear_work
 from allocator.core.patterns import SparsityPattern, kept_count
-from kernels import bitmap, bsr, nm
+from kernels import bitmap, bsr, csr8, nm
 from profilers import sass
 from profilers.devices import DEVICES, ISSUE_RATE, DeviceSpec
 
@@ -50,7 +53,7 @@ DTYPE = torch.bfloat16
 SHAPES: dict[str, tuple[int, int]] = {"4096x14336": (4096, 14336), "4096x4096": (4096, 4096)}  # (N out, K in)
 MS = (1, 16, 256)  # decode (bitmap's one-warp decode kernel), the smallest tl.dot M, a prefill M
 ARCH_DEVICE = {90: "h200", 80: "a100"}  # whose rates an arch's predictions use
-VARIANTS = ("bitmap50", "bitmap70", "bitmap90", "nm2:4", "nm4:8", "bsr16x16-70")
+VARIANTS = ("bitmap50", "bitmap70", "bitmap90", "csr8-50", "csr8-70", "csr8-90", "nm2:4", "nm4:8", "bsr16x16-70")
 OUT_DIR = Path("runs/bench/kernels/static")
 SASS_CACHE = Path("runs/cache/sass")  # disassemblies by cubin hash; Triton caches the compiles (~/.triton/cache)
 SCHEDULERS_PER_SM = 4
@@ -66,12 +69,14 @@ class Variant:
     def parse(cls, name: str) -> Variant:
         if name.startswith("bitmap"):
             return cls(name, "bitmap", SparsityPattern("unstructured", int(name[6:]) / 100))
+        if name.startswith("csr8-"):
+            return cls(name, "csr8", SparsityPattern("unstructured", int(name[5:]) / 100))
         if name.startswith("nm"):
             return cls(name, "nm", SparsityPattern.parse(name[2:]))
         if name.startswith("bsr"):
             return cls(name, "bsr", SparsityPattern.parse("block" + name[3:]))
         raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)} (or bitmap<pct>, "
-                         "nm<n>:<m>, bsr<r>x<c>-<pct>)")
+                         "csr8-<pct>, nm<n>:<m>, bsr<r>x<c>-<pct>)")
 
 
 def _meta(*shape: int, dtype: torch.dtype = DTYPE) -> torch.Tensor:
@@ -92,6 +97,7 @@ class Launch:
     trips: int
     config: dict
     split_k: int
+    inner_trips: float | None = None  # trips of a loop nested in the hot loop, over all programs (csr8)
 
 
 def _bitmap_launch(n: int, k: int, m: int, sms: int) -> list[Launch]:
@@ -107,6 +113,43 @@ def _bitmap_launch(n: int, k: int, m: int, sms: int) -> list[Launch]:
     return [Launch(plan.kernel, args, constexprs, plan.num_warps, None,
                    grid_m * tiles[0] * plan.split, grid_m * tiles[0] * tiles[1],
                    {"BLOCK_M": plan.block_m, "TILE": [tn, tk], "SPLIT_K": plan.split}, plan.split)]
+
+
+def csr8_inner_trips(n: int, k: int, density: float) -> float:
+    """Expected trips of csr8's entry loop over all programs (one row of x): per row group and segment, the most
+    VEC-entry chunks any of its rows holds, each row's stored count in a segment binomial(segment width, density)
+    (a uniformly random pattern)."""
+    total = 0.0
+    widths = [min(csr8.SEG, k - s) for s in range(0, k, csr8.SEG)]
+    groups = [min(csr8.ROWS, n - r) for r in range(0, n, csr8.ROWS)]
+    for width in set(widths):
+        counts = torch.arange(width + 1, dtype=torch.float64)
+        d = torch.tensor(density, dtype=torch.float64)
+        log_pmf = (torch.lgamma(torch.tensor(width + 1.0, dtype=torch.float64)) - torch.lgamma(counts + 1)
+                   - torch.lgamma(width - counts + 1) + torch.xlogy(counts, d) + torch.xlogy(width - counts, 1 - d))
+        chunks = torch.div(counts + csr8.VEC - 1, csr8.VEC, rounding_mode="floor")
+        cdf = torch.zeros(int(chunks.max()) + 1, dtype=torch.float64).index_add_(0, chunks.long(), log_pmf.exp())
+        cdf = cdf.cumsum(0).clamp(max=1.0)
+        for rows in set(groups):
+            expected_max = (1 - cdf[:-1] ** rows).sum().item()  # E[max] = sum over t >= 1 of P(max >= t)
+            total += expected_max * widths.count(width) * groups.count(rows)
+    return total
+
+
+def _csr8_launch(n: int, k: int, m: int, density: float, sms: int) -> list[Launch]:
+    segs = -(-k // csr8.SEG)
+    kept = round(n * k * density)
+    capacity = csr8.dot_elements((n, k), kept)
+    w = csr8.CSR8Weight((n, k), _meta(n * segs + 1, dtype=torch.int32), _meta(capacity, dtype=torch.uint8),
+                        _meta(capacity))
+    plan = csr8.launch_plan(m, n, k, sms)
+    args, constexprs = csr8.kernel_arguments(_meta(m, k), w, None, csr8.buffers(plan, m, n, DTYPE, "meta"), plan)
+    grid_m, groups = plan.grid[0], plan.grid[1]
+    # Each program walks its split's segments of one row group (each (M block, group, segment) once); per segment
+    # the entry loop runs to the group's longest row.
+    return [Launch(plan.kernel, args, constexprs, plan.num_warps, None, grid_m * groups * plan.split,
+                   grid_m * groups * segs, {"BLOCK_M": plan.block_m, "SPLIT_K": plan.split}, plan.split,
+                   grid_m * csr8_inner_trips(n, k, density))]
 
 
 def _nm_launches(n: int, k: int, m: int, pattern: SparsityPattern, sms: int) -> list[Launch]:
@@ -184,6 +227,15 @@ def analyse(launch: Launch, arch: int, workdir: Path) -> dict:
     usage = sass.resource_usage(cubin, workdir)
     outside = whole["instructions"] - body["instructions"]
     warp_instructions = launch.num_warps * (body["instructions"] * launch.trips + outside * launch.programs)
+    nested = {}
+    if launch.inner_trips is not None:
+        inner = sass.inner_loop(listing, loop)
+        if inner is None:
+            raise RuntimeError(f"{kernel.metadata.name}: no loop nested in its hot loop to count the inner trips of")
+        size = len(inner.body)
+        warp_instructions = launch.num_warps * ((body["instructions"] - size) * launch.trips
+                                                + size * launch.inner_trips + outside * launch.programs)
+        nested = {"inner_loop": sass.census(inner.body), "inner_trips_all_programs": launch.inner_trips}
     return {
         "kernel": kernel.metadata.name,
         "config": launch.config,
@@ -200,12 +252,13 @@ def analyse(launch: Launch, arch: int, workdir: Path) -> dict:
         "spill_bytes": usage["stack"] + usage["local"],
         "shared_bytes": kernel.metadata.shared,
         "warp_instructions": warp_instructions,
+        **nested,
     }
 
 
 def predict(row: dict, variant: Variant, n: int, k: int, m: int, device: DeviceSpec) -> dict:
     """Issue-, bytes- and compute-bound times and the PREDICTED speedup over cuBLAS (see the module docstring)."""
-    work = linear_work(variant.pattern, m, n, k, DTYPE)
+    work = linear_work(variant.pattern, m, n, k, DTYPE, variant.fmt)
     dense = linear_work(None, m, n, k, DTYPE)
     partials = 2 * row["split_k"] * m * n * 4 if row["split_k"] > 1 else 0  # fp32 written, read back and summed
     sms, clock_hz = ISSUE_RATE[device.key]
@@ -237,6 +290,9 @@ def run(variants: list[str], shapes: list[str], ms: list[int], arch: int, workdi
                 if variant.fmt == "bitmap":
                     key = ("bitmap", n, k, m)
                     launches = _bitmap_launch(n, k, m, ISSUE_RATE[device.key][0])
+                elif variant.fmt == "csr8":  # the entry loop's trips depend on the density
+                    key = ("csr8", variant.pattern.sparsity, n, k, m)
+                    launches = _csr8_launch(n, k, m, 1 - variant.pattern.sparsity, ISSUE_RATE[device.key][0])
                 elif variant.fmt == "nm":
                     key = ("nm", variant.pattern.n, variant.pattern.m, n, k, m)
                     launches = _nm_launches(n, k, m, variant.pattern, ISSUE_RATE[device.key][0])
@@ -251,12 +307,20 @@ def run(variants: list[str], shapes: list[str], ms: list[int], arch: int, workdi
                 rows.append({
                     "variant": name, "format": variant.fmt, "pattern": variant.pattern.label, "shape": [n, k], "m": m,
                     "dtype": "bfloat16", "candidates_compiled": len(candidates),
-                    "loop_instructions_per_element": best["loop"]["instructions"] * best["num_warps"]
-                    * best["loop_trips_all_programs"] / (n * k),
+                    "loop_instructions_per_element": loop_instructions(best) / (n * k),
                     "instructions_per_element": best["warp_instructions"] / (n * k),
                     **best,
                 })
     return rows
+
+
+def loop_instructions(row: dict) -> float:
+    """Warp-instructions the hot loop issues over all programs (its nested loop at its expected trips)."""
+    body = row["loop"]["instructions"] * row["loop_trips_all_programs"]
+    if "inner_loop" in row:
+        size = row["inner_loop"]["instructions"]
+        body += size * (row["inner_trips_all_programs"] - row["loop_trips_all_programs"])
+    return body * row["num_warps"]
 
 
 _ABBR = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "GROUP": "g", "SPLIT_K": "s"}

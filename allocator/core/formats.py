@@ -34,6 +34,10 @@ FORMATS: dict[str, ExportFormat] = {
     "block": ExportFormat("bsr", lambda p: {"block": p.block}),
 }
 assert set(FORMATS) == set(KINDS), "every pattern kind needs its export format"
+# Other kernel formats that can store a pattern kind, priced on request (`fmt=`) but not exported: csr8 gives
+# unstructured patterns per-stored-value decode work (kernels/csr8.py), while bitmap, the export format, keeps the
+# tensor-core path prefill needs.
+ALTERNATIVES: dict[str, dict[str, ExportFormat]] = {"unstructured": {"csr8": ExportFormat("csr8", lambda p: {})}}
 
 
 @dataclass(frozen=True)
@@ -49,27 +53,37 @@ class KernelWork:
         return self.weight_bytes + self.activation_bytes
 
 
-def export_format(pattern: SparsityPattern) -> tuple[str, dict]:
-    """(kernel format, its compress parameters) a pattern is stored and run in."""
+def export_format(pattern: SparsityPattern, fmt: str | None = None) -> tuple[str, dict]:
+    """(kernel format, its compress parameters) a pattern is stored and run in: its export format, or `fmt`, one of
+    the pattern kind's ALTERNATIVES."""
     entry = FORMATS[pattern.kind]
+    if fmt is not None and fmt != entry.format:
+        others = ALTERNATIVES.get(pattern.kind, {})
+        if fmt not in others:
+            raise ValueError(f"format {fmt!r} cannot store {pattern.kind} patterns; valid: "
+                             f"{', '.join([entry.format, *others])}")
+        entry = others[fmt]
     return entry.format, entry.params(pattern)
 
 
-def stored_bytes(pattern: SparsityPattern, rows: int, cols: int, dtype: torch.dtype) -> int:
-    """Bytes one (rows, cols) linear pruned to `pattern` stores in its export format (SparseLinear.weight_nbytes)."""
-    fmt, params = export_format(pattern)
+def stored_bytes(pattern: SparsityPattern, rows: int, cols: int, dtype: torch.dtype, fmt: str | None = None) -> int:
+    """Bytes one (rows, cols) linear pruned to `pattern` stores in its export format, or in `fmt`
+    (SparseLinear.weight_nbytes)."""
+    fmt, params = export_format(pattern, fmt)
     return kernel_formats.stored_nbytes(fmt, (rows, cols), kept_count(pattern, rows, cols), dtype, **params)
 
 
-def linear_work(pattern: SparsityPattern | None, m: int, rows: int, cols: int, dtype: torch.dtype) -> KernelWork:
+def linear_work(
+    pattern: SparsityPattern | None, m: int, rows: int, cols: int, dtype: torch.dtype, fmt: str | None = None
+) -> KernelWork:
     """One call of a (rows, cols) linear on m rows of x: dense (`pattern` None, a GEMM over every element) or
-    stored and run as `pattern` is exported."""
+    stored and run as `pattern` is exported (or in `fmt`, one of its kind's ALTERNATIVES)."""
     activations = dtype.itemsize * m * (rows + cols)
     if pattern is None:
         return KernelWork(dtype.itemsize * rows * cols, activations, 2 * m * rows * cols)
-    fmt, params = export_format(pattern)
+    fmt, params = export_format(pattern, fmt)
     multiplied = kernel_formats.dot_elements(fmt, (rows, cols), kept_count(pattern, rows, cols), **params)
-    return KernelWork(stored_bytes(pattern, rows, cols, dtype), activations, 2 * m * multiplied)
+    return KernelWork(stored_bytes(pattern, rows, cols, dtype, fmt), activations, 2 * m * multiplied)
 
 
 def sparse_unit_bytes(shape: ModelShape, kind: str, pattern: SparsityPattern, dtype_bytes: int) -> int:
