@@ -2,7 +2,9 @@
 
 The structured options of the search space need no custom kernel: pruned layers are smaller dense matrices
 that run on the stock GEMMs. The unstructured and N:M options store their weights in a sparse format:
-  - kernels.bitmap: one bit per element plus the packed non-zeros (unstructured sparsity),
+  - kernels.bitmap: one bit per element plus the packed non-zeros (unstructured sparsity; the export format),
+  - kernels.csr8:   each non-zero with a one-byte in-segment column (unstructured; a decode kernel whose work
+                    follows the stored values, an alternative format the export does not choose yet),
   - kernels.nm:     N:M (e.g. 2:4) values and packed in-group indices,
   - kernels.bsr:    block-sparse rows (only blocks holding a non-zero are stored).
 Each format module has compress / decompress, reference_matmul (torch) and triton_matmul (Triton), and a weight

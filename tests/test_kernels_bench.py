@@ -62,7 +62,7 @@ def test_variants_settings_and_names():
     specs = kb.variant_specs(kb.SPARSITIES)
     assert specs[0].kernel == kb.BASELINE
     assert {s.sparsity for s in specs if s.fmt == "2:4"} == {0.5}
-    assert {s.sparsity for s in specs if s.fmt in ("bitmap", "bsr")} == set(kb.SPARSITIES)
+    assert {s.sparsity for s in specs if s.fmt in ("bitmap", "csr8", "bsr")} == set(kb.SPARSITIES)
     assert len({s.label for s in specs}) == len(specs)
     assert not [s for s in kb.variant_specs((0.7,)) if s.fmt == "2:4"]
     full, quick = kb.settings(False), kb.settings(True)
@@ -109,9 +109,11 @@ def test_pruning_keeps_the_largest_weights_and_the_export_format():
         lowest_kept = torch.where(kept, a, torch.inf).min(1).values
         highest_pruned = torch.where(kept, -torch.inf, a).max(1).values
         assert (highest_pruned <= lowest_kept).all(), spec.label
-        fmt, params = export_format(spec.pattern)
-        assert fmt == {"2:4": "nm", "bitmap": "bitmap", "bsr": "bsr"}[spec.fmt], spec.label
-        assert params == {"2:4": {"n": 2, "m": 4}, "bitmap": {}, "bsr": {"block": spec.block}}[spec.fmt], spec.label
+        fmt, params = kb._export_format(spec)
+        assert fmt == {"2:4": "nm", "bitmap": "bitmap", "csr8": "csr8", "bsr": "bsr"}[spec.fmt], spec.label
+        assert params == {"2:4": {"n": 2, "m": 4}, "bitmap": {}, "csr8": {}, "bsr": {"block": spec.block}}[spec.fmt]
+        if spec.fmt != "csr8":  # csr8 is an alternative format, not the export's
+            assert (fmt, params) == export_format(spec.pattern), spec.label
 
 
 BLOCKED = ("hydra", "optuna", "deap", "transformers")
@@ -179,7 +181,8 @@ def test_bench_shape_bookkeeping_on_cpu():
     assert len(rows) == len(kb.variant_specs((0.5,)))
     for name in ("torch-2:4-cusparselt", "torch-2:4-cutlass"):
         assert by_kernel[name]["status"] == "skipped" and by_kernel[name]["reason"]
-    for name in ("cublas-dense", "triton-nm-2:4", "triton-bitmap", "triton-bsr-16x16", "triton-bsr-32x32"):
+    for name in ("cublas-dense", "triton-nm-2:4", "triton-bitmap", "triton-csr8", "triton-bsr-16x16",
+                 "triton-bsr-32x32"):
         row = by_kernel[name]
         assert row["status"] == "ok", row
         assert row["us"]["n"] == 2 and row["speedup_vs_cublas"]["n"] == 2 and row["copies"] == 1

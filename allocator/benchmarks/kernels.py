@@ -3,7 +3,8 @@
 Kernels, all fp16, y = x W^T for x (M, K) and W (N, K):
 - cublas-dense: F.linear on the pruned weight stored dense (the baseline every speedup is relative to);
 - torch-2:4-cusparselt / torch-2:4-cutlass: torch.sparse.to_sparse_semi_structured (sparse tensor cores), 50 % only;
-- triton-nm-2:4 (kernels.nm), triton-bitmap (kernels.bitmap), triton-bsr-16x16 / -32x32 (kernels.bsr);
+- triton-nm-2:4 (kernels.nm), triton-bitmap (kernels.bitmap), triton-csr8 (kernels.csr8: unstructured, per-stored-value
+  decode kernel), triton-bsr-16x16 / -32x32 (kernels.bsr);
 on Llama-3-8B's (4096x4096, 14336x4096, 4096x14336) and SmolLM2-135M's (576x576, 1536x576, 576x1536) weight
 shapes, M = 1 .. 1024, 50 / 70 / 90 % sparsity. Unsupported combinations are recorded with their reason.
 
@@ -74,7 +75,7 @@ BASELINE = "cublas-dense"
 @dataclass(frozen=True)
 class Spec:
     kernel: str  # name in the results
-    fmt: str  # "dense", "2:4", "bitmap", "bsr"
+    fmt: str  # "dense", "2:4", "bitmap", "csr8", "bsr"
     sparsity: float
     block: tuple[int, int] | None = None  # bsr only
 
@@ -125,7 +126,7 @@ def variant_specs(sparsities: tuple[float, ...]) -> list[Spec]:
         specs += [Spec("torch-2:4-cusparselt", "2:4", 0.5), Spec("torch-2:4-cutlass", "2:4", 0.5),
                   Spec("triton-nm-2:4", "2:4", 0.5)]
     for s in sparsities:
-        specs.append(Spec("triton-bitmap", "bitmap", s))
+        specs += [Spec("triton-bitmap", "bitmap", s), Spec("triton-csr8", "csr8", s)]
         specs += [Spec(f"triton-bsr-{b[0]}x{b[1]}", "bsr", s, b) for b in BSR_BLOCKS]
     return specs
 
@@ -201,11 +202,12 @@ def _kernel_module(name: str) -> ModuleType:
 
 
 def _export_format(spec: Spec) -> tuple[str, dict]:
-    """(kernel format, compress parameters) the export stores the spec's pattern in (allocator.core.formats)."""
+    """(kernel format, compress parameters) the export stores the spec's pattern in (allocator.core.formats), or
+    csr8, the alternative format for unstructured patterns."""
     from allocator.core.formats import export_format  # loads the kernels: only when a variant is built
 
     assert spec.pattern is not None
-    return export_format(spec.pattern)
+    return export_format(spec.pattern, "csr8" if spec.fmt == "csr8" else None)
 
 
 def _clone(w: object) -> object:
