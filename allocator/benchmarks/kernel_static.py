@@ -334,6 +334,8 @@ def table(rows: list[dict], arch: int) -> str:
     lines = [head]
     for r in rows:
         cfg = " ".join(f"{_ABBR[k]}{v}" for k, v in r["config"].items() if k in _ABBR) + f" w{r['num_warps']}"
+        if "inner_loop" in r:
+            cfg += f" in{r['inner_loop']['instructions']}x{r['inner_trips_all_programs'] / r['loop_trips_all_programs']:.1f}"
         feats = "".join(c for f, c in (("cp_async", "a"), ("tma", "t"), ("wgmma", "g")) if r["uses"][f])
         lines.append(
             f"{r['variant']:<12} {r['shape'][0]}x{r['shape'][1]:<6} {r['m']:>4} {cfg + (' ' + feats if feats else ''):<28}"
@@ -341,8 +343,9 @@ def table(rows: list[dict], arch: int) -> str:
             f" {r['registers']:>4} {r['spill_bytes']:>5} {r['instructions_per_element']:>7.3f}"
             f" {r['issue_bound_us']:>8.1f} {r['bytes_bound_us']:>8.1f} {r['cublas_roofline_us']:>9.1f}"
             f" {r['predicted_speedup_vs_cublas']:>6.2f}")
-    lines.append("cfg: m/n/k = BLOCK_M/N/K, g = GROUP, s = SPLIT_K, w = warps; a/t/g: cp.async / TMA / wgmma in the "
-                 "code; loop: instructions per warp per trip; inst/el: warp-instructions per dense weight element")
+    lines.append("cfg: m/n/k = BLOCK_M/N/K, g = GROUP, s = SPLIT_K, w = warps, in<i>x<t> = a nested loop of i instructions "
+                 "run t times per hot-loop trip (expected); a/t/g: cp.async / TMA / wgmma in the code; loop: instructions "
+                 "per warp per trip; inst/el: warp-instructions per dense weight element")
     return "\n".join(lines)
 
 
