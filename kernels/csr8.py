@@ -19,13 +19,15 @@ tail past offsets[-1] is zeros.
 Bytes per weight element at density d in bf16: 3 d + (3 * 3 + 4) / 256 ≈ 3 d + 0.05 (bitmap: 2 d + 0.19), so CSR8 stores
 more than bitmap above ~14% density; its point is the kernel's work, which falls with the number of stored values.
 
-Kernel (`_csr8_matmul_kernel`). One warp per program; lane r owns row r of a group of ROWS = 32 rows, over a range of
-segments (split-K up to about 8 programs per SM, reduced in the same launch as kernels/splitk.py describes). Per
-segment each lane walks its own entries four at a time (the loop runs to the group's longest segment, shorter rows
-masked): one 8-byte load of values, one 4-byte load of columns, four gathers of x (the segment's 512 bytes of x
-stay in L1), four fp32 multiply-adds. About 12 thread-instructions per stored value, so its issue time is below the
-time to read its bytes. BLOCK_M > 1 rows of x reuse each decoded entry BLOCK_M times (decode batches); it is
-correct at any M but has no tensor-core path, so prefill belongs to bitmap."""
+Kernel (`_csr8_matmul_kernel`). One warp per program, over a group of rows of W and a range of segments (split-K up
+to about 8 programs per SM, reduced in the same launch as kernels/splitk.py describes). At one row of x (decode) a
+row has 4 lanes and a warp 8 rows: per segment each row's lanes walk its entries 16 at a time (the loop runs to the
+group's longest row, shorter rows masked), each lane one 8-byte load of 4 values, one 4-byte load of their columns,
+4 gathers of x (the segment's 512 bytes of x stay in L1) and 4 fp32 multiply-adds: about 12 thread-instructions per
+stored value, so the issue time stays below the time to read the bytes, and a warp's value load touches 8 rows'
+32-byte sectors, not 32 rows' 8 bytes. More rows of x (BLOCK_M up to 16) use one lane per row and reuse each entry
+BLOCK_M times; that path is correct at any M but uses no tensor cores: past a few rows of x bitmap is faster,
+and prefill belongs to it."""
 
 from __future__ import annotations
 
@@ -50,7 +52,11 @@ DTYPES = FLOAT_DTYPES
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 SEG = 256  # columns per row segment: an in-segment column fits in a uint8
 VEC = 4  # entries per vector load; every (row, segment) is padded to a multiple
-ROWS = 32  # rows per program: one per lane of its one warp
+WARP = 32
+# Lanes per row of W at one row of x: each of a row's LANES lanes loads VEC consecutive entries a trip, so a warp's
+# value load touches 8 rows' 32-byte sectors rather than 32 rows' 8 bytes (fewer L1 wavefronts). With more rows of x
+# one lane per row: Triton 3.7's code for the wider layout splits the loop (see `lanes_per_row`).
+DECODE_LANES = 4
 FORMAT_VERSION = 1
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 _MAX_INT32 = 2**31 - 1
@@ -182,24 +188,28 @@ def _csr8_matmul_kernel(
     x_ptr, offsets_ptr, cols_ptr, values_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
     M, N, stride_xm, stride_xk, stride_om, stride_on,
     segs, segs_per_split, splits,
-    ROWS: tl.constexpr, VEC: tl.constexpr, SEG: tl.constexpr, BLOCK_M: tl.constexpr,
+    LANES: tl.constexpr, VEC: tl.constexpr, SEG: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """BLOCK_M rows of x (program axis 0) against ROWS rows of W (axis 1, lane r owns row r) over a range of
-    segments (axis 2). Per segment each lane walks its row's entries VEC at a time: aligned vector loads of values
-    and columns, a gather of x per entry and row of x, fp32 multiply-adds into a (BLOCK_M, ROWS, VEC) accumulator
-    reduced once at the end. Padding entries (value 0) and rows past their entries add nothing."""
+    """BLOCK_M rows of x (program axis 0) against 32 / LANES rows of W (axis 1, LANES lanes per row) over a range
+    of segments (axis 2). Per segment each lane walks its row's entries VEC at a time (a row's lanes on consecutive
+    chunks): aligned vector loads of values and columns, a gather of x per entry and row of x, fp32 multiply-adds
+    into a (BLOCK_M, rows, LANES * VEC) accumulator reduced once at the end. Padding entries (value 0) and rows past
+    their entries add nothing."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    ROWS: tl.constexpr = 32 // LANES
     rows = pid_n * ROWS + tl.arange(0, ROWS)
     live = rows < N
-    entry = tl.arange(0, VEC)[None, None, :]
+    STEP: tl.constexpr = LANES * VEC  # entries of a row per trip: LANES lanes load VEC consecutive entries each
+    entry = tl.arange(0, STEP)[None, None, :]
+    part = entry // VEC  # which of the row's lanes (its VEC-entry chunk of the trip)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # Rows past M read row M - 1 (their outputs are masked at the store): the gathers need no mask.
     x_rows = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None, None] * stride_xm  # (BLOCK_M, 1, 1)
 
-    acc = tl.zeros((BLOCK_M, ROWS, VEC), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, ROWS, STEP), dtype=tl.float32)
     s_start = pid_k * segs_per_split
     s_end = tl.minimum(s_start + segs_per_split, segs)
     for s in range(s_start, s_end):
@@ -207,12 +217,12 @@ def _csr8_matmul_kernel(
         start = tl.multiple_of(tl.load(offsets_ptr + slot, mask=live, other=0), VEC)  # compress pads to VEC
         chunks = (tl.load(offsets_ptr + slot + 1, mask=live, other=0) - start) // VEC
         x_seg = x_rows + s * SEG * stride_xk
-        start3 = start[None, :, None] + entry  # (1, ROWS, VEC)
+        start3 = start[None, :, None] + entry  # (1, ROWS, STEP)
         chunks3 = chunks[None, :, None]
-        for j in range(tl.max(chunks)):  # to the group's longest segment; shorter rows masked
-            ok = j < chunks3
-            v = tl.load(values_ptr + (start3 + j * VEC), mask=ok, other=0.0)
-            col = tl.load(cols_ptr + (start3 + j * VEC), mask=ok, other=0)
+        for j in range(tl.cdiv(tl.max(chunks), LANES)):  # to the group's longest segment; shorter rows masked
+            ok = j * LANES + part < chunks3  # whole VEC-entry chunks: the loads stay vectors
+            v = tl.load(values_ptr + (start3 + j * STEP), mask=ok, other=0.0)
+            col = tl.load(cols_ptr + (start3 + j * STEP), mask=ok, other=0)
             x = tl.load(x_seg + col.to(tl.int32) * stride_xk)  # padding: column 0 of the segment, in bounds
             acc += v.to(tl.float32) * x.to(tl.float32)
 
@@ -253,16 +263,28 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+def lanes_per_row(block_m: int) -> int:
+    """DECODE_LANES at one row of x; one otherwise (a (BLOCK_M, 8, 16) accumulator compiles, with Triton 3.7 for
+    sm_90, to a split loop with layout conversions; (BLOCK_M, 32, 4) does not)."""
+    return DECODE_LANES if block_m == 1 else 1
+
+
 @dataclass(frozen=True)
 class Launch:
-    """How `triton_matmul` launches the kernel: grid (M blocks, row groups, K splits), BLOCK_M, segments per split.
-    The static benchmark (allocator.benchmarks.kernel_static) compiles exactly this."""
+    """How `triton_matmul` launches the kernel: grid (M blocks, row groups, K splits), BLOCK_M, lanes per row,
+    segments per split. The static benchmark (allocator.benchmarks.kernel_static) compiles exactly this."""
 
     grid: tuple[int, int, int]
     block_m: int
+    lanes: int
     split: int
     segs_per_split: int
     num_warps: int = NUM_WARPS
+
+    @property
+    def rows(self) -> int:
+        """Rows of W per program."""
+        return WARP // self.lanes
 
     @property
     def kernel(self) -> triton.runtime.JITFunction:
@@ -273,8 +295,9 @@ def launch_plan(m: int, n: int, k: int, sms: int | None, split_k: int | None = N
     """The launch for m rows of x against an (n, k) weight on a device with `sms` SMs (None: the interpreter, which
     runs programs in series, so no split); `split_k` forces the number of K splits."""
     block_m = min(MAX_BLOCK_M, triton.next_power_of_2(max(m, 1)))
+    lanes = lanes_per_row(block_m)
     segs = max(1, -(-k // SEG))
-    programs = triton.cdiv(m, block_m) * triton.cdiv(n, ROWS)
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, WARP // lanes)
     if split_k is not None:
         split = split_k
     elif sms is None or programs >= PROGRAMS_PER_SM * sms:
@@ -285,7 +308,7 @@ def launch_plan(m: int, n: int, k: int, sms: int | None, split_k: int | None = N
         raise UnsupportedShape(f"csr8.triton_matmul: split_k={split} must be >= 1")
     per_split = triton.cdiv(segs, split)
     split = triton.cdiv(segs, per_split)  # no empty splits
-    return Launch((triton.cdiv(m, block_m), triton.cdiv(n, ROWS), split), block_m, split, per_split)
+    return Launch((triton.cdiv(m, block_m), triton.cdiv(n, WARP // lanes), split), block_m, lanes, split, per_split)
 
 
 def _fp32_out(dtype: torch.dtype) -> bool:
@@ -318,7 +341,7 @@ def kernel_arguments(
     args = (x2, w.offsets, w.cols, w.values, bias if bias is not None else w.values, out, bufs.workspace,
             bufs.counts, m, w.shape[0], x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
             w.segments, plan.segs_per_split, plan.split)
-    constexprs = {"ROWS": ROWS, "VEC": VEC, "SEG": SEG, "BLOCK_M": plan.block_m, "HAS_BIAS": bias is not None,
+    constexprs = {"LANES": plan.lanes, "VEC": VEC, "SEG": SEG, "BLOCK_M": plan.block_m, "HAS_BIAS": bias is not None,
                   "SPLIT": plan.split > 1}
     return args, constexprs
 
@@ -341,7 +364,7 @@ def triton_matmul(
     m = x2.shape[0]
     plan = launch_plan(m, n, k, _sm_count(x.device) if x.device.type == "cuda" else None, split_k)
     if plan.grid[1] > 65535:  # grid axis 1; CUDA caps it at 65535
-        raise UnsupportedShape(f"{where}: out_features={n} needs {plan.grid[1]} row groups of {ROWS}, at most 65535")
+        raise UnsupportedShape(f"{where}: out_features={n} needs {plan.grid[1]} row groups of {plan.rows}, at most 65535")
     bufs = buffers(plan, m, n, x.dtype, x.device)
     args, constexprs = kernel_arguments(x2, w, bias, bufs, plan)
     plan.kernel[plan.grid](*args, **constexprs, num_warps=plan.num_warps)

@@ -126,22 +126,26 @@ def test_inner_loop_is_the_loop_nested_in_the_hot_loop():
     assert sass.inner_loop(ins, inner) is None
 
 
-def test_csr8_inner_trips_match_a_sampled_pattern():
+@pytest.mark.parametrize("lanes", [1, 4])
+def test_csr8_inner_trips_match_a_sampled_pattern(lanes):
     """The expected entry-loop trips (each row segment's count binomial) against counts drawn at random: per row
-    group of 32 and 256-column segment, the most 4-entry chunks of its rows, summed."""
+    group of 32 / lanes rows and 256-column segment, the most trips (lanes chunks of 4 entries) of its rows, summed."""
     from allocator.benchmarks.kernel_static import csr8_inner_trips
 
-    n, k, density = 96, 600, 0.3  # 3 row groups; segments of 256, 256 and 88 columns
+    n, k, density = 96, 600, 0.3  # segments of 256, 256 and 88 columns
+    rows = 32 // lanes
     gen = torch.Generator().manual_seed(0)
     draws = []
     for _ in range(200):
         stored = torch.rand(n, k, generator=gen) < density
         counts = torch.stack([stored[:, s:s + 256].sum(1) for s in range(0, k, 256)], 1)  # (n, segments)
-        chunks = (counts + 3) // 4
-        draws.append(float(chunks.reshape(3, 32, -1).amax(1).sum()))
+        trips = ((counts + 3) // 4 + lanes - 1) // lanes
+        draws.append(float(trips.reshape(n // rows, rows, -1).amax(1).sum()))
     sampled = sum(draws) / len(draws)
-    assert csr8_inner_trips(n, k, density) == pytest.approx(sampled, rel=0.01)
-    assert csr8_inner_trips(n, k, 0.0) == 0 and csr8_inner_trips(n, k, 1.0) == 3 * (64 + 64 + 22)
+    assert csr8_inner_trips(n, k, density, lanes) == pytest.approx(sampled, rel=0.01)
+    full = [64, 64, 22]  # chunks of 4 per segment at density 1
+    assert csr8_inner_trips(n, k, 0.0, lanes) == 0
+    assert csr8_inner_trips(n, k, 1.0, lanes) == n // rows * sum(-(-c // lanes) for c in full)
 
 
 def test_csr8_decode_is_predicted_two_times_cublas(tmp_path):
@@ -157,7 +161,8 @@ def test_csr8_decode_is_predicted_two_times_cublas(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads((tmp_path / "sm90.json").read_text())["rows"]
-    assert row["format"] == "csr8" and row["config"]["BLOCK_M"] == 1 and row["split_k"] > 1
+    assert row["format"] == "csr8" and row["config"]["BLOCK_M"] == 1 and row["config"]["LANES"] == 4
+    assert row["split_k"] > 1
     assert row["inner_loop"]["bar"] == row["inner_loop"]["shfl"] == row["inner_loop"]["shared"] == 0
     assert row["inner_trips_all_programs"] > row["loop_trips_all_programs"]
     assert row["predicted_speedup_vs_cublas"] >= 2.0

@@ -91,19 +91,22 @@ def test_triton_matches_reference(dtype, shape, m):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split_k", [2, 3, 7])
-def test_split_k_is_reduced_in_the_launch(dtype, split_k):
+@pytest.mark.parametrize("lead", [(1,), (2, 3)])  # one row of x: 4 lanes per row of W; six: one lane per row
+def test_split_k_is_reduced_in_the_launch(dtype, split_k, lead):
     shape = (33, 1100)  # 5 segments: splits of 3 + 2, 2 + 2 + 1, and 7 → 5 splits of one segment
     w = sparse(shape, 0.2, dtype, seed=split_k)
     c = csr8.compress(w)
-    x = torch.randn(2, 3, shape[1]).to(dtype)
+    x = torch.randn(*lead, shape[1]).to(dtype)
     b = torch.randn(shape[0]).to(dtype)
     y = csr8.triton_matmul(x, c, b, split_k=split_k)
-    assert y.shape == (2, 3, 33)
+    assert y.shape == (*lead, 33)
     assert_close_to(y, x, w, b)
     again = csr8.triton_matmul(x, c, b, split_k=split_k)
     assert torch.equal(y, again)  # partials added in split order: deterministic
-    plan = csr8.launch_plan(6, 33, 1100, None, split_k)
+    m = x.numel() // shape[1]
+    plan = csr8.launch_plan(m, 33, 1100, None, split_k)
     assert plan.split == min(split_k, 5) and plan.segs_per_split * (plan.split - 1) < 5
+    assert plan.lanes == (csr8.DECODE_LANES if m == 1 else 1) and plan.grid[1] == -(-33 // plan.rows)
 
 
 def test_all_zero_empty_and_non_contiguous_inputs():

@@ -115,19 +115,20 @@ def _bitmap_launch(n: int, k: int, m: int, sms: int) -> list[Launch]:
                    {"BLOCK_M": plan.block_m, "TILE": [tn, tk], "SPLIT_K": plan.split}, plan.split)]
 
 
-def csr8_inner_trips(n: int, k: int, density: float) -> float:
+def csr8_inner_trips(n: int, k: int, density: float, lanes: int) -> float:
     """Expected trips of csr8's entry loop over all programs (one row of x): per row group and segment, the most
-    VEC-entry chunks any of its rows holds, each row's stored count in a segment binomial(segment width, density)
-    (a uniformly random pattern)."""
+    trips any of its rows needs (`lanes` chunks of VEC entries a trip, each (row, segment) padded to whole chunks),
+    each row's stored count in a segment binomial(segment width, density) (a uniformly random pattern)."""
     total = 0.0
     widths = [min(csr8.SEG, k - s) for s in range(0, k, csr8.SEG)]
-    groups = [min(csr8.ROWS, n - r) for r in range(0, n, csr8.ROWS)]
+    rows_per_group = csr8.WARP // lanes
+    groups = [min(rows_per_group, n - r) for r in range(0, n, rows_per_group)]
     for width in set(widths):
         counts = torch.arange(width + 1, dtype=torch.float64)
         d = torch.tensor(density, dtype=torch.float64)
         log_pmf = (torch.lgamma(torch.tensor(width + 1.0, dtype=torch.float64)) - torch.lgamma(counts + 1)
                    - torch.lgamma(width - counts + 1) + torch.xlogy(counts, d) + torch.xlogy(width - counts, 1 - d))
-        chunks = torch.div(counts + csr8.VEC - 1, csr8.VEC, rounding_mode="floor")
+        chunks = torch.div(-(-counts // csr8.VEC) + lanes - 1, lanes, rounding_mode="floor")  # trips
         cdf = torch.zeros(int(chunks.max()) + 1, dtype=torch.float64).index_add_(0, chunks.long(), log_pmf.exp())
         cdf = cdf.cumsum(0).clamp(max=1.0)
         for rows in set(groups):
@@ -148,8 +149,8 @@ def _csr8_launch(n: int, k: int, m: int, density: float, sms: int) -> list[Launc
     # Each program walks its split's segments of one row group (each (M block, group, segment) once); per segment
     # the entry loop runs to the group's longest row.
     return [Launch(plan.kernel, args, constexprs, plan.num_warps, None, grid_m * groups * plan.split,
-                   grid_m * groups * segs, {"BLOCK_M": plan.block_m, "SPLIT_K": plan.split}, plan.split,
-                   grid_m * csr8_inner_trips(n, k, density))]
+                   grid_m * groups * segs, {"BLOCK_M": plan.block_m, "LANES": plan.lanes, "SPLIT_K": plan.split}, plan.split,
+                   grid_m * csr8_inner_trips(n, k, density, plan.lanes))]
 
 
 def _nm_launches(n: int, k: int, m: int, pattern: SparsityPattern, sms: int) -> list[Launch]:
@@ -323,7 +324,7 @@ def loop_instructions(row: dict) -> float:
     return body * row["num_warps"]
 
 
-_ABBR = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "GROUP": "g", "SPLIT_K": "s"}
+_ABBR = {"LANES": "l", "BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "GROUP": "g", "SPLIT_K": "s"}
 
 
 def table(rows: list[dict], arch: int) -> str:
@@ -343,7 +344,7 @@ def table(rows: list[dict], arch: int) -> str:
             f" {r['registers']:>4} {r['spill_bytes']:>5} {r['instructions_per_element']:>7.3f}"
             f" {r['issue_bound_us']:>8.1f} {r['bytes_bound_us']:>8.1f} {r['cublas_roofline_us']:>9.1f}"
             f" {r['predicted_speedup_vs_cublas']:>6.2f}")
-    lines.append("cfg: m/n/k = BLOCK_M/N/K, g = GROUP, s = SPLIT_K, w = warps, in<i>x<t> = a nested loop of i instructions "
+    lines.append("cfg: m/n/k = BLOCK_M/N/K, g = GROUP, s = SPLIT_K, w = warps, l = lanes per row, in<i>x<t> = a nested loop of i instructions "
                  "run t times per hot-loop trip (expected); a/t/g: cp.async / TMA / wgmma in the code; loop: instructions "
                  "per warp per trip; inst/el: warp-instructions per dense weight element")
     return "\n".join(lines)
