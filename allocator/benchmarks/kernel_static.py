@@ -1,8 +1,8 @@
 """Static kernel benchmark: every sparse kernel variant compiled for a GPU target and read as SASS, no GPU needed.
 
-For each kernel (bitmap, N:M 2:4 and 4:8, BSR 16x16), weight shape (N, K) = (out, in) and M (rows of x) it takes the
-launch the op would make on that device — the kernel module's own `launch_plan` / `kernel_arguments` (bitmap, its
-split-K from the device's SM count; N:M at decode, its `decode_plan`) or every config the CUDA autotuner would time
+For each kernel (bitmap, CSR8, N:M 2:4 and 4:8, BSR 16x16), weight shape (N, K) = (out, in) and M (rows of x) it takes the
+launch the op would make on that device — the kernel module's own `launch_plan` / `kernel_arguments` (bitmap and
+CSR8, their split-K from the device's SM count; N:M at decode, its `decode_plan`) or every config the CUDA autotuner would time
 (`candidate_configs`, N:M and BSR) — binds it with Triton's own JIT specialisation (pointer alignment, ints equal to 1
 or divisible by 16), compiles it with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` and disassembles the cubin with the
 `cuobjdump` shipped in the Triton wheel (profilers.sass).
@@ -353,7 +353,7 @@ def table(rows: list[dict], arch: int) -> str:
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(ARCH_DEVICE))
-    parser.add_argument("--only", nargs="+", default=list(VARIANTS), help="variants, e.g. bitmap70 nm2:4")
+    parser.add_argument("--only", nargs="+", default=list(VARIANTS), help="variants, e.g. bitmap70 csr8-70 nm2:4")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--ms", type=int, nargs="+", default=list(MS))
     parser.add_argument("--out", type=Path, default=OUT_DIR)
