@@ -11,7 +11,8 @@ USAGE = (
     "       python -m allocator summarize <sweep dir>"
 )
 COMMANDS = ("search", "profile", "export", "verify", "evaluate")
-# evaluate's list options also take one bare value (tasks=arc_easy); its `data` is a plain path, not a config group.
+# evaluate's list options also take one bare value (tasks=arc_easy); its `data=<path>` is the text's path, not
+# the search's data group.
 LIST_KEYS = {"evaluate": ("tasks", "include_path")}
 PATH_DATA = ("evaluate",)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -56,9 +57,11 @@ def rewrite_shorthands(overrides: list[str], command: str = "search") -> list[st
         key, sep, value = item.partition("=")
         if sep and key in LIST_KEYS.get(command, ()) and value and not value.startswith("["):
             out.append(f"{key}=[{value}]")
+        elif sep and key == "data" and command in PATH_DATA:
+            out.append(f"data.path={value}")
         elif sep and key == "model" and value not in _known_options("model"):
             out.append(f"model.name={value}")
-        elif sep and key == "data" and command not in PATH_DATA and value not in _known_options("data"):
+        elif sep and key == "data" and value not in _known_options("data"):
             out += ["data=files", f"data.paths=[{value}]"]
         else:
             out.append(item)

@@ -72,7 +72,7 @@ def test_tasks_and_heldout_perplexity_pruned_and_dense(run):
 def test_perplexity_on_user_text(run, tmp_path):
     text = tmp_path / "mine.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    result, _ = _evaluate(run, f"data={text}", "seq_len=32", "dense=false", "batch_size=3")
+    result, _ = _evaluate(run, f"data={text}", "data.seq_len=32", "dense=false", "batch_size=3")
     model, tokenizer, _ = load_pruned(run)
     blocks = text_blocks([str(text)], tokenizer, 32)
     assert result["perplexity_text"]["sequences"] == len(blocks) == 1800 // 32

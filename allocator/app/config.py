@@ -73,6 +73,14 @@ class VerifyJob:
 
 
 @dataclass
+class EvaluateText:
+    # Perplexity text: a text file or a directory of *.txt / *.md, used whole (`data=<path>` on the command line).
+    # Default: the run's held-out split.
+    path: Optional[str] = None
+    seq_len: Optional[int] = None  # tokens per block (default: the run's data.seq_len)
+
+
+@dataclass
 class EvaluateJob:
     # A search run directory (its model exported at the top or under export/native/) or an exported model directory.
     run: str = MISSING
@@ -80,9 +88,7 @@ class EvaluateJob:
     tasks: list[str] = field(default_factory=list)
     # Directories of task YAMLs whose task names `tasks` may use (lm-eval's --include_path).
     include_path: list[str] = field(default_factory=list)
-    # Perplexity text: a text file or a directory of *.txt / *.md, used whole. Default: the run's held-out split.
-    data: Optional[str] = None
-    seq_len: Optional[int] = None  # tokens per perplexity block for `data` (default: the run's data.seq_len)
+    data: EvaluateText = field(default_factory=EvaluateText)
     perplexity: bool = True
     limit: Optional[int] = None  # examples per lm-eval task (default: all)
     num_fewshot: Optional[int] = None  # default: each task's own

@@ -155,18 +155,19 @@ def validate_evaluate_job(cfg: EvaluateJob) -> None:
         raise UserInputError(f"batch_size={cfg.batch_size} must be >= 1")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserInputError(f"limit={cfg.limit} must be >= 1 (examples per task), or unset for all")
-    if cfg.seq_len is not None and cfg.seq_len < 2:
-        raise UserInputError(f"seq_len={cfg.seq_len} must be >= 2 (a block predicts its tokens after the first)")
-    if cfg.seq_len is not None and cfg.data is None:
-        raise UserInputError("seq_len applies to data= text; the default held-out split keeps the run's data.seq_len")
+    if cfg.data.seq_len is not None and cfg.data.seq_len < 2:
+        raise UserInputError(f"data.seq_len={cfg.data.seq_len} must be >= 2 (a block predicts all but its first token)")
+    if cfg.data.seq_len is not None and cfg.data.path is None:
+        raise UserInputError("data.seq_len applies to data=<path> text; the default held-out split keeps the run's "
+                             "data.seq_len")
     if not cfg.perplexity and not cfg.tasks:
         raise UserInputError("nothing to evaluate: perplexity=false and no tasks")
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         raise UserInputError(f"device={cfg.device!r} is unknown; use cpu or cuda[:N]")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserInputError(f"device={cfg.device} but no CUDA device is visible")
-    if cfg.data is not None and not Path(cfg.data).exists():
-        raise FileNotFoundError(f"data={cfg.data}: no such file or directory")
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        raise FileNotFoundError(f"data={cfg.data.path}: no such file or directory")
 
 
 @dataclass
@@ -181,9 +182,9 @@ def perplexity_text(cfg: EvaluateJob, tokenizer, saved_job: dict | None) -> Perp
     run_data = DataConfig()
     if saved_job is not None and "data" in saved_job:
         run_data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved_job["data"]))
-    if cfg.data is not None:
-        seq_len = cfg.seq_len or run_data.seq_len
-        return PerplexityText(text_blocks([cfg.data], tokenizer, seq_len), f"{cfg.data} (whole text)")
+    if cfg.data.path is not None:
+        seq_len = cfg.data.seq_len or run_data.seq_len
+        return PerplexityText(text_blocks([cfg.data.path], tokenizer, seq_len), f"{cfg.data.path} (whole text)")
     if saved_job is None:
         raise UserInputError(f"run={cfg.run}: no {JOB_FILE} to rebuild the run's held-out split from; pass "
                              "data=<text file or dir>, or perplexity=false")
