@@ -103,6 +103,8 @@ def test_model_dir_of_each_layout(tmp_path):
     (nested / "search_job.yaml").write_text("{}")
     assert find_model_dir(nested) == (nested / "export" / "native", nested)
     assert find_model_dir(nested / "export" / "dense") == (nested / "export" / "dense", nested)
+    (nested / "export" / "native" / "config.json").unlink()  # no native export: the dense one
+    assert find_model_dir(nested) == (nested / "export" / "dense", nested)
     with pytest.raises(FileNotFoundError, match="holds no exported model"):
         find_model_dir(tmp_path)
 
@@ -115,3 +117,26 @@ def test_byte_tokenizer_as_transformers_tokenizer_gives_the_same_ids():
     assert fast.eos_token_id == fast.pad_token_id == byte.eos_token_id and len(fast) == len(byte)
     batch = fast(["ab", "abcd"], padding="longest", return_tensors="pt")
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+
+
+def test_model_in_original_architecture_loads_through_transformers(tmp_path, capsys):
+    """An export directory without per-layer widths (a model transformers builds itself, as the `dense` export
+    format writes) is loaded by transformers; without a plan.json no dense model is named, so none is evaluated."""
+    from allocator.app.config import EvaluateJob, EvaluateText
+    from allocator.app.evaluate_job import run_evaluate
+    from allocator.core.config import ModelConfig
+    from allocator.model.loader import load_model
+
+    loaded = load_model(ModelConfig(name="tiny-llama"), tmp_path / "cache")
+    model_dir = tmp_path / "export" / "dense"
+    loaded.model.save_pretrained(model_dir)
+    loaded.tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "text.md"
+    text.write_text("# Notes\n\nSome words to score, twice over. " * 30)
+    path = run_evaluate(EvaluateJob(run=str(model_dir), data=EvaluateText(path=str(text), seq_len=48)))
+    result = json.loads(path.read_text())
+    assert path.parent == model_dir / "evaluate" and result["model_dir"] == str(model_dir)
+    blocks = text_blocks([str(text)], loaded.tokenizer, 48)
+    assert result["models"]["pruned"]["perplexity"] == pytest.approx(perplexity(loaded.model, blocks, 8), rel=1e-6)
+    assert list(result["models"]) == ["pruned"] and "no plan.json" in result["notes"][0]
+    assert "results:" in capsys.readouterr().out

@@ -32,28 +32,33 @@ RESULTS_DIR = "evaluate"  # <run>/evaluate/<timestamp>.json
 RESULTS_VERSION = 1
 JOB_FILE = "search_job.yaml"  # allocator.app.search_job.JOB_FILE (not imported: that module loads every searcher)
 TASK_SUFFIXES = (".yaml", ".yml")
+EXPORT_DIR = "export"  # <run>/export/<format>/
+# Export formats this job loads, in the order a run directory's are tried: native (this project's runtime), then
+# the original architecture (dense), then decilm (needs trust_remote_code=true).
+LOADABLE_FORMATS = ("native", "dense", "decilm")
 
 
 # --- what `run=` points at ------------------------------------------------------------------------------------------
 
 
 def find_model_dir(path: str | Path) -> tuple[Path, Path]:
-    """(model directory, run directory) of `run=`: a search run directory with its native export at the top (the
-    layout before export formats) or under export/native/, or an exported model directory itself. The run
-    directory is where results go and where search_job.yaml (the held-out split's recipe) is looked for: for
-    <run>/export/<format>/ it is <run>."""
+    """(model directory, run directory) of `run=`: a search run directory with its export under export/<format>/
+    (native first, then the transformers-loadable formats) or, in the layout before export formats, at its top; or
+    an exported model directory itself. The run directory is where results go and where search_job.yaml (the
+    held-out split's recipe) is looked for: for <run>/export/<format>/ it is <run>."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"run={path}: no such directory")
-    native = path / "export" / "native"
-    if (native / "config.json").is_file():
-        return native, path
+    for fmt in LOADABLE_FORMATS:
+        if (path / EXPORT_DIR / fmt / "config.json").is_file():
+            return path / EXPORT_DIR / fmt, path
     if (path / "config.json").is_file():
-        run = path.parents[1] if path.parent.name == "export" and (path.parents[1] / JOB_FILE).is_file() else path
-        return path, run
+        in_run = path.parent.name == EXPORT_DIR and (path.parents[1] / JOB_FILE).is_file()
+        return path, path.parents[1] if in_run else path
     raise FileNotFoundError(
-        f"run={path} holds no exported model: no config.json there or in export/native/ (a run searched with "
-        "export=false has none: python -m allocator export run=<dir>; a gguf export is evaluated with llama.cpp)"
+        f"run={path} holds no exported model: no config.json there or in {EXPORT_DIR}/{{{','.join(LOADABLE_FORMATS)}}}/"
+        " (a run searched with export=false has none: python -m allocator export run=<dir>; a gguf export is "
+        "evaluated with llama.cpp)"
     )
 
 
@@ -63,8 +68,12 @@ def load_exported(model_dir: Path, trust_remote_code: bool = False) -> tuple[nn.
     from allocator.model.runtime import load_pruned
     from allocator.model.surgery import WIDTHS_KEY
 
-    if WIDTHS_KEY in json.loads((model_dir / "config.json").read_text()):
+    config = json.loads((model_dir / "config.json").read_text())
+    if WIDTHS_KEY in config:
         return load_pruned(model_dir)
+    if "auto_map" in config and not trust_remote_code:
+        raise UserInputError(f"{model_dir} ships its own modeling code (config.json auto_map); evaluating it runs that "
+                             "code: pass trust_remote_code=true if you trust it")
     from transformers import AutoModelForCausalLM
 
     from allocator.model.loader import load_tokenizer
