@@ -1,4 +1,4 @@
-"""`python -m allocator <command> [hydra overrides]` with commands search, profile, export, verify;
+"""`python -m allocator <command> [hydra overrides]` with commands search, profile, export, verify, evaluate;
 `python -m allocator summarize <sweep dir>` (no Hydra) re-summarises a `search -m` sweep."""
 
 from __future__ import annotations
@@ -7,10 +7,14 @@ import sys
 from pathlib import Path
 
 USAGE = (
-    "usage: python -m allocator {search,profile,export,verify} [key=value ...] [-m for sweeps]\n"
+    "usage: python -m allocator {search,profile,export,verify,evaluate} [key=value ...] [-m for sweeps]\n"
     "       python -m allocator summarize <sweep dir>"
 )
-COMMANDS = ("search", "profile", "export", "verify")
+COMMANDS = ("search", "profile", "export", "verify", "evaluate")
+# evaluate's list options also take one bare value (tasks=arc_easy); its `data=<path>` is the text's path, not
+# the search's data group.
+LIST_KEYS = {"evaluate": ("tasks", "include_path")}
+PATH_DATA = ("evaluate",)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -45,12 +49,17 @@ def _known_options(group: str) -> set[str]:
     return {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
 
 
-def rewrite_shorthands(overrides: list[str]) -> list[str]:
-    """`model=<path or hub id>` and `data=<text file or dir>` are accepted beside the named configs."""
+def rewrite_shorthands(overrides: list[str], command: str = "search") -> list[str]:
+    """`model=<path or hub id>` and `data=<text file or dir>` are accepted beside the named configs, and a list
+    option of LIST_KEYS takes a single value without brackets."""
     out = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        if sep and key == "model" and value not in _known_options("model"):
+        if sep and key in LIST_KEYS.get(command, ()) and value and not value.startswith("["):
+            out.append(f"{key}=[{value}]")
+        elif sep and key == "data" and command in PATH_DATA:
+            out.append(f"data.path={value}")
+        elif sep and key == "model" and value not in _known_options("model"):
             out.append(f"model.name={value}")
         elif sep and key == "data" and value not in _known_options("data"):
             out += ["data=files", f"data.paths=[{value}]"]
@@ -82,6 +91,10 @@ def _task(command: str):
                 from allocator.app.export_job import run_export
 
                 run_export(job, out_dir)
+            elif command == "evaluate":
+                from allocator.app.evaluate_job import run_evaluate
+
+                run_evaluate(job)
             else:
                 from allocator.app.verify_job import run_verify
 
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         OmegaConf.register_new_resolver("short", short_name)
     if not OmegaConf.has_resolver("fresh"):
         OmegaConf.register_new_resolver("fresh", fresh_dir, use_cache=True)
-    sys.argv = [f"allocator {command}", *rewrite_shorthands(argv[1:])]
+    sys.argv = [f"allocator {command}", *rewrite_shorthands(argv[1:], command)]
     hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")(_task(command))()
 
 

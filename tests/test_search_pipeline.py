@@ -140,7 +140,7 @@ def test_cli_rejects_bad_input_with_one_line(searched, tmp_path):
     assert unknown_searcher.returncode != 0 and "dp" in unknown_searcher.stderr
 
     command = run_cli("serach", cwd=tmp_path)
-    assert command.returncode == 2 and "usage: python -m allocator {search,profile,export,verify}" in command.stderr
+    assert command.returncode == 2 and "usage: python -m allocator {search,profile,export,verify," in command.stderr
 
 
 def test_export_with_new_latency_target_and_verify(searched, tmp_path):

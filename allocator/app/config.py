@@ -72,6 +72,34 @@ class VerifyJob:
     cache_dir: str = "runs/cache"
 
 
+@dataclass
+class EvaluateText:
+    # Perplexity text: a text file or a directory of *.txt / *.md, used whole (`data=<path>` on the command line).
+    # Default: the run's held-out split.
+    path: Optional[str] = None
+    seq_len: Optional[int] = None  # tokens per block (default: the run's data.seq_len)
+
+
+@dataclass
+class EvaluateJob:
+    # A search run directory (its model exported at the top or under export/native/) or an exported model directory.
+    run: str = MISSING
+    # lm-evaluation-harness tasks: registered names, task YAML files, or directories of task YAMLs (all their tasks).
+    tasks: list[str] = field(default_factory=list)
+    # Directories of task YAMLs whose task names `tasks` may use (lm-eval's --include_path).
+    include_path: list[str] = field(default_factory=list)
+    data: EvaluateText = field(default_factory=EvaluateText)
+    perplexity: bool = True
+    limit: Optional[int] = None  # examples per lm-eval task (default: all)
+    num_fewshot: Optional[int] = None  # default: each task's own
+    batch_size: int = 8
+    dense: bool = True  # also evaluate the dense model the plan was made from, for comparison
+    device: str = "cpu"
+    # Models exported in the original architecture that ship their own modeling code (export format decilm).
+    trust_remote_code: bool = False
+    cache_dir: Optional[str] = None  # where the dense model is cached (default: the run's cache_dir)
+
+
 GROUP_SCHEMAS: dict[str, Any] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -84,6 +112,7 @@ JOB_SCHEMAS: dict[str, Any] = {
     "profile": ProfileJob,
     "export": ExportJob,
     "verify": VerifyJob,
+    "evaluate": EvaluateJob,
 }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 # Written by save_pretrained; a model directory holding it is reloaded with ByteTokenizer instead of AutoTokenizer.
 MARKER_FILE = "byte_tokenizer.json"
+EOS_TOKEN = "<eos>"  # EOS's name in the transformers version (to_transformers)
 
 
 class ByteTokenizer:
@@ -48,3 +49,19 @@ class ByteTokenizer:
         if meta.get("type") != "byte" or meta.get("vocab_size") != cls.vocab_size:
             raise ValueError(f"{marker}: expected type 'byte' with vocab_size {cls.vocab_size}, got {meta}")
         return cls()
+
+    def to_transformers(self):
+        """The same tokenizer as a transformers `PreTrainedTokenizerFast` (byte b is token b, EOS 256, also the pad
+        token), for libraries that accept only those, such as lm-eval's HFLM. Special tokens are not parsed out
+        of text (`split_special_tokens`), so every text encodes to exactly `encode`'s ids."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        chars = bytes_to_unicode()  # byte -> the printable character byte-level BPE names it by
+        vocab = {chars[b]: b for b in range(256)} | {EOS_TOKEN: self.eos_token_id}
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+                                       split_special_tokens=True)

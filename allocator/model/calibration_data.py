@@ -139,7 +139,8 @@ def _names(files: list[Path], limit: int = 5) -> str:
     return shown + (f" and {len(files) - limit} more" if len(files) > limit else "")
 
 
-def _read_files(paths: list[str]) -> list[str]:
+def _scan_files(paths: list[str]) -> tuple[list[Path], list[str], list[Path], list[Path]]:
+    """(files read, their texts, empty files, binary files) of text files and directories of *.txt / *.md."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -157,6 +158,11 @@ def _read_files(paths: list[str]) -> list[str]:
             empty.append(f)
         else:
             texts.append(text)
+    return files, texts, empty, binary
+
+
+def _read_files(paths: list[str]) -> list[str]:
+    files, texts, empty, binary = _scan_files(paths)
     # A single document cannot be split into calibration and held-out parts, so cut it into chunks.
     docs = _chunk(texts[0]) if len(texts) == 1 else texts
     if len(docs) < 2:
@@ -240,6 +246,26 @@ def token_blocks(docs: list[str], tokenizer: Tokenizer, seq_len: int, n_blocks: 
             "lower data.calib_sequences / data.eval_sequences / data.seq_len or add text via data.paths"
         )
     return torch.tensor(ids[:need], dtype=torch.long).view(n_blocks, seq_len)
+
+
+def text_blocks(paths: list[str], tokenizer: Tokenizer, seq_len: int) -> torch.Tensor:
+    """Every whole seq_len-token window of the files' text, documents joined by EOS (the tail shorter than a window
+    is left out); (n_blocks, seq_len) int64. Text a user evaluates on is used whole: nothing is split off."""
+    for p in paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"data: {p} does not exist")
+    files, texts, _, binary = _scan_files(paths)
+    if binary:
+        log.warning("data: skipped %d binary or non-UTF-8 file(s): %s", len(binary), _names(binary))
+    if not texts:
+        found = f"{len(files)} file(s) read, none with text" if files else "no *.txt / *.md file found"
+        raise UserInputError(f"data={paths}: {found}; pass UTF-8 text files (*.txt / *.md) or directories of them")
+    ids = joined_ids(texts, tokenizer)
+    n_blocks = len(ids) // seq_len
+    if n_blocks == 0:
+        raise UserInputError(f"data={paths}: {len(ids)} tokens, fewer than one block of seq_len={seq_len}; "
+                             "add text or lower seq_len")
+    return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
 
 
 def spread_blocks(docs: list[str], tokenizer: Tokenizer, seq_len: int, n_blocks: int, skip_tokens: int = 0) -> torch.Tensor:
