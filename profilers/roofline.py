@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from allocator.core.formats import KernelWork, linear_work
+from allocator.core.formats import KernelWork, format_choice, linear_work
 from allocator.core.patterns import SparsityPattern
 from allocator.core.space import (
     ATTN,
@@ -95,28 +95,35 @@ def _norm(device: DeviceSpec, m: int, hidden: int) -> float:
     return kernel_cost(device, work.bytes, work.flops).seconds
 
 
-def unit_weight_kernels(shape: ModelShape, kind: str, option: Option, m: int) -> list[KernelWork]:
+def unit_weight_kernels(
+    shape: ModelShape, kind: str, option: Option, m: int, unstructured_format: str = "bitmap"
+) -> list[KernelWork]:
     """The kernels of a unit that read weights, for m rows: its norm, and its linears dense at the kept width or
-    in the sparse option's export format; none when the unit is dropped (its norm goes with the block)."""
+    in the sparse option's export format (unstructured ones in `unstructured_format`, the plan's Space's); none
+    when the unit is dropped (its norm goes with the block)."""
     if option == 0:
         return []
     kept = kept_width(shape, kind, option)
     narrowed = (replace(shape, num_kv_heads=kept, num_heads=kept * shape.heads_per_group) if kind == ATTN
                 else replace(shape, intermediate=kept))
     pattern = sparse_pattern(option) if is_sparse(option) else None
-    linears = [linear_work(pattern, m, rows, cols, DTYPE) for rows, cols in unit_linear_shapes(narrowed, kind)]
+    fmt = None if pattern is None else format_choice(pattern, unstructured_format)
+    linears = [linear_work(pattern, m, rows, cols, DTYPE, fmt) for rows, cols in unit_linear_shapes(narrowed, kind)]
     return [_norm_work(m, shape.hidden), *linears]
 
 
-def unit_weight_bytes(shape: ModelShape, kind: str, option: Option) -> int:
+def unit_weight_bytes(shape: ModelShape, kind: str, option: Option, unstructured_format: str = "bitmap") -> int:
     """Weight bytes a unit's kernels read per step, 16-bit: what the exported checkpoint stores for the unit."""
-    return sum(work.weight_bytes for work in unit_weight_kernels(shape, kind, option, 1))
+    return sum(work.weight_bytes for work in unit_weight_kernels(shape, kind, option, 1, unstructured_format))
 
 
-def _unit_kernels_seconds(device: DeviceSpec, shape: ModelShape, kind: str, option: Option, m: int) -> float:
+def _unit_kernels_seconds(
+    device: DeviceSpec, shape: ModelShape, kind: str, option: Option, m: int, unstructured_format: str
+) -> float:
     if is_sparse(option) and not device.is_gpu:  # a CPU runs SparseLinear decompressed: the full-width dense unit
         option = kept_width(shape, kind, option)
-    return sum(kernel_cost(device, w.bytes, w.flops).seconds for w in unit_weight_kernels(shape, kind, option, m))
+    kernels = unit_weight_kernels(shape, kind, option, m, unstructured_format)
+    return sum(kernel_cost(device, w.bytes, w.flops).seconds for w in kernels)
 
 
 def tokens(regime: Regime) -> int:
@@ -139,21 +146,26 @@ def attention_core_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime
     return kernel_cost(device, kv_bytes + qo_bytes, flops).seconds
 
 
-def attention_unit_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option) -> float:
+def attention_unit_seconds(
+    device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option, unstructured_format: str = "bitmap"
+) -> float:
     """Input norm, q/k/v/o for the kept KV groups and the attention itself; 0 when dropped (the norm goes with the
-    block, as in allocator.model.surgery)."""
+    block, as in allocator.model.surgery). Unstructured options run in `unstructured_format` in every regime."""
     if option == 0:
         return 0.0
-    kernels = _unit_kernels_seconds(device, shape, ATTN, option, tokens(regime))
+    kernels = _unit_kernels_seconds(device, shape, ATTN, option, tokens(regime), unstructured_format)
     return kernels + attention_core_seconds(device, shape, regime, kept_width(shape, ATTN, option))
 
 
-def mlp_unit_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option) -> float:
+def mlp_unit_seconds(
+    device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option, unstructured_format: str = "bitmap"
+) -> float:
     """Post-attention norm, gate/up/down for the kept neurons and the SiLU(gate) * up between them; 0 when dropped."""
     if option == 0:
         return 0.0
     m, kept = tokens(regime), kept_width(shape, MLP, option)
-    return _unit_kernels_seconds(device, shape, MLP, option, m) + _elementwise(device, 3 * ELEMENT_BYTES * m * kept)
+    linears = _unit_kernels_seconds(device, shape, MLP, option, m, unstructured_format)
+    return linears + _elementwise(device, 3 * ELEMENT_BYTES * m * kept)
 
 
 def fixed_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime) -> float:
@@ -168,9 +180,14 @@ def fixed_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime) -> floa
 UNIT_SECONDS = {ATTN: attention_unit_seconds, MLP: mlp_unit_seconds}
 
 
-def regime_costs(device: DeviceSpec, shape: ModelShape, options: dict[str, list[int]], regime: Regime) -> RegimeCosts:
+def regime_costs(
+    device: DeviceSpec, shape: ModelShape, options: dict[str, list[int]], regime: Regime,
+    unstructured_format: str = "bitmap",
+) -> RegimeCosts:
+    """One regime's costs. Every regime prices unstructured options in the one format the plan exports
+    (`unstructured_format`): a plan for decode_b1 in csr8 runs csr8 at prefill too, and its table says what that costs."""
     unit_ms = {
-        kind: clean_curve({k: 1e3 * UNIT_SECONDS[kind](device, shape, regime, k) for k in kept})
+        kind: clean_curve({k: 1e3 * UNIT_SECONDS[kind](device, shape, regime, k, unstructured_format) for k in kept})
         for kind, kept in options.items()
     }
     fixed_ms = 1e3 * fixed_seconds(device, shape, regime)
@@ -194,7 +211,8 @@ def roofline_table(
     weights_gb = ELEMENT_BYTES * (shape.num_layers * layer + 2 * shape.vocab * shape.hidden) / 1e9
     if weights_gb > device.memory_gb:  # priced anyway, as if it fit: the plan may be what makes it fit
         log.warning("dense model (%.1f GB in 16 bits) exceeds %s (%g GB)", weights_gb, device.name, device.memory_gb)
-    settings = {"regimes": [asdict(r) for r in regimes], "method": METHOD}
-    costs = {r.name: regime_costs(device, shape, options, r) for r in regimes}
+    # The format joins the key only when it is not bitmap, so bitmap tables keep their keys.
+    settings = {"regimes": [asdict(r) for r in regimes], "method": METHOD, **space.format_settings()}
+    costs = {r.name: regime_costs(device, shape, options, r, space.unstructured_format) for r in regimes}
     fingerprint = roofline_fingerprint(device, dtype)
     return CostTable(device.key, "roofline", fingerprint, asdict(shape), options, settings, costs)
