@@ -3,7 +3,9 @@
 Per linear it prices the kernel the exported model runs: a dense GEMM at the unit's kept width, or on a GPU the
 sparse option's export format (a CPU has no sparse kernel: SparseLinear decompresses once and runs the dense GEMM,
 so there a sparse unit costs its full-width dense unit), whose bytes and FLOPs come from the format registry (allocator.core.formats), so the
-roofline prices the model that is exported. From those it builds a CostTable in the CPU profiler's format, so the
+roofline prices the model that is exported. Unstructured options are priced in the format the plan exports (the
+Space's unstructured_format) in every regime; a scalar format (csr8: no tensor cores) has its FLOPs priced at the
+CUDA-core rate, which is what its prefill costs. From those it builds a CostTable in the CPU profiler's format, so the
 search plans for a device that is not present (source "roofline") exactly as it does with a measured table."""
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from allocator.core.formats import KernelWork, format_choice, linear_work
+from allocator.core.formats import SCALAR_FORMATS, KernelWork, format_choice, linear_work
 from allocator.core.patterns import SparsityPattern
 from allocator.core.space import (
     ATTN,
@@ -27,7 +29,7 @@ from allocator.core.space import (
     sparse_pattern,
     unit_linear_shapes,
 )
-from profilers.devices import DeviceSpec
+from profilers.devices import DeviceSpec, scalar_flops
 from profilers.regimes import Regime
 from profilers.table import CostTable, RegimeCosts, clean_curve
 
@@ -66,8 +68,10 @@ class KernelCost:
     bound: str  # "memory" or "compute": which roof the kernel sits under
 
 
-def kernel_cost(device: DeviceSpec, nbytes: float, flops: float) -> KernelCost:
-    memory_s, compute_s = nbytes / device.bandwidth, flops / device.flops
+def kernel_cost(device: DeviceSpec, nbytes: float, flops: float, tensor_cores: bool = True) -> KernelCost:
+    """`tensor_cores` False: the FLOPs run at the CUDA-core rate (a scalar format: csr8)."""
+    rate = device.flops if tensor_cores else scalar_flops(device)
+    memory_s, compute_s = nbytes / device.bandwidth, flops / rate
     bound = "memory" if memory_s >= compute_s else "compute"
     return KernelCost(nbytes, flops, max(memory_s, compute_s) + device.launch_s, bound)
 
@@ -79,7 +83,7 @@ def linear_cost(
     exported (allocator.core.formats: its stored bytes, and the FLOPs of the weight elements its kernel
     multiplies: bitmap and N:M expand tiles to dense before the MMA, BSR multiplies its stored blocks only)."""
     work = linear_work(pattern, m, out_features, in_features, DTYPE)
-    return kernel_cost(device, work.bytes, work.flops)
+    return kernel_cost(device, work.bytes, work.flops, work.tensor_cores)
 
 
 def _elementwise(device: DeviceSpec, nbytes: float) -> float:
@@ -123,7 +127,7 @@ def _unit_kernels_seconds(
     if is_sparse(option) and not device.is_gpu:  # a CPU runs SparseLinear decompressed: the full-width dense unit
         option = kept_width(shape, kind, option)
     kernels = unit_weight_kernels(shape, kind, option, m, unstructured_format)
-    return sum(kernel_cost(device, w.bytes, w.flops).seconds for w in kernels)
+    return sum(kernel_cost(device, w.bytes, w.flops, w.tensor_cores).seconds for w in kernels)
 
 
 def tokens(regime: Regime) -> int:
@@ -211,8 +215,11 @@ def roofline_table(
     weights_gb = ELEMENT_BYTES * (shape.num_layers * layer + 2 * shape.vocab * shape.hidden) / 1e9
     if weights_gb > device.memory_gb:  # priced anyway, as if it fit: the plan may be what makes it fit
         log.warning("dense model (%.1f GB in 16 bits) exceeds %s (%g GB)", weights_gb, device.name, device.memory_gb)
-    # The format joins the key only when it is not bitmap, so bitmap tables keep their keys.
+    # The format (and the CUDA-core rate a scalar one is priced at) joins the key only when it is not bitmap, so
+    # bitmap tables keep their keys.
     settings = {"regimes": [asdict(r) for r in regimes], "method": METHOD, **space.format_settings()}
+    if space.unstructured_format in SCALAR_FORMATS:
+        settings["scalar_flops"] = scalar_flops(device)
     costs = {r.name: regime_costs(device, shape, options, r, space.unstructured_format) for r in regimes}
     fingerprint = roofline_fingerprint(device, dtype)
     return CostTable(device.key, "roofline", fingerprint, asdict(shape), options, settings, costs)

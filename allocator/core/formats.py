@@ -41,6 +41,9 @@ assert set(FORMATS) == set(KINDS), "every pattern kind needs its export format"
 # needs. A plan exports unstructured units in the format resolve_unstructured_format picks (space.unstructured_format).
 ALTERNATIVES: dict[str, dict[str, ExportFormat]] = {"unstructured": {"csr8": ExportFormat("csr8", lambda p: {})}}
 UNSTRUCTURED_FORMATS = (FORMATS["unstructured"].format, *ALTERNATIVES["unstructured"])
+# Formats whose kernels multiply with scalar FMAs at every M (kernels/csr8.py: no tl.dot path): their FLOPs run at
+# the CUDA-core rate, which is what makes them lose at prefill.
+SCALAR_FORMATS = frozenset({"csr8"})
 
 # Decode regimes are named decode_b<batch> (profilers/regimes.py regimes_of).
 _DECODE_REGIME = re.compile(r"decode_b(\d+)")
@@ -75,6 +78,7 @@ class KernelWork:
     weight_bytes: int  # the stored values and metadata the kernel reads
     activation_bytes: int  # x read, y written, in the weight's dtype
     flops: int  # 2 per weight element the kernel multiplies with each row of x
+    tensor_cores: bool = True  # False: scalar FMAs on the CUDA cores (a roofline prices them at that rate)
 
     @property
     def bytes(self) -> int:
@@ -111,7 +115,8 @@ def linear_work(
         return KernelWork(dtype.itemsize * rows * cols, activations, 2 * m * rows * cols)
     fmt, params = export_format(pattern, fmt)
     multiplied = kernel_formats.dot_elements(fmt, (rows, cols), kept_count(pattern, rows, cols), **params)
-    return KernelWork(stored_bytes(pattern, rows, cols, dtype, fmt), activations, 2 * m * multiplied)
+    weights = stored_bytes(pattern, rows, cols, dtype, fmt)
+    return KernelWork(weights, activations, 2 * m * multiplied, tensor_cores=fmt not in SCALAR_FORMATS)
 
 
 def sparse_unit_bytes(
