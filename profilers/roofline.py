@@ -15,7 +15,12 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from allocator.core.formats import SCALAR_FORMATS, KernelWork, format_choice, linear_work
+from allocator.core.formats import (
+    SCALAR_FORMATS,
+    KernelWork,
+    format_choice,
+    linear_work,
+)
 from allocator.core.patterns import SparsityPattern
 from allocator.core.space import (
     ATTN,
@@ -49,15 +54,17 @@ def deploy_dtype(dtype: str) -> str:
     return dtype if dtype in ("bfloat16", "float16") else "bfloat16"
 
 
-def weight_bytes_per_element(pattern: SparsityPattern | None, out_features: int, in_features: int) -> float:
+def weight_bytes_per_element(
+    pattern: SparsityPattern | None, out_features: int, in_features: int, fmt: str | None = None
+) -> float:
     """Bytes an (out, in) linear's kernel reads per element of the dense weight: dense (`pattern` None) or in the
-    pattern's export format, values and metadata."""
-    return linear_work(pattern, 1, out_features, in_features, DTYPE).weight_bytes / (out_features * in_features)
+    pattern's export format (or `fmt`), values and metadata."""
+    return linear_work(pattern, 1, out_features, in_features, DTYPE, fmt).weight_bytes / (out_features * in_features)
 
 
-def ideal_decode_speedup(pattern: SparsityPattern, out_features: int, in_features: int) -> float:
+def ideal_decode_speedup(pattern: SparsityPattern, out_features: int, in_features: int, fmt: str | None = None) -> float:
     """Decode at M = 1 reads every weight once and is memory bound: the speedup is the ratio of weight bytes."""
-    return ELEMENT_BYTES / weight_bytes_per_element(pattern, out_features, in_features)
+    return ELEMENT_BYTES / weight_bytes_per_element(pattern, out_features, in_features, fmt)
 
 
 @dataclass(frozen=True)

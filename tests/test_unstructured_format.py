@@ -114,7 +114,9 @@ def test_memory_model_prices_csr8_as_exported(tiny, tmp_path):
     cfg = SpaceConfig(kind="unstructured", sparsities=[0.7], allow_drop=False, pruner="magnitude", fisher_sequences=4)
     csr8_space = build_space(shape, cfg, "csr8")
     allocation = {u.name: "unstructured70" for u in csr8_space.units}
-    from allocator.levels.database import open_or_build_database  # a tiny magnitude database: real masks
+    from allocator.levels.database import (
+        open_or_build_database,  # a tiny magnitude database: real masks
+    )
 
     calibration = torch.randint(0, shape.vocab, (4, 16), generator=torch.Generator().manual_seed(0))
     db = open_or_build_database(dense, csr8_space, calibration, "tiny", "random", cfg, tmp_path, batch_size=4)
@@ -140,7 +142,12 @@ def test_a_decode_b1_plan_exports_and_reloads_csr8(tmp_path, monkeypatch):
 
     from allocator.app.config import SearchJob
     from allocator.app.search_job import prepare_search, run_search
-    from allocator.core.config import DataConfig, ModelConfig, ProfileConfig, ScoreConfig
+    from allocator.core.config import (
+        DataConfig,
+        ModelConfig,
+        ProfileConfig,
+        ScoreConfig,
+    )
     from allocator.core.plan import Plan
     from allocator.model.export import WEIGHTS_FILE
     from allocator.model.runtime import load_pruned
