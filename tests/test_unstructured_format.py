@@ -141,6 +141,7 @@ def test_a_decode_b1_plan_exports_and_reloads_csr8(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from allocator.app.config import SearchJob
+    from allocator.app.report import summary_lines
     from allocator.app.search_job import prepare_search, run_search
     from allocator.core.config import (
         DataConfig,
@@ -167,6 +168,7 @@ def test_a_decode_b1_plan_exports_and_reloads_csr8(tmp_path, monkeypatch):
     )
     plan = run_search(job, tmp_path / "run")
     assert plan.unstructured_format == "csr8" and plan.verify_skipped  # no H100 here
+    assert any("exported as csr8" in line for line in summary_lines(plan))
     assert Plan.load(tmp_path / "run" / "plan.json").unstructured_format == "csr8"
     assert load_table(Path(plan.profile.table)).settings["unstructured_format"] == "csr8"
     state = load_file(tmp_path / "run" / WEIGHTS_FILE)
@@ -183,6 +185,7 @@ def test_a_decode_b1_plan_exports_and_reloads_csr8(tmp_path, monkeypatch):
     # The same job at prefill exports bitmaps, as before the choice existed.
     prefill = run_search(replace(job, budget=replace(job.budget, regime="prefill")), tmp_path / "run_prefill")
     assert prefill.unstructured_format == "bitmap"
+    assert not any("exported as" in line for line in summary_lines(prefill))
     assert "unstructured_format" not in load_table(Path(prefill.profile.table)).settings
     reloaded = load_pruned(tmp_path / "run_prefill")[0]
     assert {m.fmt for m in reloaded.modules() if isinstance(m, SparseLinear)} == {"bitmap"}
