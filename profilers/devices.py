@@ -49,6 +49,17 @@ DEVICES: dict[str, DeviceSpec] = {
 # (SMs x 4 warp schedulers x clock; allocator.benchmarks.kernel_static). H100 / H200 SXM: 132 SMs, 1.98 GHz (NVIDIA
 # H100 datasheet and Hopper whitepaper); A100: 108 SMs, 1.41 GHz (NVIDIA A100 whitepaper).
 ISSUE_RATE: dict[str, tuple[int, float]] = {"h100": (132, 1.98e9), "h200": (132, 1.98e9), "a100": (108, 1.41e9)}
+# Outside DeviceSpec too: peak FP32 FLOP/s on the CUDA cores (no tensor cores), the rate a roofline prices a scalar
+# sparse kernel's FMAs at (allocator.core.formats.SCALAR_FORMATS: csr8). Datasheets: H100 and H200 SXM 67 TFLOPS
+# FP32; A100 19.5; L4 30.3; Ada whitepaper, RTX 4090: 82.6. The assumed CPU has one rate (its `flops`).
+CUDA_CORE_FLOPS: dict[str, float] = {"h100": 67e12, "h200": 67e12, "a100": 19.5e12, "l4": 30.3e12, "rtx4090": 82.6e12}
+
+
+def scalar_flops(device: DeviceSpec) -> float:
+    """FLOP/s of a kernel that multiplies without tensor cores on `device`."""
+    return CUDA_CORE_FLOPS[device.key] if device.is_gpu else device.flops
+
+
 # The word(s) that name each GPU's family in what torch reports ("NVIDIA H200 NVL" is an H200), matched whole and in
 # order by `name_matches`.
 FAMILY: dict[str, tuple[str, ...]] = {

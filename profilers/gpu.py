@@ -105,7 +105,7 @@ def variant_bytes(
     read = own = 0
     for u in space.units:
         kept = allocation[u.name]
-        weights = unit_weight_bytes(shape, u.kind, kept, element_bytes)
+        weights = unit_weight_bytes(shape, u.kind, kept, element_bytes, space.unstructured_format)
         read += weights
         own += weights if kept not in (0, u.full) else 0
         if u.kind == ATTN:
@@ -333,7 +333,8 @@ def measure_regime(
     budget = timer.memory_budget()
     groups = memory_groups({n: s for n, s in sizes.items() if n != "dense"},
                            None if budget is None else max(0, budget - sizes["dense"]))
-    build = {name: (lambda a=alloc: build_deployable(dense, space.shape, a, source)) for name, alloc in variants.items()}
+    build = {name: (lambda a=alloc: build_deployable(dense, space.shape, a, source, space.unstructured_format))
+             for name, alloc in variants.items()}
     build["dense"] = lambda: dense
     stats, info = time_models(build, regime, timer, cfg.warmup, cfg.repeats, cfg.l2_rotations, groups,
                               desc=f"profile {regime.name} on {timer.device}")
@@ -367,6 +368,7 @@ def profile_gpu(
         "timer": type(timer).__name__,
         "regimes": [asdict(r) for r in regimes],
         "method": METHOD,
+        **space.format_settings(),  # only when not bitmap: bitmap tables keep their keys
     }
     by_name = {r.name: r for r in regimes}
     on_device: list[nn.Module] = []  # the timed copy, made only if some regime has to be measured

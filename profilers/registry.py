@@ -119,6 +119,7 @@ def _covers(table: CostTable, space: Space, regimes: list[Regime]) -> bool:
     return (
         table.model_shape == asdict(space.shape)
         and table.options == space.options
+        and table.settings.get("unstructured_format", "bitmap") == space.unstructured_format
         and all(r.name in table.regimes and table.regimes[r.name].regime == asdict(r) for r in regimes)
     )
 

@@ -3,7 +3,9 @@
 Per linear it prices the kernel the exported model runs: a dense GEMM at the unit's kept width, or on a GPU the
 sparse option's export format (a CPU has no sparse kernel: SparseLinear decompresses once and runs the dense GEMM,
 so there a sparse unit costs its full-width dense unit), whose bytes and FLOPs come from the format registry (allocator.core.formats), so the
-roofline prices the model that is exported. From those it builds a CostTable in the CPU profiler's format, so the
+roofline prices the model that is exported. Unstructured options are priced in the format the plan exports (the
+Space's unstructured_format) in every regime; a scalar format (csr8: no tensor cores) has its FLOPs priced at the
+CUDA-core rate, which is what its prefill costs. From those it builds a CostTable in the CPU profiler's format, so the
 search plans for a device that is not present (source "roofline") exactly as it does with a measured table."""
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from allocator.core.formats import KernelWork, linear_work
+from allocator.core.formats import (
+    SCALAR_FORMATS,
+    KernelWork,
+    format_choice,
+    linear_work,
+)
 from allocator.core.patterns import SparsityPattern
 from allocator.core.space import (
     ATTN,
@@ -27,7 +34,7 @@ from allocator.core.space import (
     sparse_pattern,
     unit_linear_shapes,
 )
-from profilers.devices import DeviceSpec
+from profilers.devices import DeviceSpec, scalar_flops
 from profilers.regimes import Regime
 from profilers.table import CostTable, RegimeCosts, clean_curve
 
@@ -47,15 +54,17 @@ def deploy_dtype(dtype: str) -> str:
     return dtype if dtype in ("bfloat16", "float16") else "bfloat16"
 
 
-def weight_bytes_per_element(pattern: SparsityPattern | None, out_features: int, in_features: int) -> float:
+def weight_bytes_per_element(
+    pattern: SparsityPattern | None, out_features: int, in_features: int, fmt: str | None = None
+) -> float:
     """Bytes an (out, in) linear's kernel reads per element of the dense weight: dense (`pattern` None) or in the
-    pattern's export format, values and metadata."""
-    return linear_work(pattern, 1, out_features, in_features, DTYPE).weight_bytes / (out_features * in_features)
+    pattern's export format (or `fmt`), values and metadata."""
+    return linear_work(pattern, 1, out_features, in_features, DTYPE, fmt).weight_bytes / (out_features * in_features)
 
 
-def ideal_decode_speedup(pattern: SparsityPattern, out_features: int, in_features: int) -> float:
+def ideal_decode_speedup(pattern: SparsityPattern, out_features: int, in_features: int, fmt: str | None = None) -> float:
     """Decode at M = 1 reads every weight once and is memory bound: the speedup is the ratio of weight bytes."""
-    return ELEMENT_BYTES / weight_bytes_per_element(pattern, out_features, in_features)
+    return ELEMENT_BYTES / weight_bytes_per_element(pattern, out_features, in_features, fmt)
 
 
 @dataclass(frozen=True)
@@ -66,8 +75,10 @@ class KernelCost:
     bound: str  # "memory" or "compute": which roof the kernel sits under
 
 
-def kernel_cost(device: DeviceSpec, nbytes: float, flops: float) -> KernelCost:
-    memory_s, compute_s = nbytes / device.bandwidth, flops / device.flops
+def kernel_cost(device: DeviceSpec, nbytes: float, flops: float, tensor_cores: bool = True) -> KernelCost:
+    """`tensor_cores` False: the FLOPs run at the CUDA-core rate (a scalar format: csr8)."""
+    rate = device.flops if tensor_cores else scalar_flops(device)
+    memory_s, compute_s = nbytes / device.bandwidth, flops / rate
     bound = "memory" if memory_s >= compute_s else "compute"
     return KernelCost(nbytes, flops, max(memory_s, compute_s) + device.launch_s, bound)
 
@@ -79,7 +90,7 @@ def linear_cost(
     exported (allocator.core.formats: its stored bytes, and the FLOPs of the weight elements its kernel
     multiplies: bitmap and N:M expand tiles to dense before the MMA, BSR multiplies its stored blocks only)."""
     work = linear_work(pattern, m, out_features, in_features, DTYPE)
-    return kernel_cost(device, work.bytes, work.flops)
+    return kernel_cost(device, work.bytes, work.flops, work.tensor_cores)
 
 
 def _elementwise(device: DeviceSpec, nbytes: float) -> float:
@@ -95,28 +106,35 @@ def _norm(device: DeviceSpec, m: int, hidden: int) -> float:
     return kernel_cost(device, work.bytes, work.flops).seconds
 
 
-def unit_weight_kernels(shape: ModelShape, kind: str, option: Option, m: int) -> list[KernelWork]:
+def unit_weight_kernels(
+    shape: ModelShape, kind: str, option: Option, m: int, unstructured_format: str = "bitmap"
+) -> list[KernelWork]:
     """The kernels of a unit that read weights, for m rows: its norm, and its linears dense at the kept width or
-    in the sparse option's export format; none when the unit is dropped (its norm goes with the block)."""
+    in the sparse option's export format (unstructured ones in `unstructured_format`, the plan's Space's); none
+    when the unit is dropped (its norm goes with the block)."""
     if option == 0:
         return []
     kept = kept_width(shape, kind, option)
     narrowed = (replace(shape, num_kv_heads=kept, num_heads=kept * shape.heads_per_group) if kind == ATTN
                 else replace(shape, intermediate=kept))
     pattern = sparse_pattern(option) if is_sparse(option) else None
-    linears = [linear_work(pattern, m, rows, cols, DTYPE) for rows, cols in unit_linear_shapes(narrowed, kind)]
+    fmt = None if pattern is None else format_choice(pattern, unstructured_format)
+    linears = [linear_work(pattern, m, rows, cols, DTYPE, fmt) for rows, cols in unit_linear_shapes(narrowed, kind)]
     return [_norm_work(m, shape.hidden), *linears]
 
 
-def unit_weight_bytes(shape: ModelShape, kind: str, option: Option) -> int:
+def unit_weight_bytes(shape: ModelShape, kind: str, option: Option, unstructured_format: str = "bitmap") -> int:
     """Weight bytes a unit's kernels read per step, 16-bit: what the exported checkpoint stores for the unit."""
-    return sum(work.weight_bytes for work in unit_weight_kernels(shape, kind, option, 1))
+    return sum(work.weight_bytes for work in unit_weight_kernels(shape, kind, option, 1, unstructured_format))
 
 
-def _unit_kernels_seconds(device: DeviceSpec, shape: ModelShape, kind: str, option: Option, m: int) -> float:
+def _unit_kernels_seconds(
+    device: DeviceSpec, shape: ModelShape, kind: str, option: Option, m: int, unstructured_format: str
+) -> float:
     if is_sparse(option) and not device.is_gpu:  # a CPU runs SparseLinear decompressed: the full-width dense unit
         option = kept_width(shape, kind, option)
-    return sum(kernel_cost(device, w.bytes, w.flops).seconds for w in unit_weight_kernels(shape, kind, option, m))
+    kernels = unit_weight_kernels(shape, kind, option, m, unstructured_format)
+    return sum(kernel_cost(device, w.bytes, w.flops, w.tensor_cores).seconds for w in kernels)
 
 
 def tokens(regime: Regime) -> int:
@@ -139,21 +157,26 @@ def attention_core_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime
     return kernel_cost(device, kv_bytes + qo_bytes, flops).seconds
 
 
-def attention_unit_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option) -> float:
+def attention_unit_seconds(
+    device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option, unstructured_format: str = "bitmap"
+) -> float:
     """Input norm, q/k/v/o for the kept KV groups and the attention itself; 0 when dropped (the norm goes with the
-    block, as in allocator.model.surgery)."""
+    block, as in allocator.model.surgery). Unstructured options run in `unstructured_format` in every regime."""
     if option == 0:
         return 0.0
-    kernels = _unit_kernels_seconds(device, shape, ATTN, option, tokens(regime))
+    kernels = _unit_kernels_seconds(device, shape, ATTN, option, tokens(regime), unstructured_format)
     return kernels + attention_core_seconds(device, shape, regime, kept_width(shape, ATTN, option))
 
 
-def mlp_unit_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option) -> float:
+def mlp_unit_seconds(
+    device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option, unstructured_format: str = "bitmap"
+) -> float:
     """Post-attention norm, gate/up/down for the kept neurons and the SiLU(gate) * up between them; 0 when dropped."""
     if option == 0:
         return 0.0
     m, kept = tokens(regime), kept_width(shape, MLP, option)
-    return _unit_kernels_seconds(device, shape, MLP, option, m) + _elementwise(device, 3 * ELEMENT_BYTES * m * kept)
+    linears = _unit_kernels_seconds(device, shape, MLP, option, m, unstructured_format)
+    return linears + _elementwise(device, 3 * ELEMENT_BYTES * m * kept)
 
 
 def fixed_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime) -> float:
@@ -168,9 +191,14 @@ def fixed_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime) -> floa
 UNIT_SECONDS = {ATTN: attention_unit_seconds, MLP: mlp_unit_seconds}
 
 
-def regime_costs(device: DeviceSpec, shape: ModelShape, options: dict[str, list[int]], regime: Regime) -> RegimeCosts:
+def regime_costs(
+    device: DeviceSpec, shape: ModelShape, options: dict[str, list[int]], regime: Regime,
+    unstructured_format: str = "bitmap",
+) -> RegimeCosts:
+    """One regime's costs. Every regime prices unstructured options in the one format the plan exports
+    (`unstructured_format`): a plan for decode_b1 in csr8 runs csr8 at prefill too, and its table says what that costs."""
     unit_ms = {
-        kind: clean_curve({k: 1e3 * UNIT_SECONDS[kind](device, shape, regime, k) for k in kept})
+        kind: clean_curve({k: 1e3 * UNIT_SECONDS[kind](device, shape, regime, k, unstructured_format) for k in kept})
         for kind, kept in options.items()
     }
     fixed_ms = 1e3 * fixed_seconds(device, shape, regime)
@@ -194,7 +222,11 @@ def roofline_table(
     weights_gb = ELEMENT_BYTES * (shape.num_layers * layer + 2 * shape.vocab * shape.hidden) / 1e9
     if weights_gb > device.memory_gb:  # priced anyway, as if it fit: the plan may be what makes it fit
         log.warning("dense model (%.1f GB in 16 bits) exceeds %s (%g GB)", weights_gb, device.name, device.memory_gb)
-    settings = {"regimes": [asdict(r) for r in regimes], "method": METHOD}
-    costs = {r.name: regime_costs(device, shape, options, r) for r in regimes}
+    # The format (and the CUDA-core rate a scalar one is priced at) joins the key only when it is not bitmap, so
+    # bitmap tables keep their keys.
+    settings = {"regimes": [asdict(r) for r in regimes], "method": METHOD, **space.format_settings()}
+    if space.unstructured_format in SCALAR_FORMATS:
+        settings["scalar_flops"] = scalar_flops(device)
+    costs = {r.name: regime_costs(device, shape, options, r, space.unstructured_format) for r in regimes}
     fingerprint = roofline_fingerprint(device, dtype)
     return CostTable(device.key, "roofline", fingerprint, asdict(shape), options, settings, costs)

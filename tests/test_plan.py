@@ -2,7 +2,7 @@
 field, and the budget's one description."""
 
 import json
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from typing import Union, get_args, get_origin, get_type_hints
 
 import pytest
@@ -42,6 +42,8 @@ V2_FIELDS = V1_FIELDS + """
 measured.predicted_latency_ms measured.predicted_dense_latency_ms measured.dense_prediction_error
 measured.table_stale measured.table_note
 """.split()
+# Added within version 2 with a default (no upgrade step): a plan without it exported bitmaps and loads as such.
+V2_FIELDS += ["unstructured_format"]
 
 
 def full_plan() -> Plan:
@@ -87,6 +89,15 @@ def test_json_round_trip(plan, tmp_path):
     plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json") == plan
     assert json.loads((tmp_path / "plan.json").read_text()) == data
+
+
+def test_unstructured_format_is_recorded_and_old_plans_load_as_bitmap():
+    data = sample_plan().to_json()
+    assert data["unstructured_format"] == "bitmap"  # written always
+    del data["unstructured_format"]  # a plan written before the choice existed
+    assert Plan.from_json(json.loads(json.dumps(data))).unstructured_format == "bitmap"
+    csr8 = replace(sample_plan(), unstructured_format="csr8")
+    assert Plan.from_json(json.loads(json.dumps(csr8.to_json()))).unstructured_format == "csr8"
 
 
 def test_unset_optional_fields_are_left_out_as_before():
@@ -156,13 +167,14 @@ def test_wrong_types_and_unknown_fields_are_clear_errors(tmp_path):
 
 def test_plan_written_before_versions_loads_unchanged():
     """A real run's plan from before the version field (the memory-budget benchmark's): read as it is, and
-    written back with only the version added."""
+    written back with only the version and the format it exported (bitmap, the only one then) added."""
     data = json.loads(LEGACY_PLAN.read_text())
     assert "version" not in data
     plan = Plan.load(LEGACY_PLAN)
     assert plan.budget.memory_gb == 0.4 and plan.measured.memory.total_bytes <= 0.4e9 and plan.measured.target_met
     assert plan.searcher.error_metric is ErrorMetric.fisher and plan.model_spec.name == "smollm2-135m"
-    assert plan.to_json() == {"version": PLAN_VERSION, **data}
+    assert plan.unstructured_format == "bitmap"
+    assert plan.to_json() == {"version": PLAN_VERSION, **data, "unstructured_format": "bitmap"}
 
 
 def test_oldest_plans_are_upgraded():

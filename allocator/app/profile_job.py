@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from allocator.app.config import ProfileJob
 from allocator.core.errors import UserInputError
+from allocator.core.formats import resolve_unstructured_format
 from allocator.core.space import ModelShape, build_space
 from allocator.model.loader import load_model
 from profilers.prediction import predicted_dense_ms, predicted_min_ms
@@ -18,7 +19,9 @@ def validate_profile_name(name: str) -> None:
 def run_profile(cfg: ProfileJob) -> None:
     validate_profile_name(cfg.profile.name)
     loaded = load_model(cfg.model, cfg.cache_dir)
-    space = build_space(ModelShape.from_config(loaded.model.config), cfg.space)
+    # No budget here: `auto` resolves as without a regime (bitmap); a search asks for the table its plan needs.
+    unstructured = resolve_unstructured_format(cfg.space.unstructured_format, None)
+    space = build_space(ModelShape.from_config(loaded.model.config), cfg.space, unstructured)
     table, path = get_cost_table(
         cfg.profile.name, loaded.model, space, cfg.profile, cfg.model.dtype, cfg.cache_dir
     )

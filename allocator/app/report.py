@@ -51,6 +51,10 @@ def summary_lines(plan: Plan) -> list[str]:
         f"profile {plan.profile.name} ({plan.profile.source}), budget {b.label()}{planned}",
         f"predicted ({b.regime}): " + ", ".join(predicted),
     ]
+    if plan.unstructured_format != "bitmap":  # bitmap plans print as they did before the choice existed
+        lines.append(f"unstructured units exported as {plan.unstructured_format} (space.unstructured_format): "
+                     "per-value decode kernels, predicted fast at batch <= 4 and slow at prefill; the latency table "
+                     "prices every regime in it")
     if plan.profile.name in CPU_PROFILES and any(is_sparse(o) for o in plan.allocation.values()):
         lines.append("on a CPU sparse units run decompressed (once, at load) at the dense unit's speed: their formats "
                      "shrink the stored weights, not the latency")

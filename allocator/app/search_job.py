@@ -29,6 +29,7 @@ from allocator.core.budget import (
 )
 from allocator.core.config import ErrorMetric, check_choice
 from allocator.core.errors import UserInputError
+from allocator.core.formats import resolve_unstructured_format
 from allocator.core.memory import kv_bytes
 from allocator.core.plan import (
     NO_TABLE,
@@ -74,6 +75,7 @@ def validate_search_job(cfg: SearchJob) -> None:
         raise UserInputError(f"searcher.name={cfg.searcher.name!r} is unknown; known: {', '.join(SEARCHERS.names())}")
     sparse_patterns(cfg.space)
     check_choice("space.error_metric", cfg.space.error_metric, ErrorMetric)
+    resolve_unstructured_format(cfg.space.unstructured_format, cfg.budget.regime)  # names the valid ones
     if not 1 <= cfg.space.fisher_sequences <= cfg.data.calib_sequences:
         raise UserInputError(
             f"space.fisher_sequences={cfg.space.fisher_sequences} must be in 1..data.calib_sequences={cfg.data.calib_sequences}"
@@ -186,7 +188,10 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, cfg.cache_dir)
     dense = loaded.model
-    space = build_space(ModelShape.from_config(dense.config), cfg.space)
+    # The unstructured format is resolved once, from the budget's regime: the table, the memory model, the export
+    # and the plan all read it from the Space.
+    unstructured = resolve_unstructured_format(cfg.space.unstructured_format, cfg.budget.regime)
+    space = build_space(ModelShape.from_config(dense.config), cfg.space, unstructured)
     budget_ms: dict[str, float] = {}
     if is_param_budget(cfg.budget):  # unreachable budgets fail now, not after profiling
         target_params(cfg.budget, space)
@@ -232,7 +237,7 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
     kl = kl_to_dense(dense, models, data.calibration[: cfg.score.kl_sequences], batch)
     ppl = {name: perplexity(m, data.heldout, batch) for name, m in {"dense": dense, **models}.items()}
     # What is exported and run: sparse units in their compressed formats (the same model as the masked one).
-    deployed = build_deployable(dense, shape, allocations["searched"], db.source)
+    deployed = build_deployable(dense, shape, allocations["searched"], db.source, space.unstructured_format)
     # KV cache of budget.memory_batch sequences of budget.memory_context tokens (reported with or without a memory budget)
     dtype_bytes = next(dense.parameters()).element_size()
     b = cfg.budget
@@ -306,6 +311,7 @@ def make_plan(
     info = found.info
     return Plan(
         allocation=allocations["searched"],
+        unstructured_format=setup.space.unstructured_format,
         budget=PlanBudget(
             **asdict(cfg.budget),
             target_ms=setup.target_ms,

@@ -3,7 +3,8 @@
 python -m allocator.benchmarks.roofline  →  runs/bench/roofline/formats.json
 
 For every sparse option of the default mixed space (unstructured 10-90% as bitmap, 2:4 and 4:8 as N:M, 16x16
-blocks at 25/50/75% as BSR), in 16 bits:
+blocks at 25/50/75% as BSR), and the unstructured ones again as csr8 ("<label>/csr8", space.unstructured_format;
+its FLOPs at the CUDA-core rate), in 16 bits:
   - bytes per element of a 4096x4096 linear (values and metadata, as the exported checkpoint stores them) and the
     ideal decode speedup, the ratio of weight bytes to dense;
   - the roofline's predicted whole-model speedup on an H100 with every unit at that option (Llama-3-8B and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from allocator.benchmarks.common import write_result
 from allocator.core.config import SpaceConfig
+from allocator.core.formats import format_choice
 from allocator.core.space import ATTN, MLP, ModelShape, full_width, sparse_patterns
 from profilers import roofline
 from profilers.devices import DEVICES
@@ -31,38 +33,43 @@ DEVICE = "h100"
 LINEAR = (4096, 4096)
 
 
-def model_seconds(shape: ModelShape, regime: Regime, option: object | None) -> float:
-    """Every unit at `option` (None: dense), as the roofline prices it."""
+def model_seconds(shape: ModelShape, regime: Regime, option: object | None, unstructured: str = "bitmap") -> float:
+    """Every unit at `option` (None: dense), unstructured options in `unstructured`, as the roofline prices it."""
     device = DEVICES[DEVICE]
     units = {kind: full_width(shape, kind) if option is None else option for kind in (ATTN, MLP)}
-    per_layer = sum(roofline.UNIT_SECONDS[kind](device, shape, regime, units[kind]) for kind in (ATTN, MLP))
+    per_layer = sum(roofline.UNIT_SECONDS[kind](device, shape, regime, units[kind], unstructured) for kind in (ATTN, MLP))
     return roofline.fixed_seconds(device, shape, regime) + shape.num_layers * per_layer
 
 
 def main() -> None:
     patterns = sparse_patterns(SpaceConfig(kind="mixed"))
+    # Every option in its default format, and the unstructured ones also in csr8 (space.unstructured_format), as
+    # "<label>/csr8": what a plan exporting csr8 is priced at in each regime.
+    rows = [(p, p.label, "bitmap") for p in patterns]
+    rows += [(p, f"{p.label}/csr8", "csr8") for p in patterns if p.kind == "unstructured"]
     per_element = {
-        p.label: {
-            "bytes_per_element": roofline.weight_bytes_per_element(p, *LINEAR),
-            "ideal_decode_speedup": roofline.ideal_decode_speedup(p, *LINEAR),
+        label: {
+            "bytes_per_element": roofline.weight_bytes_per_element(p, *LINEAR, fmt=format_choice(p, fmt)),
+            "ideal_decode_speedup": roofline.ideal_decode_speedup(p, *LINEAR, fmt=format_choice(p, fmt)),
         }
-        for p in patterns
+        for p, label, fmt in rows
     }
     speedups = {
         name: {
-            r.name: {p.label: model_seconds(shape, r, None) / model_seconds(shape, r, p.label) for p in patterns}
+            r.name: {label: model_seconds(shape, r, None) / model_seconds(shape, r, p.label, fmt)
+                     for p, label, fmt in rows}
             for r in REGIMES
         }
         for name, shape in SHAPES.items()
     }
-    header = f"{'option':>16} {'B/elem':>7} {'ideal':>6}" + "".join(
+    header = f"{'option':>21} {'B/elem':>7} {'ideal':>6}" + "".join(
         f" {name[:9] + ' ' + r.name:>22}" for name in SHAPES for r in REGIMES)
     print(f"{DEVICE} roofline, 16-bit; bytes per element of a {LINEAR[0]}x{LINEAR[1]} linear; whole-model speedups")
     print(header)
-    for p in patterns:
-        row = per_element[p.label]
-        cells = "".join(f" {speedups[name][r.name][p.label]:>22.2f}" for name in SHAPES for r in REGIMES)
-        print(f"{p.label:>16} {row['bytes_per_element']:>7.4f} {row['ideal_decode_speedup']:>6.2f}{cells}")
+    for _, label, _ in rows:
+        row = per_element[label]
+        cells = "".join(f" {speedups[name][r.name][label]:>22.2f}" for name in SHAPES for r in REGIMES)
+        print(f"{label:>21} {row['bytes_per_element']:>7.4f} {row['ideal_decode_speedup']:>6.2f}{cells}")
     write_result("roofline", "formats", {
         "command": "python -m allocator.benchmarks.roofline",
         "method": roofline.METHOD,

@@ -27,7 +27,7 @@ from allocator.app.search_job import prepare_search
 from allocator.benchmarks.common import write_result
 from allocator.benchmarks.search_config import search_job
 from allocator.benchmarks.searchers import heldout_quality
-from allocator.core.formats import export_format
+from allocator.core.formats import export_format, format_choice
 from allocator.core.space import is_sparse, sparse_pattern
 from allocator.model.export import export_checkpoint
 from allocator.model.runtime import load_pruned
@@ -76,10 +76,11 @@ def mixed_export(memory_gb: float) -> dict:
 def check_export(setup, allocation: dict, overrides: list[str]) -> dict:
     """Export the deployable model, reload it and compare its logits with the stitched model's."""
     stitched = build_pruned_model(setup.dense, setup.space.shape, allocation, setup.db.source)
-    deployed = build_deployable(setup.dense, setup.space.shape, allocation, setup.db.source)
+    fmt = setup.space.unstructured_format
+    deployed = build_deployable(setup.dense, setup.space.shape, allocation, setup.db.source, fmt)
     full = {u.name: u.full for u in setup.space.units}
     formats = Counter(
-        export_format(sparse_pattern(o))[0] if is_sparse(o) else "dense" if o == full[n] else "dropped" if o == 0
+        export_format(sparse_pattern(o), format_choice(sparse_pattern(o), fmt))[0] if is_sparse(o) else "dense" if o == full[n] else "dropped" if o == 0
         else "structured" for n, o in allocation.items()
     )
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,14 @@ class PrunerName(StrEnum):
     magnitude = "magnitude"
 
 
+class UnstructuredFormat(StrEnum):
+    """Kernel format unstructured sparse units are exported in (see SpaceConfig.unstructured_format)."""
+
+    auto = "auto"
+    bitmap = "bitmap"
+    csr8 = "csr8"
+
+
 class ErrorMetric(StrEnum):
     """Which per-level error the searchers add up (see SpaceConfig.error_metric)."""
 
@@ -80,6 +88,9 @@ class SpaceConfig:
     error_metric: ErrorMetric = ErrorMetric.fisher
     # Calibration sequences used for the output Fisher (gradients: costlier than the Hessian forward pass).
     fisher_sequences: int = 16
+    # Kernel format of unstructured sparse units: "bitmap", "csr8" (per-value decode work, fast at small batch,
+    # slow at prefill), or "auto": chosen once from budget.regime (allocator.core.formats.resolve_unstructured_format).
+    unstructured_format: UnstructuredFormat = UnstructuredFormat.auto
 
 
 @dataclass

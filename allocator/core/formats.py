@@ -12,11 +12,13 @@ value the bitmap stores)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from allocator.core.config import UnstructuredFormat, check_choice
 from allocator.core.patterns import KINDS, SparsityPattern, kept_count
 from allocator.core.space import ModelShape, unit_linear_shapes
 from kernels import formats as kernel_formats
@@ -34,10 +36,39 @@ FORMATS: dict[str, ExportFormat] = {
     "block": ExportFormat("bsr", lambda p: {"block": p.block}),
 }
 assert set(FORMATS) == set(KINDS), "every pattern kind needs its export format"
-# Other kernel formats that can store a pattern kind, priced on request (`fmt=`) but not exported: csr8 gives
-# unstructured patterns per-stored-value decode work (kernels/csr8.py), while bitmap, the export format, keeps the
-# tensor-core path prefill needs.
+# Other kernel formats that can store a pattern kind, chosen by `fmt=`: csr8 gives unstructured patterns
+# per-stored-value decode work (kernels/csr8.py), while bitmap, the default, keeps the tensor-core path prefill
+# needs. A plan exports unstructured units in the format resolve_unstructured_format picks (space.unstructured_format).
 ALTERNATIVES: dict[str, dict[str, ExportFormat]] = {"unstructured": {"csr8": ExportFormat("csr8", lambda p: {})}}
+UNSTRUCTURED_FORMATS = (FORMATS["unstructured"].format, *ALTERNATIVES["unstructured"])
+# Formats whose kernels multiply with scalar FMAs at every M (kernels/csr8.py: no tl.dot path): their FLOPs run at
+# the CUDA-core rate, which is what makes them lose at prefill.
+SCALAR_FORMATS = frozenset({"csr8"})
+
+# Decode regimes are named decode_b<batch> (profilers/regimes.py regimes_of).
+_DECODE_REGIME = re.compile(r"decode_b(\d+)")
+# `auto` picks csr8 for decode at batch <= 4. The static SASS benchmark (python -m allocator.benchmarks.kernel_static,
+# a prediction, no GPU measured) puts csr8 at 2.10x / 2.08x / 1.24x / 0.87x over cuBLAS at M = 1 / 2 / 4 / 8 on an
+# H200 (4096x14336 bf16, 70%), bitmap at 1.04-1.17x there, and csr8 at 0.04x against bitmap's 0.28x at M = 256:
+# csr8 wins through M = 4 and loses from M = 8 on, prefill by far.
+AUTO_CSR8_MAX_BATCH = 4
+
+
+def resolve_unstructured_format(choice: str, regime: str | None) -> str:
+    """The kernel format a plan exports its unstructured units in, from space.unstructured_format (`choice`) and the
+    budget's regime: `bitmap` or `csr8` as asked; `auto` is csr8 for a decode regime at batch <= AUTO_CSR8_MAX_BATCH
+    and bitmap otherwise (prefill, larger batches, or no regime). Resolved once, then priced and exported alike."""
+    check_choice("space.unstructured_format", choice, UnstructuredFormat)
+    if choice != UnstructuredFormat.auto:
+        return str(choice)
+    decode = _DECODE_REGIME.fullmatch(regime or "")
+    return "csr8" if decode and int(decode.group(1)) <= AUTO_CSR8_MAX_BATCH else FORMATS["unstructured"].format
+
+
+def format_choice(pattern: SparsityPattern, unstructured_format: str) -> str | None:
+    """The `fmt` argument for `pattern` in a plan exporting unstructured units as `unstructured_format`: that
+    format for an unstructured pattern, the kind's export format (None) for the others."""
+    return unstructured_format if pattern.kind == "unstructured" else None
 
 
 @dataclass(frozen=True)
@@ -47,6 +78,7 @@ class KernelWork:
     weight_bytes: int  # the stored values and metadata the kernel reads
     activation_bytes: int  # x read, y written, in the weight's dtype
     flops: int  # 2 per weight element the kernel multiplies with each row of x
+    tensor_cores: bool = True  # False: scalar FMAs on the CUDA cores (a roofline prices them at that rate)
 
     @property
     def bytes(self) -> int:
@@ -83,9 +115,13 @@ def linear_work(
         return KernelWork(dtype.itemsize * rows * cols, activations, 2 * m * rows * cols)
     fmt, params = export_format(pattern, fmt)
     multiplied = kernel_formats.dot_elements(fmt, (rows, cols), kept_count(pattern, rows, cols), **params)
-    return KernelWork(stored_bytes(pattern, rows, cols, dtype, fmt), activations, 2 * m * multiplied)
+    weights = stored_bytes(pattern, rows, cols, dtype, fmt)
+    return KernelWork(weights, activations, 2 * m * multiplied, tensor_cores=fmt not in SCALAR_FORMATS)
 
 
-def sparse_unit_bytes(shape: ModelShape, kind: str, pattern: SparsityPattern, dtype_bytes: int) -> int:
+def sparse_unit_bytes(
+    shape: ModelShape, kind: str, pattern: SparsityPattern, dtype_bytes: int, unstructured_format: str = "bitmap"
+) -> int:
     dtype = {2: torch.float16, 4: torch.float32}[dtype_bytes]  # fp16 and bf16 store alike
-    return sum(stored_bytes(pattern, rows, cols, dtype) for rows, cols in unit_linear_shapes(shape, kind))
+    fmt = format_choice(pattern, unstructured_format)
+    return sum(stored_bytes(pattern, rows, cols, dtype, fmt) for rows, cols in unit_linear_shapes(shape, kind))

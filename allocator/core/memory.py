@@ -16,14 +16,20 @@ def kv_bytes(shape: ModelShape, kept: Option, batch: int, context: int, dtype_by
     return 2 * batch * context * per_token * dtype_bytes
 
 
-def unit_weight_bytes(shape: ModelShape, kind: str, kept: Option, dtype_bytes: int) -> int:
-    """The unit's linears (a sparse option: in its export format) plus the norm in front of it, which a dropped
-    block loses too."""
+def unit_weight_bytes(
+    shape: ModelShape, kind: str, kept: Option, dtype_bytes: int, unstructured_format: str = "bitmap"
+) -> int:
+    """The unit's linears (a sparse option: in its export format, an unstructured one in `unstructured_format`,
+    the Space's) plus the norm in front of it, which a dropped block loses too."""
     if is_sparse(kept):
-        return sparse_unit_bytes(shape, kind, sparse_pattern(kept), dtype_bytes) + shape.hidden * dtype_bytes
+        linears = sparse_unit_bytes(shape, kind, sparse_pattern(kept), dtype_bytes, unstructured_format)
+        return linears + shape.hidden * dtype_bytes
     return (option_params(shape, kind, kept) + (shape.hidden if kept else 0)) * dtype_bytes
 
 
-def option_bytes(shape: ModelShape, kind: str, kept: Option, batch: int, context: int, dtype_bytes: int) -> int:
+def option_bytes(
+    shape: ModelShape, kind: str, kept: Option, batch: int, context: int, dtype_bytes: int,
+    unstructured_format: str = "bitmap",
+) -> int:
     kv = kv_bytes(shape, kept, batch, context, dtype_bytes) if kind == ATTN else 0
-    return unit_weight_bytes(shape, kind, kept, dtype_bytes) + kv
+    return unit_weight_bytes(shape, kind, kept, dtype_bytes, unstructured_format) + kv

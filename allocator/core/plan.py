@@ -6,7 +6,9 @@ existed still load (see `_upgrade_unversioned`).
 
 Changing the schema (a field added to, renamed in or removed from any dataclass here, including the embedded
 `BudgetConfig` and `ModelConfig`) means: bump PLAN_VERSION, add an upgrade from the previous version to
-`_UPGRADES`, and update the field list pinned in tests/test_plan.py and the README's "What a run writes".
+`_UPGRADES`, and update the field list pinned in tests/test_plan.py and the README's "What a run writes". A field
+with a default that older plans lack (written always, marked omit_if_none so a missing one reads as its default)
+needs no version: `unstructured_format`.
 """
 
 from __future__ import annotations
@@ -165,6 +167,9 @@ class Plan:
     predicted: Predicted
     uniform: Uniform
     quality: Quality
+    # Kernel format the unstructured sparse units are exported in (space.unstructured_format, resolved): always
+    # written; a plan from before the choice existed exported bitmaps and loads with that default (no upgrade step).
+    unstructured_format: str = field(default="bitmap", metadata={_OMIT: True})
     measured: Optional[Measured] = _when_set()
     verify_skipped: Optional[str] = _when_set()  # why verification did not run (a device not present here)
     version: int = PLAN_VERSION

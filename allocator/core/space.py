@@ -170,10 +170,15 @@ class Space:
 
     shape: ModelShape
     units: tuple[Unit, ...]
+    # The kernel format unstructured sparse options are exported, run and priced in (resolved from
+    # space.unstructured_format by allocator.core.formats.resolve_unstructured_format; never "auto").
+    unstructured_format: str = "bitmap"
     # kind → its options, ascending in kept weights (the dense one last): the form latency tables are keyed on.
     options: dict[str, list[Option]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.unstructured_format not in ("bitmap", "csr8"):
+            raise ValueError(f"Space.unstructured_format={self.unstructured_format!r}: a resolved one, bitmap or csr8")
         object.__setattr__(self, "units", tuple(self.units))
         options: dict[str, tuple[Option, ...]] = {}
         for unit in self.units:
@@ -185,12 +190,18 @@ class Space:
     def has_sparse(self) -> bool:
         return any(is_sparse(o) for opts in self.options.values() for o in opts)
 
+    def format_settings(self) -> dict[str, str]:
+        """Part of a latency table's settings (its cache key): the unstructured format, only when it is not bitmap,
+        so tables of bitmap spaces keep the keys they had before the format was a choice."""
+        return {} if self.unstructured_format == "bitmap" else {"unstructured_format": self.unstructured_format}
+
     def dense_allocation(self) -> dict[str, Option]:
         return {u.name: u.full for u in self.units}
 
 
-def build_space(shape: ModelShape, cfg: SpaceConfig) -> Space:
-    """Options ascending in kept weights (ties in label order), the dense one last."""
+def build_space(shape: ModelShape, cfg: SpaceConfig, unstructured_format: str = "bitmap") -> Space:
+    """Options ascending in kept weights (ties in label order), the dense one last; unstructured options in
+    `unstructured_format` (resolved from cfg.unstructured_format by the caller, which knows the budget's regime)."""
     patterns = sparse_patterns(cfg)
     for pattern in patterns:
         check_pattern_fits(shape, pattern)
@@ -212,5 +223,7 @@ def build_space(shape: ModelShape, cfg: SpaceConfig) -> Space:
     for layer in range(shape.num_layers):
         units.append(Unit(unit_name(layer, ATTN), layer, ATTN, shape.num_kv_heads, attn_options))
         units.append(Unit(unit_name(layer, MLP), layer, MLP, shape.intermediate, mlp_options))
-    return Space(shape, tuple(units))
+    if not any(p.kind == "unstructured" for p in patterns):  # nothing stored in it: keys and plans stay bitmap's
+        unstructured_format = "bitmap"
+    return Space(shape, tuple(units), unstructured_format)
 

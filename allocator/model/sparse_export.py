@@ -1,8 +1,8 @@
 """Sparse units as they run: masked linears turned into SparseLinear modules in the format of their pattern.
 
 The export, the reloaded checkpoint and both profilers go through `compress_sparse_units`, so what is profiled
-is what is exported and run. Unstructured patterns are stored as bitmaps, N:M patterns in the N:M format (values
-and in-group indices), block sparsity as BSR. On a GPU the modules run their formats' Triton kernels; on a CPU
+is what is exported and run. Unstructured patterns are stored as bitmaps or CSR8 (the Space's unstructured_format),
+N:M patterns in the N:M format (values and in-group indices), block sparsity as BSR. On a GPU the modules run their formats' Triton kernels; on a CPU
 (no kernel) each decompresses once and runs the dense GEMM, so there a sparse unit costs its dense unit's time
 (kernels/sparse_linear.py; profilers/cpu.py prices it so)."""
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from allocator.core.formats import export_format
+from allocator.core.formats import export_format, format_choice
 from allocator.core.patterns import SparsityPattern
 from allocator.core.space import ATTN, MLP, ModelShape, Option
 from allocator.model.surgery import (
@@ -36,11 +36,12 @@ def sparse_units(model: nn.Module) -> list[tuple[int, str, SparsityPattern]]:
     ]
 
 
-def compress_sparse_units(model: nn.Module) -> nn.Module:
-    """Replace, in place, the masked linears of every sparse unit by SparseLinear modules; returns the model."""
+def compress_sparse_units(model: nn.Module, unstructured_format: str = "bitmap") -> nn.Module:
+    """Replace, in place, the masked linears of every sparse unit by SparseLinear modules (unstructured ones in
+    `unstructured_format`, the plan's Space's); returns the model."""
     layers = decoder_layers(model)
     for layer, kind, pattern in sparse_units(model):
-        fmt, params = export_format(pattern)
+        fmt, params = export_format(pattern, format_choice(pattern, unstructured_format))
         block = getattr(layers[layer], BLOCK_ATTRIBUTE[kind])
         for name in UNIT_LINEARS[kind]:
             linear = getattr(block, name)
@@ -49,9 +50,13 @@ def compress_sparse_units(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_deployable(dense: nn.Module, shape: ModelShape, allocation: dict[str, Option], source: LevelSource) -> nn.Module:
-    """The model as exported and run: structured units shrunk, sparse units in their compressed formats."""
-    return compress_sparse_units(build_pruned_model(dense, shape, allocation, source))
+def build_deployable(
+    dense: nn.Module, shape: ModelShape, allocation: dict[str, Option], source: LevelSource,
+    unstructured_format: str = "bitmap",
+) -> nn.Module:
+    """The model as exported and run: structured units shrunk, sparse units in their compressed formats
+    (unstructured ones in `unstructured_format`, the Space's; the loader reads each unit's format from its tensors)."""
+    return compress_sparse_units(build_pruned_model(dense, shape, allocation, source), unstructured_format)
 
 
 def load_sparse_units(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
