@@ -19,7 +19,7 @@ from allocator.model.engines import (
     export_formats,
     export_writer,
 )
-from allocator.model.engines.decilm import decilm_kv_heads
+from allocator.model.engines.decilm import decilm_kv_heads, decilm_kv_layout
 from allocator.model.loader import load_model
 from allocator.model.runtime import load_plan, load_pruned
 from allocator.model.sparse_export import build_deployable
@@ -101,17 +101,22 @@ def test_decilm_config_follows_the_export_rule(exported):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_decilm.DeciLMForCausalLM"
     assert all((written["decilm"] / name).is_file() for name in ("configuration_decilm.py", "modeling_decilm.py"))
     state = load_file(written["decilm"] / "model.safetensors")
+    first_mlp_before_attention = None
     for i, block in enumerate(config["block_configs"]):
         attn, mlp = allocation[f"layer{i:02d}.attn"], allocation[f"layer{i:02d}.mlp"]
         groups = 4 if isinstance(attn, str) else attn
         width = 128 if isinstance(mlp, str) else mlp
+        if first_mlp_before_attention is None and (groups or width):
+            first_mlp_before_attention = groups == 0  # vLLM needs an attention there: one zero KV head
+            groups = 1 if first_mlp_before_attention else groups
         assert "ffn_mult" not in block["ffn"]  # vLLM would round a multiplier up to 256 neurons
         assert block["attention"]["no_op"] == (groups == 0) and block["ffn"]["no_op"] == (width == 0)
         has_attn = f"model.layers.{i}.self_attn.k_proj.weight" in state
         assert has_attn == (groups != 0) and (f"model.layers.{i}.input_layernorm.weight" in state) == has_attn
         if groups:
             kv_heads = 8 // block["attention"]["n_heads_in_group"]
-            assert kv_heads == decilm_kv_heads(groups, 8) and state[f"model.layers.{i}.self_attn.k_proj.weight"].shape[0] == kv_heads * 8
+            assert kv_heads == decilm_kv_heads(groups, 8)
+            assert state[f"model.layers.{i}.self_attn.k_proj.weight"].shape[0] == kv_heads * 8
             assert state[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] == 8 * 8  # all query heads
         if width:
             assert block["ffn"]["intermediate_size"] == width
@@ -125,6 +130,10 @@ def test_decilm_kv_heads_is_the_smallest_divisor_at_least_k():
     assert [decilm_kv_heads(k, 9) for k in range(4)] == [0, 1, 3, 3]  # SmolLM2: 9 query heads, 3 KV groups
     assert [decilm_kv_heads(k, 32) for k in range(9)] == [0, 1, 2, 4, 4, 8, 8, 8, 8]  # 32 heads, 8 KV groups
     assert [decilm_kv_heads(k, 8) for k in range(5)] == [0, 1, 2, 4, 4]
+    # An MLP before any attention gets a zero attention of one KV head (vLLM's residual starts at an attention);
+    # dropped layers before it, and dropped attentions after one has run, stay no_op.
+    assert decilm_kv_layout([0, 0, 0, 2, 0], [0, 0, 64, 64, 64], 8) == [0, 0, 1, 2, 0]
+    assert decilm_kv_layout([3, 0, 1], [0, 64, 64], 9) == [3, 0, 1]
 
 
 def test_every_export_directory_is_self_contained_with_a_card(exported, tiny8, tmp_path):

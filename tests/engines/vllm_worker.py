@@ -1,7 +1,8 @@
 """The vLLM side of check_vllm.py, run by the vLLM environment's Python (not this project's: vLLM pins another
 transformers): `python vllm_worker.py request.json result.json`.
 
-request: {"model": dir, "prompts": [[token ids], ...], "max_tokens": n, "dtype": "float32", "max_model_len": n}
+request: {"model": dir, "prompts": [[token ids], ...], "max_tokens": n, "dtype": "float32", "max_model_len": n,
+          "skip_tokenizer_init": false}
 result:  {"vllm": version, "transformers": version, "seconds": {...},
           "completions": [{"tokens": [...], "logprobs": [top-1 log-prob of each generated token], "text": str}]}
 Greedy, EOS ignored, prompts given as token ids: both sides see the same input and produce the same count."""
@@ -25,6 +26,8 @@ def main() -> None:
         dtype=request["dtype"],
         max_model_len=request["max_model_len"],
         seed=0,
+        # A model whose tokenizer is not a Hugging Face one (the tests' byte tokenizer): prompts are token ids anyway.
+        skip_tokenizer_init=request.get("skip_tokenizer_init", False),
     )
     loaded = time.monotonic()
     params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=True, logprobs=1)

