@@ -25,6 +25,7 @@ from allocator.core.errors import UserInputError
 from allocator.core.plan import Plan
 from allocator.core.registry import Registry
 from allocator.core.space import ModelShape
+from allocator.model.engines.card import write_card
 
 ExportWriter = Callable[[nn.Module, object, Path, "Plan | None"], None]
 EXPORT_FORMATS: Registry[ExportWriter] = Registry("export format")
@@ -64,7 +65,7 @@ def check_model_support(formats: Sequence[str], config) -> None:
         if types is not None and config.model_type not in types:
             raise UserInputError(
                 f"export format {name!r} supports model_type {', '.join(types)}; this model is {config.model_type!r} "
-                f"(export it as {', '.join(f for f in FORMAT_MODULES if f != name and f in ('native', 'dense'))})"
+                "(native and dense export every supported model)"
             )
 
 
@@ -82,10 +83,6 @@ def export_formats(
 ) -> dict[str, Path]:
     """Write each format to `<run_dir>/export/<format>/` (replacing what an earlier export left there), each with the
     plan and a model card; returns format → directory."""
-    from allocator.model.engines.card import (
-        write_card,  # the card reads the surgery's config keys
-    )
-
     validate_formats(formats)
     shape = ModelShape.from_config(model.config)
     written = {}
@@ -102,7 +99,5 @@ def export_formats(
 
 def refresh_cards(run_dir: Path, plan: Plan, shape: ModelShape) -> None:
     """After verification: the measured plan into every export directory of `run_dir`, and their cards rewritten."""
-    from allocator.model.engines.card import write_card
-
     for name in exported_formats(run_dir):
         write_card(export_dir(run_dir, name), name, shape, plan)
