@@ -51,8 +51,7 @@ def _ms(value: float | None) -> str:
 def figure_lines(plan: Plan) -> list[str]:
     """Predicted and measured speed and quality, as the plan records them."""
     p, q, b = plan.predicted, plan.quality, plan.budget
-    budget = (f"- Budget: {b.label()} (regime {b.regime}), searcher {plan.searcher.name}, profile {plan.profile.name} "
-              f"({plan.profile.source}).")
+    budget = f"- Budget: {b.label()}, searcher {plan.searcher.name}, profile {plan.profile.name} ({plan.profile.source})."
     lines = [budget]
     if p.latency_ms is not None:
         lines.append(f"- Predicted: {_ms(p.latency_ms)} vs dense {_ms(p.dense_latency_ms)}, speedup {p.speedup:.2f}x.")
@@ -81,8 +80,8 @@ def model_card(name: str, out_dir: Path, shape: ModelShape, allocation: dict[str
     lines = [f"# {title}, pruned by sparsity-allocator: {FORMAT_TITLES.get(name, name)}", ""]
     if plan is not None:
         lines += ["## Speed and quality", "", *figure_lines(plan), ""]
-        lines.append("The figures are those of the pruned model as the search scored and verified it (native format); "
-                     "this format computes the same outputs. `plan.json` holds them all.")
+        lines.append("The figures are the pruned model's as the search scored it and verify measured it (the native "
+                     "format); this format computes the same outputs. `plan.json` holds them all.")
         lines.append("")
     lines += ["## What was pruned", "", *pruned_lines(shape, allocation), ""]
     lines += format_notes(name, shape, allocation)
