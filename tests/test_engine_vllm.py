@@ -4,7 +4,7 @@ with reduced attention and MLP widths and generates what the native model genera
 
 The plan is built without a search (leading groups and neurons, no weight update: the shapes are what matters) and
 exercises each layout vLLM gets: KV heads padded (2 of 3 groups → 3 KV heads), query heads padded (1 group → 1 KV
-head of 9 query heads, 6 of them zero), attention and MLP no_op, reduced MLP widths, a sparse MLP written dense."""
+head of 9 query heads, 6 of them zero), attention and MLP no_op, reduced MLP widths."""
 
 import pytest
 
@@ -20,9 +20,10 @@ from .engines.check_vllm import LOGPROB_TOL, run_check
 
 pytestmark = pytest.mark.engine
 
-LAYOUT = {  # layer → (KV groups kept, MLP option); other layers stay dense
-    2: (2, 1024), 5: (1, 1536), 8: (3, 768), 11: (0, 1536), 14: (2, 0), 17: (3, "2:4"), 20: (1, 512), 25: (2, 1280),
-}
+# layer → (KV groups kept, MLP width); other layers stay dense. No sparse unit: the tests run the Triton
+# interpreter (conftest), where the native model's sparse kernels take minutes; vLLM gets sparse units dense, as
+# tests/test_engine_formats.py checks for transformers.
+LAYOUT = {2: (2, 1024), 5: (1, 1536), 8: (3, 768), 11: (0, 1536), 14: (2, 0), 17: (3, 640), 20: (1, 512), 25: (2, 1280)}
 
 
 def smollm2_plan(shape: ModelShape) -> dict:
