@@ -77,8 +77,9 @@ def test_exported_model_equals_the_scored_stitched_model(searched):
     units = space.units
     (db_root,) = (cache / "databases").iterdir()
     stitched = build_pruned_model(dense, shape, plan.allocation, LevelDatabase(db_root, units).source)
-    reloaded, _, reloaded_plan = load_pruned(run_dir)
-    assert reloaded_plan == plan
+    assert sorted(p.name for p in (run_dir / "export").iterdir()) == ["native"]  # export.formats defaults to [native]
+    reloaded, _, reloaded_plan = load_pruned(run_dir / "export" / "native")
+    assert reloaded_plan == plan  # the export's plan.json carries the verified plan too
     ids = torch.randint(0, 256, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, stitched(ids).logits, rtol=0, atol=0)
@@ -139,6 +140,10 @@ def test_cli_rejects_bad_input_with_one_line(searched, tmp_path):
     unknown_searcher = run_cli("search", "searcher=nope", cwd=tmp_path)
     assert unknown_searcher.returncode != 0 and "dp" in unknown_searcher.stderr
 
+    unknown_format = run_cli("search", "export.formats=[native,onnx]", cwd=tmp_path)
+    assert unknown_format.returncode == 2 and "Traceback" not in unknown_format.stderr
+    assert "error: export.formats: unknown format 'onnx'; valid: native, dense, decilm, gguf" in unknown_format.stderr
+
     command = run_cli("serach", cwd=tmp_path)
     assert command.returncode == 2 and "usage: python -m allocator {search,profile,export,verify," in command.stderr
 
@@ -147,8 +152,10 @@ def test_export_with_new_latency_target_and_verify(searched, tmp_path):
     plan, run_dir, cache = searched
     target = plan.predicted.dense_latency_ms / 1.15
     exported = run_cli("export", f"run={run_dir}", f"budget.latency_ms={target}", f"hydra.run.dir={tmp_path / 'exp'}",
-                       cwd=run_dir.parent)
+                       "export.formats=[native,dense]", cwd=run_dir.parent)
     assert exported.returncode == 0, exported.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "exp" / "export").iterdir()) == ["dense", "native"]
+    assert f"export dense   {tmp_path / 'exp' / 'export' / 'dense'}/" in exported.stdout
     new_plan = Plan.load(tmp_path / "exp" / "plan.json")  # written by the CLI: a typed plan
     assert new_plan.budget.latency_ms == pytest.approx(target) and new_plan.budget.speedup is None
     assert new_plan.predicted.latency_ms <= target + 1e-9
@@ -160,3 +167,29 @@ def test_export_with_new_latency_target_and_verify(searched, tmp_path):
     assert "predicted speedup" in verified.stdout and "measured" in verified.stdout
     reverified = Plan.load(tmp_path / "exp" / "plan.json")  # verify replaced the measurement, nothing else
     assert reverified.measured != new_plan.measured and replace(reverified, measured=new_plan.measured) == new_plan
+    for name in ("native", "dense"):  # and the exports' plans and model cards show it
+        export = tmp_path / "exp" / "export" / name
+        assert Plan.load(export / "plan.json") == reverified
+        assert f"speedup {reverified.measured.speedup:.2f}x" in (export / "README.md").read_text()
+
+
+def test_runs_from_before_export_formats_still_export_and_verify(searched, tmp_path):
+    """An older run directory: `export: true` in its search_job.yaml, the checkpoint at its top level."""
+    import shutil
+
+    from allocator.app.config import VerifyJob
+    from allocator.app.export_job import load_search_job
+    from allocator.app.verify_job import run_verify
+
+    _plan, run_dir, cache = searched
+    old = tmp_path / "old"
+    old.mkdir()
+    saved = (run_dir / "search_job.yaml").read_text()
+    assert "export:\n  formats:\n  - native\n" in saved
+    (old / "search_job.yaml").write_text(saved.replace("export:\n  formats:\n  - native\n", "export: true\n"))
+    assert load_search_job(old).export.formats == ["native"]
+    for item in (run_dir / "export" / "native").iterdir():
+        shutil.copy(item, old / item.name)
+    job = tiny_job(cache)
+    measured = run_verify(VerifyJob(run=str(old), profile=job.profile, cache_dir=str(cache)))
+    assert measured.speedup > 0 and Plan.load(old / "plan.json").measured == measured

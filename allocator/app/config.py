@@ -12,6 +12,7 @@ from omegaconf import MISSING
 from allocator.core.config import (
     BudgetConfig,
     DataConfig,
+    ExportConfig,
     FitnessConfig,
     ModelConfig,
     ProfileConfig,
@@ -32,8 +33,9 @@ class SearchJob:
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     cache_dir: str = "runs/cache"
-    export: bool = True
-    verify: bool = True
+    # Each format to <run>/export/<format>/ (default [native]; [] exports nothing and verifies nothing).
+    export: ExportConfig = field(default_factory=ExportConfig)
+    verify: bool = True  # measure the native export against the dense model (needs native among export.formats)
     seed: int = 0
 
 
@@ -55,17 +57,24 @@ class ExportBudget:
 
 
 @dataclass
+class ExportFormats:
+    # None: the formats the source run exported ([native] if it exported none).
+    formats: Optional[list[str]] = None
+
+
+@dataclass
 class ExportJob:
     # A search run directory (runs/search/<timestamp>): its model, data, space, profile and searcher are reused
     # (all cached), the allocation is solved again for this budget, and the pruned model is exported and verified.
     run: str = MISSING
     budget: ExportBudget = field(default_factory=ExportBudget)
+    export: ExportFormats = field(default_factory=ExportFormats)
     verify: bool = True
 
 
 @dataclass
 class VerifyJob:
-    # A search run directory or an exported model directory.
+    # A search run directory (its export/native/ is measured) or a native export directory.
     run: str = MISSING
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     regime: Optional[str] = None  # default: the regime of the plan's budget

@@ -78,6 +78,13 @@ def summary_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def export_lines(run_dir: Path) -> list[str]:
+    """Where each export format was written (the model card in each directory says how to load it)."""
+    from allocator.model.engines import export_dir, exported_formats
+
+    return [f"export {name:<7} {export_dir(run_dir, name)}/" for name in exported_formats(run_dir)]
+
+
 def kept_share(shape: ModelShape, kind: str, option: Option) -> float:
     return option_params(shape, kind, option) / option_params(shape, kind, full_width(shape, kind))
 

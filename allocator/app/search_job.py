@@ -14,7 +14,12 @@ from allocator.app.config import SearchJob
 from allocator.app.pareto_plot import plot_pareto_front
 from allocator.app.problem_file import write_problem
 from allocator.app.profile_job import validate_profile_name
-from allocator.app.report import allocation_lines, plot_allocation, summary_lines
+from allocator.app.report import (
+    allocation_lines,
+    export_lines,
+    plot_allocation,
+    summary_lines,
+)
 from allocator.app.verify_job import measure_speedup
 from allocator.core.atomic_io import write_json_atomic
 from allocator.core.budget import (
@@ -42,17 +47,40 @@ from allocator.core.plan import (
     SearcherInfo,
     Uniform,
 )
-from allocator.core.space import ATTN, ModelShape, Option, Space, build_space, option_params, sparse_patterns
+from allocator.core.space import (
+    ATTN,
+    ModelShape,
+    Option,
+    Space,
+    build_space,
+    option_params,
+    sparse_patterns,
+)
 from allocator.levels.compress.outliers import OutlierNorms
 from allocator.levels.database import LevelDatabase, open_or_build_database
-from allocator.model.calibration_data import CalibrationData, build_calibration_data, validate_data_config
-from allocator.model.export import export_checkpoint
+from allocator.model.calibration_data import (
+    CalibrationData,
+    build_calibration_data,
+    validate_data_config,
+)
+from allocator.model.engines import (
+    NATIVE,
+    check_model_support,
+    export_formats,
+    refresh_cards,
+    validate_formats,
+)
 from allocator.model.loader import load_model, validate_model_config
 from allocator.model.measure import fixed_bytes, weight_bytes
 from allocator.model.quality import kl_to_dense, perplexity
 from allocator.model.sparse_export import build_deployable
 from allocator.model.surgery import build_pruned_model
-from profilers.prediction import predicted_dense_ms, predicted_ms, target_latency_ms, unit_costs
+from profilers.prediction import (
+    predicted_dense_ms,
+    predicted_ms,
+    target_latency_ms,
+    unit_costs,
+)
 from profilers.regimes import find_regime
 from profilers.registry import device_present, existing_cost_table, get_cost_table
 from profilers.table import CostTable, RegimeCosts
@@ -76,6 +104,7 @@ def validate_search_job(cfg: SearchJob) -> None:
     sparse_patterns(cfg.space)
     check_choice("space.error_metric", cfg.space.error_metric, ErrorMetric)
     resolve_unstructured_format(cfg.space.unstructured_format, cfg.budget.regime)  # names the valid ones
+    validate_formats(cfg.export.formats)
     if not 1 <= cfg.space.fisher_sequences <= cfg.data.calib_sequences:
         raise UserInputError(
             f"space.fisher_sequences={cfg.space.fisher_sequences} must be in 1..data.calib_sequences={cfg.data.calib_sequences}"
@@ -224,6 +253,7 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / JOB_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # what `export` re-runs
     setup = prepare_search(cfg)
+    check_model_support(cfg.export.formats, setup.dense.config)  # before the search, not after it
     dense, tokenizer, space, costs, data, db, problem = (
         setup.dense, setup.tokenizer, setup.space, setup.costs, setup.data, setup.db, setup.problem
     )
@@ -247,18 +277,29 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
     )
     plan = make_plan(cfg, setup, allocations, found, uniform, kl, ppl, weight_bytes(deployed), weight_bytes(dense), kv)
     write_problem(run_dir, problem, problem_cost_unit(cfg), None if costs is None else costs.fixed_ms)
-    if cfg.export:
-        export_checkpoint(deployed, tokenizer, run_dir, plan)
-        if cfg.verify and not device_present(cfg.profile.name):
-            # Timing here would measure this machine, not the device the plan is for.
-            plan = plan.with_verify_skipped(f"profile {cfg.profile.name} is for a device not present on this machine")
-            print(f"verification skipped: {plan.verify_skipped}")
-        elif cfg.verify:
-            plan = plan.with_measured(measure_speedup(run_dir, cfg.profile, cfg.budget.regime, dense=dense, plan=plan))
+    if cfg.export.formats:
+        export_formats(deployed, tokenizer, run_dir, plan, cfg.export.formats)
+        plan = verified(cfg, run_dir, plan, dense)
+        refresh_cards(run_dir, plan, shape)  # the cards and plan.json of every export show what verify measured
     plan.save(run_dir / PLAN_FILE)
     plot_allocation(shape, allocations["searched"], allocations["uniform"], run_dir / "allocation.png")
-    print("\n".join(allocation_lines(shape, allocations["searched"], allocations["uniform"]) + [""] + summary_lines(plan)))
+    print("\n".join(allocation_lines(shape, allocations["searched"], allocations["uniform"]) + [""] + summary_lines(plan)
+                    + export_lines(run_dir)))
     print(f"run directory: {run_dir}")
+    return plan
+
+
+def verified(cfg: SearchJob, run_dir: Path, plan: Plan, dense: nn.Module) -> Plan:
+    """The plan with what verify measured on the native export, or with why it did not run."""
+    if not cfg.verify:
+        return plan
+    if NATIVE not in cfg.export.formats:
+        plan = plan.with_verify_skipped(f"verify measures the native export; export.formats={cfg.export.formats} has none")
+    elif not device_present(cfg.profile.name):  # timing here would measure this machine, not the plan's device
+        plan = plan.with_verify_skipped(f"profile {cfg.profile.name} is for a device not present on this machine")
+    else:
+        return plan.with_measured(measure_speedup(run_dir, cfg.profile, cfg.budget.regime, dense=dense, plan=plan))
+    print(f"verification skipped: {plan.verify_skipped}")
     return plan
 
 

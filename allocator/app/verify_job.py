@@ -9,14 +9,21 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from transformers import AutoConfig
 
 from allocator.app.config import VerifyJob
 from allocator.core.config import BudgetConfig, ModelConfig, ProfileConfig, SpaceConfig
 from allocator.core.plan import PLAN_FILE, Measured, MeasuredMemory, Plan, Timing
-from allocator.core.space import ATTN, MLP, Option, is_sparse, unit_name
+from allocator.core.space import ATTN, MLP, ModelShape, Option, is_sparse, unit_name
+from allocator.model.engines import EXPORT_DIR, refresh_cards
+from allocator.model.engines.card import write_card
 from allocator.model.loader import DTYPES, load_model
-from allocator.model.measure import decoder_weight_count, measured_kv_bytes_per_token, weight_bytes
-from allocator.model.runtime import load_plan, load_pruned
+from allocator.model.measure import (
+    decoder_weight_count,
+    measured_kv_bytes_per_token,
+    weight_bytes,
+)
+from allocator.model.runtime import load_plan, load_pruned, native_dir
 from allocator.model.surgery import SPARSE_KEY, WIDTHS_KEY, allocation_from_widths
 from profilers.end_to_end import measure_models, measure_models_gpu
 from profilers.gpu import find_gpu_regime
@@ -63,7 +70,7 @@ def measure_speedup(
     run: Path, profile: ProfileConfig, regime_name: str, cache_dir: str = "runs/cache",
     dense: nn.Module | None = None, plan: Plan | None = None,
 ) -> Measured:
-    """Reload the exported checkpoint (what a user gets), time it and the dense model interleaved: on this CPU, or
+    """Reload the native export (what a user gets), time it and the dense model interleaved: on this CPU, or
     on the plan's GPU when its profile is one (CUDA graphs, as profilers/gpu.py measured the table)."""
     plan = plan if plan is not None else load_plan(run)
     gpu = cuda_device_for_profile(plan.profile.name)  # before any loading: no usable GPU fails at once
@@ -196,13 +203,24 @@ def budget_verdict(budget: BudgetConfig, measured: Measured, same_regime: bool) 
     return all(met for met, _, _ in checks), "; ".join(texts)
 
 
+def save_measured(run: Path, plan: Plan) -> None:
+    """The verified plan into the run (or export) directory, and into every export's plan.json and model card."""
+    plan.save(run / PLAN_FILE)
+    native = native_dir(run)
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(native))
+    if run.parent.name == EXPORT_DIR:  # an export directory verified on its own
+        write_card(run, run.name, shape, plan)
+    else:
+        refresh_cards(run, plan, shape)
+
+
 def run_verify(cfg: VerifyJob) -> Measured:
     run = Path(cfg.run)
     plan = load_plan(run)
     regime = cfg.regime or plan.budget.regime
     measured = measure_speedup(run, cfg.profile, regime, cfg.cache_dir)
     if regime == plan.budget.regime:
-        plan.with_measured(measured).save(run / PLAN_FILE)
+        save_measured(run, plan.with_measured(measured))
     measured_text = (f"measured {measured.speedup:.2f}x ({measured.latency_ms:.1f} ms vs dense "
                      f"{measured.dense_latency_ms:.1f} ms)")
     if measured.predicted_speedup is None:

@@ -167,3 +167,12 @@ class DataConfig:
     eval_sequences: int = 16
     # Share of documents (by content hash) held out for evaluation.
     heldout_fraction: float = 0.2
+
+
+@dataclass
+class ExportConfig:
+    # Formats written, each to <run>/export/<format>/ (allocator/model/engines): "native" (this project's loader,
+    # sparse units compressed), "dense" (plain transformers, original shapes, pruned rows zeroed), "decilm"
+    # (Nemotron-NAS per-layer widths: transformers with trust_remote_code, vLLM), "gguf" (llama.cpp). The default is
+    # native alone: the one verify measures, and the cheapest to write; [] exports nothing.
+    formats: list[str] = field(default_factory=lambda: ["native"])
