@@ -41,7 +41,7 @@ def _evaluate(run_dir: Path, *args: str):
 
 def test_tasks_and_heldout_perplexity_pruned_and_dense(run):
     result, stdout = _evaluate(run, f"tasks=[{TASKS}]", "batch_size=4")
-    assert result["version"] == 1 and result["run"] == str(run) and result["model_dir"] == str(run)
+    assert result["version"] == 1 and result["run"] == str(run) and result["model_dir"] == str(run / "export" / "native")
     assert result["tasks"] == ["allocator_facts_mc", "allocator_last_word"]
     text = result["perplexity_text"]
     assert text["sequences"] == 4 and text["seq_len"] == 64 and text["tokens"] == 256

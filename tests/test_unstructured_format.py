@@ -151,7 +151,7 @@ def test_a_decode_b1_plan_exports_and_reloads_csr8(tmp_path, monkeypatch):
     )
     from allocator.core.plan import Plan
     from allocator.model.export import WEIGHTS_FILE
-    from allocator.model.runtime import load_pruned
+    from allocator.model.runtime import load_pruned, native_dir
     from allocator.model.surgery import build_pruned_model
     from kernels import formats
     from profilers.table import load_table
@@ -171,7 +171,7 @@ def test_a_decode_b1_plan_exports_and_reloads_csr8(tmp_path, monkeypatch):
     assert any("exported as csr8" in line for line in summary_lines(plan))
     assert Plan.load(tmp_path / "run" / "plan.json").unstructured_format == "csr8"
     assert load_table(Path(plan.profile.table)).settings["unstructured_format"] == "csr8"
-    state = load_file(tmp_path / "run" / WEIGHTS_FILE)
+    state = load_file(native_dir(tmp_path / "run") / WEIGHTS_FILE)
     codes = {int(t[0]) for key, t in state.items() if key.endswith(".layout")}
     assert codes == {formats.spec("csr8").code}
     reloaded, _, _ = load_pruned(tmp_path / "run")

@@ -26,16 +26,16 @@ from allocator.core.config import DataConfig
 from allocator.core.errors import UserInputError
 from allocator.core.plan import PLAN_FILE, Plan
 from allocator.model.calibration_data import build_calibration_data, text_blocks
+from allocator.model.engines import EXPORT_DIR, NATIVE
 from allocator.model.quality import perplexity
 
 RESULTS_DIR = "evaluate"  # <run>/evaluate/<timestamp>.json
 RESULTS_VERSION = 1
 JOB_FILE = "search_job.yaml"  # allocator.app.search_job.JOB_FILE (not imported: that module loads every searcher)
 TASK_SUFFIXES = (".yaml", ".yml")
-EXPORT_DIR = "export"  # <run>/export/<format>/
 # Export formats this job loads, in the order a run directory's are tried: native (this project's runtime), then
 # the original architecture (dense), then decilm (needs trust_remote_code=true).
-LOADABLE_FORMATS = ("native", "dense", "decilm")
+LOADABLE_FORMATS = (NATIVE, "dense", "decilm")
 
 
 # --- what `run=` points at ------------------------------------------------------------------------------------------
