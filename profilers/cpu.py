@@ -27,6 +27,7 @@ from profilers.table import (
     cpu_fingerprint,
     load_or_measure,
     load_table,
+    runtime_settings,
     table_key,
 )
 from profilers.timing import time_interleaved
@@ -99,7 +100,7 @@ def measure_regime(
     as_dense = sparse_runs_dense()
     variants = _variants(space, time_sparse=not as_dense)
     calls = {
-        name: forward_call(build_deployable(dense, space.shape, alloc, source), regime)
+        name: forward_call(build_deployable(dense, space.shape, alloc, source, space.rules), regime)
         for name, alloc in variants.items()
     }
     stats = time_interleaved(calls, cfg.warmup, cfg.repeats, desc=f"profile {regime.name}")
@@ -144,6 +145,7 @@ def _settings(space: Space, cfg: ProfileConfig) -> dict:
         "repeats": cfg.repeats,
         "regimes": [asdict(r) for r in regimes_of(cfg)],
         "method": METHOD + ((SPARSE_DENSE_METHOD if sparse_runs_dense() else SPARSE_METHOD) if space.has_sparse else ""),
+        **runtime_settings(space),
     }
 
 

@@ -43,9 +43,10 @@ def is_latency_budget(cfg: BudgetConfig) -> bool:
 
 
 def memory_costs(cfg: BudgetConfig, space: Space, dtype_bytes: int) -> list[list[float]]:
-    """Per unit, bytes of each option: weights, plus the KV cache for attention."""
+    """Per unit, bytes of each option as the space's engine holds it: weights, plus the KV cache for attention."""
     return [
-        [float(option_bytes(space.shape, u.kind, k, cfg.memory_batch, cfg.memory_context, dtype_bytes)) for k in u.options]
+        [float(option_bytes(space.shape, u.kind, k, cfg.memory_batch, cfg.memory_context, dtype_bytes, space.rules))
+         for k in u.options]
         for u in space.units
     ]
 

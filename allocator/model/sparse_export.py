@@ -13,13 +13,13 @@ from torch import nn
 
 from allocator.core.formats import export_format
 from allocator.core.patterns import SparsityPattern
-from allocator.core.space import ATTN, MLP, ModelShape, Option
+from allocator.core.space import ATTN, MLP, NATIVE, EngineRules, ModelShape, Option
 from allocator.model.surgery import (
     BLOCK_ATTRIBUTE,
     SPARSE_KEY,
     UNIT_LINEARS,
     LevelSource,
-    build_pruned_model,
+    build_engine_model,
     decoder_layers,
 )
 from kernels.sparse_linear import SparseLinear
@@ -49,9 +49,12 @@ def compress_sparse_units(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_deployable(dense: nn.Module, shape: ModelShape, allocation: dict[str, Option], source: LevelSource) -> nn.Module:
-    """The model as exported and run: structured units shrunk, sparse units in their compressed formats."""
-    return compress_sparse_units(build_pruned_model(dense, shape, allocation, source))
+def build_deployable(
+    dense: nn.Module, shape: ModelShape, allocation: dict[str, Option], source: LevelSource, rules: EngineRules = NATIVE
+) -> nn.Module:
+    """The model as exported and run: structured units shrunk, sparse units in their compressed formats; with
+    `rules` of another engine, at the shapes that engine runs (surgery.build_engine_model), for timing."""
+    return compress_sparse_units(build_engine_model(dense, shape, allocation, source, rules))
 
 
 def load_sparse_units(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

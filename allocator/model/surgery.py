@@ -13,10 +13,13 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
+from allocator.core.config import Runtime
 from allocator.core.patterns import select_mask
 from allocator.core.space import (
     ATTN,
     MLP,
+    NATIVE,
+    EngineRules,
     ModelShape,
     Option,
     full_width,
@@ -189,6 +192,52 @@ def build_pruned_model(dense: nn.Module, shape: ModelShape, allocation: dict[str
     shared = {id(t): t for t in [*dense.parameters(), *dense.buffers()]}
     model = copy.deepcopy(dense, memo=shared)
     apply_allocation(model, shape, allocation, source)
+    return model
+
+
+def pad_query_heads(layer: nn.Module, shape: ModelShape) -> None:
+    """Give a pruned attention vLLM's layout: all num_heads query heads over its k KV heads, n_heads_in_group =
+    num_heads / k per KV head. Each kept group's query heads take the first slots of its KV head, the other slots
+    are zero heads whose o_proj columns are zero, so the output is unchanged (the zero heads add nothing)."""
+    attn = layer.self_attn
+    kv = attn.k_proj.out_features // shape.head_dim
+    per_kv = shape.num_heads // kv
+    if per_kv == shape.heads_per_group:  # every group kept: nothing to pad
+        return
+    slots = (torch.arange(kv)[:, None] * per_kv + torch.arange(shape.heads_per_group)).reshape(-1)
+    rows = group_rows(slots, shape.head_dim)
+    width = shape.num_heads * shape.head_dim
+    q, o = attn.q_proj, attn.o_proj
+    q_weight = q.weight.new_zeros(width, q.in_features)
+    q_weight[rows] = q.weight
+    q_bias = None
+    if q.bias is not None:
+        q_bias = q.bias.new_zeros(width)
+        q_bias[rows] = q.bias
+    o_weight = o.weight.new_zeros(o.out_features, width)
+    o_weight[:, rows] = o.weight
+    attn.q_proj, attn.o_proj = _linear(q_weight, q_bias), _linear(o_weight, o.bias)
+    attn.num_key_value_groups = per_kv  # transformers repeats each KV head this many times
+
+
+def build_engine_model(
+    dense: nn.Module, shape: ModelShape, allocation: dict[str, Option], source: LevelSource, rules: EngineRules = NATIVE
+) -> nn.Module:
+    """The model at the shapes `rules.runtime` runs (allocator.core.space.run_shape), with build_pruned_model's
+    outputs: under vLLM every kept attention with all query heads (pad_query_heads); under llama.cpp a dropped MLP
+    as an MLP of rules.zero_mlp neurons whose down_proj is zero. What the profilers time for that engine; natively
+    the pruned model itself."""
+    zeroed = [i for i in range(shape.num_layers) if rules.zero_mlp and allocation[unit_name(i, MLP)] == 0]
+    run_allocation = {**allocation, **{unit_name(i, MLP): rules.zero_mlp for i in zeroed}}
+    model = build_pruned_model(dense, shape, run_allocation, source)
+    layers = decoder_layers(model)
+    for i in zeroed:
+        down = layers[i].mlp.down_proj
+        layers[i].mlp.down_proj = _linear(torch.zeros_like(down.weight), down.bias)
+    if rules.runtime == Runtime.vllm:
+        for i in range(shape.num_layers):
+            if kept_width(shape, ATTN, allocation[unit_name(i, ATTN)]):
+                pad_query_heads(layers[i], shape)
     return model
 
 
