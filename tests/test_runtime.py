@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from allocator.app.config import SearchJob
 from allocator.app.search_job import run_search
+from allocator.app.verify_job import engine_rules
 from allocator.core.budget import memory_costs
 from allocator.core.config import (
     BudgetConfig,
@@ -27,8 +29,16 @@ from allocator.core.memory import kv_bytes, option_bytes, unit_weight_bytes
 from allocator.core.plan import Plan
 from allocator.core.space import ATTN, MLP, ModelShape, build_space, run_shape
 from allocator.model.loader import load_model
+from allocator.model.measure import fixed_bytes, weight_bytes
+from allocator.model.runtime import load_pruned
 from allocator.model.sparse_export import build_deployable
-from allocator.model.surgery import build_engine_model, build_pruned_model, decoder_layers, leading_levels
+from allocator.model.surgery import (
+    build_engine_model,
+    build_pruned_model,
+    decoder_layers,
+    leading_levels,
+    to_engine_shape,
+)
 from profilers.devices import DEVICES
 from profilers.gpu import forward_step
 from profilers.regimes import Regime
@@ -208,9 +218,9 @@ def tiny_job(cache, runtime: str) -> SearchJob:
     )
 
 
-def test_vllm_search_picks_only_allowed_options_and_shares_the_level_database(tmp_path):
+def test_engine_searches_pick_their_options_price_their_weights_and_share_the_level_database(tmp_path):
     cache = tmp_path / "cache"
-    plans = {r: run_search(tiny_job(cache, r), tmp_path / r) for r in ("vllm", "native")}
+    plans = {r: run_search(tiny_job(cache, r), tmp_path / r) for r in ("vllm", "llamacpp", "native")}
     vllm = plans["vllm"]
     problem = json.loads((tmp_path / "vllm" / "problem.json").read_text())
     assert {tuple(u["options"]) for u in problem["units"] if u["kind"] == ATTN} == {(0, 1, 3)}  # what it chose from
@@ -218,7 +228,25 @@ def test_vllm_search_picks_only_allowed_options_and_shares_the_level_database(tm
     assert set(attention) <= {0, 1, 3} and set(attention) != {3}  # pruned, with widths vLLM runs
     assert vllm.runtime == Runtime.vllm and json.loads((tmp_path / "vllm" / "plan.json").read_text())["runtime"] == "vllm"
     assert plans["native"].runtime is None and Plan.load(tmp_path / "native" / "plan.json").engine == Runtime.native
-    table = json.loads(open(vllm.profile.table).read())
+    table = json.loads(Path(vllm.profile.table).read_text())
     assert table["settings"]["runtime"] == "vllm" and table["options"]["attn"] == [0, 1, 3]
-    assert len(list((cache / "databases").iterdir())) == 1  # the native levels serve both
+    assert len(list((cache / "databases").iterdir())) == 1  # the native levels serve every engine
     assert vllm.predicted.speedup >= 2.0
+
+    dense = load_model(TINY9, cache).model
+    shape = ModelShape.from_config(dense.config)
+    for runtime in ("vllm", "llamacpp"):
+        plan, run = plans[runtime], tmp_path / runtime
+        space = build_space(shape, tiny_job(cache, runtime).space)
+        assert engine_rules(run, plan, shape) == space.rules  # verify rebuilds the rules from the run's job
+        # the plan's weights are the engine's (padded heads, zero MLPs), as the memory model prices them
+        priced = fixed_bytes(dense, space) + sum(
+            unit_weight_bytes(shape, u.kind, plan.allocation[u.name], 4, space.rules) for u in space.units)
+        assert plan.predicted.weight_bytes == priced
+        exported, _, _ = load_pruned(run)
+        ids = torch.randint(0, shape.vocab, (1, 12), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            expected = exported(ids).logits
+            engine = to_engine_shape(exported, dense, shape, space.rules)  # what verify times for this engine
+            torch.testing.assert_close(engine(ids).logits, expected, rtol=0, atol=1e-5)
+        assert weight_bytes(engine) == priced

@@ -243,7 +243,11 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
         kv_bytes(shape, allocations["searched"][u.name], b.memory_batch, b.memory_context, dtype_bytes, space.rules)
         for u in units if u.kind == ATTN
     )
-    plan = make_plan(cfg, setup, allocations, found, uniform, kl, ppl, weight_bytes(deployed), weight_bytes(dense), kv)
+    # The weights the plan's engine holds: natively the export's; elsewhere at the engine's shapes (zero-padded
+    # query heads under vLLM, zero MLPs under llama.cpp), as the memory model prices them.
+    served = deployed if space.runtime == Runtime.native else build_deployable(
+        dense, shape, allocations["searched"], db.source, space.rules)
+    plan = make_plan(cfg, setup, allocations, found, uniform, kl, ppl, weight_bytes(served), weight_bytes(dense), kv)
     write_problem(run_dir, problem, problem_cost_unit(cfg), None if costs is None else costs.fixed_ms)
     if cfg.export:
         export_checkpoint(deployed, tokenizer, run_dir, plan)

@@ -220,25 +220,29 @@ def pad_query_heads(layer: nn.Module, shape: ModelShape) -> None:
     attn.num_key_value_groups = per_kv  # transformers repeats each KV head this many times
 
 
+def to_engine_shape(model: nn.Module, dense: nn.Module, shape: ModelShape, rules: EngineRules = NATIVE) -> nn.Module:
+    """In place: a pruned model (built, or loaded from an export) at the shapes `rules.runtime` runs
+    (allocator.core.space.run_shape), its outputs unchanged: under vLLM every kept attention with all query heads
+    (pad_query_heads); under llama.cpp every dropped MLP as an MLP of rules.zero_mlp neurons (the dense model's norm
+    and first neurons) whose down_proj is zero. What the profilers and verify time for that engine; natively the
+    model is left as it is. Returns the model."""
+    for i, layer in enumerate(decoder_layers(model)):
+        if rules.runtime == Runtime.vllm and not isinstance(layer.self_attn, DroppedAttention):
+            pad_query_heads(layer, shape)
+        if rules.zero_mlp and isinstance(layer.mlp, DroppedMLP):
+            modules = unit_modules(dense, shape, i, MLP, rules.zero_mlp, leading_levels(dense, shape))
+            mlp = modules["mlp"]
+            mlp = copy.deepcopy(mlp, memo={id(t): t for t in mlp.parameters()})  # dense's own at full width
+            mlp.down_proj = _linear(torch.zeros_like(mlp.down_proj.weight), mlp.down_proj.bias)
+            layer.post_attention_layernorm, layer.mlp = modules["post_attention_layernorm"], mlp
+    return model
+
+
 def build_engine_model(
     dense: nn.Module, shape: ModelShape, allocation: dict[str, Option], source: LevelSource, rules: EngineRules = NATIVE
 ) -> nn.Module:
-    """The model at the shapes `rules.runtime` runs (allocator.core.space.run_shape), with build_pruned_model's
-    outputs: under vLLM every kept attention with all query heads (pad_query_heads); under llama.cpp a dropped MLP
-    as an MLP of rules.zero_mlp neurons whose down_proj is zero. What the profilers time for that engine; natively
-    the pruned model itself."""
-    zeroed = [i for i in range(shape.num_layers) if rules.zero_mlp and allocation[unit_name(i, MLP)] == 0]
-    run_allocation = {**allocation, **{unit_name(i, MLP): rules.zero_mlp for i in zeroed}}
-    model = build_pruned_model(dense, shape, run_allocation, source)
-    layers = decoder_layers(model)
-    for i in zeroed:
-        down = layers[i].mlp.down_proj
-        layers[i].mlp.down_proj = _linear(torch.zeros_like(down.weight), down.bias)
-    if rules.runtime == Runtime.vllm:
-        for i in range(shape.num_layers):
-            if kept_width(shape, ATTN, allocation[unit_name(i, ATTN)]):
-                pad_query_heads(layers[i], shape)
-    return model
+    """build_pruned_model's model at the shapes `rules.runtime` runs (to_engine_shape)."""
+    return to_engine_shape(build_pruned_model(dense, shape, allocation, source), dense, shape, rules)
 
 
 def leading_levels(dense: nn.Module, shape: ModelShape) -> LevelSource:
