@@ -250,3 +250,21 @@ def test_engine_searches_pick_their_options_price_their_weights_and_share_the_le
             engine = to_engine_shape(exported, dense, shape, space.rules)  # what verify times for this engine
             torch.testing.assert_close(engine(ids).logits, expected, rtol=0, atol=1e-5)
         assert weight_bytes(engine) == priced
+
+
+@pytest.mark.parametrize("runtime", ["vllm", "llamacpp"])
+def test_measured_tables_time_the_engine_shapes_under_their_own_key(tiny9, runtime, tmp_path):
+    """The CPU profiler and the GPU profiler's pipeline (device="cpu") build their variants at the engine's shapes
+    and save the table under a key of its own, with the engine in its settings; the native table keeps its key."""
+    from profilers.cpu import profile_cpu
+    from profilers.gpu import profile_gpu
+
+    dense, shape = tiny9
+    cfg = ProfileConfig(repeats=2, warmup=0, decode_batches=[1], decode_context=16, prefill_length=16,
+                        allow_unstable=True, threads=1, gpu_decode_batches=[1], l2_rotations=1)
+    engine, native = space_of(shape, runtime, mlp_step=32), space_of(shape, "native", mlp_step=32)
+    for profile in (lambda s: profile_cpu(dense, s, cfg, "float32", tmp_path),
+                    lambda s: profile_gpu(dense, s, cfg, "float32", tmp_path, device="cpu")):
+        (table, path), (native_table, native_path) = profile(engine), profile(native)
+        assert table.settings["runtime"] == runtime and "runtime" not in native_table.settings and path != native_path
+        assert table.options == engine.options and set(table.regimes) >= {"prefill", "decode_b1"}
