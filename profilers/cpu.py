@@ -27,6 +27,7 @@ from profilers.table import (
     cpu_fingerprint,
     load_or_measure,
     load_table,
+    runtime_settings,
     table_key,
 )
 from profilers.timing import time_interleaved
@@ -99,7 +100,9 @@ def measure_regime(
     as_dense = sparse_runs_dense()
     variants = _variants(space, time_sparse=not as_dense)
     calls = {
-        name: forward_call(build_deployable(dense, space.shape, alloc, source, space.unstructured_format), regime)
+        name: forward_call(
+            build_deployable(dense, space.shape, alloc, source, space.rules, space.unstructured_format), regime
+        )
         for name, alloc in variants.items()
     }
     stats = time_interleaved(calls, cfg.warmup, cfg.repeats, desc=f"profile {regime.name}")
@@ -145,8 +148,9 @@ def _settings(space: Space, cfg: ProfileConfig) -> dict:
         "regimes": [asdict(r) for r in regimes_of(cfg)],
         "method": METHOD + ((SPARSE_DENSE_METHOD if sparse_runs_dense() else SPARSE_METHOD) if space.has_sparse else ""),
         # Runs dense here whatever the format, but a table is for the model exported: the format joins the key,
-        # only when it is not bitmap, so bitmap tables keep their keys.
+        # only when it is not bitmap, so bitmap tables keep their keys; so does the engine, when it is not native.
         **space.format_settings(),
+        **runtime_settings(space),
     }
 
 

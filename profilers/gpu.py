@@ -32,7 +32,7 @@ from kernels.sparse_linear import SparseLinear
 from profilers.gpu_timing import Sampler, Timer, current_fingerprint, make_timer, rotation_count
 from profilers.regimes import Regime
 from profilers.roofline import deploy_dtype
-from profilers.table import CostTable, RegimeCosts, base_cost, clean_curve, load_or_measure
+from profilers.table import CostTable, RegimeCosts, base_cost, clean_curve, load_or_measure, runtime_settings
 from profilers.timing import TimingStats, interleaved_schedule, round_stats
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,11 @@ def variant_bytes(
     read = own = 0
     for u in space.units:
         kept = allocation[u.name]
-        weights = unit_weight_bytes(shape, u.kind, kept, element_bytes, space.unstructured_format)
+        weights = unit_weight_bytes(shape, u.kind, kept, element_bytes, space.rules, space.unstructured_format)
         read += weights
         own += weights if kept not in (0, u.full) else 0
         if u.kind == ATTN:
-            kv = kv_bytes(shape, kept, regime.batch, context, element_bytes)
+            kv = kv_bytes(shape, kept, regime.batch, context, element_bytes, space.rules)
             read, own = read + kv, own + kv
     read += (shape.vocab + 1) * shape.hidden * element_bytes  # lm_head and the final norm
     return read, own
@@ -333,7 +333,8 @@ def measure_regime(
     budget = timer.memory_budget()
     groups = memory_groups({n: s for n, s in sizes.items() if n != "dense"},
                            None if budget is None else max(0, budget - sizes["dense"]))
-    build = {name: (lambda a=alloc: build_deployable(dense, space.shape, a, source, space.unstructured_format))
+    build = {name: (lambda a=alloc: build_deployable(dense, space.shape, a, source, space.rules,
+                                                     space.unstructured_format))
              for name, alloc in variants.items()}
     build["dense"] = lambda: dense
     stats, info = time_models(build, regime, timer, cfg.warmup, cfg.repeats, cfg.l2_rotations, groups,
@@ -369,6 +370,7 @@ def profile_gpu(
         "regimes": [asdict(r) for r in regimes],
         "method": METHOD,
         **space.format_settings(),  # only when not bitmap: bitmap tables keep their keys
+        **runtime_settings(space),
     }
     by_name = {r.name: r for r in regimes}
     on_device: list[nn.Module] = []  # the timed copy, made only if some regime has to be measured

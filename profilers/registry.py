@@ -24,7 +24,7 @@ from profilers.gpu import profile_gpu
 from profilers.gpu_timing import cuda_device_named
 from profilers.regimes import Regime, regimes_of
 from profilers.roofline import deploy_dtype, roofline_table
-from profilers.table import CostTable, RegimeCosts, cpu_fingerprint, load_table, save_table, table_key
+from profilers.table import CostTable, RegimeCosts, cpu_fingerprint, load_table, save_table, table_key, table_runtime
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,13 @@ def _measured_cpu(
 
 
 def _covers(table: CostTable, space: Space, regimes: list[Regime]) -> bool:
-    """The table is for this model and space and has every regime asked for (else it is another model's table)."""
+    """The table is for this model, space and engine and has every regime asked for (else it is another model's
+    table)."""
     return (
         table.model_shape == asdict(space.shape)
         and table.options == space.options
         and table.settings.get("unstructured_format", "bitmap") == space.unstructured_format
+        and table_runtime(table) == space.runtime
         and all(r.name in table.regimes and table.regimes[r.name].regime == asdict(r) for r in regimes)
     )
 

@@ -1,6 +1,7 @@
 """Roofline latency model: a kernel costs max(bytes / bandwidth, FLOPs / throughput) plus a launch overhead.
 
-Per linear it prices the kernel the exported model runs: a dense GEMM at the unit's kept width, or on a GPU the
+Per linear it prices the kernel the exported model runs: a dense GEMM at the shape the space's engine runs
+(allocator.core.space.run_shape: the kept width, or under vLLM every query head, zero-padded), or on a GPU the
 sparse option's export format (a CPU has no sparse kernel: SparseLinear decompresses once and runs the dense GEMM,
 so there a sparse unit costs its full-width dense unit), whose bytes and FLOPs come from the format registry (allocator.core.formats), so the
 roofline prices the model that is exported. Unstructured options are priced in the format the plan exports (the
@@ -11,7 +12,7 @@ search plans for a device that is not present (source "roofline") exactly as it 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -25,18 +26,22 @@ from allocator.core.patterns import SparsityPattern
 from allocator.core.space import (
     ATTN,
     MLP,
+    NATIVE,
+    EngineRules,
     ModelShape,
     Option,
     Space,
     is_sparse,
     kept_width,
     option_params,
+    run_shape,
+    runs,
     sparse_pattern,
     unit_linear_shapes,
 )
 from profilers.devices import DeviceSpec, scalar_flops
 from profilers.regimes import Regime
-from profilers.table import CostTable, RegimeCosts, clean_curve
+from profilers.table import CostTable, RegimeCosts, clean_curve, runtime_settings
 
 log = logging.getLogger(__name__)
 
@@ -107,33 +112,36 @@ def _norm(device: DeviceSpec, m: int, hidden: int) -> float:
 
 
 def unit_weight_kernels(
-    shape: ModelShape, kind: str, option: Option, m: int, unstructured_format: str = "bitmap"
+    shape: ModelShape, kind: str, option: Option, m: int, rules: EngineRules = NATIVE,
+    unstructured_format: str = "bitmap",
 ) -> list[KernelWork]:
-    """The kernels of a unit that read weights, for m rows: its norm, and its linears dense at the kept width or
-    in the sparse option's export format (unstructured ones in `unstructured_format`, the plan's Space's); none
-    when the unit is dropped (its norm goes with the block)."""
-    if option == 0:
+    """The kernels of a unit that read weights, for m rows: its norm, and its linears dense at the shape the engine
+    runs (run_shape: zero-padded heads and neurons included) or in the sparse option's export format (unstructured
+    ones in `unstructured_format`, the plan's Space's); none when the unit does not run (its norm goes with the
+    block)."""
+    run = run_shape(shape, kind, option, rules)
+    if not runs(run, kind):
         return []
-    kept = kept_width(shape, kind, option)
-    narrowed = (replace(shape, num_kv_heads=kept, num_heads=kept * shape.heads_per_group) if kind == ATTN
-                else replace(shape, intermediate=kept))
     pattern = sparse_pattern(option) if is_sparse(option) else None
     fmt = None if pattern is None else format_choice(pattern, unstructured_format)
-    linears = [linear_work(pattern, m, rows, cols, DTYPE, fmt) for rows, cols in unit_linear_shapes(narrowed, kind)]
+    linears = [linear_work(pattern, m, rows, cols, DTYPE, fmt) for rows, cols in unit_linear_shapes(run, kind)]
     return [_norm_work(m, shape.hidden), *linears]
 
 
-def unit_weight_bytes(shape: ModelShape, kind: str, option: Option, unstructured_format: str = "bitmap") -> int:
+def unit_weight_bytes(
+    shape: ModelShape, kind: str, option: Option, rules: EngineRules = NATIVE, unstructured_format: str = "bitmap"
+) -> int:
     """Weight bytes a unit's kernels read per step, 16-bit: what the exported checkpoint stores for the unit."""
-    return sum(work.weight_bytes for work in unit_weight_kernels(shape, kind, option, 1, unstructured_format))
+    return sum(work.weight_bytes for work in unit_weight_kernels(shape, kind, option, 1, rules, unstructured_format))
 
 
 def _unit_kernels_seconds(
-    device: DeviceSpec, shape: ModelShape, kind: str, option: Option, m: int, unstructured_format: str
+    device: DeviceSpec, shape: ModelShape, kind: str, option: Option, m: int, rules: EngineRules,
+    unstructured_format: str,
 ) -> float:
     if is_sparse(option) and not device.is_gpu:  # a CPU runs SparseLinear decompressed: the full-width dense unit
         option = kept_width(shape, kind, option)
-    kernels = unit_weight_kernels(shape, kind, option, m, unstructured_format)
+    kernels = unit_weight_kernels(shape, kind, option, m, rules, unstructured_format)
     return sum(kernel_cost(device, w.bytes, w.flops, w.tensor_cores).seconds for w in kernels)
 
 
@@ -142,41 +150,48 @@ def tokens(regime: Regime) -> int:
     return regime.batch * regime.length if regime.kind == "prefill" else regime.batch
 
 
-def attention_core_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime, kept: int) -> float:
-    """Scores and weighted values for `kept` KV groups. Decode streams the KV cache (K and V, 16 bits each);
-    prefill is fused (flash) attention: Q, K, V, O once through memory, causal half of the score/value FLOPs."""
+def attention_core_seconds(device: DeviceSpec, run: ModelShape, regime: Regime) -> float:
+    """Scores and weighted values of an attention of run shape `run` (run_shape): its query heads over its KV
+    heads. Decode streams the KV cache (K and V, 16 bits each); prefill is fused (flash) attention: Q, K, V, O once
+    through memory, causal half of the score/value FLOPs."""
+    kept, heads = run.num_kv_heads, run.num_heads
     if kept == 0:
         return 0.0
-    heads = kept * shape.heads_per_group
-    kv_bytes = regime.batch * regime.length * kept * shape.head_dim * 2 * ELEMENT_BYTES
+    kv_bytes = regime.batch * regime.length * kept * run.head_dim * 2 * ELEMENT_BYTES
     if regime.kind == "decode":
-        flops = 2 * 2 * regime.batch * heads * regime.length * shape.head_dim
+        flops = 2 * 2 * regime.batch * heads * regime.length * run.head_dim
         return kernel_cost(device, kv_bytes, flops).seconds
-    qo_bytes = regime.batch * regime.length * heads * shape.head_dim * 2 * ELEMENT_BYTES
-    flops = 2 * 2 * regime.batch * heads * regime.length * regime.length * shape.head_dim / 2
+    qo_bytes = regime.batch * regime.length * heads * run.head_dim * 2 * ELEMENT_BYTES
+    flops = 2 * 2 * regime.batch * heads * regime.length * regime.length * run.head_dim / 2
     return kernel_cost(device, kv_bytes + qo_bytes, flops).seconds
 
 
 def attention_unit_seconds(
-    device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option, unstructured_format: str = "bitmap"
+    device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option, rules: EngineRules = NATIVE,
+    unstructured_format: str = "bitmap",
 ) -> float:
-    """Input norm, q/k/v/o for the kept KV groups and the attention itself; 0 when dropped (the norm goes with the
-    block, as in allocator.model.surgery). Unstructured options run in `unstructured_format` in every regime."""
-    if option == 0:
+    """Input norm, q/k/v/o at the run shape (under vLLM all query heads, the pruned ones zero) and the attention
+    itself; 0 when dropped (the norm goes with the block, as in allocator.model.surgery). Unstructured options run
+    in `unstructured_format` in every regime."""
+    run = run_shape(shape, ATTN, option, rules)
+    if not runs(run, ATTN):
         return 0.0
-    kernels = _unit_kernels_seconds(device, shape, ATTN, option, tokens(regime), unstructured_format)
-    return kernels + attention_core_seconds(device, shape, regime, kept_width(shape, ATTN, option))
+    kernels = _unit_kernels_seconds(device, shape, ATTN, option, tokens(regime), rules, unstructured_format)
+    return kernels + attention_core_seconds(device, run, regime)
 
 
 def mlp_unit_seconds(
-    device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option, unstructured_format: str = "bitmap"
+    device: DeviceSpec, shape: ModelShape, regime: Regime, option: Option, rules: EngineRules = NATIVE,
+    unstructured_format: str = "bitmap",
 ) -> float:
-    """Post-attention norm, gate/up/down for the kept neurons and the SiLU(gate) * up between them; 0 when dropped."""
-    if option == 0:
+    """Post-attention norm, gate/up/down for the neurons run (under llama.cpp a dropped MLP runs as a zero MLP of
+    rules.zero_mlp neurons) and the SiLU(gate) * up between them; 0 when dropped."""
+    neurons = run_shape(shape, MLP, option, rules).intermediate
+    if not neurons:
         return 0.0
-    m, kept = tokens(regime), kept_width(shape, MLP, option)
-    linears = _unit_kernels_seconds(device, shape, MLP, option, m, unstructured_format)
-    return linears + _elementwise(device, 3 * ELEMENT_BYTES * m * kept)
+    m = tokens(regime)
+    linears = _unit_kernels_seconds(device, shape, MLP, option, m, rules, unstructured_format)
+    return linears + _elementwise(device, 3 * ELEMENT_BYTES * m * neurons)
 
 
 def fixed_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime) -> float:
@@ -192,13 +207,14 @@ UNIT_SECONDS = {ATTN: attention_unit_seconds, MLP: mlp_unit_seconds}
 
 
 def regime_costs(
-    device: DeviceSpec, shape: ModelShape, options: dict[str, list[int]], regime: Regime,
+    device: DeviceSpec, shape: ModelShape, options: dict[str, list[int]], regime: Regime, rules: EngineRules = NATIVE,
     unstructured_format: str = "bitmap",
 ) -> RegimeCosts:
     """One regime's costs. Every regime prices unstructured options in the one format the plan exports
     (`unstructured_format`): a plan for decode_b1 in csr8 runs csr8 at prefill too, and its table says what that costs."""
     unit_ms = {
-        kind: clean_curve({k: 1e3 * UNIT_SECONDS[kind](device, shape, regime, k, unstructured_format) for k in kept})
+        kind: clean_curve({k: 1e3 * UNIT_SECONDS[kind](device, shape, regime, k, rules, unstructured_format)
+                           for k in kept})
         for kind, kept in options.items()
     }
     fixed_ms = 1e3 * fixed_seconds(device, shape, regime)
@@ -216,17 +232,19 @@ def roofline_fingerprint(device: DeviceSpec, dtype: str) -> dict:
 def roofline_table(
     device: DeviceSpec, space: Space, regimes: list[Regime], dtype: str
 ) -> CostTable:
-    """The CostTable a measured profile of `device` would give, from its datasheet numbers (structured options)."""
+    """The CostTable a measured profile of `device` would give, from its datasheet numbers, for the shapes the
+    space's engine runs."""
     shape, options = space.shape, space.options
     layer = option_params(shape, ATTN, shape.num_kv_heads) + option_params(shape, MLP, shape.intermediate)
     weights_gb = ELEMENT_BYTES * (shape.num_layers * layer + 2 * shape.vocab * shape.hidden) / 1e9
     if weights_gb > device.memory_gb:  # priced anyway, as if it fit: the plan may be what makes it fit
         log.warning("dense model (%.1f GB in 16 bits) exceeds %s (%g GB)", weights_gb, device.name, device.memory_gb)
     # The format (and the CUDA-core rate a scalar one is priced at) joins the key only when it is not bitmap, so
-    # bitmap tables keep their keys.
-    settings = {"regimes": [asdict(r) for r in regimes], "method": METHOD, **space.format_settings()}
+    # bitmap tables keep their keys; so does the engine, only when it is not native.
+    settings = {"regimes": [asdict(r) for r in regimes], "method": METHOD, **space.format_settings(),
+                **runtime_settings(space)}
     if space.unstructured_format in SCALAR_FORMATS:
         settings["scalar_flops"] = scalar_flops(device)
-    costs = {r.name: regime_costs(device, shape, options, r, space.unstructured_format) for r in regimes}
+    costs = {r.name: regime_costs(device, shape, options, r, space.rules, space.unstructured_format) for r in regimes}
     fingerprint = roofline_fingerprint(device, dtype)
     return CostTable(device.key, "roofline", fingerprint, asdict(shape), options, settings, costs)

@@ -14,7 +14,8 @@ import torch
 
 from allocator.core.atomic_io import write_json_atomic
 from allocator.core.cache_lock import TMP_PREFIX, CacheLock
-from allocator.core.space import Option, is_sparse, parse_option_key
+from allocator.core.config import Runtime
+from allocator.core.space import Option, Space, is_sparse, parse_option_key
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,17 @@ class CostTable:
                                          r.get("stability"))
         fields = {k: data[k] for k in ("profile", "source", "fingerprint", "model_shape", "options", "settings")}
         return cls(**fields, regimes=regimes, version=data["version"])
+
+
+def runtime_settings(space: Space) -> dict:
+    """The engine a table prices for, for its settings (so its cache key): only when not native, so the tables of
+    native spaces keep their keys."""
+    return {} if space.runtime == Runtime.native else {"runtime": str(space.runtime)}
+
+
+def table_runtime(table: CostTable) -> str:
+    """The engine a table prices for (tables without the setting are native)."""
+    return table.settings.get("runtime", str(Runtime.native))
 
 
 def table_key(fingerprint: dict, model_shape: dict, options: dict, settings: dict) -> str:

@@ -21,6 +21,7 @@ CHOICES = [
     (["space.kind=foo"], "structured, unstructured, nm, mixed"),
     (["space.pruner=obs"], "sparsegpt, wanda, magnitude"),
     (["space.error_metric=l2"], "fisher, relative, absolute"),
+    (["space.runtime=tgi"], "native, vllm, llamacpp"),
     (["searcher=bayes", "searcher.sampler=tp"], "tpe, cmaes, gp"),
     (["searcher=bayes", "searcher.param=coeffs"], "levels, spdy"),
     (["searcher=evo", "searcher.init=best"], "dp, uniform"),
@@ -43,6 +44,8 @@ def test_hydra_rejects_a_bad_choice_at_compose_time(overrides, valid):
 def test_a_good_choice_composes_to_its_enum():
     job = compose_search(["space=mixed", "space.pruner=wanda", "searcher=evo", "searcher.init=uniform"])
     assert (job.space.kind, job.space.pruner, job.searcher.init) == ("mixed", "wanda", "uniform")
+    assert compose_search(["space.runtime=vllm"]).space.runtime == "vllm"
+    assert compose_search([]).space.runtime == "native"
 
 
 def test_a_python_config_with_a_bad_choice_fails_in_one_line():

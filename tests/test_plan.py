@@ -9,7 +9,7 @@ import pytest
 
 from allocator.app.report import summary_lines
 from allocator.core.budget import budget_label
-from allocator.core.config import BudgetConfig, ErrorMetric
+from allocator.core.config import BudgetConfig, ErrorMetric, Runtime
 from allocator.core.errors import UserInputError
 from allocator.core.plan import PLAN_VERSION, Plan, PlanError
 
@@ -44,6 +44,8 @@ measured.table_stale measured.table_note
 """.split()
 # Added within version 2 with a default (no upgrade step): a plan without it exported bitmaps and loads as such.
 V2_FIELDS += ["unstructured_format"]
+# Version 3 added, optional: the engine the plan is for (space.runtime), written when not native.
+V3_FIELDS = V2_FIELDS + ["runtime"]
 
 
 def full_plan() -> Plan:
@@ -65,17 +67,30 @@ def schema_fields(cls, prefix: str = "") -> list[str]:
     return out
 
 
-def test_schema_is_version_2():
-    assert PLAN_VERSION == 2
-    assert sorted(schema_fields(Plan)) == sorted(V2_FIELDS)
+def test_schema_is_version_3():
+    assert PLAN_VERSION == 3
+    assert sorted(schema_fields(Plan)) == sorted(V3_FIELDS)
 
 
-def test_version_1_plan_loads_and_is_saved_as_version_2():
+def test_version_2_plan_is_native_and_runtime_round_trips():
+    """A version-2 plan (no runtime) is a native plan; a plan for another engine writes and reads its runtime."""
+    data = {**full_plan().to_json(), "version": 2}
+    plan = Plan.from_json(data)
+    assert plan.runtime is None and plan.engine == Runtime.native and "runtime" not in plan.to_json()
+    assert plan.to_json() == {**data, "version": 3}
+    vllm = replace(plan, runtime=Runtime.vllm)
+    written = json.loads(json.dumps(vllm.to_json()))
+    assert written["runtime"] == "vllm" and Plan.from_json(written).engine == Runtime.vllm
+    with pytest.raises(PlanError, match=r"field runtime must be Runtime or null, got 'tgi'"):
+        Plan.from_json({**written, "runtime": "tgi"})
+
+
+def test_version_1_plan_loads_and_is_saved_as_version_3():
     """A version-1 plan (no absolute-latency fields) reads as it is; written back, only the version changes."""
     data = {**full_plan().to_json(), "version": 1}
     plan = Plan.from_json(data)
     assert plan.measured.table_stale is None and plan.measured.predicted_latency_ms is None
-    assert plan.to_json() == {**data, "version": 2}
+    assert plan.to_json() == {**data, "version": 3}
     stale = sample_measured(predicted_latency_ms=7256.0, predicted_dense_latency_ms=10602.0,
                             dense_prediction_error=10602.0 / 1110.0 - 1, table_stale=True, table_note="refresh it")
     assert Plan.from_json(json.loads(json.dumps(full_plan().with_measured(stale).to_json()))).measured == stale
@@ -135,11 +150,11 @@ def test_missing_field_names_file_and_field(path, tmp_path):
         Plan.load(tmp_path / "plan.json")
 
 
-@pytest.mark.parametrize("version", [3, 99, -1, "1", 1.0, None, True])
+@pytest.mark.parametrize("version", [4, 99, -1, "1", 1.0, None, True])
 def test_unknown_version_is_a_clear_error(version):
     data = {**sample_plan().to_json(), "version": version}
     with pytest.raises(PlanError, match=rf"^run/plan\.json: plan version {version!r} is unknown; this "
-                                        rf"sparsity-allocator reads versions up to 2 \(and plans without a version\)"):
+                                        rf"sparsity-allocator reads versions up to 3 \(and plans without a version\)"):
         Plan.from_json(data, "run/plan.json")
 
 

@@ -47,8 +47,9 @@ def summary_lines(plan: Plan) -> list[str]:
         predicted.append(f"parameter sparsity {p.param_sparsity:.3f}")
     if p.memory_bytes is not None:
         predicted.append(f"weights + KV cache {p.memory_bytes / 1e9:.4f} GB")
+    engine = "" if plan.runtime is None else f", engine {plan.runtime}"
     lines = [
-        f"profile {plan.profile.name} ({plan.profile.source}), budget {b.label()}{planned}",
+        f"profile {plan.profile.name} ({plan.profile.source}){engine}, budget {b.label()}{planned}",
         f"predicted ({b.regime}): " + ", ".join(predicted),
     ]
     if plan.unstructured_format != "bitmap":  # bitmap plans print as they did before the choice existed

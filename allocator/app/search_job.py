@@ -32,7 +32,7 @@ from allocator.core.budget import (
     target_params,
     validate_budget,
 )
-from allocator.core.config import ErrorMetric, check_choice
+from allocator.core.config import ErrorMetric, Runtime, check_choice
 from allocator.core.errors import UserInputError
 from allocator.core.formats import resolve_unstructured_format
 from allocator.core.memory import kv_bytes
@@ -236,8 +236,11 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     data = build_calibration_data(cfg.data, loaded.tokenizer, cfg.fitness.sequences if fitness_pool else 0)
     # OWL allocates by each layer's activation-outlier ratio: gathered on the database's calibration pass.
     outliers = OutlierNorms(cfg.fitness.sequences, cfg.fitness.batch_size) if cfg.searcher.name == "owl" else None
+    # The levels are the engine's too (vLLM's zero query heads add nothing): built over the native space, a superset
+    # of every engine's options, so each engine's search reads the one database of this model and data.
+    levels_space = build_space(space.shape, replace(cfg.space, runtime=Runtime.native))
     db = open_or_build_database(
-        dense, space, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir,
+        dense, levels_space, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir,
         also=[outliers] if outliers else [],
     )
     target_ms = budget_ms.get("target")
@@ -272,10 +275,14 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
     dtype_bytes = next(dense.parameters()).element_size()
     b = cfg.budget
     kv = sum(
-        kv_bytes(shape, allocations["searched"][u.name], b.memory_batch, b.memory_context, dtype_bytes)
+        kv_bytes(shape, allocations["searched"][u.name], b.memory_batch, b.memory_context, dtype_bytes, space.rules)
         for u in units if u.kind == ATTN
     )
-    plan = make_plan(cfg, setup, allocations, found, uniform, kl, ppl, weight_bytes(deployed), weight_bytes(dense), kv)
+    # The weights the plan's engine holds: natively the export's; elsewhere at the engine's shapes (zero-padded
+    # query heads under vLLM, zero MLPs under llama.cpp), as the memory model prices them.
+    served = deployed if space.runtime == Runtime.native else build_deployable(
+        dense, shape, allocations["searched"], db.source, space.rules)
+    plan = make_plan(cfg, setup, allocations, found, uniform, kl, ppl, weight_bytes(served), weight_bytes(dense), kv)
     write_problem(run_dir, problem, problem_cost_unit(cfg), None if costs is None else costs.fixed_ms)
     if cfg.export.formats:
         export_formats(deployed, tokenizer, run_dir, plan, cfg.export.formats)
@@ -393,4 +400,5 @@ def make_plan(
             ppl_pruned=ppl["uniform"],
         ),
         quality=Quality(kl=kl["searched"], ppl_dense=ppl["dense"], ppl_pruned=ppl["searched"]),
+        runtime=None if setup.space.runtime == Runtime.native else setup.space.runtime,
     )

@@ -12,9 +12,25 @@ from torch import nn
 from transformers import AutoConfig
 
 from allocator.app.config import VerifyJob
-from allocator.core.config import BudgetConfig, ModelConfig, ProfileConfig, SpaceConfig
+from allocator.core.config import (
+    BudgetConfig,
+    ModelConfig,
+    ProfileConfig,
+    Runtime,
+    SpaceConfig,
+)
 from allocator.core.plan import PLAN_FILE, Measured, MeasuredMemory, Plan, Timing
-from allocator.core.space import ATTN, MLP, ModelShape, Option, is_sparse, unit_name
+from allocator.core.space import (
+    ATTN,
+    MLP,
+    NATIVE,
+    EngineRules,
+    ModelShape,
+    Option,
+    build_space,
+    is_sparse,
+    unit_name,
+)
 from allocator.model.engines import EXPORT_DIR, refresh_cards
 from allocator.model.engines.card import write_card
 from allocator.model.loader import DTYPES, load_model
@@ -24,7 +40,12 @@ from allocator.model.measure import (
     weight_bytes,
 )
 from allocator.model.runtime import load_plan, load_pruned, native_dir
-from allocator.model.surgery import SPARSE_KEY, WIDTHS_KEY, allocation_from_widths
+from allocator.model.surgery import (
+    SPARSE_KEY,
+    WIDTHS_KEY,
+    allocation_from_widths,
+    to_engine_shape,
+)
 from profilers.end_to_end import measure_models, measure_models_gpu
 from profilers.gpu import find_gpu_regime
 from profilers.gpu_timing import cuda_device_for_profile
@@ -66,17 +87,34 @@ def _planned_regime(plan: Plan, profile: ProfileConfig, name: str) -> Regime:
     return find_gpu_regime(profile, name)
 
 
+def engine_rules(run: Path, plan: Plan, shape: ModelShape) -> EngineRules:
+    """The engine rules the plan was priced with: its run's space (search_job.yaml) rebuilt, or the default space
+    for its runtime where that file is missing."""
+    if plan.engine == Runtime.native:
+        return NATIVE
+    from allocator.app.search_job import JOB_FILE
+
+    space = OmegaConf.structured(SpaceConfig(runtime=plan.engine))
+    if (run / JOB_FILE).is_file():
+        space = OmegaConf.merge(space, OmegaConf.load(run / JOB_FILE).get("space", {}))
+    return build_space(shape, OmegaConf.to_object(space)).rules
+
+
 def measure_speedup(
     run: Path, profile: ProfileConfig, regime_name: str, cache_dir: str = "runs/cache",
     dense: nn.Module | None = None, plan: Plan | None = None,
 ) -> Measured:
     """Reload the native export (what a user gets), time it and the dense model interleaved: on this CPU, or
-    on the plan's GPU when its profile is one (CUDA graphs, as profilers/gpu.py measured the table)."""
+    on the plan's GPU when its profile is one (CUDA graphs, as profilers/gpu.py measured the table). A plan for
+    another engine (plan.runtime) is timed at the shapes that engine runs, as its table was measured."""
     plan = plan if plan is not None else load_plan(run)
     gpu = cuda_device_for_profile(plan.profile.name)  # before any loading: no usable GPU fails at once
     model, _, _ = load_pruned(run)
     if dense is None:
         dense = load_model(plan.model_spec, cache_dir).model
+    shape = ModelShape.from_config(dense.config)
+    recorded = getattr(model.config, WIDTHS_KEY)  # read before the engine's shapes replace the pruned modules
+    model = to_engine_shape(model, dense, shape, engine_rules(run, plan, shape))
     if gpu is None:
         regime = find_regime(profile, regime_name)
         stats = measure_models({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats)
@@ -85,7 +123,6 @@ def measure_speedup(
         dtype = DTYPES[plan.profile.fingerprint.get("dtype") or deploy_dtype(plan.model_spec.dtype)]
         stats = measure_models_gpu({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats,
                                    gpu, dtype, profile.l2_rotations)
-    recorded = getattr(model.config, WIDTHS_KEY)
     allocation = allocation_from_widths(recorded, getattr(model.config, SPARSE_KEY, None))
     layers = len(recorded["attn_kv_groups"])
     widths = {kind: [allocation[unit_name(i, kind)] for i in range(layers)] for kind in (ATTN, MLP)}

@@ -43,11 +43,11 @@ def is_latency_budget(cfg: BudgetConfig) -> bool:
 
 
 def memory_costs(cfg: BudgetConfig, space: Space, dtype_bytes: int) -> list[list[float]]:
-    """Per unit, bytes of each option: weights (unstructured ones in the space's format), plus the KV cache for
-    attention."""
+    """Per unit, bytes of each option as the space's engine holds it: weights (unstructured ones in the space's
+    format), plus the KV cache for attention."""
     fmt = space.unstructured_format
     return [
-        [float(option_bytes(space.shape, u.kind, k, cfg.memory_batch, cfg.memory_context, dtype_bytes, fmt))
+        [float(option_bytes(space.shape, u.kind, k, cfg.memory_batch, cfg.memory_context, dtype_bytes, space.rules, fmt))
          for k in u.options]
         for u in space.units
     ]

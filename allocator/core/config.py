@@ -19,6 +19,14 @@ class SpaceKind(StrEnum):
     mixed = "mixed"
 
 
+class Runtime(StrEnum):
+    """The engine the pruned model is served with (see SpaceConfig.runtime and the README's table per engine)."""
+
+    native = "native"  # this project's loader and Triton runtime: every option, sparse ones compressed
+    vllm = "vllm"  # vLLM's nemotron_nas (DeciLM block_configs)
+    llamacpp = "llamacpp"  # llama.cpp's GGUF `deci` architecture
+
+
 class PrunerName(StrEnum):
     """How a sparse option's mask (and weights) are chosen."""
 
@@ -91,6 +99,11 @@ class SpaceConfig:
     # Kernel format of unstructured sparse units: "bitmap", "csr8" (per-value decode work, fast at small batch,
     # slow at prefill), or "auto": chosen once from budget.regime (allocator.core.formats.resolve_unstructured_format).
     unstructured_format: UnstructuredFormat = UnstructuredFormat.auto
+    # The engine the plan is for: only options it runs at full benefit, each priced at the shape it runs.
+    # "native": every option (this project's runtime); "vllm": structured, attention KV groups dividing the query
+    # heads (queries stay all heads, zero-padded); "llamacpp": structured, a dropped MLP beside a kept attention
+    # priced as a zero MLP of the smallest width (allocator/core/space.py run_shape).
+    runtime: Runtime = Runtime.native
 
 
 @dataclass

@@ -22,11 +22,11 @@ from typing import Any, Callable, Optional, Union, get_args, get_origin, get_typ
 
 from allocator.core.atomic_io import write_json_atomic
 from allocator.core.budget import budget_label
-from allocator.core.config import BudgetConfig, ErrorMetric, ModelConfig
+from allocator.core.config import BudgetConfig, ErrorMetric, ModelConfig, Runtime
 from allocator.core.errors import UserInputError
 from allocator.core.space import Option
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 PLAN_FILE = "plan.json"
 # profile.source of a plan made without a latency table (a parameter or memory budget, none saved): its predicted
 # latencies and speedups are null, and verify measures the speedup without comparing it with a prediction.
@@ -172,7 +172,14 @@ class Plan:
     unstructured_format: str = field(default="bitmap", metadata={_OMIT: True})
     measured: Optional[Measured] = _when_set()
     verify_skipped: Optional[str] = _when_set()  # why verification did not run (a device not present here)
+    # Version 3: the engine the plan was searched and priced for (space.runtime), written when not native.
+    runtime: Optional[Runtime] = _when_set()
     version: int = PLAN_VERSION
+
+    @property
+    def engine(self) -> Runtime:
+        """The engine the plan is for: its runtime, native when none is recorded."""
+        return self.runtime or Runtime.native
 
     def with_measured(self, measured: Measured) -> Plan:
         """The plan with a verification's result (which replaces an earlier skip)."""
@@ -251,7 +258,12 @@ def _upgrade_1(data: dict) -> dict:
     return dict(data)
 
 
-_UPGRADES: dict[int, Callable[[dict], dict]] = {0: _upgrade_unversioned, 1: _upgrade_1}
+def _upgrade_2(data: dict) -> dict:
+    """Version 3 added the optional `runtime` (written for engines other than native): a version-2 plan is native."""
+    return dict(data)
+
+
+_UPGRADES: dict[int, Callable[[dict], dict]] = {0: _upgrade_unversioned, 1: _upgrade_1, 2: _upgrade_2}
 
 
 # --- dataclasses <-> JSON -------------------------------------------------------------------------------------------

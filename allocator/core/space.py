@@ -2,14 +2,21 @@
 
 An option is either an int, the structured width kept (KV groups or neurons; the full width is the dense unit),
 or a str, a sparsity pattern label ("unstructured70", "2:4", "block16x16-50") applied to every linear of the
-unit at full width. `space.kind` picks which options a unit has."""
+unit at full width. `space.kind` picks which options a unit has, `space.runtime` which of them its engine runs at
+full benefit, and at what shape (EngineRules, run_shape)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Union
 
-from allocator.core.config import PrunerName, SpaceConfig, SpaceKind, check_choice
+from allocator.core.config import (
+    PrunerName,
+    Runtime,
+    SpaceConfig,
+    SpaceKind,
+    check_choice,
+)
 from allocator.core.errors import UserInputError
 from allocator.core.patterns import SparsityPattern, kept_count
 
@@ -74,6 +81,38 @@ def full_width(shape: ModelShape, kind: str) -> int:
     return shape.num_kv_heads if kind == ATTN else shape.intermediate
 
 
+@dataclass(frozen=True)
+class EngineRules:
+    """How the engine of `space.runtime` runs a unit's options: the rules `run_shape` applies (README, "Engines")."""
+
+    runtime: Runtime = Runtime.native
+    # llama.cpp only: neurons of the all-zero MLP a dropped MLP is exported as, because llama.cpp's `deci` graph
+    # skips the whole layer, its attention output included, where feed_forward_length is 0. The space's smallest
+    # MLP width (the gguf export's choice); 0 for the other engines, which drop an MLP exactly.
+    zero_mlp: int = 0
+
+
+NATIVE = EngineRules()
+
+
+def run_shape(shape: ModelShape, kind: str, option: Option, rules: EngineRules = NATIVE) -> ModelShape:
+    """The model shape whose `kind` unit is the dense unit `rules.runtime` runs for `option`, zero-padded parts
+    included: attention as query heads (num_heads) and KV heads (num_kv_heads), an MLP as neurons (intermediate);
+    0 where nothing runs. A sparse option runs at the full shape (its format is priced apart).
+    vLLM keeps every layer's query heads at num_attention_heads (n_heads_in_group = heads / KV heads), so k KV
+    groups run all query heads, the pruned ones zero; llama.cpp takes per-layer head counts, so they are exact."""
+    if kind == ATTN:
+        kv = kept_width(shape, ATTN, option)
+        queries = shape.num_heads if rules.runtime == Runtime.vllm else kv * shape.heads_per_group
+        return replace(shape, num_heads=queries if kv else 0, num_kv_heads=kv)
+    return replace(shape, intermediate=kept_width(shape, MLP, option) or rules.zero_mlp)
+
+
+def runs(run: ModelShape, kind: str) -> bool:
+    """Whether a unit of run shape `run` (from run_shape) runs at all."""
+    return bool(run.num_kv_heads if kind == ATTN else run.intermediate)
+
+
 def option_key(option: Option) -> str:
     """The option as a JSON key / file stem; `parse_option_key` inverts it."""
     return str(option)
@@ -120,6 +159,15 @@ def mlp_levels(intermediate: int, cfg: SpaceConfig) -> tuple[int, ...]:
     return tuple(sorted(levels))
 
 
+def attention_levels(shape: ModelShape, cfg: SpaceConfig) -> tuple[int, ...]:
+    """KV groups kept: every count (0 when dropping is allowed), or under vLLM only those dividing the query heads
+    (its n_heads_in_group = heads / KV heads must be an integer), so no plan needs its KV heads padded."""
+    widths = range(0 if cfg.allow_drop else 1, shape.num_kv_heads + 1)
+    if cfg.runtime == Runtime.vllm:
+        return tuple(k for k in widths if k == 0 or shape.num_heads % k == 0)
+    return tuple(widths)
+
+
 def _fraction_patterns(kind: str, fractions: list[float], field: str, **extra) -> list[SparsityPattern]:
     patterns = []
     for f in fractions:
@@ -133,6 +181,12 @@ def sparse_patterns(cfg: SpaceConfig) -> list[SparsityPattern]:
     """The sparse patterns of `space.kind` (none for "structured"), validated."""
     check_choice("space.kind", cfg.kind, SpaceKind)
     check_choice("space.pruner", cfg.pruner, PrunerName)
+    check_choice("space.runtime", cfg.runtime, Runtime)
+    if cfg.runtime != Runtime.native and cfg.kind != SpaceKind.structured:
+        raise UserInputError(
+            f"space.kind={cfg.kind} with space.runtime={cfg.runtime}: {cfg.runtime} runs no sparse weights (they would "
+            f"run dense, at no speedup); valid: space.kind=structured, or space.runtime=native for sparse options"
+        )
     patterns: list[SparsityPattern] = []
     if cfg.kind in ("unstructured", "mixed"):
         patterns += _fraction_patterns("unstructured", cfg.sparsities, "sparsities")
@@ -173,6 +227,7 @@ class Space:
     # The kernel format unstructured sparse options are exported, run and priced in (resolved from
     # space.unstructured_format by allocator.core.formats.resolve_unstructured_format; never "auto").
     unstructured_format: str = "bitmap"
+    rules: EngineRules = NATIVE  # the engine the options are priced for (space.runtime)
     # kind → its options, ascending in kept weights (the dense one last): the form latency tables are keyed on.
     options: dict[str, list[Option]] = field(init=False, repr=False, compare=False)
 
@@ -195,6 +250,10 @@ class Space:
         so tables of bitmap spaces keep the keys they had before the format was a choice."""
         return {} if self.unstructured_format == "bitmap" else {"unstructured_format": self.unstructured_format}
 
+    @property
+    def runtime(self) -> Runtime:
+        return self.rules.runtime
+
     def dense_allocation(self) -> dict[str, Option]:
         return {u.name: u.full for u in self.units}
 
@@ -207,7 +266,7 @@ def build_space(shape: ModelShape, cfg: SpaceConfig, unstructured_format: str = 
         check_pattern_fits(shape, pattern)
     labels = sorted({p.label for p in patterns})
     if cfg.kind == "structured" or cfg.kind == "mixed":
-        attn_widths = tuple(range(0 if cfg.allow_drop else 1, shape.num_kv_heads + 1))
+        attn_widths = attention_levels(shape, cfg)
         mlp_widths = mlp_levels(shape.intermediate, cfg)
     else:  # sparse spaces keep every unit at full width (or drop it, when allowed)
         attn_widths = (0, shape.num_kv_heads) if cfg.allow_drop else (shape.num_kv_heads,)
@@ -225,5 +284,6 @@ def build_space(shape: ModelShape, cfg: SpaceConfig, unstructured_format: str = 
         units.append(Unit(unit_name(layer, MLP), layer, MLP, shape.intermediate, mlp_options))
     if not any(p.kind == "unstructured" for p in patterns):  # nothing stored in it: keys and plans stay bitmap's
         unstructured_format = "bitmap"
-    return Space(shape, tuple(units), unstructured_format)
+    zero_mlp = min(w for w in mlp_widths if w) if cfg.runtime == Runtime.llamacpp else 0
+    return Space(shape, tuple(units), unstructured_format, EngineRules(Runtime(cfg.runtime), zero_mlp))
 

@@ -13,13 +13,13 @@ from torch import nn
 
 from allocator.core.formats import export_format, format_choice
 from allocator.core.patterns import SparsityPattern
-from allocator.core.space import ATTN, MLP, ModelShape, Option
+from allocator.core.space import ATTN, MLP, NATIVE, EngineRules, ModelShape, Option
 from allocator.model.surgery import (
     BLOCK_ATTRIBUTE,
     SPARSE_KEY,
     UNIT_LINEARS,
     LevelSource,
-    build_pruned_model,
+    build_engine_model,
     decoder_layers,
 )
 from kernels.sparse_linear import SparseLinear
@@ -51,12 +51,14 @@ def compress_sparse_units(model: nn.Module, unstructured_format: str = "bitmap")
 
 
 def build_deployable(
-    dense: nn.Module, shape: ModelShape, allocation: dict[str, Option], source: LevelSource,
+    dense: nn.Module, shape: ModelShape, allocation: dict[str, Option], source: LevelSource, rules: EngineRules = NATIVE,
     unstructured_format: str = "bitmap",
 ) -> nn.Module:
-    """The model as exported and run: structured units shrunk, sparse units in their compressed formats
-    (unstructured ones in `unstructured_format`, the Space's; the loader reads each unit's format from its tensors)."""
-    return compress_sparse_units(build_pruned_model(dense, shape, allocation, source), unstructured_format)
+    """The model as exported and run: structured units shrunk, sparse units in their compressed formats (unstructured
+    ones in `unstructured_format`, the Space's; the loader reads each unit's format from its tensors); with `rules`
+    of another engine, at the shapes that engine runs (surgery.build_engine_model), for timing."""
+    model = build_engine_model(dense, shape, allocation, source, rules)
+    return compress_sparse_units(model, unstructured_format)
 
 
 def load_sparse_units(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

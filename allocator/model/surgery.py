@@ -13,10 +13,13 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
+from allocator.core.config import Runtime
 from allocator.core.patterns import select_mask
 from allocator.core.space import (
     ATTN,
     MLP,
+    NATIVE,
+    EngineRules,
     ModelShape,
     Option,
     full_width,
@@ -190,6 +193,56 @@ def build_pruned_model(dense: nn.Module, shape: ModelShape, allocation: dict[str
     model = copy.deepcopy(dense, memo=shared)
     apply_allocation(model, shape, allocation, source)
     return model
+
+
+def pad_query_heads(layer: nn.Module, shape: ModelShape) -> None:
+    """Give a pruned attention vLLM's layout: all num_heads query heads over its k KV heads, n_heads_in_group =
+    num_heads / k per KV head. Each kept group's query heads take the first slots of its KV head, the other slots
+    are zero heads whose o_proj columns are zero, so the output is unchanged (the zero heads add nothing)."""
+    attn = layer.self_attn
+    kv = attn.k_proj.out_features // shape.head_dim
+    per_kv = shape.num_heads // kv
+    if per_kv == shape.heads_per_group:  # every group kept: nothing to pad
+        return
+    slots = (torch.arange(kv)[:, None] * per_kv + torch.arange(shape.heads_per_group)).reshape(-1)
+    rows = group_rows(slots, shape.head_dim)
+    width = shape.num_heads * shape.head_dim
+    q, o = attn.q_proj, attn.o_proj
+    q_weight = q.weight.new_zeros(width, q.in_features)
+    q_weight[rows] = q.weight
+    q_bias = None
+    if q.bias is not None:
+        q_bias = q.bias.new_zeros(width)
+        q_bias[rows] = q.bias
+    o_weight = o.weight.new_zeros(o.out_features, width)
+    o_weight[:, rows] = o.weight
+    attn.q_proj, attn.o_proj = _linear(q_weight, q_bias), _linear(o_weight, o.bias)
+    attn.num_key_value_groups = per_kv  # transformers repeats each KV head this many times
+
+
+def to_engine_shape(model: nn.Module, dense: nn.Module, shape: ModelShape, rules: EngineRules = NATIVE) -> nn.Module:
+    """In place: a pruned model (built, or loaded from an export) at the shapes `rules.runtime` runs
+    (allocator.core.space.run_shape), its outputs unchanged: under vLLM every kept attention with all query heads
+    (pad_query_heads); under llama.cpp every dropped MLP as an MLP of rules.zero_mlp neurons (the dense model's norm
+    and first neurons) whose down_proj is zero. What the profilers and verify time for that engine; natively the
+    model is left as it is. Returns the model."""
+    for i, layer in enumerate(decoder_layers(model)):
+        if rules.runtime == Runtime.vllm and not isinstance(layer.self_attn, DroppedAttention):
+            pad_query_heads(layer, shape)
+        if rules.zero_mlp and isinstance(layer.mlp, DroppedMLP):
+            modules = unit_modules(dense, shape, i, MLP, rules.zero_mlp, leading_levels(dense, shape))
+            mlp = modules["mlp"]
+            mlp = copy.deepcopy(mlp, memo={id(t): t for t in mlp.parameters()})  # dense's own at full width
+            mlp.down_proj = _linear(torch.zeros_like(mlp.down_proj.weight), mlp.down_proj.bias)
+            layer.post_attention_layernorm, layer.mlp = modules["post_attention_layernorm"], mlp
+    return model
+
+
+def build_engine_model(
+    dense: nn.Module, shape: ModelShape, allocation: dict[str, Option], source: LevelSource, rules: EngineRules = NATIVE
+) -> nn.Module:
+    """build_pruned_model's model at the shapes `rules.runtime` runs (to_engine_shape)."""
+    return to_engine_shape(build_pruned_model(dense, shape, allocation, source), dense, shape, rules)
 
 
 def leading_levels(dense: nn.Module, shape: ModelShape) -> LevelSource:
