@@ -120,14 +120,14 @@ def test_memory_model_prices_csr8_as_exported(tiny, tmp_path):
 
     calibration = torch.randint(0, shape.vocab, (4, 16), generator=torch.Generator().manual_seed(0))
     db = open_or_build_database(dense, csr8_space, calibration, "tiny", "random", cfg, tmp_path, batch_size=4)
-    deployed = build_deployable(dense, shape, allocation, db.source, "csr8")
+    deployed = build_deployable(dense, shape, allocation, db.source, unstructured_format="csr8")
     dtype_bytes = next(dense.parameters()).element_size()
     for unit in csr8_space.units:
         block = getattr(decoder_layers(deployed)[unit.layer], BLOCK_ATTRIBUTE[unit.kind])
         modules = [getattr(block, name) for name in UNIT_LINEARS[unit.kind]]
         assert {m.fmt for m in modules} == {"csr8"}
         stored = sum(m.weight_nbytes for m in modules)
-        assert unit_weight_bytes(shape, unit.kind, "unstructured70", dtype_bytes, "csr8") == stored + shape.hidden * dtype_bytes
+        assert unit_weight_bytes(shape, unit.kind, "unstructured70", dtype_bytes, unstructured_format="csr8") == stored + shape.hidden * dtype_bytes
         assert stored > unit_weight_bytes(shape, unit.kind, "unstructured70", dtype_bytes) - shape.hidden * dtype_bytes
 
 

@@ -270,7 +270,7 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
     kl = kl_to_dense(dense, models, data.calibration[: cfg.score.kl_sequences], batch)
     ppl = {name: perplexity(m, data.heldout, batch) for name, m in {"dense": dense, **models}.items()}
     # What is exported and run: sparse units in their compressed formats (the same model as the masked one).
-    deployed = build_deployable(dense, shape, allocations["searched"], db.source, space.unstructured_format)
+    deployed = build_deployable(dense, shape, allocations["searched"], db.source, unstructured_format=space.unstructured_format)
     # KV cache of budget.memory_batch sequences of budget.memory_context tokens (reported with or without a memory budget)
     dtype_bytes = next(dense.parameters()).element_size()
     b = cfg.budget

@@ -77,7 +77,7 @@ def check_export(setup, allocation: dict, overrides: list[str]) -> dict:
     """Export the deployable model, reload it and compare its logits with the stitched model's."""
     stitched = build_pruned_model(setup.dense, setup.space.shape, allocation, setup.db.source)
     fmt = setup.space.unstructured_format
-    deployed = build_deployable(setup.dense, setup.space.shape, allocation, setup.db.source, fmt)
+    deployed = build_deployable(setup.dense, setup.space.shape, allocation, setup.db.source, unstructured_format=fmt)
     full = {u.name: u.full for u in setup.space.units}
     formats = Counter(
         export_format(sparse_pattern(o), format_choice(sparse_pattern(o), fmt))[0] if is_sparse(o) else "dense" if o == full[n] else "dropped" if o == 0
