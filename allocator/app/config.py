@@ -18,6 +18,7 @@ from allocator.core.config import (
     ScoreConfig,
     SpaceConfig,
 )
+from allocator.core.device import DEFAULT_DEVICE
 from search import SEARCHERS, SearcherConfig
 
 
@@ -32,6 +33,9 @@ class SearchJob:
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     cache_dir: str = "runs/cache"
+    # Where the level database is built and candidates are scored: cpu, cuda, cuda:N or auto (allocator/core/device.py;
+    # default cpu, so results do not depend on the machine a run lands on).
+    device: str = DEFAULT_DEVICE
     export: bool = True
     verify: bool = True
     seed: int = 0

@@ -28,6 +28,7 @@ from allocator.core.budget import (
     validate_budget,
 )
 from allocator.core.config import ErrorMetric, check_choice
+from allocator.core.device import resolve_device
 from allocator.core.errors import UserInputError
 from allocator.core.memory import kv_bytes
 from allocator.core.plan import (
@@ -65,6 +66,7 @@ JOB_FILE = "search_job.yaml"
 
 def validate_search_job(cfg: SearchJob) -> None:
     """Everything checkable without loading weights, so bad input costs one line and no waiting."""
+    resolve_device(cfg.device)
     validate_model_config(cfg.model)
     validate_data_config(cfg.data)
     validate_budget(cfg.budget)
