@@ -23,14 +23,14 @@ larger than the device is built layer by layer); a model already on `device` is 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from allocator.levels.compress.calibration_pass import Collector, GradientCollector, _rows_read
+from allocator.levels.compress.calibration_pass import Collector, GradientCollector, rows_read
 from allocator.model.surgery import decoder_layers
 
 __all__ = ["LayerInputs", "first_layer_inputs", "resident", "stream_fisher", "stream_layers"]
@@ -103,7 +103,7 @@ def _batches(tokens: torch.Tensor, batch_size: int, collectors: Sequence[Collect
     out = []
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size]
-        if not any(_rows_read(c, start, len(batch)) for c in collectors):
+        if not any(rows_read(c, start, len(batch)) for c in collectors):
             break
         out.append((start, batch))
     return out
@@ -149,7 +149,7 @@ def stream_layers(
                     with torch.no_grad():
                         for (start, batch), held in zip(batches, inputs):
                             for c in collectors:
-                                c.start, c.rows = start, _rows_read(c, start, len(batch))
+                                c.start, c.rows = start, rows_read(c, start, len(batch))
                             out = layer(held.hidden.to(device), **held.kwargs)
                             held.hidden = (out[0] if isinstance(out, tuple) else out).to(store)
                 finally:
@@ -187,7 +187,7 @@ def stream_fisher(
                 handles += fisher.attach(index, layer)
         for start, batch in tqdm(_batches(tokens, batch_size, [fisher]), desc="output Fisher", unit="batch",
                                  leave=False):
-            fisher.start, fisher.rows = start, _rows_read(fisher, start, len(batch))
+            fisher.start, fisher.rows = start, rows_read(fisher, start, len(batch))
             batch = batch[: fisher.rows]  # only the sequences the Fisher reads run (the loss covers just those)
             held = first_layer_inputs(model, batch, device, store)
             saved = [held.hidden]
