@@ -176,7 +176,8 @@ class _Factors:
 
 def _factor(weight: torch.Tensor, hessian: torch.Tensor, damp: float, dtype: torch.dtype) -> _Factors:
     h = hessian.detach().to(device=weight.device, dtype=torch.float64)
-    h = (h + h.T) / 2  # accumulated Hessians can be asymmetric by rounding
+    h = h + h.T  # accumulated Hessians can be asymmetric by rounding; one new tensor, halved in place (exact)
+    h.mul_(0.5)
     diag = torch.diagonal(h)
     dead = diag == 0
     # A never-activated input: its weights cannot affect the calibration outputs, so zero them (free to prune)
@@ -184,9 +185,13 @@ def _factor(weight: torch.Tensor, hessian: torch.Tensor, damp: float, dtype: tor
     diag[dead] = 1.0
     diag += damp * diag.mean()
     chol, info = torch.linalg.cholesky_ex(h)
+    del h, diag  # (d_in, d_in) float64 (diag is a view of it): freed before the inverse and its factor are made
     if bool(info != 0):
         raise ValueError("damped Hessian is not positive definite; increase damp")
-    u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    inverse = torch.cholesky_inverse(chol)
+    del chol
+    u, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
     if bool(info != 0):
         raise ValueError("damped Hessian is numerically singular (its inverse is not positive definite); increase damp")
     w = weight.detach().to(torch.float64).clone()
