@@ -159,3 +159,33 @@ def test_forward_stream_stops_at_the_last_layer_with_work(tiny, calibration, tmp
         handle.remove()
     assert again.errors == db.errors
     assert {p.name for p in db.root.iterdir() if p.is_dir()} == {u.name for u in first.units}
+
+
+def test_offloaded_build_equals_the_in_memory_build_with_one_layer_resident(tiny, calibration, tmp_path):
+    """A model loaded with its decoder layers on the meta device, each materialised from the safetensors checkpoint
+    for its turn: the same database as the in-memory model, and never more than one layer holding weights."""
+    from allocator.model.offload import load_offloaded
+
+    model = tiny[0].model
+    model.save_pretrained(tmp_path / "checkpoint")
+    offloaded, weights = load_offloaded(tmp_path / "checkpoint", torch.float32)
+    layers = decoder_layers(offloaded)
+    assert all(p.is_meta for layer in layers for p in layer.parameters())
+    most = []
+    hooks = [layer.register_forward_pre_hook(
+        lambda *_: most.append(sum(not next(l.parameters()).is_meta for l in layers))) for layer in layers]
+    cfg = SpaceConfig(kind="mixed", mlp_step=32, fisher_sequences=3, sparsities=[0.5], nm_patterns=["2:4"],
+                      block_sparsities=[0.5])
+    space = build_space(tiny[1].shape, cfg)
+    try:
+        db = database.open_or_build_database(offloaded, space, calibration, "tiny", "random", cfg,
+                                             tmp_path / "offloaded", batch_size=4, weights=weights,
+                                             offload_activations=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert most and max(most) == 1
+    assert all(p.is_meta for layer in layers for p in layer.parameters())  # emptied again
+    reference = database.open_or_build_database(model, space, calibration, "tiny", "random", cfg,
+                                                tmp_path / "in-memory", batch_size=4)
+    assert_same_database(db.root, reference.root, space.units)

@@ -30,7 +30,7 @@ import torch
 from allocator.benchmarks.common import write_result
 from allocator.core.config import SpaceConfig
 from allocator.core.device import resolve_device
-from allocator.core.space import MLP, ModelShape, build_space
+from allocator.core.space import ModelShape, build_space
 from allocator.levels.database import has_sparse, open_or_build_database, unit_hessians
 from allocator.model.loader import DTYPES
 from allocator.model.surgery import SparseUnitWeights, UnitWeights
@@ -38,14 +38,14 @@ from search.fitness_engine import StitchedKLFitness
 
 # Published shapes (config.json of each model); vocabularies included, they set the embedding and lm_head size.
 SHAPES: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, rope_theta=10000.0),
-    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                           num_key_value_heads=4, vocab_size=32000, rope_theta=10000.0),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256, "rope_theta": 10000.0},
+    "tinyllama-1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                       "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000, "rope_theta": 10000.0},
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0},
+    "llama3-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                   "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0},
 }
 
 

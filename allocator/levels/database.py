@@ -41,6 +41,7 @@ from allocator.levels.compress.layer_stream import stream_fisher, stream_layers
 from allocator.levels.compress.linear_hessians import InputHessians
 from allocator.levels.compress.structured_obs import PrunedLevel, structured_obs_sweep
 from allocator.levels.sparse_levels import HESSIAN_OF, BlockCalls, block_output_errors, prune_unit, unit_block
+from allocator.model.offload import LayerWeights
 from allocator.model.surgery import (
     UNIT_LINEARS,
     LevelSource,
@@ -197,12 +198,14 @@ def open_or_build_database(
     also: Sequence[Collector] = (),
     device: str | torch.device | None = None,
     offload_activations: bool = False,
+    weights: LayerWeights | None = None,
 ) -> LevelDatabase:
     """The level database of the space's units, built (what is missing of it) layer by layer from `calibration` in
     batches of `batch_size` sequences, on `device` (default: where the model is; see allocator/core/device.py);
-    `offload_activations` keeps the activations between layers on the CPU. The collectors in `also` ride on the
+    `offload_activations` keeps the activations between layers on the CPU; an offloaded model (decoder layers on the
+    meta device) has its layers materialised one at a time from `weights`. The collectors in `also` ride on the
     build's layer stream (on a stream of their own when nothing is left to build)."""
-    device = next(model.parameters()).device if device is None else resolve_device(device)
+    device = model.get_input_embeddings().weight.device if device is None else resolve_device(device)
     store = torch.device("cpu") if offload_activations else device
     units = space.units
     root = Path(cache_dir) / "databases" / database_key(model_fp, data_fp, units, cfg)
@@ -217,18 +220,20 @@ def open_or_build_database(
             lock.remove_stale(root)  # a killed builder's unit directories (every builder of root holds this lock)
             todo = missing()
             if todo:
-                _build_units(model, space, calibration, cfg, root, todo, batch_size, also, device, store)
+                _build_units(model, space, calibration, cfg, root, todo, batch_size, also, device, store, weights)
                 write_json_atomic(root / "manifest.json", {"version": DATABASE_VERSION, "units": [u.name for u in units]})
                 return LevelDatabase(root, units)
     log.info("level database: reusing %s", root)
     if also:
-        stream_layers(model, calibration, batch_size, also, device=device, store=store, desc="statistics")
+        stream_layers(model, calibration, batch_size, also, device=device, store=store, weights=weights,
+                      desc="statistics")
     return LevelDatabase(root, units)
 
 
 def _build_units(
     model: torch.nn.Module, space: Space, calibration: torch.Tensor, cfg: SpaceConfig, root: Path, todo: list[Unit],
     batch_size: int, also: Sequence[Collector], device: torch.device, store: torch.device,
+    weights: LayerWeights | None,
 ) -> None:
     """Build the `todo` units' levels into `root` (the caller holds root's lock): the output Fisher from a gradient
     stream first (every unit's errors weigh by it), then one forward stream in which each layer's Hessians and
@@ -238,7 +243,7 @@ def _build_units(
     log.info("level database: building %d of %d units into %s", len(todo), len(units), root)
     stats = CalibrationStatistics(todo, calibration, cfg)
     stream_fisher(model, calibration, batch_size, stats.fisher, lowest=min(u.layer for u in todo), device=device,
-                  store=store)
+                  store=store, weights=weights)
     by_layer: dict[int, list[Unit]] = {}
     for unit in todo:
         by_layer.setdefault(unit.layer, []).append(unit)
@@ -270,6 +275,6 @@ def _build_units(
     count = len(layers) if also else max(by_layer) + 1
     try:
         stream_layers(model, calibration, batch_size, [*stats.collectors, *also], build_layer, device=device,
-                      store=store, layers=count, desc="calibration layers")
+                      store=store, layers=count, weights=weights, desc="calibration layers")
     finally:
         bar.close()

@@ -19,7 +19,9 @@ each layer is called exactly as the full model calls it, and the statistics equa
 (tests/test_layer_stream.py).
 
 Placement: each layer is moved to `device` for its turn and back afterwards when the model lives elsewhere (a model
-larger than the device is built layer by layer); a model already on `device` is left in place."""
+larger than the device is built layer by layer); a model already on `device` is left in place; an offloaded model's
+layers (meta device, allocator/model/offload.py) are materialised from their source for their turn and emptied
+after it, so only one layer's weights are resident at a time."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from allocator.levels.compress.calibration_pass import Collector, GradientCollector, rows_read
+from allocator.model.offload import LayerWeights, materialise
 from allocator.model.surgery import decoder_layers
 
 __all__ = ["LayerInputs", "first_layer_inputs", "resident", "stream_fisher", "stream_layers"]
@@ -61,10 +64,27 @@ def _home(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    """Where the model's resident parts are (an offloaded model's layers are on the meta device)."""
+    return model.get_input_embeddings().weight.device
+
+
 @contextmanager
-def resident(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """`module` with its parameters on `device` inside the block, back on their own device after it."""
+def resident(
+    module: nn.Module, device: torch.device, index: int | None = None, weights: LayerWeights | None = None
+) -> Iterator[nn.Module]:
+    """`module` with its parameters on `device` inside the block, back on their own device after it. An offloaded
+    decoder layer (on the meta device) is materialised from `weights` for the block and emptied again after it."""
     home = _home(module)
+    if home.type == "meta":
+        if weights is None or index is None:
+            raise RuntimeError("an offloaded (meta-device) layer needs the source of its weights")
+        materialise(module, index, weights, device)
+        try:
+            yield module
+        finally:
+            module.to("meta")
+        return
     if home == device:
         yield module
         return
@@ -87,7 +107,7 @@ def first_layer_inputs(model: nn.Module, batch: torch.Tensor, device: torch.devi
     handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         # The embedding runs where the model lives (a few MB even for large vocabularies).
-        model(batch.to(_home(model)), use_cache=False)
+        model(batch.to(_model_device(model)), use_cache=False)
     except _Caught:
         pass
     finally:
@@ -126,16 +146,17 @@ def stream_layers(
     device: torch.device | None = None,
     store: torch.device | None = None,
     layers: int | None = None,
+    weights: LayerWeights | None = None,
     desc: str = "calibration",
 ) -> None:
     """Pass `tokens` (batches of `batch_size`, up to the last one any collector reads) through decoder layers
     0..layers-1 one layer at a time, collectors hooked on the current layer; `after_layer(i)` runs once layer i has
     seen every batch, with layer i still on `device`. Activations between layers are kept on `store` (default:
-    `device`; "cpu" offloads them)."""
+    `device`; "cpu" offloads them). An offloaded model's layers are materialised from `weights` one at a time."""
     _check(tokens, batch_size)
     if any(isinstance(c, GradientCollector) for c in collectors):
         raise ValueError("stream_layers runs without gradients; the output Fisher has its own stream (stream_fisher)")
-    device = _home(model) if device is None else device
+    device = _model_device(model) if device is None else device
     store = device if store is None else store
     blocks = decoder_layers(model)
     count = len(blocks) if layers is None else layers
@@ -143,7 +164,7 @@ def stream_layers(
     inputs = [first_layer_inputs(model, batch, device, store) for _start, batch in batches]
     try:
         for index in tqdm(range(count), desc=desc, unit="layer", leave=False):
-            with resident(blocks[index], device) as layer:
+            with resident(blocks[index], device, index, weights) as layer:
                 handles = [h for c in collectors for h in c.attach(index, layer)]
                 try:
                     with torch.no_grad():
@@ -172,11 +193,12 @@ def stream_fisher(
     lowest: int = 0,
     device: torch.device | None = None,
     store: torch.device | None = None,
+    weights: LayerWeights | None = None,
 ) -> None:
     """The gradient collector's statistic over its first `fisher.sequences` sequences of `tokens`, one layer's
     autograd graph at a time; gradients are pulled down to layer `lowest` (nothing below it is wanted)."""
     _check(tokens, batch_size)
-    device = _home(model) if device is None else device
+    device = _model_device(model) if device is None else device
     store = device if store is None else store
     blocks = decoder_layers(model)
     head = nn.ModuleList([model.model.norm, model.get_output_embeddings()])
@@ -193,7 +215,7 @@ def stream_fisher(
             saved = [held.hidden]
             with torch.no_grad():  # no graph: the collector's hooks act only on outputs that require grad
                 for index in range(len(blocks)):
-                    with resident(blocks[index], device) as layer:
+                    with resident(blocks[index], device, index, weights) as layer:
                         out = layer(saved[-1].to(device), **held.kwargs)
                     saved.append((out[0] if isinstance(out, tuple) else out).to(store))
             with resident(head, device), torch.enable_grad():
@@ -203,7 +225,7 @@ def stream_fisher(
                 del logits
             for index in range(len(blocks) - 1, lowest - 1, -1):
                 x = saved.pop().to(device).requires_grad_(True)
-                with resident(blocks[index], device) as layer, torch.enable_grad():
+                with resident(blocks[index], device, index, weights) as layer, torch.enable_grad():
                     out = layer(x, **held.kwargs)
                     out = out[0] if isinstance(out, tuple) else out
                     # The collector's tensor hooks on this layer's outputs read the gradient on the way to x.
