@@ -206,7 +206,7 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     outliers = OutlierNorms(cfg.fitness.sequences, cfg.fitness.batch_size) if cfg.searcher.name == "owl" else None
     db = open_or_build_database(
         dense, space, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir,
-        also=[outliers] if outliers else [],
+        also=[outliers] if outliers else [], device=cfg.device,
     )
     target_ms = budget_ms.get("target")
     problem = build_problem(cfg, dense, space, costs, db, target_ms)

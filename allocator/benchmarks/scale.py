@@ -33,6 +33,7 @@ from allocator.core.device import resolve_device
 from allocator.core.space import ModelShape, build_space
 from allocator.levels.database import has_sparse, open_or_build_database, unit_hessians
 from allocator.model.loader import DTYPES
+from allocator.model.offload import RandomLayers
 from allocator.model.surgery import SparseUnitWeights, UnitWeights
 from search.fitness_engine import StitchedKLFitness
 
@@ -49,8 +50,11 @@ SHAPES: dict[str, dict] = {
 }
 
 
-def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0, layers: int | None = None):
-    """A LlamaForCausalLM of `shape` with N(0, 0.02) weights (norms 1), materialised on `device` in `dtype`."""
+def random_model(
+    shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0, layers: int | None = None, offload: bool = False
+):
+    """A LlamaForCausalLM of `shape` with N(0, 0.02) weights (norms 1), materialised on `device` in `dtype`; with
+    `offload`, only the embedding, final norm and lm_head are (the layers come from RandomLayers one at a time)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     kwargs = dict(SHAPES[shape])
@@ -60,14 +64,17 @@ def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int
                          eos_token_id=None, pad_token_id=None)
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(dtype)
-    model.to_empty(device=device)
+    # Offloaded: the decoder layers stay on the meta device (materialised one at a time by RandomLayers).
+    parts = [model.model.embed_tokens, model.model.norm, model.lm_head] if offload else [model]
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
+        for part in parts:
+            part.to_empty(device=device)
+            for name, param in part.named_parameters():
+                if name.endswith("norm.weight") or part is model.model.norm:
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, 0.02, generator=gen)
     # Non-persistent buffers (the rotary inverse frequencies) are computed at construction: redo it on the device.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
     return model.eval()
@@ -141,9 +148,9 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     rss_start = current_rss_gb()
     start = time.perf_counter()
-    model = random_model(args.shape, dtype, device, args.seed, args.layers)
+    model = random_model(args.shape, dtype, device, args.seed, args.layers, args.offload)
     build_model_s = time.perf_counter() - start
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters())  # meta (offloaded) parameters counted too
     weights_gb = params * torch.finfo(dtype).bits / 8 / 1e9
     rss_model = current_rss_gb()
     shape = ModelShape.from_config(model.config)
@@ -159,6 +166,8 @@ def run(args: argparse.Namespace) -> dict:
         # device= exists since layer streaming; without it (timing the pre-streaming code) the build runs where the
         # model is, which is the same place.
         extra = {"device": device} if "device" in inspect.signature(open_or_build_database).parameters else {}
+        if args.offload:
+            extra["weights"] = RandomLayers(args.seed)
         start = time.perf_counter()
         db = open_or_build_database(model, space, calibration, f"random-{args.shape}-{args.seed}", "random-tokens",
                                     cfg, cache, batch_size=args.batch_size, **extra)
@@ -171,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
         build["units"] = len(space.units)
         build["database_gb"] = sum(p.stat().st_size for p in Path(db.root).rglob("*") if p.is_file()) / 1e9
         fitness = None
-        if args.fitness_candidates:
+        if args.fitness_candidates and not args.offload:  # the fitness engine needs the whole model
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             fitness = fitness_speed(model, space, db, device, model.config.vocab_size, args.seq_len,
@@ -195,6 +204,7 @@ def run(args: argparse.Namespace) -> dict:
         "fitness": fitness,
         "torch_threads": torch.get_num_threads(),
         "streamed": bool(extra),
+        "offloaded": args.offload,
     }
 
 
@@ -215,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--fitness-sequences", type=int, default=1)
     p.add_argument("--fitness-candidates", type=int, default=2, help="0: no fitness measurement")
+    p.add_argument("--offload", action="store_true",
+                   help="decoder layers on the meta device, one at a time materialised (no fitness measurement)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="JSON name under runs/bench/scale/ (default: shape-dtype-device)")
     return p.parse_args(argv)
@@ -224,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1, default=str))
-    name = args.out or f"{args.shape}-{args.dtype}-{result['device'].replace(':', '')}"
+    name = args.out or f"{args.shape}-{args.dtype}-{result['device'].replace(':', '')}" + ("-offload" if args.offload else "")
     write_result("scale", name, result)
     return result
 
