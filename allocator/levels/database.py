@@ -99,6 +99,8 @@ class LevelDatabase:
 
 def fisher_error(weight: torch.Tensor, hessian: torch.Tensor, level: PrunedLevel, group: int, fisher: torch.Tensor) -> float:
     """½ Σ_c F_c (ΔW H ΔWᵀ)_cc: the per-channel output error weighted by the loss's sensitivity to that channel."""
+    if level.kept_groups.numel() * group == weight.shape[1]:
+        return 0.0  # the dense level: ΔW = 0 (and a (d_out, d_in) x (d_in, d_in) float64 product saved)
     pruned = torch.zeros_like(weight, dtype=torch.float64)
     pruned[:, group_rows(level.kept_groups, group)] = level.weight.double()
     delta = weight.double() - pruned

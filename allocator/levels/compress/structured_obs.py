@@ -61,6 +61,10 @@ def structured_obs_sweep(
     n_groups, levels = _validate(weight, hessian, group_size, keep_levels, damp, sweep_dtype)
     if not levels:
         return {}
+    if levels == [n_groups]:
+        # Only the dense level (a space whose other options are sparse): nothing to sweep or factor.
+        kept = torch.arange(n_groups)
+        return {n_groups: PrunedLevel(kept, weight.detach().clone(), 0.0, 0.0)}
     dev = weight.device
     w64 = weight.detach().to(dtype=torch.float64)
     h64 = hessian.detach().to(device=dev, dtype=torch.float64)
