@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from allocator.core.patterns import SparsityPattern, pruned_count, select_mask
-from allocator.levels.compress.calibration_pass import calibration_pass
 from allocator.levels.compress import sparse_prune
+from allocator.levels.compress.calibration_pass import calibration_pass
 from allocator.levels.compress.linear_hessians import INPUT_GROUPS, InputHessians
 from allocator.levels.compress.sparse_prune import (
     PRUNERS,
