@@ -258,7 +258,9 @@ def test_pass_rejects_bad_input(tiny, calibration):
         OutlierNorms(0, 1)
 
 
-def test_database_build_calls_the_model_once_per_calibration_batch(tiny, calibration, tmp_path):
+def test_database_build_runs_each_layer_once_per_calibration_batch(tiny, calibration, tmp_path):
+    """The layer-streamed build: each decoder layer runs once per calibration batch in the forward stream, and twice
+    per Fisher batch (the forward that saves its input, the recompute the gradient is pulled through)."""
     loaded, space = tiny
     shape = space.shape
     model = loaded.model
@@ -266,15 +268,15 @@ def test_database_build_calls_the_model_once_per_calibration_batch(tiny, calibra
                       block_sparsities=[0.5])
     space = Space(shape, build_space(shape, cfg).units[:2])  # layer 0's attention and MLP: structured and sparse
     calls = []
-    counter = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    counter = decoder_layers(model)[1].register_forward_hook(lambda *_: calls.append(1))
     try:
         owl = OutlierNorms(5, 2)
         db = open_or_build_database(model, space, calibration, "tiny", "random", cfg, tmp_path, batch_size=4,
                                     also=[owl])
-        assert len(calls) == math.ceil(len(calibration) / 4)
+        assert len(calls) == math.ceil(len(calibration) / 4) + 2 * math.ceil(3 / 4)
         assert owl.ratios() == layer_outlier_ratios(model, calibration[:5], batch_size=2)
         assert set(db.errors) == {u.name for u in space.units}
-        # Reused: nothing to build, so the outlier collector runs a pass of its own over its sequences only.
+        # Reused: nothing to build, so the outlier collector streams over its own sequences only.
         calls.clear()
         again = OutlierNorms(5, 2)
         open_or_build_database(model, space, calibration, "tiny", "random", cfg, tmp_path, batch_size=4,

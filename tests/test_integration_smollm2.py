@@ -46,3 +46,28 @@ def test_smollm2_search_exports_a_smaller_faster_model(tmp_path):
         assert torch.isfinite(model(ids).logits).all()
     widths = model.config.sparsity_allocator_widths
     assert sum(widths["mlp_neurons"]) < 30 * 1536 or sum(widths["attn_kv_groups"]) < 30 * 3
+
+
+def test_smollm2_streamed_database_equals_the_one_pass_build(tmp_path):
+    """Layer streaming leaves SmolLM2's levels as the one-pass build made them (levels allclose, errors to 1e-6
+    relative), structured and SparseGPT units alike. The full default-space comparison against a database the
+    pre-streaming code wrote is the database_build benchmark's --compare (README, Scale)."""
+    from allocator.core.config import DataConfig, ModelConfig, SpaceConfig
+    from allocator.core.space import ModelShape, Space, build_space
+    from allocator.levels.database import open_or_build_database
+    from allocator.model.calibration_data import build_calibration_data
+    from allocator.model.loader import load_model
+
+    from .test_layer_stream import assert_same_database, present_build
+
+    loaded = load_model(ModelConfig(), tmp_path / "cache")
+    data = build_calibration_data(DataConfig(seq_len=128, calib_sequences=8), loaded.tokenizer)
+    shape = ModelShape.from_config(loaded.model.config)
+    for kind in ("structured", "unstructured"):
+        cfg = SpaceConfig(kind=kind, fisher_sequences=4, sparsities=[0.5])
+        space = build_space(shape, cfg)
+        space = Space(shape, [u for u in space.units if u.layer in (0, shape.num_layers - 1)])
+        db = open_or_build_database(loaded.model, space, data.calibration, loaded.fingerprint, data.fingerprint,
+                                    cfg, tmp_path / kind, batch_size=4)
+        present_build(loaded.model, space, data.calibration, cfg, tmp_path / f"{kind}-present", batch_size=4)
+        assert_same_database(db.root, tmp_path / f"{kind}-present", space.units)

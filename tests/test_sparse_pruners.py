@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from allocator.core.patterns import SparsityPattern, pruned_count, select_mask
+from allocator.levels.compress import sparse_prune
 from allocator.levels.compress.calibration_pass import calibration_pass
 from allocator.levels.compress.linear_hessians import INPUT_GROUPS, InputHessians
 from allocator.levels.compress.sparse_prune import (
@@ -215,6 +216,33 @@ def test_sparsegpt_levels_match_single_calls() -> None:
         assert levels[p.label].error == single.error
     assert levels["unstructured75"].error > levels["unstructured50"].error
     assert sparsegpt_levels(w, h, []) == {}
+
+
+def test_sparsegpt_column_loop_runs_on_one_thread_and_restores_the_count(monkeypatch) -> None:
+    """The per-column loop runs with COLUMN_LOOP_THREADS CPU threads, torch's count is restored afterwards, and the
+    result does not depend on it (each column's update is elementwise, whatever the thread count)."""
+    w, x = _data(24, 64, 300, seed=5)
+    h = x.T @ x
+    seen = []
+    real = torch.Tensor.addr_
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(self, *args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(torch.Tensor, "addr_", spy)
+        one = sparsegpt_levels(w.float(), h, [UNSTRUCTURED50, NM24], blocksize=16)
+        assert seen and set(seen) == {sparse_prune.COLUMN_LOOP_THREADS}
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(sparse_prune, "COLUMN_LOOP_THREADS", 2)
+        two = sparsegpt_levels(w.float(), h, [UNSTRUCTURED50, NM24], blocksize=16)
+    finally:
+        torch.set_num_threads(before)
+    for label in one:
+        assert torch.equal(one[label].weight, two[label].weight) and one[label].error == two[label].error
 
 
 @pytest.mark.parametrize("method", sorted(PRUNERS))

@@ -19,6 +19,7 @@ from allocator.core.config import (
     ScoreConfig,
     SpaceConfig,
 )
+from allocator.core.device import DEFAULT_DEVICE
 from search import SEARCHERS, SearcherConfig
 
 
@@ -33,6 +34,9 @@ class SearchJob:
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     cache_dir: str = "runs/cache"
+    # Where the level database is built and candidates are scored: cpu, cuda, cuda:N or auto (allocator/core/device.py;
+    # default cpu, so results do not depend on the machine a run lands on).
+    device: str = DEFAULT_DEVICE
     # Each format to <run>/export/<format>/ (default [native]; [] exports nothing and verifies nothing).
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: bool = True  # measure the native export against the dense model (needs native among export.formats)

@@ -33,6 +33,7 @@ from allocator.core.budget import (
     validate_budget,
 )
 from allocator.core.config import ErrorMetric, Runtime, check_choice
+from allocator.core.device import resolve_device
 from allocator.core.errors import UserInputError
 from allocator.core.formats import resolve_unstructured_format
 from allocator.core.memory import kv_bytes
@@ -94,6 +95,7 @@ JOB_FILE = "search_job.yaml"
 
 def validate_search_job(cfg: SearchJob) -> None:
     """Everything checkable without loading weights, so bad input costs one line and no waiting."""
+    resolve_device(cfg.device)
     validate_model_config(cfg.model)
     validate_data_config(cfg.data)
     validate_budget(cfg.budget)
@@ -241,7 +243,7 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     levels_space = build_space(space.shape, replace(cfg.space, runtime=Runtime.native))
     db = open_or_build_database(
         dense, levels_space, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir,
-        also=[outliers] if outliers else [],
+        also=[outliers] if outliers else [], device=cfg.device,
     )
     target_ms = budget_ms.get("target")
     problem = build_problem(cfg, dense, space, costs, db, target_ms)

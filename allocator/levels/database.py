@@ -22,6 +22,7 @@ from tqdm import tqdm
 from allocator.core.atomic_io import write_json_atomic
 from allocator.core.cache_lock import TMP_PREFIX, CacheLock
 from allocator.core.config import SpaceConfig
+from allocator.core.device import resolve_device
 from allocator.core.space import (
     ATTN,
     MLP,
@@ -34,11 +35,13 @@ from allocator.core.space import (
     sparse_pattern,
     unit_name,
 )
-from allocator.levels.compress.calibration_pass import Collector, calibration_pass
+from allocator.levels.compress.calibration_pass import Collector
 from allocator.levels.compress.fisher import OutputFisher
+from allocator.levels.compress.layer_stream import stream_fisher, stream_layers
 from allocator.levels.compress.linear_hessians import InputHessians
 from allocator.levels.compress.structured_obs import PrunedLevel, structured_obs_sweep
 from allocator.levels.sparse_levels import HESSIAN_OF, BlockCalls, block_output_errors, prune_unit, unit_block
+from allocator.model.offload import LayerWeights
 from allocator.model.surgery import (
     UNIT_LINEARS,
     LevelSource,
@@ -96,6 +99,8 @@ class LevelDatabase:
 
 def fisher_error(weight: torch.Tensor, hessian: torch.Tensor, level: PrunedLevel, group: int, fisher: torch.Tensor) -> float:
     """½ Σ_c F_c (ΔW H ΔWᵀ)_cc: the per-channel output error weighted by the loss's sensitivity to that channel."""
+    if level.kept_groups.numel() * group == weight.shape[1]:
+        return 0.0  # the dense level: ΔW = 0 (and a (d_out, d_in) x (d_in, d_in) float64 product saved)
     pruned = torch.zeros_like(weight, dtype=torch.float64)
     pruned[:, group_rows(level.kept_groups, group)] = level.weight.double()
     delta = weight.double() - pruned
@@ -116,7 +121,7 @@ def _structured_levels(
         }
         if 0 < kept < unit.full:  # dense and dropped need no stored weights
             save_file(
-                {"kept": level.kept_groups.contiguous(), "out_weight": level.weight.contiguous()},
+                {"kept": level.kept_groups.cpu().contiguous(), "out_weight": level.weight.cpu().contiguous()},
                 level_file(tmp.parent, tmp.name, kept),
             )
     return errors
@@ -134,9 +139,10 @@ def unit_hessians(unit: Unit) -> set[str]:
 
 
 class CalibrationStatistics:
-    """What the levels of `units` need, from one calibration pass: their input Hessians over all calibration
-    sequences, their output Fisher, and (for the units with sparse options) the dense blocks' inputs and outputs,
-    both over the first `cfg.fisher_sequences`. Statistics of other kinds may ride on the same pass (`also`)."""
+    """What the levels of `units` need: their input Hessians over all calibration sequences, their output Fisher,
+    and (for the units with sparse options) the dense blocks' inputs and outputs, both over the first
+    `cfg.fisher_sequences`. The layer-streamed build fills the Hessians and block calls one layer at a time and
+    frees them once that layer's levels are written, so at most one layer's are held."""
 
     def __init__(self, units: list[Unit], calibration: torch.Tensor, cfg: SpaceConfig) -> None:
         self.hessians = InputHessians({(u.layer, key) for u in units for key in unit_hessians(u)})
@@ -147,7 +153,8 @@ class CalibrationStatistics:
 
     @property
     def collectors(self) -> list[Collector]:
-        return [self.hessians, self.fisher] + ([self.calls] if self.calls.calls else [])
+        """The forward-only collectors (the Fisher has a gradient stream of its own)."""
+        return [self.hessians] + ([self.calls] if self.calls.calls else [])
 
     def release(self, unit: Unit) -> None:
         """Free what only `unit` used, once its levels are built."""
@@ -165,7 +172,7 @@ def _sparse_levels(
     errors: dict[Option, dict[str, float]] = {}
     for label, weights in levels.items():
         errors[label] = block_output_errors(block, calls, weights, fisher, stats.scale)
-        save_file(weights, level_file(tmp.parent, tmp.name, label))
+        save_file({name: w.cpu().contiguous() for name, w in weights.items()}, level_file(tmp.parent, tmp.name, label))
     return errors
 
 
@@ -191,10 +198,17 @@ def open_or_build_database(
     cache_dir: str | Path,
     batch_size: int = 8,
     also: Sequence[Collector] = (),
+    device: str | torch.device | None = None,
+    offload_activations: bool = False,
+    weights: LayerWeights | None = None,
 ) -> LevelDatabase:
-    """The level database of the space's units, built (what is missing of it) from one calibration pass over
-    `calibration` in batches of `batch_size` sequences. The collectors in `also` ride on that pass (on a pass of their
-    own when nothing is left to build)."""
+    """The level database of the space's units, built (what is missing of it) layer by layer from `calibration` in
+    batches of `batch_size` sequences, on `device` (default: where the model is; see allocator/core/device.py);
+    `offload_activations` keeps the activations between layers on the CPU; an offloaded model (decoder layers on the
+    meta device) has its layers materialised one at a time from `weights`. The collectors in `also` ride on the
+    build's layer stream (on a stream of their own when nothing is left to build)."""
+    device = model.get_input_embeddings().weight.device if device is None else resolve_device(device)
+    store = torch.device("cpu") if offload_activations else device
     units = space.units
     root = Path(cache_dir) / "databases" / database_key(model_fp, data_fp, units, cfg)
 
@@ -208,38 +222,61 @@ def open_or_build_database(
             lock.remove_stale(root)  # a killed builder's unit directories (every builder of root holds this lock)
             todo = missing()
             if todo:
-                _build_units(model, space, calibration, cfg, root, todo, batch_size, also)
+                _build_units(model, space, calibration, cfg, root, todo, batch_size, also, device, store, weights)
                 write_json_atomic(root / "manifest.json", {"version": DATABASE_VERSION, "units": [u.name for u in units]})
                 return LevelDatabase(root, units)
     log.info("level database: reusing %s", root)
     if also:
-        calibration_pass(model, calibration, batch_size, also)
+        stream_layers(model, calibration, batch_size, also, device=device, store=store, weights=weights,
+                      desc="statistics")
     return LevelDatabase(root, units)
 
 
 def _build_units(
     model: torch.nn.Module, space: Space, calibration: torch.Tensor, cfg: SpaceConfig, root: Path, todo: list[Unit],
-    batch_size: int, also: Sequence[Collector],
+    batch_size: int, also: Sequence[Collector], device: torch.device, store: torch.device,
+    weights: LayerWeights | None,
 ) -> None:
-    """Build the `todo` units' levels into `root` from one calibration pass (the caller holds root's lock)."""
+    """Build the `todo` units' levels into `root` (the caller holds root's lock): the output Fisher from a gradient
+    stream first (every unit's errors weigh by it), then one forward stream in which each layer's Hessians and
+    block calls are gathered, its units' levels built and written, and those statistics freed before the next
+    layer."""
     shape, units = space.shape, space.units
     log.info("level database: building %d of %d units into %s", len(todo), len(units), root)
     stats = CalibrationStatistics(todo, calibration, cfg)
-    calibration_pass(model, calibration, batch_size, [*stats.collectors, *also])
+    stream_fisher(model, calibration, batch_size, stats.fisher, lowest=min(u.layer for u in todo), device=device,
+                  store=store, weights=weights)
+    by_layer: dict[int, list[Unit]] = {}
+    for unit in todo:
+        by_layer.setdefault(unit.layer, []).append(unit)
     sparse = any(has_sparse(u) for u in todo)
     layers = decoder_layers(model)
-    for unit in tqdm(todo, desc=f"{cfg.kind} levels ({cfg.pruner if sparse else 'OBS'})", unit="unit", leave=False):
-        layer = layers[unit.layer]
-        weight = (layer.self_attn.o_proj if unit.kind == ATTN else layer.mlp.down_proj).weight
-        hessian = stats.hessians.hessian(unit.layer, STRUCTURED_HESSIAN[unit.kind])
-        fisher = stats.fisher.fisher(unit.layer, unit.kind)
-        group = shape.heads_per_group * shape.head_dim if unit.kind == ATTN else 1
+    bar = tqdm(total=len(todo), desc=f"{cfg.kind} levels ({cfg.pruner if sparse else 'OBS'})", unit="unit",
+               leave=False)
 
-        def build_levels(tmp: Path, unit=unit, weight=weight.detach(), hessian=hessian, fisher=fisher, group=group):
-            errors = _structured_levels(unit, weight, hessian, fisher, group, cfg.damp, tmp)
-            if has_sparse(unit):
-                errors.update(_sparse_levels(model, unit, stats, fisher, cfg, tmp))
-            return errors
+    def build_layer(index: int) -> None:
+        """Layer `index` has seen every batch (and is on the device): build, write and free its units."""
+        for unit in by_layer.get(index, []):
+            layer = layers[unit.layer]
+            weight = (layer.self_attn.o_proj if unit.kind == ATTN else layer.mlp.down_proj).weight.detach()
+            hessian = stats.hessians.hessian(unit.layer, STRUCTURED_HESSIAN[unit.kind])
+            fisher = stats.fisher.fisher(unit.layer, unit.kind).to(device)
+            group = shape.heads_per_group * shape.head_dim if unit.kind == ATTN else 1
 
-        _build_unit(build_levels, unit, root)
-        stats.release(unit)
+            def build_levels(tmp: Path, unit=unit, weight=weight, hessian=hessian, fisher=fisher, group=group):
+                errors = _structured_levels(unit, weight, hessian, fisher, group, cfg.damp, tmp)
+                if has_sparse(unit):
+                    errors.update(_sparse_levels(model, unit, stats, fisher, cfg, tmp))
+                return errors
+
+            _build_unit(build_levels, unit, root)
+            stats.release(unit)
+            bar.update()
+
+    # Layers above the last one with work are streamed only when other statistics (`also`) want every layer.
+    count = len(layers) if also else max(by_layer) + 1
+    try:
+        stream_layers(model, calibration, batch_size, [*stats.collectors, *also], build_layer, device=device,
+                      store=store, layers=count, weights=weights, desc="calibration layers")
+    finally:
+        bar.close()

@@ -101,7 +101,7 @@ def block_output_errors(
     fisher ½ Σ_c F_c Σ_t Δy²_tc; absolute and fisher are scaled by `scale` (tokens the Hessians summed over, per
     token measured here) so they add up like the structured levels' errors."""
     params = {f"{name}.weight": w for name, w in weights.items()}
-    per_channel = torch.zeros(fisher.shape[0], dtype=torch.float64)
+    per_channel = torch.zeros(fisher.shape[0], dtype=torch.float64, device=fisher.device)
     reference = 0.0
     for call in calls:
         out = functional_call(block, params, call.args, call.kwargs)

@@ -52,7 +52,7 @@ class GradientCollector(Collector):
         """The scalar loss over this collector's `rows` leading sequences of the batch (`logits`: all positions)."""
 
 
-def _rows_read(collector: Collector, start: int, batch: int) -> int:
+def rows_read(collector: Collector, start: int, batch: int) -> int:
     end = batch if collector.sequences is None else collector.sequences - start
     return max(0, min(batch, end))
 
@@ -77,7 +77,7 @@ def calibration_pass(
         for start in tqdm(range(0, len(tokens), batch_size), desc=desc, unit="batch", leave=False):
             batch = tokens[start : start + batch_size]
             for collector in collectors:
-                collector.start, collector.rows = start, _rows_read(collector, start, len(batch))
+                collector.start, collector.rows = start, rows_read(collector, start, len(batch))
             if not any(c.rows for c in collectors):
                 break  # collectors read leading sequences: none reads a later batch either
             if gradient and gradient[0].rows:

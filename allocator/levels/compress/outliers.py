@@ -52,7 +52,7 @@ class OutlierNorms(Collector):
         for index in sorted(self.linears):
             # A linear never called (e.g. a dropped block) scores 0: its weights cannot be outliers.
             scores = [
-                (m.weight.detach().abs().double() * self.sq_norms[m].sqrt()[None, :]).flatten()
+                (m.weight.detach().abs().double() * self.sq_norms[m].to(m.weight.device).sqrt()[None, :]).flatten()
                 if m in self.sq_norms else torch.zeros(m.weight.numel(), dtype=torch.float64)
                 for m in self.linears[index]
             ]

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +41,26 @@ __all__ = [
 ]
 
 DEFAULT_BLOCKSIZE = 128  # SparseGPT's lazy-update block: mask choice and batched error propagation granularity
+# Threads of the per-column loop on the CPU. Each column's update is a rank-1 update of (rows x <=128) elements, far
+# too small to split: with 2 threads, synchronising them cost ~10x the work (one SmolLM2 unit ~63 s with 2 threads,
+# ~6 s with 1, issue 17). The block-level work around the loop (mask choice, the lazy update of the later columns,
+# the factorisation, the error) is large and keeps torch's thread count.
+COLUMN_LOOP_THREADS = 1
+
+
+@contextmanager
+def column_loop_threads(device: torch.device) -> Iterator[None]:
+    """torch's CPU thread count set to COLUMN_LOOP_THREADS inside the block (restored after); on a GPU nothing
+    changes: the loop stays on the device."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or before == COLUMN_LOOP_THREADS:
+        yield
+        return
+    torch.set_num_threads(COLUMN_LOOP_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -155,7 +176,8 @@ class _Factors:
 
 def _factor(weight: torch.Tensor, hessian: torch.Tensor, damp: float, dtype: torch.dtype) -> _Factors:
     h = hessian.detach().to(device=weight.device, dtype=torch.float64)
-    h = (h + h.T) / 2  # accumulated Hessians can be asymmetric by rounding
+    h = h + h.T  # accumulated Hessians can be asymmetric by rounding; one new tensor, halved in place (exact)
+    h.mul_(0.5)
     diag = torch.diagonal(h)
     dead = diag == 0
     # A never-activated input: its weights cannot affect the calibration outputs, so zero them (free to prune)
@@ -163,9 +185,13 @@ def _factor(weight: torch.Tensor, hessian: torch.Tensor, damp: float, dtype: tor
     diag[dead] = 1.0
     diag += damp * diag.mean()
     chol, info = torch.linalg.cholesky_ex(h)
+    del h, diag  # (d_in, d_in) float64 (diag is a view of it): freed before the inverse and its factor are made
     if bool(info != 0):
         raise ValueError("damped Hessian is not positive definite; increase damp")
-    u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    inverse = torch.cholesky_inverse(chol)
+    del chol
+    u, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
     if bool(info != 0):
         raise ValueError("damped Hessian is numerically singular (its inverse is not positive definite); increase damp")
     w = weight.detach().to(torch.float64).clone()
@@ -198,16 +224,17 @@ def _sparsegpt_sweep(
             # Telescoping per-block counts: every row ends with exactly pruned_count(sparsity, cols) zeros.
             n_pruned = pruned_count(pattern.sparsity, i2) - pruned_count(pattern.sparsity, i1)
             keep1.copy_(keep_top_per_row(w1.square() / d1.square(), n_pruned))
-        for j in range(i2 - i1):
-            if pattern.kind == "nm" and j % pattern.m == 0:
-                g = slice(j, j + pattern.m)
-                keep1[:, g] = keep_top_per_row(w1[:, g].square() / d1[g].square(), pattern.m - pattern.n)
-            col = w1[:, j]
-            q = torch.where(keep1[:, j], col, torch.zeros((), dtype=col.dtype, device=col.device))
-            err = (col - q) / u1[j, j]
-            w1[:, j:].addr_(err, u1[j, j:], alpha=-1.0)  # OBS: fold the pruned weights into columns j..
-            w1[:, j] = q  # exactly zero where pruned (the update leaves rounding residue)
-            err1[:, j] = err
+        with column_loop_threads(w.device):
+            for j in range(i2 - i1):
+                if pattern.kind == "nm" and j % pattern.m == 0:
+                    g = slice(j, j + pattern.m)
+                    keep1[:, g] = keep_top_per_row(w1[:, g].square() / d1[g].square(), pattern.m - pattern.n)
+                col = w1[:, j]
+                q = torch.where(keep1[:, j], col, torch.zeros((), dtype=col.dtype, device=col.device))
+                err = (col - q) / u1[j, j]
+                w1[:, j:].addr_(err, u1[j, j:], alpha=-1.0)  # OBS: fold the pruned weights into columns j..
+                w1[:, j] = q  # exactly zero where pruned (the update leaves rounding residue)
+                err1[:, j] = err
         w[:, i1:i2] = w1
         if i2 < cols:
             w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)  # lazy batched update of the later blocks

@@ -61,10 +61,17 @@ def structured_obs_sweep(
     n_groups, levels = _validate(weight, hessian, group_size, keep_levels, damp, sweep_dtype)
     if not levels:
         return {}
+    if levels == [n_groups]:
+        # Only the dense level (a space whose other options are sparse): nothing to sweep or factor.
+        kept = torch.arange(n_groups)
+        return {n_groups: PrunedLevel(kept, weight.detach().clone(), 0.0, 0.0)}
     dev = weight.device
     w64 = weight.detach().to(dtype=torch.float64)
     h64 = hessian.detach().to(device=dev, dtype=torch.float64)
-    h64 = (h64 + h64.T) / 2  # accumulated Hessians can be asymmetric by rounding
+    # Accumulated Hessians can be asymmetric by rounding. One new (d_in, d_in) tensor, halved in place (x 0.5 and
+    # / 2 are the same exact operation): at d_in = 14336 (Llama-3-8B's down_proj) each such copy is 1.6 GB.
+    h64 = h64 + h64.T
+    h64.mul_(0.5)
     h_damped = _damped(h64, damp)
     wh_damped = w64 @ h_damped  # W H_d: the closed-form kept weights are (W H_d)_K H_d[K, K]^{-1}
 
@@ -189,7 +196,10 @@ def _removal_sweep(
             # requested level (whose weight this is) and when a quarter of the tensors is masked.
             active, removed = active[~removed], removed[~removed]
             cols = _columns(active, g)
-            hinv64 = torch.cholesky_inverse(_chol(h_damped[cols][:, cols]))
+            # Nothing removed yet (the first refresh): H_d itself, not a copy of it.
+            kept_h = h_damped if cols.numel() == h_damped.shape[0] else h_damped[cols][:, cols]
+            hinv64 = torch.cholesky_inverse(_chol(kept_h))
+            del kept_h
             wt64 = hinv64 @ wh_order[:, cols].T  # (W H_d[:, K] H_d[K, K]^{-1})^T, as (k, d_out)
             if n_kept in wanted:
                 # Dead columns were zeroed in wh_order only to order them first; H_d decouples
@@ -198,6 +208,7 @@ def _removal_sweep(
                 result[n_kept] = (active.cpu(), w_level)
             # Copies even in float64: the in-place updates below must not touch w_level.
             work_wt, work_hinv = wt64.to(dtype, copy=True), hinv64.to(dtype, copy=True)
+            del hinv64, wt64  # the working copies replace them (w_level keeps what it needs)
             refresh = False
         if n_kept == stop_at:
             return result
