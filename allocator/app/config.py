@@ -15,6 +15,7 @@ from allocator.core.config import (
     FitnessConfig,
     ModelConfig,
     ProfileConfig,
+    RayConfig,
     ScoreConfig,
     SpaceConfig,
 )
@@ -35,6 +36,11 @@ class SearchJob:
     export: bool = True
     verify: bool = True
     seed: int = 0
+    # Ray workers that score a fitness-driven searcher's candidates in parallel (0 or 1: in this process); the same
+    # seed finds exactly what the serial search finds. With ray.address set and workers=0: one per worker's worth
+    # of the cluster's CPUs (GPUs with ray.num_gpus).
+    workers: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass
