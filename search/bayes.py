@@ -15,10 +15,11 @@ import json
 import math
 import threading
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import optuna
@@ -364,7 +365,9 @@ class BayesSearcher(ConfiguredSearcher):
 
         def run_batch(size: int) -> None:
             """Ask `size` trials, score their new choices together, tell them in the order asked."""
-            trials = [study.ask() for _ in range(size)]
+            with warnings.catch_warnings():  # Optuna warns that heartbeats go with study.optimize: _heartbeats beats
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trials = [study.ask() for _ in range(size)]
             with _heartbeats(storage, [t._trial_id for t in trials]):
                 choices = [choose(t) for t in trials]
                 cached = [c in seen for c in choices]
