@@ -3,6 +3,8 @@ exactly what the unbounded engine scores, reading evicted levels back from the l
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,7 @@ from allocator.core.config import (
     DataConfig,
     FitnessConfig,
     ModelConfig,
+    RayConfig,
     SpaceConfig,
 )
 from allocator.core.errors import UserInputError
@@ -92,3 +95,10 @@ def test_default_cache_holds_the_whole_tiny_space_and_bad_values_fail_in_one_lin
         job.fitness = fitness
         with pytest.raises(UserInputError, match=message):
             validate_search_job(job)
+    job.fitness = FitnessConfig(sequences=4, batch_size=2)
+    for change, message in (
+        ({"workers": -1}, "workers=-1 must be an integer >= 0"),
+        ({"ray": RayConfig(num_cpus=0)}, "ray.num_cpus=0 must be > 0"),
+    ):
+        with pytest.raises(UserInputError, match=message):
+            validate_search_job(replace(job, **change))
