@@ -13,10 +13,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import threading
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import optuna
@@ -56,7 +59,7 @@ class Param(StrEnum):
 
 # Config fields that do not change what a trial means: a study may be resumed with other values of these.
 _NOT_IN_STUDY_KEY = ("name", "max_tokens", "max_seconds", "n_trials", "storage", "study_name", "heartbeat_seconds",
-                     "confirm_top", "confirm_tokens")
+                     "confirm_top", "confirm_tokens", "batch_trials")
 
 
 @dataclass
@@ -96,6 +99,11 @@ class BayesConfig(SearcherConfig):
     # are kept back from max_tokens when the bound is larger than them. 0 = return the best trial as scored.
     confirm_top: int = 4
     confirm_tokens: int = 4096
+    # Trials asked of the sampler at once, scored together (on `workers` Ray workers in parallel) and told back in
+    # order. 1 is Optuna's sequential loop, where each trial's sampler has seen every earlier one; a batch of B
+    # samples B trials from the same history, a different (batched) search, so the result depends on B, never on
+    # the number of workers: workers=N with batch_trials=B finds exactly what workers=0 with batch_trials=B does.
+    batch_trials: int = 1
 
     def validate(self) -> None:
         super().validate()
@@ -107,7 +115,7 @@ class BayesConfig(SearcherConfig):
         if not (isinstance(self.spdy_range, (int, float)) and 0 < self.spdy_range <= 10):
             raise UserInputError(f"searcher.spdy_range={self.spdy_range!r} must be in (0, 10] (log2 of a coefficient)")
         minimums = {"n_trials": 1, "trial_tokens": 1, "startup_trials": 0, "population_size": 2, "heartbeat_seconds": 1,
-                    "radius": 0, "spdy_groups": 1, "confirm_top": 0, "confirm_tokens": 1}
+                    "radius": 0, "spdy_groups": 1, "confirm_top": 0, "confirm_tokens": 1, "batch_trials": 1}
         for field, low in minimums.items():
             check_int_option(self, field, low)
         for field in ("multi_objective", "warm_start"):
@@ -216,8 +224,9 @@ class BayesSearcher(ConfiguredSearcher):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = self._storage()
                 study = optuna.create_study(
-                    storage=self._storage(), sampler=self._sampler(seed), study_name=study_name,
+                    storage=storage, sampler=self._sampler(seed), study_name=study_name,
                     directions=directions, load_if_exists=True,
                 )
                 new = self._prepare(study, key, key_json)
@@ -226,7 +235,7 @@ class BayesSearcher(ConfiguredSearcher):
                         params = self._params_of(problem, choice, center)
                         if params is not None:
                             study.enqueue_trial(params)
-                n_run = self._optimize(study, problem, seed, fitness, center)
+                n_run = self._optimize(study, storage, problem, seed, fitness, center)
         finally:
             optuna.logging.set_verbosity(verbosity)
 
@@ -293,7 +302,8 @@ class BayesSearcher(ConfiguredSearcher):
         return False
 
     def _optimize(
-        self, study: optuna.Study, problem: AllocationProblem, seed: int, fitness: Fitness, center: tuple[int, ...] | None
+        self, study: optuna.Study, storage: optuna.storages.BaseStorage | None, problem: AllocationProblem, seed: int,
+        fitness: Fitness, center: tuple[int, ...] | None,
     ) -> int:
         """Run the trials still missing; returns how many ran in this call."""
         cfg = self.cfg
@@ -312,40 +322,104 @@ class BayesSearcher(ConfiguredSearcher):
         bar = tqdm(total=remaining, desc="bayes", unit="trial", leave=False)
         ran = [0]
 
-        def objective(trial: optuna.Trial) -> float | list[float]:
+        def choose(trial: optuna.Trial) -> tuple[int, ...]:
             raw = self._suggest(trial, problem, center)
             choice = repair(problem, raw, np.random.default_rng([seed, trial.number]))  # deterministic per trial
-            cost = problem.cost_of(choice)
             trial.set_user_attr("choice", list(choice))
-            trial.set_user_attr("cost", cost)
+            trial.set_user_attr("cost", problem.cost_of(choice))
+            return choice
+
+        def result(trial: optuna.Trial, choice: tuple[int, ...], value: float) -> float | list[float]:
+            if math.isfinite(value):  # a non-finite value makes Optuna record the trial as failed
+                trial.set_user_attr("fitness", value)
+                seen[choice] = value
+            return [problem.cost_of(choice), value] if cfg.multi_objective else value
+
+        def objective(trial: optuna.Trial) -> float | list[float]:
+            choice = choose(trial)
             if choice in seen:
                 value = seen[choice]
                 trial.set_user_attr("cached", True)
             else:
                 value = float(fitness.score([choice], cfg.trial_tokens)[0])
-            if math.isfinite(value):  # a non-finite value makes Optuna record the trial as failed
-                trial.set_user_attr("fitness", value)
-                seen[choice] = value
-            return [cost, value] if cfg.multi_objective else value
+            return result(trial, choice, value)
 
-        def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        def should_stop(study: optuna.Study) -> bool:
+            # Other workers may complete trials too: n_trials bounds the study, not this worker.
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            out_of_trial_tokens = cfg.max_tokens > 0 and fitness.tokens_spent + one_trial > trial_limit
+            return fitness.exhausted() or out_of_trial_tokens or done >= cfg.n_trials
+
+        def record(trial: FrozenTrial) -> None:
             nonlocal best
             ran[0] += 1
             bar.update()
             if trial.state == TrialState.COMPLETE and _fitness_of(trial) < best:
                 best = _fitness_of(trial)
                 fitness.note_best(trial.user_attrs["choice"], best, cfg.trial_tokens)
-            # Other workers may complete trials too: n_trials bounds the study, not this worker.
-            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            out_of_trial_tokens = cfg.max_tokens > 0 and fitness.tokens_spent + one_trial > trial_limit
-            if fitness.exhausted() or out_of_trial_tokens or done >= cfg.n_trials:
+
+        def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+            record(trial)
+            if should_stop(study):
                 study.stop()
 
-        if remaining:
+        def run_batch(size: int) -> None:
+            """Ask `size` trials, score their new choices together, tell them in the order asked."""
+            with warnings.catch_warnings():  # Optuna warns that heartbeats go with study.optimize: _heartbeats beats
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trials = [study.ask() for _ in range(size)]
+            with _heartbeats(storage, [t._trial_id for t in trials]):
+                choices = [choose(t) for t in trials]
+                cached = [c in seen for c in choices]
+                fresh = list(dict.fromkeys(c for c in choices if c not in seen))
+                scored = dict(zip(fresh, fitness.score(fresh, cfg.trial_tokens))) if fresh else {}
+            for trial, choice, was_seen in zip(trials, choices, cached):
+                if was_seen or choice in seen:  # scored before, or earlier in this batch
+                    trial.set_user_attr("cached", True)
+                value = seen[choice] if was_seen else float(scored[choice])
+                told = result(trial, choice, value)
+                finite = math.isfinite(value)
+                record(study.tell(trial, told if finite else None, state=None if finite else TrialState.FAIL))
+
+        if remaining and cfg.batch_trials == 1:
             # study.optimize (not ask/tell) so Optuna keeps each trial's heartbeat while it runs.
             study.optimize(objective, n_trials=remaining, callbacks=[after_trial], gc_after_trial=False)
+        while remaining and cfg.batch_trials > 1 and not should_stop(study):
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            size = min(cfg.batch_trials, cfg.n_trials - done, remaining - ran[0])
+            if cfg.max_tokens > 0:  # no trial that the token bound could not pay for, were all of them new
+                size = min(size, (trial_limit - fitness.tokens_spent) // one_trial)
+            if size < 1:
+                break
+            run_batch(size)
         bar.close()
         return ran[0]
+
+
+@contextmanager
+def _heartbeats(storage: optuna.storages.BaseStorage | None, trial_ids: Sequence[int]) -> Iterator[None]:
+    """Beat for every trial of a batch while it is scored, as study.optimize does for its one trial, so other
+    workers sharing the study do not fail them as stale (RDB storage with a heartbeat only)."""
+    interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for trial_id in trial_ids:
+                storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def spdy_groups(problem: AllocationProblem, n_groups: int) -> list[str]:

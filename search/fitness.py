@@ -39,6 +39,16 @@ class Fitness:
         self.started = time.perf_counter()
         self.trace: list[dict[str, Any]] = []
         self._memo: dict[tuple[tuple[int, ...], int], float] = {}
+        self._ahead: dict[tuple[tuple[int, ...], int], float] = {}
+
+    @property
+    def parallelism(self) -> int:
+        """How many candidates this fitness scores at once (Ray workers); searchers that score one candidate at a
+        time prefetch this many, so workers have work without changing what is found."""
+        return 1
+
+    def close(self) -> None:
+        """Release what the fitness holds outside this process (Ray workers); nothing for a local fitness."""
 
     def sequences_for(self, tokens: int) -> int:
         """Whole sequences covering `tokens`, at least one and at most the pool."""
@@ -53,11 +63,24 @@ class Fitness:
         keys = [tuple(int(j) for j in c) for c in choices]
         fresh = list(dict.fromkeys(k for k in keys if (k, n_seq) not in self._memo))
         if fresh:
-            for key, value in zip(fresh, self._score(fresh, n_seq)):
-                self._memo[(key, n_seq)] = value
+            todo = [k for k in fresh if (k, n_seq) not in self._ahead]
+            self._ahead.update({(k, n_seq): v for k, v in zip(todo, self._score(todo, n_seq) if todo else [])})
+            for key in fresh:
+                self._memo[(key, n_seq)] = self._ahead.pop((key, n_seq))
             self.tokens_spent += n_seq * self.seq_len * len(fresh)
             self.evaluations += len(fresh)
         return [self._memo[(k, n_seq)] for k in keys]
+
+    def prefetch(self, choices: Sequence[Sequence[int]], tokens: int) -> None:
+        """Score `choices` now, all at once (in parallel where the fitness can), without charging them: a later
+        `score` of each is answered from here and charged then, exactly as if it had been scored then. A searcher
+        that scores candidates one by one prefetches the next few it will ask for, and its result, accounting
+        and stopping are those of the one-by-one search."""
+        n_seq = self.sequences_for(tokens)
+        keys = [tuple(int(j) for j in c) for c in choices]
+        todo = list(dict.fromkeys(k for k in keys if (k, n_seq) not in self._memo and (k, n_seq) not in self._ahead))
+        if todo:
+            self._ahead.update({(k, n_seq): v for k, v in zip(todo, self._score(todo, n_seq))})
 
     def _score(self, choices: list[tuple[int, ...]], n_sequences: int) -> list[float]:
         raise NotImplementedError

@@ -47,10 +47,11 @@ class RandomSearcher(ConfiguredSearcher):
         rng = np.random.default_rng(seed)
         best: tuple[float, tuple[int, ...]] | None = None
         drawn = 0
+        ahead: list[tuple[int, ...]] = []
         while drawn < cfg.samples:
-            # Uniform over each unit's options, then stepped down at random until it fits: covers the feasible set
-            # with a bias toward the budget boundary, where the good allocations are.
-            choice = repair(problem, [int(rng.integers(len(o))) for o in problem.options], rng)
+            if not ahead:
+                ahead = self._draw_ahead(problem, rng, fitness, cfg.samples - drawn)
+            choice = ahead.pop(0)
             value = fitness.score([choice], cfg.sample_tokens)[0]
             drawn += 1
             if best is None or value < best[0]:
@@ -63,3 +64,20 @@ class RandomSearcher(ConfiguredSearcher):
             problem, best[1], self.name, fitness=best[0], samples=drawn, sample_tokens=cfg.sample_tokens,
             **fitness.summary(),
         )
+
+    def _draw_ahead(
+        self, problem: AllocationProblem, rng: np.random.Generator, fitness: Fitness, left: int
+    ) -> list[tuple[int, ...]]:
+        """The next allocations, as many as the fitness scores at once (one when serial), prefetched. No more are
+        drawn than the token bound could still pay for, so the search never scores one it would have stopped
+        before: drawing a batch uses the generator as drawing them one by one does, so the result is the serial one."""
+        n = min(fitness.parallelism, left)
+        if self.cfg.max_tokens:
+            one = fitness.sequences_for(self.cfg.sample_tokens) * fitness.seq_len
+            n = min(n, max(1, -(-(self.cfg.max_tokens - fitness.tokens_spent) // one)))
+        # Uniform over each unit's options, then stepped down at random until it fits: covers the feasible set
+        # with a bias toward the budget boundary, where the good allocations are.
+        batch = [repair(problem, [int(rng.integers(len(o))) for o in problem.options], rng) for _ in range(n)]
+        if n > 1:
+            fitness.prefetch(batch, self.cfg.sample_tokens)
+        return batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -251,3 +252,41 @@ def test_spdy_param_searches_coefficients_solved_by_dp() -> None:
         BayesConfig(param="grid").validate()
     with pytest.raises(UserInputError, match="no cost/fitness front"):
         BayesConfig(param="spdy", multi_objective=True).validate()
+
+
+class SlowProxy(ProxyFitness):
+    """The proxy fitness, taking `delay` seconds per batch: long enough for heartbeats to beat while it scores."""
+
+    def __init__(self, problem: AllocationProblem, delay: float) -> None:
+        super().__init__(problem)
+        self.delay, self.batches = delay, []
+
+    def _score(self, choices, n_sequences):
+        self.batches.append(len(choices))
+        time.sleep(self.delay)
+        return super()._score(choices, n_sequences)
+
+
+def test_batched_trials_are_scored_together_told_in_order_and_kept_alive(tmp_path: Path) -> None:
+    problem = make_problem(8)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    fitness = SlowProxy(problem, delay=1.5)
+    cfg = {"n_trials": 13, "startup_trials": 4, "batch_trials": 4, "confirm_top": 0, "warm_start": False}
+    a = run(problem, seed=1, fitness=fitness, storage=storage, heartbeat_seconds=1, **cfg)
+    # 13 trials in batches of 4, 4, 4, 1 (fewer when a batch repeats a choice): each batch is one call of the fitness.
+    assert len(fitness.batches) == 4 and all(n <= size for n, size in zip(fitness.batches, [4, 4, 4, 1]))
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    assert [t.number for t in trials] == list(range(13)) and all(t.state == TrialState.COMPLETE for t in trials)
+    # Every trial beat while its batch was scored, so workers sharing the study would not fail it as stale.
+    with sqlite3.connect(tmp_path / "study.db") as db:
+        beaten = {row[0] for row in db.execute("SELECT trial_id FROM trial_heartbeats")}
+    assert beaten == {t._trial_id for t in trials}
+    assert a.info["n_trials_this_run"] == 13 and a.cost <= problem.budget and a.error == min(t.value for t in trials)
+    # The result depends on the batch size alone: the same batches again give the same search.
+    again = run(problem, seed=1, fitness=ProxyFitness(problem), **cfg)
+    assert again.choice == a.choice and [t["choice"] for t in again.info["trace"]] == [
+        t["choice"] for t in a.info["trace"]]
+    # Under a token bound, no batch is larger than what is left to pay for.
+    bounded = run(problem, seed=1, fitness=ProxyFitness(problem), max_tokens=6 * SEQ, **cfg)
+    assert bounded.info["tokens_spent"] <= 6 * SEQ and bounded.info["n_trials_this_run"] <= 6

@@ -87,7 +87,7 @@ from profilers.registry import device_present, existing_cost_table, get_cost_tab
 from profilers.table import CostTable, RegimeCosts
 from search import SEARCHERS, Allocation, AllocationProblem, make_searcher
 from search.bayes import BayesConfig
-from search.fitness_engine import StitchedKLFitness
+from search.ray_fitness import kl_fitness
 from search.uniform import UniformSearcher
 
 JOB_FILE = "search_job.yaml"
@@ -115,10 +115,24 @@ def validate_search_job(cfg: SearchJob) -> None:
         raise UserInputError(f"fitness.sequences={cfg.fitness.sequences!r} must be an integer >= 1")
     if cfg.fitness.batch_size < 1:
         raise UserInputError(f"fitness.batch_size={cfg.fitness.batch_size} must be >= 1")
+    validate_parallel(cfg)
     if cfg.score.kl_sequences > cfg.data.calib_sequences:
         raise UserInputError(
             f"score.kl_sequences={cfg.score.kl_sequences} exceeds data.calib_sequences={cfg.data.calib_sequences}"
         )
+
+
+def validate_parallel(cfg: SearchJob) -> None:
+    """The fitness cache, thread count and Ray worker options."""
+    if isinstance(cfg.fitness.cache_gb, bool) or not isinstance(cfg.fitness.cache_gb, (int, float)) \
+            or not cfg.fitness.cache_gb >= 0:
+        raise UserInputError(f"fitness.cache_gb={cfg.fitness.cache_gb!r} must be a number of GB >= 0 (0: keep no "
+                             "unit module beyond the current candidate's)")
+    for key, value in (("fitness.threads", cfg.fitness.threads), ("workers", cfg.workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserInputError(f"{key}={value!r} must be an integer >= 0 (0: {'torch default' if 'threads' in key else 'serial'})")
+    if not cfg.ray.num_cpus > 0 or not cfg.ray.num_gpus >= 0:
+        raise UserInputError(f"ray.num_cpus={cfg.ray.num_cpus} must be > 0 and ray.num_gpus={cfg.ray.num_gpus} >= 0")
 
 
 def memory_limit(cfg: SearchJob, dense: nn.Module, space: Space) -> tuple[list, float] | None:
@@ -329,8 +343,12 @@ def run_searcher(
     searcher = make_searcher(searcher_cfg)
     fitness = None
     if searcher.uses_fitness:
-        fitness = StitchedKLFitness(dense, space, db.source, pool, batch_size=cfg.fitness.batch_size)
-    found = searcher.search(problem, seed=cfg.seed, fitness=fitness)
+        fitness = kl_fitness(dense, space, db.source, pool, cfg.fitness, cfg.workers, cfg.ray)
+    try:
+        found = searcher.search(problem, seed=cfg.seed, fitness=fitness)
+    finally:
+        if fitness is not None:
+            fitness.close()  # Ray workers stop here, before scoring and export need the memory
     if "trace" in found.info:
         write_json_atomic(run_dir / "search_trace.json", found.info)
     if "pareto_front" in found.info:

@@ -160,6 +160,26 @@ class FitnessConfig:
     # evaluation on t tokens uses the first ceil(t / data.seq_len) of them.
     sequences: int = 16
     batch_size: int = 4
+    # Built unit modules the fitness engine keeps, in GB (1e9 bytes) of their own tensors, least recently used out
+    # first; one that fell out is rebuilt from its level file when a candidate needs it (same weights, same scores).
+    # 8 GB holds every level of SmolLM2-135M in float32 in any space (computed from its shapes: structured 1.9 GB,
+    # unstructured 3.8 GB, mixed 7.8 GB), so its searches build each level once, as before the bound; an 8B model's
+    # levels (tens of GB) are read back from disk instead. With Ray, each worker has a cache of this size.
+    cache_gb: float = 8.0
+    # Intra-op threads every scoring forward pass runs on, in this process and in each Ray worker (0: torch's count
+    # when the search starts). A matmul's sums depend on the thread count, so serial and Ray runs of one search
+    # score bit-equal only on the same count: with workers=N on C cores, set C/N here and in the serial run.
+    threads: int = 0
+
+
+@dataclass
+class RayConfig:
+    # An existing Ray cluster ("auto" on one of its nodes, or host:6379 as `ray start --head` prints it); empty =
+    # start a local cluster on this machine for `workers`.
+    address: str = ""
+    # What each worker reserves: one CPU process here; `ray.num_gpus=1` gives each worker one GPU of the cluster.
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
 
 
 @dataclass
