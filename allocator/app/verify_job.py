@@ -21,7 +21,9 @@ from allocator.model.surgery import SPARSE_KEY, WIDTHS_KEY, allocation_from_widt
 from profilers.end_to_end import measure_models, measure_models_gpu
 from profilers.gpu import find_gpu_regime
 from profilers.gpu_timing import cuda_device_for_profile
+from profilers.llamacpp import LLAMACPP_DEVICE, time_gguf_export
 from profilers.regimes import Regime, find_regime
+from profilers.registry import LLAMACPP
 from profilers.roofline import deploy_dtype
 from profilers.table import load_table
 from profilers.timing import paired_ratio
@@ -67,10 +69,13 @@ def measure_speedup(
     on the plan's GPU when its profile is one (CUDA graphs, as profilers/gpu.py measured the table)."""
     plan = plan if plan is not None else load_plan(run)
     gpu = cuda_device_for_profile(plan.profile.name)  # before any loading: no usable GPU fails at once
-    model, _, _ = load_pruned(run)
+    model, tokenizer, _ = load_pruned(run)
     if dense is None:
         dense = load_model(plan.model_spec, cache_dir).model
-    if gpu is None:
+    if plan.profile.name == LLAMACPP:  # what was planned runs in llama.cpp: the gguf export timed by llama-bench
+        regime = _planned_regime(plan, profile, regime_name)
+        stats = time_gguf_export(run, model, tokenizer, dense, regime, profile, cache_dir)
+    elif gpu is None:
         regime = find_regime(profile, regime_name)
         stats = measure_models({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats)
     else:
@@ -117,7 +122,8 @@ def measure_speedup(
         param_sparsity=(1.0 - decoder_weight_count(model) / decoder_weight_count(dense)
                         if budget.sparsity is not None else None),
         memory=memory,
-        device=None if gpu is None else torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else str(gpu),
+        device=(LLAMACPP_DEVICE if plan.profile.name == LLAMACPP else None if gpu is None
+                else torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else str(gpu)),
         predicted_latency_ms=predicted_ms,
         predicted_dense_latency_ms=predicted_dense,
         dense_prediction_error=dense_error,
