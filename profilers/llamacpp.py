@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 from tqdm import tqdm
 
@@ -32,15 +33,16 @@ from allocator.model.engines.llamacpp_build import VERSION, llamacpp_bin
 from allocator.model.surgery import build_pruned_model, leading_levels
 from profilers.cpu import _variants, regime_costs
 from profilers.regimes import Regime, regimes_of
-from profilers.stability import measure_checked
+from profilers.stability import measure_checked, unstable_regimes
 from profilers.table import CostTable, RegimeCosts, cpu_name, load_or_measure
 from profilers.timing import TimingStats
 
 log = logging.getLogger(__name__)
 
 NAME = "llamacpp"
+RUNS_PER_SAMPLE = 3  # llama-bench -r: runs per invocation, whose median is one round's sample
 METHOD = ("llama-bench per variant (f16 gguf export, padding included), one invocation per variant per round in a "
-          "seeded fresh order; costs as the cpu profile derives them")
+          "seeded fresh order, median of its 3 runs; costs as the cpu profile derives them")
 
 
 def check_space(space: Space) -> None:
@@ -78,8 +80,10 @@ def fingerprint(threads: int) -> dict:
 
 def time_ggufs(paths: dict[str, Path], regime: Regime, warmup: int, repeats: int, threads: int,
                cache_dir: str | Path, desc: str) -> dict[str, TimingStats]:
-    """llama-bench on each GGUF, one invocation (one sample) per model per round, a seeded fresh order each round
-    so drift within a round does not always land on the same model; the first `warmup` rounds are discarded."""
+    """llama-bench on each GGUF, one invocation per model per round, a seeded fresh order each round so drift
+    within a round does not always land on the same model; the first `warmup` rounds are discarded. A round's
+    sample is the median of the invocation's RUNS_PER_SAMPLE runs: on this shared 2-core machine single llama.cpp
+    runs stall now and then (a tiny model's 128-token prefill took 0.4 ms or 470 ms), and the median drops them."""
     samples: dict[str, list[float]] = {name: [] for name in paths}
     rounds = warmup + repeats
     with tqdm(total=rounds * len(paths), desc=desc, unit="run", leave=False) as bar:
@@ -87,9 +91,9 @@ def time_ggufs(paths: dict[str, Path], regime: Regime, warmup: int, repeats: int
             order = list(paths)
             random.Random(r).shuffle(order)
             for name in order:
-                (ms,) = bench_ms(paths[name], regime.kind, regime.length, 1, threads, cache_dir)
+                runs = bench_ms(paths[name], regime.kind, regime.length, RUNS_PER_SAMPLE, threads, cache_dir)
                 if r >= warmup:
-                    samples[name].append(ms)
+                    samples[name].append(float(np.median(runs)))
                 bar.update()
     return {name: TimingStats.of(s) for name, s in samples.items()}
 
@@ -145,8 +149,14 @@ def profile_llamacpp(
 
     try:
         start = time.monotonic()
-        table, path = load_or_measure(NAME, cache_dir, fingerprint(threads), asdict(space.shape), space.options,
-                                      settings, list(regimes), measure, cfg.refresh, first_regime, on_regime)
+        args = (NAME, cache_dir, fingerprint(threads), asdict(space.shape), space.options, settings, list(regimes),
+                measure)
+        table, path = load_or_measure(*args, cfg.refresh, first_regime, on_regime)
+        unstable = unstable_regimes(table.regimes)
+        if unstable and not cfg.allow_unstable:  # kept by an earlier run with allow_unstable: not reused silently
+            log.warning("latency table %s: regime(s) %s were measured on a busy machine; measuring again", path,
+                        ", ".join(unstable))
+            table, path = load_or_measure(*args, True, first_regime, on_regime)
         if work:
             log.info("llama.cpp profile measured in %.0f s", time.monotonic() - start)
     finally:
@@ -157,7 +167,6 @@ def profile_llamacpp(
 
 def cached_llamacpp_table(space: Space, cfg: ProfileConfig, cache_dir: str | Path) -> tuple[CostTable, Path] | None:
     """The saved table profile_llamacpp would reuse, if any (no measurement, no build)."""
-    from profilers.stability import unstable_regimes
     from profilers.table import load_table, table_key
 
     if space.has_sparse:

@@ -6,6 +6,7 @@ and k·(heads per group) query heads, exactly; a kept MLP of n neurons as n. Thr
 written differently, so that llama.cpp computes what the pruned model computes:
 
 - A layer whose attention and MLP are both dropped is the identity: it is left out of the file (costs nothing).
+  When every layer is, one layer of both paddings below is written (llama.cpp needs a layer; it computes 0).
 - A layer that keeps its attention but drops its MLP: llama.cpp's `n_ff == 0` path `continue`s before the layer's
   residual add and before `inpL = cur`, so the whole layer, attention included, would be skipped. Such a layer is
   written with a zero MLP of PAD_FF_WIDTH neuron (zero gate/up/down, unit norm): its output is exactly 0, so the
@@ -79,8 +80,8 @@ def layer_specs(shape: ModelShape, kv_groups: list[int], neurons: list[int]) -> 
             continue  # the identity
         pad_mlp = k > 0 and n == 0
         specs.append(LayerSpec(i, k * shape.heads_per_group, k, PAD_FF_WIDTH if pad_mlp else n, pad_mlp=pad_mlp))
-    if not specs:
-        raise ValueError("gguf export: every layer is dropped (attention and MLP); llama.cpp needs at least one layer")
+    if not specs:  # every layer dropped: llama.cpp needs one layer, so one that computes 0 (+ the residual)
+        return [LayerSpec(0, 1, 1, PAD_FF_WIDTH, pad_attention=True, pad_mlp=True)]
     if specs[0].n_head == 0:
         first = specs[0]
         specs[0] = LayerSpec(first.source, 1, 1, first.n_ff, pad_attention=True)
@@ -384,3 +385,23 @@ def write(model: nn.Module, tokenizer, out_dir: Path, plan: Plan | None) -> None
     write_gguf(model, tokenizer, out_dir / GGUF_FILE, DEFAULT_OUTTYPE)
     shape = ModelShape.from_config(model.config)
     (out_dir / "README.md").write_text(_card(gguf_layout(model), shape, DEFAULT_OUTTYPE, plan))
+
+
+def main(argv: list[str]) -> None:
+    """`python -m allocator.model.engines.gguf <exported run dir> [f32|f16|bf16|q8_0]`: `<run>/export/gguf/`."""
+    from allocator.model.runtime import load_pruned
+
+    if not argv or len(argv) > 2:
+        raise SystemExit(f"usage: python -m allocator.model.engines.gguf <run dir> [{'|'.join(OUTTYPES)}]")
+    run, outtype = Path(argv[0]), argv[1] if len(argv) > 1 else DEFAULT_OUTTYPE
+    model, tokenizer, plan = load_pruned(run)
+    out = run / "export" / "gguf"
+    write_gguf(model, tokenizer, out / GGUF_FILE, outtype)
+    (out / "README.md").write_text(_card(gguf_layout(model), ModelShape.from_config(model.config), outtype, plan))
+    print(out / GGUF_FILE)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

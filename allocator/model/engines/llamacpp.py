@@ -59,7 +59,7 @@ def llama_perplexity(gguf: Path, text_file: Path, n_ctx: int, cache_dir: str | P
         with logits.open("rb") as f:
             if f.read(8) != b"_logits_":
                 raise RuntimeError(f"{logits}: not a llama-perplexity logits file")
-            ctx, n_chunk = np.frombuffer(f.read(8), dtype=np.int32)
+            ctx, _vocab, n_chunk = np.frombuffer(f.read(12), dtype=np.int32)  # header: n_ctx, n_vocab, n_chunk
             tokens = np.frombuffer(f.read(4 * int(n_chunk) * int(ctx)), dtype=np.int32).reshape(n_chunk, ctx)
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
     if found is None:
