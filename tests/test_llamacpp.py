@@ -23,7 +23,12 @@ from allocator.core.errors import UserInputError
 from allocator.core.space import ATTN, MLP, ModelShape, build_space, unit_name
 from allocator.model.calibration_data import load_documents, split_documents
 from allocator.model.engines import export_writer
-from allocator.model.engines.gguf import GGUF_FILE, PAD_FF_WIDTH, layer_specs, write_gguf
+from allocator.model.engines.gguf import (
+    GGUF_FILE,
+    PAD_FF_WIDTH,
+    layer_specs,
+    write_gguf,
+)
 from allocator.model.loader import load_model
 from allocator.model.surgery import build_pruned_model, leading_levels
 from profilers.llamacpp import check_space, llamacpp_regimes
