@@ -30,7 +30,7 @@ from profilers.table import (
     runtime_settings,
     table_key,
 )
-from profilers.timing import time_interleaved
+from profilers.timing import TimingStats, time_interleaved
 
 log = logging.getLogger(__name__)
 # How costs are derived from the timings; part of the table's cache key, so a change re-measures.
@@ -106,6 +106,12 @@ def measure_regime(
         for name, alloc in variants.items()
     }
     stats = time_interleaved(calls, cfg.warmup, cfg.repeats, desc=f"profile {regime.name}")
+    return regime_costs(space, regime, stats, as_dense)
+
+
+def regime_costs(space: Space, regime: Regime, stats: dict[str, TimingStats], as_dense: bool) -> RegimeCosts:
+    """Per-unit costs from the timings of `_variants` (round-ordered samples; sparse variants absent when
+    `as_dense`). Shared with profilers/llamacpp.py, which times the same variants in llama.cpp."""
     # This machine's speed drifts by tens of percent within seconds: each sample is taken as a fraction of the
     # dense time of the same round (multiplicative drift cancels), then scaled back to ms by the dense median.
     dense_samples = np.asarray(stats["dense"].samples_ms)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # Measured tables committed with the repository: profilers/tables/<profile>-*.json.
 TABLES_DIR = Path(__file__).resolve().parent / "tables"
+LLAMACPP = "llamacpp"  # llama.cpp on this CPU (llama-bench), the runtime of `gguf` exports
 
 OnRegime = Optional[Callable[[str, RegimeCosts], None]]
 # (name, dense, space, cfg, dtype, cache_dir, first_regime, on_regime, tables_dir) → (table, its file)
@@ -67,6 +68,10 @@ def existing_cost_table(
         raise UserInputError(f"profile={name!r} is unknown; known: {', '.join(PROFILES.names())}")
     if name == "cpu":
         return cached_cpu_table(space, cfg, dtype, cache_dir)
+    if name == LLAMACPP:
+        from profilers.llamacpp import cached_llamacpp_table
+
+        return cached_llamacpp_table(space, cfg, cache_dir)
     tables_dir = TABLES_DIR if tables_dir is None else tables_dir
     # no model (dense=None) and no refresh: a measured table or the roofline, never a measurement on the device
     return _device_table(DEVICES[name], name, None, space, replace(cfg, refresh=False), dtype, Path(cache_dir), None,
@@ -75,7 +80,7 @@ def existing_cost_table(
 
 def device_present(name: str) -> bool:
     """Whether end-to-end timing on this machine measures the profile's device."""
-    if name == "cpu":
+    if name in ("cpu", LLAMACPP):
         return True
     spec = DEVICES[name]
     if not spec.is_gpu or not torch.cuda.is_available():
@@ -200,6 +205,18 @@ def _measured_gpu(
                        device=device)
 
 
+def _measured_llamacpp(
+    name: str, dense: nn.Module | None, space: Space, cfg: ProfileConfig, dtype: str,
+    cache_dir: Path, first_regime: str | None, on_regime: OnRegime, tables_dir: Path,
+) -> tuple[CostTable, Path]:
+    """llama.cpp on this CPU (profilers/llamacpp.py; imported here so llama.cpp is only built when asked for).
+    The model's dtype does not enter: variants are written as the gguf export writes them (f16)."""
+    from profilers.llamacpp import profile_llamacpp
+
+    return profile_llamacpp(dense, space, cfg, cache_dir, first_regime, on_regime)
+
+
 PROFILES.register("cpu")(_measured_cpu)
+PROFILES.register(LLAMACPP)(_measured_llamacpp)
 for _key, _spec in DEVICES.items():
     PROFILES.register(_key)(partial(_device_table, _spec))

@@ -54,11 +54,13 @@ _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal (guest t
 class CpuSample:
     wall_s: float
     busy_s: Optional[float]  # CPU-seconds the cores this process may run on were busy (None: /proc/stat unreadable)
-    own_s: float  # this process's CPU-seconds, all threads
+    own_s: float  # this process's CPU-seconds, all threads, and its waited-for children's
 
 
 def cpu_sample(stat: Path = _PROC_STAT) -> CpuSample:
-    wall, own = time.monotonic(), sum(os.times()[:2])
+    # Our own CPU includes finished child processes' (profile=llamacpp times llama-bench subprocesses); a torch
+    # profile has none, so its figure is unchanged.
+    wall, own = time.monotonic(), sum(os.times()[:4])
     try:
         cpus = os.sched_getaffinity(0)
         hz = os.sysconf("SC_CLK_TCK")

@@ -49,7 +49,9 @@ from allocator.model.surgery import (
 from profilers.end_to_end import measure_models, measure_models_gpu
 from profilers.gpu import find_gpu_regime
 from profilers.gpu_timing import cuda_device_for_profile
+from profilers.llamacpp import LLAMACPP_DEVICE, time_gguf_export
 from profilers.regimes import Regime, find_regime
+from profilers.registry import LLAMACPP
 from profilers.roofline import deploy_dtype
 from profilers.table import load_table
 from profilers.timing import paired_ratio
@@ -100,6 +102,19 @@ def engine_rules(run: Path, plan: Plan, shape: ModelShape) -> EngineRules:
     return build_space(shape, OmegaConf.to_object(space)).rules
 
 
+def _time_in_torch(
+    plan: Plan, profile: ProfileConfig, regime_name: str, dense: nn.Module, model: nn.Module, gpu: torch.device | None
+) -> tuple[Regime, dict]:
+    """Dense and pruned timed interleaved in this project's runtime: on this CPU, or on the plan's GPU."""
+    if gpu is None:
+        regime = find_regime(profile, regime_name)
+        return regime, measure_models({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats)
+    regime = _planned_regime(plan, profile, regime_name)
+    dtype = DTYPES[plan.profile.fingerprint.get("dtype") or deploy_dtype(plan.model_spec.dtype)]
+    return regime, measure_models_gpu({"dense": dense, "pruned": model}, regime, profile.warmup,
+                                      profile.verify_repeats, gpu, dtype, profile.l2_rotations)
+
+
 def measure_speedup(
     run: Path, profile: ProfileConfig, regime_name: str, cache_dir: str = "runs/cache",
     dense: nn.Module | None = None, plan: Plan | None = None,
@@ -109,20 +124,19 @@ def measure_speedup(
     another engine (plan.runtime) is timed at the shapes that engine runs, as its table was measured."""
     plan = plan if plan is not None else load_plan(run)
     gpu = cuda_device_for_profile(plan.profile.name)  # before any loading: no usable GPU fails at once
-    model, _, _ = load_pruned(run)
+    model, tokenizer, _ = load_pruned(run)
     if dense is None:
         dense = load_model(plan.model_spec, cache_dir).model
     shape = ModelShape.from_config(dense.config)
     recorded = getattr(model.config, WIDTHS_KEY)  # read before the engine's shapes replace the pruned modules
-    model = to_engine_shape(model, dense, shape, engine_rules(run, plan, shape))
-    if gpu is None:
-        regime = find_regime(profile, regime_name)
-        stats = measure_models({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats)
-    else:
+    rules = engine_rules(run, plan, shape)
+    if plan.profile.name == LLAMACPP:  # what was planned runs in llama.cpp: the gguf export timed by llama-bench
         regime = _planned_regime(plan, profile, regime_name)
-        dtype = DTYPES[plan.profile.fingerprint.get("dtype") or deploy_dtype(plan.model_spec.dtype)]
-        stats = measure_models_gpu({"dense": dense, "pruned": model}, regime, profile.warmup, profile.verify_repeats,
-                                   gpu, dtype, profile.l2_rotations)
+        stats = time_gguf_export(run, model, tokenizer, dense, regime, profile, cache_dir)  # its writer pads itself
+        model = to_engine_shape(model, dense, shape, rules)
+    else:
+        model = to_engine_shape(model, dense, shape, rules)
+        regime, stats = _time_in_torch(plan, profile, regime_name, dense, model, gpu)
     allocation = allocation_from_widths(recorded, getattr(model.config, SPARSE_KEY, None))
     layers = len(recorded["attn_kv_groups"])
     widths = {kind: [allocation[unit_name(i, kind)] for i in range(layers)] for kind in (ATTN, MLP)}
@@ -161,7 +175,8 @@ def measure_speedup(
         param_sparsity=(1.0 - decoder_weight_count(model) / decoder_weight_count(dense)
                         if budget.sparsity is not None else None),
         memory=memory,
-        device=None if gpu is None else torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else str(gpu),
+        device=(LLAMACPP_DEVICE if plan.profile.name == LLAMACPP else None if gpu is None
+                else torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else str(gpu)),
         predicted_latency_ms=predicted_ms,
         predicted_dense_latency_ms=predicted_dense,
         dense_prediction_error=dense_error,
