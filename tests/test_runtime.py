@@ -27,7 +27,7 @@ from allocator.core.config import (
 from allocator.core.errors import UserInputError
 from allocator.core.memory import kv_bytes, option_bytes, unit_weight_bytes
 from allocator.core.plan import Plan
-from allocator.core.space import ATTN, MLP, ModelShape, build_space, run_shape
+from allocator.core.space import ATTN, LLAMACPP_ZERO_MLP, MLP, ModelShape, build_space, run_shape
 from allocator.model.loader import load_model
 from allocator.model.measure import fixed_bytes, weight_bytes
 from allocator.model.runtime import load_pruned
@@ -65,7 +65,7 @@ def test_option_sets_per_runtime(shape, vllm_attention):
     assert native.options[ATTN] == llamacpp.options[ATTN] == list(range(shape.num_kv_heads + 1))
     assert vllm.options[ATTN] == vllm_attention  # KV groups dividing the query heads: n_heads_in_group integral
     assert native.options[MLP] == vllm.options[MLP] == llamacpp.options[MLP]  # every width exact in both engines
-    assert (native.rules.zero_mlp, vllm.rules.zero_mlp, llamacpp.rules.zero_mlp) == (0, 0, 128)  # space.mlp_step
+    assert (native.rules.zero_mlp, vllm.rules.zero_mlp, llamacpp.rules.zero_mlp) == (0, 0, LLAMACPP_ZERO_MLP)
     assert [u.options for u in vllm.units if u.kind == ATTN] == [tuple(vllm_attention)] * shape.num_layers
 
 
@@ -74,7 +74,7 @@ def test_tiny_llama_option_sets(tiny):
     shape = ModelShape.from_config(loaded.model.config)
     assert space_of(shape, "vllm", mlp_step=32).options == space_of(shape, "native", mlp_step=32).options
     assert space_of(shape, "vllm", mlp_step=32).options[ATTN] == [0, 1, 2]
-    assert space_of(shape, "llamacpp", mlp_step=32).rules.zero_mlp == 32
+    assert space_of(shape, "llamacpp", mlp_step=32).rules.zero_mlp == LLAMACPP_ZERO_MLP == 1
     without_drop = space_of(SMOLLM2, "vllm", allow_drop=False)
     assert without_drop.options[ATTN] == [1, 3] and 0 not in without_drop.options[MLP]
 
@@ -115,15 +115,15 @@ def test_vllm_k1_costs_a_9_query_head_1_kv_head_attention():
 
 def test_dropped_units_per_engine():
     """vLLM and llama.cpp give a dropped attention no KV cache (natively: DroppedAttention's one-scalar marker); a
-    dropped MLP is free in vLLM and costs the zero MLP of the smallest width in llama.cpp."""
+    dropped MLP is free in vLLM and costs the one-neuron zero MLP the gguf export writes in llama.cpp."""
     vllm, llamacpp = space_of(SMOLLM2, "vllm").rules, space_of(SMOLLM2, "llamacpp").rules
     assert kv_bytes(SMOLLM2, 0, 1, 100, 2) == 2 * 100 * 2 and kv_bytes(SMOLLM2, 0, 1, 100, 2, vllm) == 0
     assert kv_bytes(SMOLLM2, 0, 1, 100, 2, llamacpp) == 0
     assert unit_weight_bytes(SMOLLM2, MLP, 0, 2, vllm) == 0
-    assert unit_weight_bytes(SMOLLM2, MLP, 0, 2, llamacpp) == unit_weight_bytes(SMOLLM2, MLP, 128, 2) > 0
+    assert unit_weight_bytes(SMOLLM2, MLP, 0, 2, llamacpp) == unit_weight_bytes(SMOLLM2, MLP, LLAMACPP_ZERO_MLP, 2) > 0
     for regime in REGIMES:
         assert mlp_unit_seconds(H100, SMOLLM2, regime, 0, vllm) == 0.0
-        assert mlp_unit_seconds(H100, SMOLLM2, regime, 0, llamacpp) == mlp_unit_seconds(H100, SMOLLM2, regime, 128)
+        assert mlp_unit_seconds(H100, SMOLLM2, regime, 0, llamacpp) == mlp_unit_seconds(H100, SMOLLM2, regime, LLAMACPP_ZERO_MLP)
         assert attention_unit_seconds(H100, SMOLLM2, regime, 2, llamacpp) == attention_unit_seconds(
             H100, SMOLLM2, regime, 2)  # per-layer head counts: exact
 
@@ -167,8 +167,8 @@ def test_engine_models_have_the_engine_shape_and_the_pruned_outputs(tiny9, runti
         assert layers[0].self_attn.k_proj.out_features == shape.head_dim
         assert int(layers[0].self_attn.q_proj.weight.abs().sum(1).count_nonzero()) == 3 * shape.head_dim
     else:
-        assert layers[0].mlp.down_proj.in_features == 32 and not layers[0].mlp.down_proj.weight.any()
-        assert layers[1].mlp.down_proj.in_features == 32  # priced so: the zero MLP's cost in every layer
+        assert layers[0].mlp.down_proj.in_features == LLAMACPP_ZERO_MLP and not layers[0].mlp.down_proj.weight.any()
+        assert layers[1].mlp.down_proj.in_features == LLAMACPP_ZERO_MLP  # priced so: the zero MLP's cost in every layer
     ids = torch.randint(0, shape.vocab, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(engine(ids).logits, pruned(ids).logits, rtol=0, atol=1e-5)

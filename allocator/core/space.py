@@ -87,12 +87,15 @@ class EngineRules:
 
     runtime: Runtime = Runtime.native
     # llama.cpp only: neurons of the all-zero MLP a dropped MLP is exported as, because llama.cpp's `deci` graph
-    # skips the whole layer, its attention output included, where feed_forward_length is 0. The space's smallest
-    # MLP width (the gguf export's choice); 0 for the other engines, which drop an MLP exactly.
+    # skips the whole layer, its attention output included, where feed_forward_length is 0 (LLAMACPP_ZERO_MLP, the
+    # gguf export's width); 0 for the other engines, which drop an MLP exactly.
     zero_mlp: int = 0
 
 
 NATIVE = EngineRules()
+# The gguf export writes a dropped MLP beside a kept attention as a zero MLP this wide: its output is exactly 0 and
+# llama.cpp keeps the layer (one norm and three 1-wide products a token).
+LLAMACPP_ZERO_MLP = 1
 
 
 def run_shape(shape: ModelShape, kind: str, option: Option, rules: EngineRules = NATIVE) -> ModelShape:
@@ -284,6 +287,6 @@ def build_space(shape: ModelShape, cfg: SpaceConfig, unstructured_format: str = 
         units.append(Unit(unit_name(layer, MLP), layer, MLP, shape.intermediate, mlp_options))
     if not any(p.kind == "unstructured" for p in patterns):  # nothing stored in it: keys and plans stay bitmap's
         unstructured_format = "bitmap"
-    zero_mlp = min(w for w in mlp_widths if w) if cfg.runtime == Runtime.llamacpp else 0
+    zero_mlp = LLAMACPP_ZERO_MLP if cfg.runtime == Runtime.llamacpp else 0
     return Space(shape, tuple(units), unstructured_format, EngineRules(Runtime(cfg.runtime), zero_mlp))
 

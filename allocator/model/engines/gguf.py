@@ -41,7 +41,7 @@ from torch import nn
 
 from allocator.core.errors import UserInputError
 from allocator.core.plan import Plan
-from allocator.core.space import ModelShape
+from allocator.core.space import LLAMACPP_ZERO_MLP, ModelShape
 from allocator.model.engines import EXPORT_FORMATS
 from allocator.model.loader import EMBEDDED_MODELS
 from allocator.model.surgery import (
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 ARCH = "deci"
 GGUF_FILE = "model.gguf"
-PAD_FF_WIDTH = 1  # neurons of the zero MLP written for a layer that keeps attention but drops its MLP
+PAD_FF_WIDTH = LLAMACPP_ZERO_MLP  # neurons of the zero MLP written for a layer that keeps attention but drops its MLP
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 DEFAULT_OUTTYPE = "f16"  # llama.cpp's CPU GEMMs are fastest in f16 among the lossless-enough types here
 
