@@ -22,7 +22,7 @@ from allocator.core.config import DataConfig, ModelConfig, ProfileConfig, SpaceC
 from allocator.core.errors import UserInputError
 from allocator.core.space import ATTN, MLP, ModelShape, build_space, unit_name
 from allocator.model.calibration_data import load_documents, split_documents
-from allocator.model.engines import export_writer
+from allocator.model.engines import export_formats
 from allocator.model.engines.gguf import (
     GGUF_FILE,
     PAD_FF_WIDTH,
@@ -62,8 +62,9 @@ def test_gguf_export_writes_per_layer_arrays(tiny, tmp_path):
     shape = space.shape
     model = build_pruned_model(loaded.model, shape, _allocation(shape, [(0, 64), (2, 0), (1, 32)]),
                                leading_levels(loaded.model, shape))
-    export_writer("gguf")(model, loaded.tokenizer, tmp_path, None)
-    reader = GGUFReader(tmp_path / GGUF_FILE)
+    export_formats(model, loaded.tokenizer, tmp_path, None, ["gguf"])  # as export.formats=[gguf] writes it
+    out = tmp_path / "export" / "gguf"
+    reader = GGUFReader(out / GGUF_FILE)
     fields = {k: f.contents() for k, f in reader.fields.items()}
     assert fields["general.architecture"] == "deci"
     assert fields["deci.attention.head_count"] == [1, 4, 2]
@@ -72,7 +73,8 @@ def test_gguf_export_writes_per_layer_arrays(tiny, tmp_path):
     tensors = {t.name: t for t in reader.tensors}
     assert not np.asarray(tensors["blk.0.attn_output.weight"].data).any()  # the zero attention outputs 0
     assert not np.asarray(tensors["blk.1.ffn_down.weight"].data).any()  # the zero MLP outputs 0
-    assert "zero pad" in (tmp_path / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "zero pad" in card and "llama-perplexity" in card  # the layout and how to load it
 
 
 def test_llamacpp_profile_refuses_sparse_spaces_and_batched_regimes(tiny):

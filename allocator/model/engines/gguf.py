@@ -41,8 +41,17 @@ from torch import nn
 
 from allocator.core.errors import UserInputError
 from allocator.core.plan import Plan
-from allocator.core.space import LLAMACPP_ZERO_MLP, ModelShape
-from allocator.model.engines import EXPORT_FORMATS
+from allocator.core.space import (
+    ATTN,
+    LLAMACPP_ZERO_MLP,
+    MLP,
+    ModelShape,
+    Option,
+    kept_width,
+    unit_name,
+)
+from allocator.model.engines import EXPORT_FORMATS, export_dir
+from allocator.model.engines.card import write_card
 from allocator.model.loader import EMBEDDED_MODELS
 from allocator.model.surgery import (
     WIDTHS_KEY,
@@ -345,14 +354,27 @@ def gguf_layout(model: nn.Module) -> list[LayerSpec]:
     return layer_specs(shape, *_widths(model, shape))
 
 
-def _card(specs: list[LayerSpec], shape: ModelShape, outtype: str, plan: Plan | None) -> str:
+HOW_TO_LOAD = """\
+llama.cpp (`python -m allocator.model.engines.llamacpp_build` builds `llama-perplexity` and `llama-bench` into the
+cache):
+
+    llama-perplexity -m {path}/model.gguf -f text.txt
+    llama-bench -m {path}/model.gguf -p 512 -n 128
+"""
+
+
+def card_notes(shape: ModelShape, allocation: dict[str, Option]) -> list[str]:
+    """The layers llama.cpp gets (layer_specs), and which are padded."""
+    kv_groups = [kept_width(shape, ATTN, allocation[unit_name(i, ATTN)]) for i in range(shape.num_layers)]
+    neurons = [kept_width(shape, MLP, allocation[unit_name(i, MLP)]) for i in range(shape.num_layers)]
+    specs = layer_specs(shape, kv_groups, neurons)
     padded_mlp = [s.source for s in specs if s.pad_mlp]
     padded_attn = [s.source for s in specs if s.pad_attention]
-    lines = [
-        "# llama.cpp export (GGUF, architecture `deci`)",
+    return [
+        "## Layout (GGUF, architecture `deci`)",
         "",
         (f"`{GGUF_FILE}`: {len(specs)} of {shape.num_layers} decoder layers written "
-         f"({shape.num_layers - len(specs)} fully dropped layers left out), weights {outtype}."),
+         f"({shape.num_layers - len(specs)} fully dropped layers left out), weights {DEFAULT_OUTTYPE}."),
         "",
         "| layer | query heads | KV heads | MLP width |",
         "| --- | --- | --- | --- |",
@@ -360,31 +382,17 @@ def _card(specs: list[LayerSpec], shape: ModelShape, outtype: str, plan: Plan | 
           f"{s.n_ff}{' (zero pad)' if s.pad_mlp else ''} |" for s in specs),
         "",
         ("Exact in llama.cpp: every kept KV-group count and MLP width. Padded: "
-        f"{len(padded_mlp)} layer(s) keeping attention without an MLP get a zero {PAD_FF_WIDTH}-neuron MLP "
-        f"(llama.cpp's n_ff = 0 path skips the layer) {padded_mlp or ''}; "
-        f"{len(padded_attn)} first layer(s) without attention get a zero one-head attention {padded_attn or ''}. "
+         f"{len(padded_mlp)} layer(s) keeping attention without an MLP get a zero {PAD_FF_WIDTH}-neuron MLP "
+         f"(llama.cpp's n_ff = 0 path skips the layer) {padded_mlp or ''}; "
+         f"{len(padded_attn)} first layer(s) without attention get a zero one-head attention {padded_attn or ''}. "
          "Sparse units are written dense (llama.cpp runs no sparse weights)."),
-        "",
-        "Load and run:",
-        "",
-        "    llama-perplexity -m model.gguf -f text.txt",
-        "    llama-bench -m model.gguf -p 512 -n 128",
-        "",
-        "(`python -m allocator.model.engines.llamacpp_build` builds both into the cache.)",
     ]
-    if plan is not None and plan.measured is not None:
-        m = plan.measured
-        lines += ["", f"Measured with this project's runtime ({m.regime}): {m.speedup:.2f}x vs dense."]
-    return "\n".join(lines) + "\n"
 
 
 @EXPORT_FORMATS.register("gguf")
 def write(model: nn.Module, tokenizer, out_dir: Path, plan: Plan | None) -> None:
-    """`<out_dir>/model.gguf` (f16) and a short README.md."""
-    out_dir = Path(out_dir)
-    write_gguf(model, tokenizer, out_dir / GGUF_FILE, DEFAULT_OUTTYPE)
-    shape = ModelShape.from_config(model.config)
-    (out_dir / "README.md").write_text(_card(gguf_layout(model), shape, DEFAULT_OUTTYPE, plan))
+    """`<out_dir>/model.gguf` (f16); the model card is the export's (allocator.model.engines.card)."""
+    write_gguf(model, tokenizer, Path(out_dir) / GGUF_FILE, DEFAULT_OUTTYPE)
 
 
 def main(argv: list[str]) -> None:
@@ -395,9 +403,9 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"usage: python -m allocator.model.engines.gguf <run dir> [{'|'.join(OUTTYPES)}]")
     run, outtype = Path(argv[0]), argv[1] if len(argv) > 1 else DEFAULT_OUTTYPE
     model, tokenizer, plan = load_pruned(run)
-    out = run / "export" / "gguf"
+    out = export_dir(run, "gguf")
     write_gguf(model, tokenizer, out / GGUF_FILE, outtype)
-    (out / "README.md").write_text(_card(gguf_layout(model), ModelShape.from_config(model.config), outtype, plan))
+    write_card(out, "gguf", ModelShape.from_config(model.config), plan, model.config)
     print(out / GGUF_FILE)
 
 
