@@ -36,15 +36,21 @@ import triton
 import triton.language as tl
 
 from kernels.compressed import CompressedWeight
-from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_layout_args, check_linear_call
-from kernels.splitk import arrival_counts
+from kernels.errors import (
+    FLOAT_DTYPES,
+    UnsupportedShape,
+    check_kernel_device,
+    check_layout_args,
+    check_linear_call,
+)
+from kernels.splitk import INTERPRETED, Buffers, fp32_out
+from kernels.splitk import buffers as splitk_buffers
 
 DTYPES = FLOAT_DTYPES
 # Same-width integer views, so "stored" is decided on bits (keeps -0.0 and NaN payloads exact).
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 DEFAULT_TILE = (16, 64)
 # Triton built this module's kernel for its interpreter (TRITON_INTERPRET=1 at import): it then runs on CPU tensors.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 _MAX_INT32 = 2**31 - 1
 FORMAT_VERSION = 2  # per tile-row offsets, word-major tiles; version 1 (per-tile offsets, row-major words) converts
 
@@ -383,26 +389,9 @@ def launch_plan(m: int, tiles: tuple[int, int], sms: int | None, split_k: int | 
     return Launch((grid_m, tiles_n, split), block_m, split, per_split)
 
 
-def _fp32_out(dtype: torch.dtype) -> bool:
-    # bf16 in the interpreter: its fp32 → bf16 cast truncates where the GPU (and torch) round to nearest even, so
-    # the kernel stores fp32 and torch casts.
-    return INTERPRETED and dtype == torch.bfloat16
-
-
-@dataclass
-class Buffers:
-    out: torch.Tensor  # (m, n) in x's dtype (fp32 for bf16 in the interpreter)
-    workspace: torch.Tensor  # (split, m, n) fp32 partial sums; a placeholder when not split
-    counts: torch.Tensor  # int32 arrivals per output tile; a placeholder when not split
-
-
 def buffers(plan: Launch, m: int, n: int, dtype: torch.dtype, device: torch.device | str) -> Buffers:
-    """What one launch writes: the output and, for split-K, the fp32 partials and the tiles' arrival counts."""
-    out = torch.empty((m, n), dtype=torch.float32 if _fp32_out(dtype) else dtype, device=device)
-    if plan.split == 1:
-        return Buffers(out, out, out)
-    workspace = torch.empty((plan.split, m, n), dtype=torch.float32, device=device)
-    return Buffers(out, workspace, arrival_counts(plan.grid[0] * plan.grid[1], device))
+    """What one launch writes (kernels/splitk.py): the output tiles are the grid's first two axes."""
+    return splitk_buffers(plan.split, plan.grid[0] * plan.grid[1], m, n, dtype, device)
 
 
 def kernel_arguments(
@@ -445,5 +434,5 @@ def triton_matmul(
     bufs = buffers(plan, m, n, x.dtype, x.device)
     args, constexprs = kernel_arguments(x2, w, bias, bufs, plan)
     plan.kernel[plan.grid](*args, **constexprs, num_warps=plan.num_warps)
-    out = bufs.out.to(x.dtype) if _fp32_out(x.dtype) else bufs.out
+    out = bufs.out.to(x.dtype) if fp32_out(x.dtype) else bufs.out
     return out.reshape(*lead, n)

@@ -46,7 +46,8 @@ from kernels.errors import (
     check_layout_args,
     check_linear_call,
 )
-from kernels.splitk import arrival_counts
+from kernels.splitk import INTERPRETED, Buffers, fp32_out
+from kernels.splitk import buffers as splitk_buffers
 
 DTYPES = FLOAT_DTYPES
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -58,7 +59,6 @@ WARP = 32
 # one lane per row: Triton 3.7's code for the wider layout splits the loop (see `lanes_per_row`).
 DECODE_LANES = 4
 FORMAT_VERSION = 1
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 _MAX_INT32 = 2**31 - 1
 
 
@@ -311,25 +311,9 @@ def launch_plan(m: int, n: int, k: int, sms: int | None, split_k: int | None = N
     return Launch((triton.cdiv(m, block_m), triton.cdiv(n, WARP // lanes), split), block_m, lanes, split, per_split)
 
 
-def _fp32_out(dtype: torch.dtype) -> bool:
-    # bf16 in the interpreter: its fp32 → bf16 cast truncates where the GPU (and torch) round to nearest even, so
-    # the kernel stores fp32 and torch casts.
-    return INTERPRETED and dtype == torch.bfloat16
-
-
-@dataclass
-class Buffers:
-    out: torch.Tensor  # (m, n) in x's dtype (fp32 for bf16 in the interpreter)
-    workspace: torch.Tensor  # (split, m, n) fp32 partial sums; a placeholder when not split
-    counts: torch.Tensor  # int32 arrivals per output tile; a placeholder when not split
-
-
 def buffers(plan: Launch, m: int, n: int, dtype: torch.dtype, device: torch.device | str) -> Buffers:
-    out = torch.empty((m, n), dtype=torch.float32 if _fp32_out(dtype) else dtype, device=device)
-    if plan.split == 1:
-        return Buffers(out, out, out)
-    workspace = torch.empty((plan.split, m, n), dtype=torch.float32, device=device)
-    return Buffers(out, workspace, arrival_counts(plan.grid[0] * plan.grid[1], device))
+    """What one launch writes (kernels/splitk.py): the output tiles are the grid's first two axes."""
+    return splitk_buffers(plan.split, plan.grid[0] * plan.grid[1], m, n, dtype, device)
 
 
 def kernel_arguments(
@@ -368,5 +352,5 @@ def triton_matmul(
     bufs = buffers(plan, m, n, x.dtype, x.device)
     args, constexprs = kernel_arguments(x2, w, bias, bufs, plan)
     plan.kernel[plan.grid](*args, **constexprs, num_warps=plan.num_warps)
-    out = bufs.out.to(x.dtype) if _fp32_out(x.dtype) else bufs.out
+    out = bufs.out.to(x.dtype) if fp32_out(x.dtype) else bufs.out
     return out.reshape(*lead, n)

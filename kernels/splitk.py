@@ -9,7 +9,12 @@ kernels in order)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import triton
+
+INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 COUNTS: dict[str, torch.Tensor] = {}
 
@@ -20,3 +25,25 @@ def arrival_counts(tiles: int, device: torch.device | str) -> torch.Tensor:
     if key not in COUNTS or COUNTS[key].numel() < tiles:
         COUNTS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
     return COUNTS[key]
+
+
+def fp32_out(dtype: torch.dtype) -> bool:
+    # bf16 in the interpreter: its fp32 → bf16 cast truncates where the GPU (and torch) round to nearest even, so
+    # the kernel stores fp32 and torch casts.
+    return INTERPRETED and dtype == torch.bfloat16
+
+
+@dataclass
+class Buffers:
+    out: torch.Tensor  # (m, n) in x's dtype (fp32 for bf16 in the interpreter)
+    workspace: torch.Tensor  # (split, m, n) fp32 partial sums; a placeholder when not split
+    counts: torch.Tensor  # int32 arrivals per output tile; a placeholder when not split
+
+
+def buffers(split: int, output_tiles: int, m: int, n: int, dtype: torch.dtype, device: torch.device | str) -> Buffers:
+    """What one launch writes: the output and, for split-K, the fp32 partials and the tiles' arrival counts."""
+    out = torch.empty((m, n), dtype=torch.float32 if fp32_out(dtype) else dtype, device=device)
+    if split == 1:
+        return Buffers(out, out, out)
+    workspace = torch.empty((split, m, n), dtype=torch.float32, device=device)
+    return Buffers(out, workspace, arrival_counts(output_tiles, device))
