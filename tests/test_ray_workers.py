@@ -129,7 +129,7 @@ def test_cli_evo_on_two_workers_returns_exactly_the_serial_result(tmp_path):
               "space.fisher_sequences=3", "budget=sparsity", "budget.sparsity=0.4", "searcher=evo",
               "searcher.generations=4", "searcher.offspring=4", "searcher.stage_tokens=[32,128]",
               "searcher.stage_survivors=[2,1]", "fitness.sequences=4", "fitness.batch_size=2", "score.kl_sequences=4",
-              "export=false", "verify=false"]
+              "export.formats=[]", "verify=false"]
     serial, serial_trace = plan_and_trace(run_cli(*common, cwd=tmp_path))
     workers, workers_trace = plan_and_trace(run_cli(*common, "workers=2", cwd=tmp_path))
     assert workers_trace["workers"] == 2 and "workers" not in serial_trace and serial_trace["evaluations"] > 4

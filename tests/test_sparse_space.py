@@ -222,7 +222,9 @@ def _version_1_bitmap_export_still_loads(run: Path, reloaded: torch.nn.Module) -
     from safetensors.torch import load_file, save_file
 
     from allocator.model.export import WEIGHTS_FILE
+    from allocator.model.runtime import native_dir
 
+    run = native_dir(run)  # the native export of the run directory
     state = load_file(run / WEIGHTS_FILE)
     converted = 0
     for key in [k for k in state if k.endswith(".weight_bitmap")]:

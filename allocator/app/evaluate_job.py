@@ -57,7 +57,7 @@ def find_model_dir(path: str | Path) -> tuple[Path, Path]:
         return path, path.parents[1] if in_run else path
     raise FileNotFoundError(
         f"run={path} holds no exported model: no config.json there or in {EXPORT_DIR}/{{{','.join(LOADABLE_FORMATS)}}}/"
-        " (a run searched with export=false has none: python -m allocator export run=<dir>; a gguf export is "
+        " (a run searched with export.formats=[] has none: python -m allocator export run=<dir>; a gguf export is "
         "evaluated with llama.cpp)"
     )
 

@@ -97,6 +97,13 @@ def validate_model_config(cfg: ModelConfig) -> None:
         )
 
 
+def _gguf_has_output(gguf: Path) -> bool:
+    """Whether the GGUF stores an output (lm_head) tensor of its own."""
+    from gguf import GGUFReader
+
+    return any(t.name == "output.weight" for t in GGUFReader(gguf).tensors)
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """GGUF → safetensors once: transformers dequantises the GGUF in ~13 s, the cache reloads in <1 s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,8 +114,17 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     config = quantised.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    # Tied exactly when the GGUF has no output tensor (SmolLM2: the embedding is the output), read from the file
+    # itself: in a full test session transformers once loaded SmolLM2 untied, with lm_head left uninitialised.
+    config.tie_word_embeddings = not _gguf_has_output(gguf)
+    state = quantised.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantised.state_dict())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()):
+        raise ValueError(f"{gguf.name}: converted weights do not match (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
     # Named after the target, so the holder of its lock can tell a killed conversion's leftovers (load_model).
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TMP_PREFIX}{target.name}-"))
     try:
