@@ -11,7 +11,6 @@ runs one sequence). Only structured options are priced: llama.cpp runs no sparse
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 import tempfile
 import time
@@ -35,7 +34,7 @@ from profilers.cpu import _variants, regime_costs
 from profilers.regimes import Regime, regimes_of
 from profilers.stability import measure_checked, unstable_regimes
 from profilers.table import CostTable, RegimeCosts, cpu_name, load_or_measure
-from profilers.timing import TimingStats
+from profilers.timing import TimingStats, interleaved_samples
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +83,12 @@ def time_ggufs(paths: dict[str, Path], regime: Regime, warmup: int, repeats: int
     within a round does not always land on the same model; the first `warmup` rounds are discarded. A round's
     sample is the median of the invocation's RUNS_PER_SAMPLE runs: on this shared 2-core machine single llama.cpp
     runs stall now and then (a tiny model's 128-token prefill took 0.4 ms or 470 ms), and the median drops them."""
-    samples: dict[str, list[float]] = {name: [] for name in paths}
-    rounds = warmup + repeats
-    with tqdm(total=rounds * len(paths), desc=desc, unit="run", leave=False) as bar:
-        for r in range(rounds):
-            order = list(paths)
-            random.Random(r).shuffle(order)
-            for name in order:
-                runs = bench_ms(paths[name], regime.kind, regime.length, RUNS_PER_SAMPLE, threads, cache_dir)
-                if r >= warmup:
-                    samples[name].append(float(np.median(runs)))
-                bar.update()
-    return {name: TimingStats.of(s) for name, s in samples.items()}
+
+    def sample_ms(name: str) -> float:
+        runs = bench_ms(paths[name], regime.kind, regime.length, RUNS_PER_SAMPLE, threads, cache_dir)
+        return float(np.median(runs))
+
+    return interleaved_samples(list(paths), sample_ms, warmup, repeats, desc, "run")
 
 
 def _write_variants(dense: nn.Module, space: Space, work: Path) -> dict[str, Path]:

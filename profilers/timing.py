@@ -37,16 +37,28 @@ def time_interleaved(
     always land on the same variants; the first `warmup` rounds are discarded."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
-    samples: dict[str, list[float]] = {name: [] for name in variants}
+
+    def call_ms(name: str) -> float:
+        start = time.perf_counter()
+        variants[name]()
+        return (time.perf_counter() - start) * 1e3
+
+    return interleaved_samples(list(variants), call_ms, warmup, repeats, desc, "call")
+
+
+def interleaved_samples(
+    names: list[str], sample_ms: Callable[[str], float], warmup: int, repeats: int, desc: str, unit: str
+) -> dict[str, TimingStats]:
+    """`sample_ms(name)` once per name per round, in a fresh (seeded) order each round; the first `warmup` rounds
+    are discarded. The loop of time_interleaved (torch calls) and profilers/llamacpp.py (llama-bench runs)."""
+    samples: dict[str, list[float]] = {name: [] for name in names}
     rounds = warmup + repeats
-    with tqdm(total=rounds * len(variants), desc=desc, unit="call", leave=False) as bar:
+    with tqdm(total=rounds * len(names), desc=desc, unit=unit, leave=False) as bar:
         for r in range(rounds):
-            order = list(variants)
+            order = list(names)
             random.Random(r).shuffle(order)
             for name in order:
-                start = time.perf_counter()
-                variants[name]()
-                elapsed = (time.perf_counter() - start) * 1e3
+                elapsed = sample_ms(name)
                 if r >= warmup:
                     samples[name].append(elapsed)
                 bar.update()
