@@ -89,12 +89,13 @@ def kernel_cost(device: DeviceSpec, nbytes: float, flops: float, tensor_cores: b
 
 
 def linear_cost(
-    device: DeviceSpec, pattern: SparsityPattern | None, m: int, in_features: int, out_features: int
+    device: DeviceSpec, pattern: SparsityPattern | None, m: int, in_features: int, out_features: int,
+    fmt: str | None = None,
 ) -> KernelCost:
     """y = x W^T for M rows of x with W (out x in) dense (`pattern` None) or stored and run as `pattern` is
-    exported (allocator.core.formats: its stored bytes, and the FLOPs of the weight elements its kernel
+    exported, or in `fmt` (allocator.core.formats: its stored bytes, and the FLOPs of the weight elements its kernel
     multiplies: bitmap and N:M expand tiles to dense before the MMA, BSR multiplies its stored blocks only)."""
-    work = linear_work(pattern, m, out_features, in_features, DTYPE)
+    work = linear_work(pattern, m, out_features, in_features, DTYPE, fmt)
     return kernel_cost(device, work.bytes, work.flops, work.tensor_cores)
 
 
