@@ -68,15 +68,18 @@ def test_spaces_without_unstructured_options_stay_bitmap():
 
 
 def _expected_mlp_ms(device, regime: Regime, option: str, fmt: str) -> float:
-    """The MLP unit as the roofline documents it, rebuilt from linear_work(fmt=...): norm, gate/up/down, SiLU * up."""
+    """The MLP unit as the roofline documents it, rebuilt from linear_work(fmt=..., arch=...): norm, gate/up/down
+    (each the largest of its bytes, FLOPs and issued warp-instructions), SiLU * up."""
     m = tokens(regime)
     norm = kernel_cost(device, ELEMENT_BYTES * (BIG.hidden + 2 * m * BIG.hidden), 0).seconds
     pattern = SparsityPattern.parse(option)
     linears = 0.0
     for rows, cols in unit_linear_shapes(BIG, MLP):
-        work = linear_work(pattern, m, rows, cols, DTYPE, fmt)
+        work = linear_work(pattern, m, rows, cols, DTYPE, fmt, device.arch)
+        assert work.warp_instructions > 0  # measured for sm_90 (kernels/issue_costs.json)
         rate = device.flops if fmt == "bitmap" else CUDA_CORE_FLOPS[device.key]  # csr8: no tensor cores
-        linears += max(work.bytes / device.bandwidth, work.flops / rate) + device.launch_s
+        issue = work.warp_instructions / (device.sms * 4 * device.clock_hz)
+        linears += max(work.bytes / device.bandwidth, work.flops / rate, issue) + device.launch_s
     silu = kernel_cost(device, 3 * ELEMENT_BYTES * m * BIG.intermediate, 0).seconds
     return 1e3 * (norm + linears + silu)
 
@@ -96,14 +99,16 @@ def test_a_decode_b1_table_prices_every_regime_in_csr8(device_key):
             assert got == pytest.approx(_expected_mlp_ms(device, regime, option, "csr8"), rel=1e-12)
             assert bitmap.regime(regime.name).unit_ms[MLP][option] == pytest.approx(
                 _expected_mlp_ms(device, regime, option, "bitmap"), rel=1e-12)
-    # csr8 stores more than the bitmap at 70% (one uint8 column per value): the ideal roofline prices its decode
-    # slower; its scalar FMAs make prefill several times slower than dense, where the bitmap (expanded to dense
-    # tiles for the tensor cores, compute bound) costs what dense costs.
+    # csr8 stores more than the bitmap at 70% (one uint8 column per value), but the bitmap's decode loop issues
+    # ~0.37 warp-instructions per dense element whatever the sparsity and csr8's ~0.17: csr8 is priced faster at
+    # decode_b1, the bitmap at decode_b16. At prefill both are issue-bound, slower than dense, csr8 (scalar, per
+    # stored value) by far.
     prefill_csr8, prefill_bitmap = csr8.regime("prefill").unit_ms[MLP], bitmap.regime("prefill").unit_ms[MLP]
-    assert prefill_csr8["unstructured70"] > 2 * prefill_csr8[BIG.intermediate]
-    assert prefill_bitmap["unstructured70"] == pytest.approx(prefill_bitmap[BIG.intermediate], rel=0.01)
+    assert prefill_csr8["unstructured70"] > 2 * prefill_bitmap["unstructured70"]
+    assert prefill_bitmap["unstructured70"] > prefill_bitmap[BIG.intermediate]
     decode = csr8.regime("decode_b1").unit_ms[MLP]
-    assert bitmap.regime("decode_b1").unit_ms[MLP]["unstructured70"] < decode["unstructured70"] < decode[BIG.intermediate]
+    assert decode["unstructured70"] < bitmap.regime("decode_b1").unit_ms[MLP]["unstructured70"] < decode[BIG.intermediate]
+    assert bitmap.regime("decode_b16").unit_ms[MLP]["unstructured70"] < csr8.regime("decode_b16").unit_ms[MLP]["unstructured70"]
     dense = {r.name: bitmap.regime(r.name).unit_ms[MLP][BIG.intermediate] for r in REGIMES}
     assert dense == {r.name: csr8.regime(r.name).unit_ms[MLP][BIG.intermediate] for r in REGIMES}
 

@@ -22,6 +22,7 @@ from allocator.core.config import UnstructuredFormat, check_choice
 from allocator.core.patterns import KINDS, SparsityPattern, kept_count
 from allocator.core.space import ModelShape, unit_linear_shapes
 from kernels import formats as kernel_formats
+from kernels import issue_costs
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ class KernelWork:
     activation_bytes: int  # x read, y written, in the weight's dtype
     flops: int  # 2 per weight element the kernel multiplies with each row of x
     tensor_cores: bool = True  # False: scalar FMAs on the CUDA cores (a roofline prices them at that rate)
+    # Warp-instructions the sparse kernel issues for the call on the architecture asked for (kernels.issue_costs,
+    # measured from its compiled SASS); 0 for a dense GEMM (cuBLAS: never issue-bound) or when not asked / measured.
+    warp_instructions: float = 0.0
 
     @property
     def bytes(self) -> int:
@@ -106,17 +110,22 @@ def stored_bytes(pattern: SparsityPattern, rows: int, cols: int, dtype: torch.dt
 
 
 def linear_work(
-    pattern: SparsityPattern | None, m: int, rows: int, cols: int, dtype: torch.dtype, fmt: str | None = None
+    pattern: SparsityPattern | None, m: int, rows: int, cols: int, dtype: torch.dtype, fmt: str | None = None,
+    arch: int = 0,
 ) -> KernelWork:
     """One call of a (rows, cols) linear on m rows of x: dense (`pattern` None, a GEMM over every element) or
-    stored and run as `pattern` is exported (or in `fmt`, one of its kind's ALTERNATIVES)."""
+    stored and run as `pattern` is exported (or in `fmt`, one of its kind's ALTERNATIVES); with `arch` (a SASS
+    architecture, e.g. 90) the warp-instructions its sparse kernel issues there."""
     activations = dtype.itemsize * m * (rows + cols)
     if pattern is None:
         return KernelWork(dtype.itemsize * rows * cols, activations, 2 * m * rows * cols)
     fmt, params = export_format(pattern, fmt)
-    multiplied = kernel_formats.dot_elements(fmt, (rows, cols), kept_count(pattern, rows, cols), **params)
+    kept = kept_count(pattern, rows, cols)
+    multiplied = kernel_formats.dot_elements(fmt, (rows, cols), kept, **params)
     weights = stored_bytes(pattern, rows, cols, dtype, fmt)
-    return KernelWork(weights, activations, 2 * m * multiplied, tensor_cores=fmt not in SCALAR_FORMATS)
+    issued = issue_costs.warp_instructions(fmt, params, arch, (rows, cols), kept, m) if arch else None
+    return KernelWork(weights, activations, 2 * m * multiplied, tensor_cores=fmt not in SCALAR_FORMATS,
+                      warp_instructions=issued or 0.0)
 
 
 def sparse_unit_bytes(
