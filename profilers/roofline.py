@@ -13,12 +13,14 @@ search plans for a device that is not present (source "roofline") exactly as it 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 
 from allocator.core.formats import (
     SCALAR_FORMATS,
+    UNSTRUCTURED_FORMATS,
     KernelWork,
     format_choice,
     linear_work,
@@ -203,6 +205,27 @@ def mlp_unit_seconds(
     m = tokens(regime)
     linears = _unit_kernels_seconds(device, shape, MLP, option, m, rules, unstructured_format)
     return linears + _elementwise(device, 3 * ELEMENT_BYTES * m * neurons)
+
+
+def cheaper_unstructured_format(
+    device: DeviceSpec, shape: ModelShape, patterns: list[SparsityPattern], regime: Regime,
+    rules: EngineRules = NATIVE,
+) -> str:
+    """What space.unstructured_format=auto exports (allocator.core.formats.resolve_unstructured_format): the
+    unstructured format this roofline prices cheaper on `device` in `regime` over the space's unstructured
+    `patterns`: the geometric mean of the attention and MLP unit times with the unit at each level (the plan's
+    levels are not known before the search; a plain sum would let the slowest, least sparse levels, which a
+    latency budget rarely picks, decide). The issue roof decides it: csr8 (per stored value) at small decode batches
+    and high sparsity where bandwidth is plentiful (an H200), bitmap (fewer bytes, a fixed issue cost) from about
+    8 rows on and where bandwidth is scarce. Bitmap on a tie: a CPU runs either decompressed, and bitmap stores
+    less."""
+    levels = [p.label for p in patterns if p.kind == "unstructured"]
+
+    def log_seconds(fmt: str) -> float:
+        return sum(math.log(UNIT_SECONDS[kind](device, shape, regime, level, rules, fmt)) for level in levels
+                   for kind in (ATTN, MLP))
+
+    return min(UNSTRUCTURED_FORMATS, key=log_seconds)  # the first (bitmap, the default) on a tie
 
 
 def fixed_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime) -> float:

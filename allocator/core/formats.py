@@ -12,9 +12,9 @@ value the bitmap stores)."""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -46,24 +46,22 @@ UNSTRUCTURED_FORMATS = (FORMATS["unstructured"].format, *ALTERNATIVES["unstructu
 # the CUDA-core rate, which is what makes them lose at prefill.
 SCALAR_FORMATS = frozenset({"csr8"})
 
-# Decode regimes are named decode_b<batch> (profilers/regimes.py regimes_of).
-_DECODE_REGIME = re.compile(r"decode_b(\d+)")
-# `auto` picks csr8 for decode at batch <= 4. The static SASS benchmark (python -m allocator.benchmarks.kernel_static,
-# a prediction, no GPU measured) puts csr8 at 2.10x / 2.08x / 1.24x / 0.87x over cuBLAS at M = 1 / 2 / 4 / 8 on an
-# H200 (4096x14336 bf16, 70%), bitmap at 1.04-1.17x there, and csr8 at 0.04x against bitmap's 0.28x at M = 256:
-# csr8 wins through M = 4 and loses from M = 8 on, prefill by far.
-AUTO_CSR8_MAX_BATCH = 4
-
-
-def resolve_unstructured_format(choice: str, regime: str | None) -> str:
+def resolve_unstructured_format(choice: str, regime: str | None, cheaper: Callable[[str], str] | None = None) -> str:
     """The kernel format a plan exports its unstructured units in, from space.unstructured_format (`choice`) and the
-    budget's regime: `bitmap` or `csr8` as asked; `auto` is csr8 for a decode regime at batch <= AUTO_CSR8_MAX_BATCH
-    and bitmap otherwise (prefill, larger batches, or no regime). Resolved once, then priced and exported alike."""
+    budget's regime: `bitmap` or `csr8` as asked; `auto` is `cheaper(regime)`, the format the latency model prices
+    cheaper for that regime (profilers.roofline.cheaper_unstructured_format: so the rule and the pricing are one
+    fact), and bitmap without a regime (a profile job plans nothing). Resolved once, then priced and exported alike."""
     check_choice("space.unstructured_format", choice, UnstructuredFormat)
     if choice != UnstructuredFormat.auto:
         return str(choice)
-    decode = _DECODE_REGIME.fullmatch(regime or "")
-    return "csr8" if decode and int(decode.group(1)) <= AUTO_CSR8_MAX_BATCH else FORMATS["unstructured"].format
+    if regime is None:
+        return FORMATS["unstructured"].format
+    if cheaper is None:
+        raise ValueError("space.unstructured_format=auto with a regime needs the pricing that chooses (`cheaper`)")
+    chosen = cheaper(regime)
+    if chosen not in UNSTRUCTURED_FORMATS:
+        raise ValueError(f"auto chose {chosen!r}; valid: {', '.join(UNSTRUCTURED_FORMATS)}")
+    return chosen
 
 
 def format_choice(pattern: SparsityPattern, unstructured_format: str) -> str | None:
