@@ -178,6 +178,14 @@ def _nm_launches(n: int, k: int, m: int, pattern: SparsityPattern, sms: int) -> 
         return [Launch(nm._nm_decode_kernel, args, meta, plan.num_warps, None, plan.grid[1] * plan.split,
                        plan.grid[1] * steps, {"BLOCK_M": plan.block_m, "BLOCK_N": nm.DECODE_BLOCK_N,
                                               "SPLIT_K": plan.split}, plan.split)]
+    if nm.pair_kernel_runs(m, pattern.n, pattern.m, DTYPE.itemsize):  # 2:4 at 5-16 rows: one fixed launch
+        plan = nm.pair_plan(m, n, k, sms)
+        args, meta = nm.pair_arguments(x2, w, None, *nm.decode_buffers(plan, m, n, DTYPE, "meta"), plan)
+        steps = -(-k // nm.PAIR_BLOCK_K)
+        grid_m, blocks = plan.grid[0], plan.grid[1]
+        return [Launch(nm._nm_pair_kernel, args, meta, plan.num_warps, nm.PAIR_NUM_STAGES, grid_m * blocks * plan.split,
+                       grid_m * blocks * steps, {"BLOCK_M": plan.block_m, "BLOCK_N": nm.PAIR_BLOCK_N,
+                                                 "BLOCK_K": nm.PAIR_BLOCK_K, "SPLIT_K": plan.split}, plan.split)]
     args, meta = nm.kernel_arguments(x2, w, None, *nm.buffers(m, n, DTYPE, "meta", None))
     launches = []
     for config in nm.candidate_configs(m, pattern.m):
