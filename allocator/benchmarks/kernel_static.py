@@ -2,7 +2,8 @@
 
 For each kernel (bitmap, CSR8, N:M 2:4 and 4:8, BSR 16x16), weight shape (N, K) = (out, in) and M (rows of x) it takes the
 launch the op would make on that device — the kernel module's own `launch_plan` / `kernel_arguments` (bitmap and
-CSR8, their split-K from the device's SM count; N:M at decode, its `decode_plan`) or every config the CUDA autotuner would time
+CSR8, their split-K from the device's SM count; N:M at decode, its `decode_plan`, and 2:4 at 5-16 rows, its
+`pair_plan`) or every config the CUDA autotuner would time
 (`candidate_configs`, N:M and BSR) — binds it with Triton's own JIT specialisation (pointer alignment, ints equal to 1
 or divisible by 16), compiles it with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` and disassembles the cubin with the
 `cuobjdump` shipped in the Triton wheel (profilers.sass).
