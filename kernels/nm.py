@@ -18,6 +18,10 @@ Decode (at most DECODE_MAX_M rows of x, n a power of two) runs `_nm_decode_kerne
 one warp per 16 rows of W works per stored value, unpacking its index, gathering x at its column and multiplying
 into an fp32 accumulator reduced once at the end; split K to about 8 programs per SM, reduced in the launch.
 
+2:4 with 16-bit values at DECODE_MAX_M < M <= PAIR_MAX_M (batched decode) runs `_nm_pair_kernel`: one warp per 16
+rows of W selects each dense column from one 32-bit load per group (its two values) and the group's index nibble,
+then multiplies the (16, 32) tile with tl.dot.
+
 Zeros are compared numerically: a -0.0 that is not kept decompresses as +0.0 (equal, not the same bits)."""
 
 from __future__ import annotations
@@ -563,10 +567,137 @@ def _decode(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, split_k: 
     return out.to(x2d.dtype)
 
 
+# 2:4 at 5-16 rows of x (batched decode): `_nm_pair_kernel`, one warp per 16 rows of W, builds each dense
+# (16, PAIR_BLOCK_K) tile of W by selecting from one 32-bit load per group (its two 16-bit values) and the group's
+# index nibble, then multiplies with tl.dot. Static SASS (python -m allocator.benchmarks.kernel_static, H200 rates,
+# 4096x14336 bf16, a prediction): 0.39 warp-instructions per element, 1.13x cuBLAS at M = 16 and 1.11x at M = 8,
+# where the autotuned one-hot tl.dot kernel is 0.68 (0.64x); 16x64 and 16x128 tiles and two warps were slower.
+PAIR_MAX_M = 16
+PAIR_BLOCK_M = 16  # tl.dot's smallest M tile
+PAIR_BLOCK_N = 16
+PAIR_BLOCK_K = 32
+# No software pipelining: the gathers depend on nothing prefetchable, and the default stages add cp.async
+# bookkeeping (0.46 warp-instructions per element instead of 0.39 in the static count).
+PAIR_NUM_STAGES = 1
+
+
+@triton.jit
+def _nm_pair_kernel(
+    x_ptr, val_ptr, idx_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
+    M, N, K, stride_xm, stride_xk, stride_vn, stride_in, stride_om, stride_on,
+    steps_per_split, splits,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """2:4, 16-bit values: BLOCK_M rows of x (axis 0) against BLOCK_N rows of W (axis 1) over a range of K steps
+    (axis 2). Column c of the dense tile is slot c % 4 of group c // 4: the group's two values are one int32 (low
+    half first, ascending slot) and its two 2-bit codes one nibble of the index bytes; the slot takes the value
+    whose code names it, else 0 (codes within a group are distinct)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_K)
+    slot = (c % 4)[None, :]
+    mask_n = (offs_n < N)[:, None]
+    pairs = val_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_vn // 2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    steps = tl.cdiv(K, BLOCK_K)
+    step_begin = pid_k * steps_per_split
+    step_end = tl.minimum(steps, step_begin + steps_per_split)
+    for step in range(step_begin, step_end):
+        col = step * BLOCK_K + c
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xk,
+                    mask=(offs_m < M)[:, None] & (col < K)[None, :], other=0.0)
+        ok = mask_n & (col < K)[None, :]
+        g = (col // 4)[None, :]
+        pair = tl.load(pairs + g, mask=ok, other=0)
+        nib = tl.load(idx_ptr + offs_n[:, None] * stride_in + g // 2, mask=ok, other=0).to(tl.int32) >> ((g % 2) * 4)
+        half = tl.where((nib & 3) == slot, pair, tl.where(((nib >> 2) & 3) == slot, pair >> 16, 0))
+        w = (half & 0xFFFF).to(tl.int16).to(val_ptr.dtype.element_ty, bitcast=True)
+        b = tl.trans(w)
+        if UPCAST:  # the interpreter's tl.dot mishandles bf16: it multiplies fp32 copies
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+
+    om = offs_m[:, None]
+    on = offs_n[None, :]
+    if HAS_BIAS:  # added once, by the first K split
+        acc += tl.load(bias_ptr + on, mask=(on < N) & (pid_k == 0), other=0.0).to(tl.float32)
+    mask = (om < M) & (on < N)
+    out = out_ptr + om * stride_om + on * stride_on
+    if SPLIT:  # reduced in this launch, as in _nm_decode_kernel (kernels/splitk.py)
+        part = om * N + on
+        tl.store(ws_ptr + pid_k * M * N + part, acc, mask=mask)
+        tl.debug_barrier()
+        counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            reduced = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(splits):
+                reduced += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out, reduced.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter, 0)
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def pair_kernel_runs(m: int, n: int, group: int, element_size: int) -> bool:
+    """Whether m rows of x against an n:`group` weight of `element_size`-byte values run on the 2:4 pair kernel
+    (its rows stored 4-byte aligned, as `compress` stores them: `pairs`): 2:4, 16-bit, and more rows than the
+    decode kernel takes, up to PAIR_MAX_M."""
+    return DECODE_MAX_M < m <= PAIR_MAX_M and (n, group) == (2, 4) and element_size == 2
+
+
+def pairs(m: int, w: NMWeight) -> bool:
+    """pair_kernel_runs for this weight, whose value rows must start on 4-byte boundaries (one int32 per group)."""
+    return (pair_kernel_runs(m, w.n, w.m, w.values.element_size()) and w.values.stride(1) == 1
+            and w.values.stride(0) % 2 == 0 and w.values.data_ptr() % 4 == 0)
+
+
+def pair_plan(m: int, out_features: int, in_features: int, sms: int | None, split_k: int | None = None) -> DecodePlan:
+    """The pair kernel's launch: (row blocks of x, row blocks of W, K splits), split K as `decode_plan` does."""
+    blocks = triton.cdiv(out_features, PAIR_BLOCK_N)
+    steps = triton.cdiv(in_features, PAIR_BLOCK_K)
+    if split_k is None:
+        target = PROGRAMS_PER_SM * sms if sms is not None else 0
+        split_k = 1 if blocks >= target else max(1, min(-(-target // blocks), steps // 2))
+    if split_k < 1:
+        raise UnsupportedShape(f"nm.triton_matmul: split_k={split_k} must be >= 1")
+    per_split = triton.cdiv(max(steps, 1), split_k)
+    split = max(1, triton.cdiv(steps, per_split))
+    return DecodePlan((triton.cdiv(m, PAIR_BLOCK_M), blocks, split), PAIR_BLOCK_M, 0, split, per_split)
+
+
+def pair_arguments(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, out: torch.Tensor, ws: torch.Tensor,
+                   counts: torch.Tensor, plan: DecodePlan) -> tuple[tuple, dict]:
+    """The pair kernel's runtime arguments and constexprs for one launch on a 2-D x."""
+    M, K = x2d.shape
+    args = (x2d, w.values, w.indices, bias if bias is not None else out, out, ws, counts,
+            M, w.shape[0], K, x2d.stride(0), x2d.stride(1), w.values.stride(0), w.indices.stride(0),
+            out.stride(0), out.stride(1), plan.steps_per_split, plan.split)
+    meta = {"HAS_BIAS": bias is not None, "SPLIT": plan.split > 1, "UPCAST": INTERPRETED,
+            "BLOCK_M": PAIR_BLOCK_M, "BLOCK_N": PAIR_BLOCK_N, "BLOCK_K": PAIR_BLOCK_K}
+    return args, meta
+
+
+def _pair(x2d: torch.Tensor, w: NMWeight, bias: torch.Tensor | None, split_k: int | None = None) -> torch.Tensor:
+    """One pair-kernel launch on a 2-D x of DECODE_MAX_M < M <= PAIR_MAX_M rows."""
+    M, K = x2d.shape
+    plan = pair_plan(M, w.shape[0], K, _sm_count(x2d.device), split_k)
+    out, ws, counts = decode_buffers(plan, M, w.shape[0], x2d.dtype, x2d.device)
+    args, meta = pair_arguments(x2d, w, bias, out, ws, counts, plan)
+    _nm_pair_kernel[plan.grid](*args, **meta, num_warps=plan.num_warps, num_stages=PAIR_NUM_STAGES)
+    return out.to(x2d.dtype)
+
+
 def triton_matmul(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None = None,
                   config: dict[str, int] | None = None) -> torch.Tensor:
     """x[..., K] @ W^T + bias on the Triton kernel, fp32 accumulation, output in x's dtype. Up to DECODE_MAX_M rows
-    of x (and n a power of two) run the per-stored-value decode kernel; more, the tl.dot kernel. `config` (BLOCK_M,
+    of x (and n a power of two) run the per-stored-value decode kernel; up to PAIR_MAX_M of a 16-bit 2:4 weight, the
+    pair kernel; more, the tl.dot kernel. `config` (BLOCK_M,
     BLOCK_N, BLOCK_K, SPLIT_K) forces the tl.dot kernel with those tiles instead of the autotuned (CUDA) or fixed
     (interpreter) choice."""
     where = "nm.triton_matmul"
@@ -584,6 +715,8 @@ def triton_matmul(x: torch.Tensor, w: NMWeight, bias: torch.Tensor | None = None
     bias = bias.contiguous() if bias is not None else None
     if config is None and decodes(x2d.shape[0], w.n, w.bits):
         return _decode(x2d, w, bias).reshape(*x.shape[:-1], w.shape[0])
+    if config is None and pairs(x2d.shape[0], w):
+        return _pair(x2d, w, bias).reshape(*x.shape[:-1], w.shape[0])
     if config is None and INTERPRETED:
         config = INTERPRETER_CONFIG
     out = _launch(x2d, w, bias, config)

@@ -1,4 +1,5 @@
-"""Roofline latency model: a kernel costs max(bytes / bandwidth, FLOPs / throughput) plus a launch overhead.
+"""Roofline latency model: a kernel costs max(bytes / bandwidth, FLOPs / throughput, warp-instructions / issue rate)
+plus a launch overhead.
 
 Per linear it prices the kernel the exported model runs: a dense GEMM at the shape the space's engine runs
 (allocator.core.space.run_shape: the kept width, or under vLLM every query head, zero-padded), or on a GPU the
@@ -12,12 +13,14 @@ search plans for a device that is not present (source "roofline") exactly as it 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 
 from allocator.core.formats import (
     SCALAR_FORMATS,
+    UNSTRUCTURED_FORMATS,
     KernelWork,
     format_choice,
     linear_work,
@@ -46,8 +49,9 @@ from profilers.table import CostTable, RegimeCosts, clean_curve, runtime_setting
 log = logging.getLogger(__name__)
 
 # Part of the table's cache key: a change of the model writes a new table.
-METHOD = ("roofline v2: max(bytes/bandwidth, flops/throughput) + launch per kernel; 16-bit weights and "
-          "activations; sparse linears as allocator.core.formats stores and runs them; on a CPU as the dense unit")
+METHOD = ("roofline v3: max(bytes/bandwidth, flops/throughput, sparse kernels' warp-instructions/issue rate) + launch "
+          "per kernel; 16-bit weights and activations; sparse linears as allocator.core.formats stores and runs them, "
+          "their issue from kernels/issue_costs.json; on a CPU as the dense unit")
 
 DTYPE = torch.bfloat16  # these devices serve LLMs in 16 bits whatever dtype the host search loads
 ELEMENT_BYTES = DTYPE.itemsize
@@ -77,25 +81,35 @@ class KernelCost:
     bytes: float
     flops: float
     seconds: float
-    bound: str  # "memory" or "compute": which roof the kernel sits under
+    bound: str  # "memory", "compute" or "issue": which roof the kernel sits under
+    instructions: float = 0.0
 
 
-def kernel_cost(device: DeviceSpec, nbytes: float, flops: float, tensor_cores: bool = True) -> KernelCost:
-    """`tensor_cores` False: the FLOPs run at the CUDA-core rate (a scalar format: csr8)."""
+def kernel_cost(
+    device: DeviceSpec, nbytes: float, flops: float, tensor_cores: bool = True, instructions: float = 0.0
+) -> KernelCost:
+    """`tensor_cores` False: the FLOPs run at the CUDA-core rate (a scalar format: csr8). `instructions`: the
+    warp-instructions a sparse kernel issues (KernelWork.warp_instructions), at the device's issue rate."""
     rate = device.flops if tensor_cores else scalar_flops(device)
-    memory_s, compute_s = nbytes / device.bandwidth, flops / rate
-    bound = "memory" if memory_s >= compute_s else "compute"
-    return KernelCost(nbytes, flops, max(memory_s, compute_s) + device.launch_s, bound)
+    roofs = {"memory": nbytes / device.bandwidth, "compute": flops / rate,
+             "issue": instructions / device.issue_rate if instructions else 0.0}
+    bound = max(roofs, key=roofs.__getitem__)  # ties go to the first: memory, then compute
+    return KernelCost(nbytes, flops, roofs[bound] + device.launch_s, bound, instructions)
+
+
+def work_cost(device: DeviceSpec, work: KernelWork) -> KernelCost:
+    return kernel_cost(device, work.bytes, work.flops, work.tensor_cores, work.warp_instructions)
 
 
 def linear_cost(
-    device: DeviceSpec, pattern: SparsityPattern | None, m: int, in_features: int, out_features: int
+    device: DeviceSpec, pattern: SparsityPattern | None, m: int, in_features: int, out_features: int,
+    fmt: str | None = None,
 ) -> KernelCost:
     """y = x W^T for M rows of x with W (out x in) dense (`pattern` None) or stored and run as `pattern` is
-    exported (allocator.core.formats: its stored bytes, and the FLOPs of the weight elements its kernel
-    multiplies: bitmap and N:M expand tiles to dense before the MMA, BSR multiplies its stored blocks only)."""
-    work = linear_work(pattern, m, out_features, in_features, DTYPE)
-    return kernel_cost(device, work.bytes, work.flops, work.tensor_cores)
+    exported, or in `fmt` (allocator.core.formats: its stored bytes, the FLOPs of the weight elements its kernel
+    multiplies: bitmap and N:M expand tiles to dense before the MMA, BSR multiplies its stored blocks only, and the
+    warp-instructions its kernel issues on the device's architecture)."""
+    return work_cost(device, linear_work(pattern, m, out_features, in_features, DTYPE, fmt, device.arch))
 
 
 def _elementwise(device: DeviceSpec, nbytes: float) -> float:
@@ -107,24 +121,23 @@ def _norm_work(m: int, hidden: int) -> KernelWork:
 
 
 def _norm(device: DeviceSpec, m: int, hidden: int) -> float:
-    work = _norm_work(m, hidden)
-    return kernel_cost(device, work.bytes, work.flops).seconds
+    return work_cost(device, _norm_work(m, hidden)).seconds
 
 
 def unit_weight_kernels(
     shape: ModelShape, kind: str, option: Option, m: int, rules: EngineRules = NATIVE,
-    unstructured_format: str = "bitmap",
+    unstructured_format: str = "bitmap", arch: int = 0,
 ) -> list[KernelWork]:
     """The kernels of a unit that read weights, for m rows: its norm, and its linears dense at the shape the engine
     runs (run_shape: zero-padded heads and neurons included) or in the sparse option's export format (unstructured
-    ones in `unstructured_format`, the plan's Space's); none when the unit does not run (its norm goes with the
-    block)."""
+    ones in `unstructured_format`, the plan's Space's; with `arch`, their issued instructions there); none when the
+    unit does not run (its norm goes with the block)."""
     run = run_shape(shape, kind, option, rules)
     if not runs(run, kind):
         return []
     pattern = sparse_pattern(option) if is_sparse(option) else None
     fmt = None if pattern is None else format_choice(pattern, unstructured_format)
-    linears = [linear_work(pattern, m, rows, cols, DTYPE, fmt) for rows, cols in unit_linear_shapes(run, kind)]
+    linears = [linear_work(pattern, m, rows, cols, DTYPE, fmt, arch) for rows, cols in unit_linear_shapes(run, kind)]
     return [_norm_work(m, shape.hidden), *linears]
 
 
@@ -141,8 +154,8 @@ def _unit_kernels_seconds(
 ) -> float:
     if is_sparse(option) and not device.is_gpu:  # a CPU runs SparseLinear decompressed: the full-width dense unit
         option = kept_width(shape, kind, option)
-    kernels = unit_weight_kernels(shape, kind, option, m, rules, unstructured_format)
-    return sum(kernel_cost(device, w.bytes, w.flops, w.tensor_cores).seconds for w in kernels)
+    kernels = unit_weight_kernels(shape, kind, option, m, rules, unstructured_format, device.arch)
+    return sum(work_cost(device, w).seconds for w in kernels)
 
 
 def tokens(regime: Regime) -> int:
@@ -192,6 +205,27 @@ def mlp_unit_seconds(
     m = tokens(regime)
     linears = _unit_kernels_seconds(device, shape, MLP, option, m, rules, unstructured_format)
     return linears + _elementwise(device, 3 * ELEMENT_BYTES * m * neurons)
+
+
+def cheaper_unstructured_format(
+    device: DeviceSpec, shape: ModelShape, patterns: list[SparsityPattern], regime: Regime,
+    rules: EngineRules = NATIVE,
+) -> str:
+    """What space.unstructured_format=auto exports (allocator.core.formats.resolve_unstructured_format): the
+    unstructured format this roofline prices cheaper on `device` in `regime` over the space's unstructured
+    `patterns`: the geometric mean of the attention and MLP unit times with the unit at each level (the plan's
+    levels are not known before the search; a plain sum would let the slowest, least sparse levels, which a
+    latency budget rarely picks, decide). The issue roof decides it: csr8 (per stored value) at small decode batches
+    and high sparsity where bandwidth is plentiful (an H200), bitmap (fewer bytes, a fixed issue cost) from about
+    8 rows on and where bandwidth is scarce. Bitmap on a tie: a CPU runs either decompressed, and bitmap stores
+    less."""
+    levels = [p.label for p in patterns if p.kind == "unstructured"]
+
+    def log_seconds(fmt: str) -> float:
+        return sum(math.log(UNIT_SECONDS[kind](device, shape, regime, level, rules, fmt)) for level in levels
+                   for kind in (ATTN, MLP))
+
+    return min(UNSTRUCTURED_FORMATS, key=log_seconds)  # the first (bitmap, the default) on a tie
 
 
 def fixed_seconds(device: DeviceSpec, shape: ModelShape, regime: Regime) -> float:

@@ -116,6 +116,23 @@ def test_kernel_static_runs_one_variant(tmp_path):
         assert row[key] > 0
     assert row["predicted_speedup_vs_cublas"] == pytest.approx(
         row["cublas_roofline_us"] / max(row["issue_bound_us"], row["bytes_bound_us"], row["compute_bound_us"]))
+    _assert_issue_costs_agree(result, "bitmap")
+
+
+def _assert_issue_costs_agree(result: dict, key: str) -> None:
+    """The committed issue-cost file (kernels/issue_costs.json, what the roofline prices issue with) holds what this
+    fresh compile counts, as the --issue-costs sweep would write it (kernel_static.issue_points)."""
+    from allocator.benchmarks.kernel_static import issue_points
+    from kernels import issue_costs
+
+    data = issue_costs.load()
+    assert data["triton"] == result["triton"], ("kernels/issue_costs.json was counted with another Triton: "
+                                                "python -m allocator.benchmarks.kernel_static --issue-costs")
+    (row,) = result["rows"]
+    (point,) = issue_points(result["rows"])[key]
+    stored = [p for p in data["archs"][str(result["target"]["arch"])][key]
+              if (p["density"], p["shape"], p["m"]) == (point["density"], point["shape"], point["m"])]
+    assert [p["per_element"] for p in stored] == [pytest.approx(row["instructions_per_element"], rel=1e-12)]
 
 
 def test_inner_loop_is_the_loop_nested_in_the_hot_loop():
@@ -160,9 +177,11 @@ def test_csr8_decode_is_predicted_two_times_cublas(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    (row,) = json.loads((tmp_path / "sm90.json").read_text())["rows"]
+    result = json.loads((tmp_path / "sm90.json").read_text())
+    (row,) = result["rows"]
     assert row["format"] == "csr8" and row["config"]["BLOCK_M"] == 1 and row["config"]["LANES"] == 4
     assert row["split_k"] > 1
     assert row["inner_loop"]["bar"] == row["inner_loop"]["shfl"] == row["inner_loop"]["shared"] == 0
     assert row["inner_trips_all_programs"] > row["loop_trips_all_programs"]
     assert row["predicted_speedup_vs_cublas"] >= 2.0
+    _assert_issue_costs_agree(result, "csr8")

@@ -195,9 +195,10 @@ def test_fixed_configs_are_the_autotuners_first_candidates():
     from kernels import bsr, nm
 
     assert kb.fixed_config("nm", {"n": 2, "m": 4}, 1) is None  # decode: the op's one-warp kernel, not autotuned
-    for m in (16, 256):
-        config = kb.fixed_config("nm", {"n": 2, "m": 4}, m)
-        first = nm.candidate_configs(m, 4)[0]
+    assert kb.fixed_config("nm", {"n": 2, "m": 4}, 16) is None  # 2:4 at 5-16 rows: the pair kernel, one launch
+    for n, m_group, m in ((4, 8, 16), (2, 4, 256)):
+        config = kb.fixed_config("nm", {"n": n, "m": m_group}, m)
+        first = nm.candidate_configs(m, m_group)[0]
         assert config == {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
     for m in (1, 16, 256):
         first = bsr.candidate_configs(m, (32, 32))[0]

@@ -251,3 +251,29 @@ def test_decode_kernel_gathers_x_by_index(n, m, shape, dtype):
     xt = torch.randn(shape[1], 2).to(dtype).T  # strided rows of x
     close(nm.triton_matmul(xt, c), nm.reference_matmul(xt, c))
     assert not nm.decodes(1, 3, nm.index_bits(8))  # n = 3: not an arange of entries; the tl.dot kernel runs it
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 300), (16, 32), (33, 68)])
+def test_pair_kernel_runs_2_4_at_5_to_16_rows(shape, dtype):
+    """2:4 with 16-bit values at DECODE_MAX_M < M <= PAIR_MAX_M runs the pair kernel (a dense tile selected from
+    one 32-bit load per group, then tl.dot): exact against the reference on rows, columns and steps that end part
+    way, with a split K reduced in the launch, a bias, a padded x block and a strided x; fp32 runs the tl.dot
+    kernel."""
+    w = nm_weight(*shape, 2, 4, dtype, seed=7)
+    c = nm.compress(w, 2, 4)
+    assert nm.pairs(nm.PAIR_MAX_M, c) is (dtype != torch.float32)
+    assert not nm.pairs(nm.DECODE_MAX_M, c) and not nm.pairs(nm.PAIR_MAX_M + 1, c)
+    bias = torch.randn(shape[0]).to(dtype)
+    for rows in (nm.DECODE_MAX_M + 1, 8, nm.PAIR_MAX_M):
+        x = torch.randn(rows, shape[1]).to(dtype)
+        expect = nm.reference_matmul(x, c, bias)
+        close(nm.triton_matmul(x, c, bias), expect)
+        if dtype != torch.float32:
+            split = nm._pair(x, c, bias, split_k=3)
+            assert torch.equal(split, nm._pair(x, c, bias, split_k=3))
+            close(split, expect)
+            close(nm._pair(x, c, None, split_k=1), nm.reference_matmul(x, c))
+    xt = torch.randn(shape[1], 9).to(dtype).T  # strided rows of x
+    close(nm.triton_matmul(xt, c), nm.reference_matmul(xt, c))
+    assert not nm.pairs(8, nm.compress(nm_weight(8, 16, 4, 8, dtype), 4, 8))  # 4:8: the tl.dot kernel

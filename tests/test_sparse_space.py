@@ -139,7 +139,7 @@ def test_stitched_compressed_and_reloaded_models_agree(tiny, mixed_db, tmp_path)
     assert decoder_weight_count(reloaded) == kept < dense_count
 
 
-def test_roofline_prices_formats_by_their_bytes(tiny):
+def test_roofline_prices_formats_by_their_bytes_or_issue(tiny):
     _, space = tiny
     big = ModelShape(num_layers=1, hidden=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate=14336, vocab=32000)
     decode = Regime("decode_b1", "decode", 1, 128)
@@ -147,9 +147,13 @@ def test_roofline_prices_formats_by_their_bytes(tiny):
     dense = mlp_unit_seconds(h100, big, decode, big.intermediate)
     bitmap70 = mlp_unit_seconds(h100, big, decode, "unstructured70")
     two_four = mlp_unit_seconds(h100, big, decode, "2:4")
-    assert bitmap70 < two_four < dense  # memory bound: fewer bytes, less time
+    assert two_four < dense  # memory bound: fewer bytes, less time
     ideal = ideal_decode_speedup(SparsityPattern.parse("unstructured70"), big.intermediate, big.hidden)  # 2.74
-    assert 2.0 < dense / bitmap70 < ideal  # below the ideal byte ratio: norm, SiLU and launches do not shrink
+    assert 1.2 < dense / bitmap70 < ideal  # below the ideal byte ratio: the bitmap kernel is issue-bound at decode
+    # Issue-bound: the bitmap decode loop issues a fixed count per dense element, so more sparsity buys nothing;
+    # csr8, whose work is per stored value, is priced faster at 70% (kernels/issue_costs.json).
+    assert mlp_unit_seconds(h100, big, decode, "unstructured90") == pytest.approx(bitmap70)
+    assert mlp_unit_seconds(h100, big, decode, "unstructured70", unstructured_format="csr8") < bitmap70
     assert attention_unit_seconds(h100, big, decode, "unstructured50") < attention_unit_seconds(h100, big, decode, 8)
 
 

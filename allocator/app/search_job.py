@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from allocator.core.budget import (
     target_params,
     validate_budget,
 )
-from allocator.core.config import ErrorMetric, Runtime, check_choice
+from allocator.core.config import ErrorMetric, Runtime, UnstructuredFormat, check_choice
 from allocator.core.device import resolve_device
 from allocator.core.errors import UserInputError
 from allocator.core.formats import resolve_unstructured_format
@@ -76,6 +77,7 @@ from allocator.model.measure import fixed_bytes, weight_bytes
 from allocator.model.quality import kl_to_dense, perplexity
 from allocator.model.sparse_export import build_deployable
 from allocator.model.surgery import build_pruned_model
+from profilers.devices import DEVICES
 from profilers.prediction import (
     predicted_dense_ms,
     predicted_ms,
@@ -84,6 +86,7 @@ from profilers.prediction import (
 )
 from profilers.regimes import find_regime
 from profilers.registry import device_present, existing_cost_table, get_cost_table
+from profilers.roofline import cheaper_unstructured_format
 from profilers.table import CostTable, RegimeCosts
 from search import SEARCHERS, Allocation, AllocationProblem, make_searcher
 from search.bayes import BayesConfig
@@ -105,7 +108,7 @@ def validate_search_job(cfg: SearchJob) -> None:
         raise UserInputError(f"searcher.name={cfg.searcher.name!r} is unknown; known: {', '.join(SEARCHERS.names())}")
     sparse_patterns(cfg.space)
     check_choice("space.error_metric", cfg.space.error_metric, ErrorMetric)
-    resolve_unstructured_format(cfg.space.unstructured_format, cfg.budget.regime)  # names the valid ones
+    check_choice("space.unstructured_format", cfg.space.unstructured_format, UnstructuredFormat)
     validate_formats(cfg.export.formats)
     if not 1 <= cfg.space.fisher_sequences <= cfg.data.calib_sequences:
         raise UserInputError(
@@ -226,6 +229,15 @@ class SearchSetup:
     problem: AllocationProblem
 
 
+def auto_format_pricing(cfg: SearchJob, shape: ModelShape) -> Callable[[str], str]:
+    """How space.unstructured_format=auto chooses for a regime: the format the roofline prices cheaper on the
+    profile's device (profilers.roofline.cheaper_unstructured_format). A profile measured on this machine's CPU
+    (cpu, llamacpp) is priced as the assumed CPU, which runs either format decompressed: bitmap."""
+    device = DEVICES.get(cfg.profile.name, DEVICES["cpu-generic"])
+    patterns = sparse_patterns(cfg.space)
+    return lambda regime: cheaper_unstructured_format(device, shape, patterns, find_regime(cfg.profile, regime))
+
+
 def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     """Model, space, latency table, calibration data and level database, and the allocation problem they define.
     The data includes the fitness sequences when the searcher scores candidates, or when `fitness_pool` asks."""
@@ -235,8 +247,10 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     dense = loaded.model
     # The unstructured format is resolved once, from the budget's regime: the table, the memory model, the export
     # and the plan all read it from the Space.
-    unstructured = resolve_unstructured_format(cfg.space.unstructured_format, cfg.budget.regime)
-    space = build_space(ModelShape.from_config(dense.config), cfg.space, unstructured)
+    shape = ModelShape.from_config(dense.config)
+    unstructured = resolve_unstructured_format(cfg.space.unstructured_format, cfg.budget.regime,
+                                               auto_format_pricing(cfg, shape))
+    space = build_space(shape, cfg.space, unstructured)
     budget_ms: dict[str, float] = {}
     if is_param_budget(cfg.budget):  # unreachable budgets fail now, not after profiling
         target_params(cfg.budget, space)

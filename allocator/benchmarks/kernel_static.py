@@ -2,7 +2,8 @@
 
 For each kernel (bitmap, CSR8, N:M 2:4 and 4:8, BSR 16x16), weight shape (N, K) = (out, in) and M (rows of x) it takes the
 launch the op would make on that device — the kernel module's own `launch_plan` / `kernel_arguments` (bitmap and
-CSR8, their split-K from the device's SM count; N:M at decode, its `decode_plan`) or every config the CUDA autotuner would time
+CSR8, their split-K from the device's SM count; N:M at decode, its `decode_plan`, and 2:4 at 5-16 rows, its
+`pair_plan`) or every config the CUDA autotuner would time
 (`candidate_configs`, N:M and BSR) — binds it with Triton's own JIT specialisation (pointer alignment, ints equal to 1
 or divisible by 16), compiles it with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` and disassembles the cubin with the
 `cuobjdump` shipped in the Triton wheel (profilers.sass).
@@ -27,6 +28,12 @@ configs the row shows the one with the best prediction and how many were compile
 
 python -m allocator.benchmarks.kernel_static [--arch 90 80] [--only bitmap70] [--shapes 4096x4096] [--ms 1 16]
   → runs/bench/kernels/static/sm<arch>.json and a table on stdout.
+
+python -m allocator.benchmarks.kernel_static --issue-costs
+  → the issue-cost sweep (ISSUE_VARIANTS x SHAPES x ISSUE_MS on sm_90, sm_89 and sm_80) written to
+    kernels/issue_costs.json, the instructions per element the roofline prices issue with (kernels.issue_costs; the
+    file ships with the package, regenerate it when a kernel or the pinned Triton changes), and each arch's rows to
+    runs/bench/kernels/static/issue-sm<arch>.json.
 """
 
 from __future__ import annotations
@@ -43,20 +50,26 @@ import torch
 import triton
 
 from allocator.core.atomic_io import write_json_atomic
-from allocator.core.formats import linear_work
+from allocator.core.formats import export_format, linear_work
 from allocator.core.patterns import SparsityPattern, kept_count
-from kernels import bitmap, bsr, csr8, nm
+from kernels import bitmap, bsr, csr8, issue_costs, nm
 from profilers import sass
-from profilers.devices import DEVICES, ISSUE_RATE, DeviceSpec
+from profilers.devices import DEVICES, DeviceSpec
 
 DTYPE = torch.bfloat16
 SHAPES: dict[str, tuple[int, int]] = {"4096x14336": (4096, 14336), "4096x4096": (4096, 4096)}  # (N out, K in)
 MS = (1, 16, 256)  # decode (bitmap's one-warp decode kernel), the smallest tl.dot M, a prefill M
-ARCH_DEVICE = {90: "h200", 80: "a100"}  # whose rates an arch's predictions use
+ARCH_DEVICE = {90: "h200", 89: "l4", 80: "a100"}  # whose rates (and SM count: split-K) an arch's launches use
 VARIANTS = ("bitmap50", "bitmap70", "bitmap90", "csr8-50", "csr8-70", "csr8-90", "nm2:4", "nm4:8", "bsr16x16-70")
 OUT_DIR = Path("runs/bench/kernels/static")
 SASS_CACHE = Path("runs/cache/sass")  # disassemblies by cubin hash; Triton caches the compiles (~/.triton/cache)
-SCHEDULERS_PER_SM = 4
+# The issue-cost sweep: every kernel a plan can export (the default space's patterns, csr8 at every default
+# unstructured sparsity, the N:M patterns the decode kernel runs), at the M of every regime's linears (decode
+# batches 1-64, prefill 256-512 rows). Bitmap's code and loop trips do not depend on its sparsity: one density.
+ISSUE_VARIANTS = ("bitmap70", *(f"csr8-{p}" for p in range(10, 100, 10)), "nm2:4", "nm4:8", "nm1:4", "nm2:8",
+                  "bsr16x16-25", "bsr16x16-50", "bsr16x16-75")
+ISSUE_MS = (1, 2, 4, 8, 16, 64, 256, 512)
+ISSUE_ARCHS = (90, 89, 80)
 
 
 @dataclass(frozen=True)
@@ -166,6 +179,14 @@ def _nm_launches(n: int, k: int, m: int, pattern: SparsityPattern, sms: int) -> 
         return [Launch(nm._nm_decode_kernel, args, meta, plan.num_warps, None, plan.grid[1] * plan.split,
                        plan.grid[1] * steps, {"BLOCK_M": plan.block_m, "BLOCK_N": nm.DECODE_BLOCK_N,
                                               "SPLIT_K": plan.split}, plan.split)]
+    if nm.pair_kernel_runs(m, pattern.n, pattern.m, DTYPE.itemsize):  # 2:4 at 5-16 rows: one fixed launch
+        plan = nm.pair_plan(m, n, k, sms)
+        args, meta = nm.pair_arguments(x2, w, None, *nm.decode_buffers(plan, m, n, DTYPE, "meta"), plan)
+        steps = -(-k // nm.PAIR_BLOCK_K)
+        grid_m, blocks = plan.grid[0], plan.grid[1]
+        return [Launch(nm._nm_pair_kernel, args, meta, plan.num_warps, nm.PAIR_NUM_STAGES, grid_m * blocks * plan.split,
+                       grid_m * blocks * steps, {"BLOCK_M": plan.block_m, "BLOCK_N": nm.PAIR_BLOCK_N,
+                                                 "BLOCK_K": nm.PAIR_BLOCK_K, "SPLIT_K": plan.split}, plan.split)]
     args, meta = nm.kernel_arguments(x2, w, None, *nm.buffers(m, n, DTYPE, "meta", None))
     launches = []
     for config in nm.candidate_configs(m, pattern.m):
@@ -262,8 +283,7 @@ def predict(row: dict, variant: Variant, n: int, k: int, m: int, device: DeviceS
     work = linear_work(variant.pattern, m, n, k, DTYPE, variant.fmt)
     dense = linear_work(None, m, n, k, DTYPE)
     partials = 2 * row["split_k"] * m * n * 4 if row["split_k"] > 1 else 0  # fp32 written, read back and summed
-    sms, clock_hz = ISSUE_RATE[device.key]
-    issue_s = row["warp_instructions"] / (sms * SCHEDULERS_PER_SM * clock_hz)
+    issue_s = row["warp_instructions"] / device.issue_rate
     bytes_s = (work.bytes + partials) / device.bandwidth
     compute_s = work.flops / device.flops
     cublas_s = max(dense.bytes / device.bandwidth, dense.flops / device.flops)
@@ -290,13 +310,13 @@ def run(variants: list[str], shapes: list[str], ms: list[int], arch: int, workdi
             for m in ms:
                 if variant.fmt == "bitmap":
                     key = ("bitmap", n, k, m)
-                    launches = _bitmap_launch(n, k, m, ISSUE_RATE[device.key][0])
+                    launches = _bitmap_launch(n, k, m, device.sms)
                 elif variant.fmt == "csr8":  # the entry loop's trips depend on the density
                     key = ("csr8", variant.pattern.sparsity, n, k, m)
-                    launches = _csr8_launch(n, k, m, 1 - variant.pattern.sparsity, ISSUE_RATE[device.key][0])
+                    launches = _csr8_launch(n, k, m, 1 - variant.pattern.sparsity, device.sms)
                 elif variant.fmt == "nm":
                     key = ("nm", variant.pattern.n, variant.pattern.m, n, k, m)
-                    launches = _nm_launches(n, k, m, variant.pattern, ISSUE_RATE[device.key][0])
+                    launches = _nm_launches(n, k, m, variant.pattern, device.sms)
                 else:
                     key = ("bsr", variant.pattern.label, n, k, m)
                     launches = _bsr_launches(n, k, m, variant.pattern)
@@ -350,37 +370,83 @@ def table(rows: list[dict], arch: int) -> str:
     return "\n".join(lines)
 
 
+def issue_points(rows: list[dict]) -> dict[str, list[dict]]:
+    """The issue-cost file's entries for one arch, from its rows: per kernel (kernels.issue_costs.kernel_key), the
+    instructions per dense element at each (density, shape, M)."""
+    points: dict[str, list[dict]] = {}
+    for r in rows:
+        variant = Variant.parse(r["variant"])
+        fmt, params = export_format(variant.pattern, variant.fmt)
+        points.setdefault(issue_costs.kernel_key(fmt, params), []).append({
+            "density": round(1 - variant.pattern.sparsity, 6), "shape": r["shape"], "m": r["m"],
+            "per_element": r["instructions_per_element"]})
+    return points
+
+
+def _result(arch: int, rows: list[dict], seconds: float) -> dict:
+    device = DEVICES[ARCH_DEVICE[arch]]
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "platform": platform.platform(), "gpu": None},
+        "triton": triton.__version__,
+        "target": {"backend": "cuda", "arch": arch, "warp_size": 32},
+        "device_rates": {"profile": device.key, "sms": device.sms, "clock_hz": device.clock_hz,
+                         "schedulers_per_sm": device.schedulers_per_sm, "bandwidth": device.bandwidth,
+                         "flops": device.flops},
+        "note": "static prediction from compiled SASS, not a measurement (see allocator/benchmarks/kernel_static.py)",
+        "seconds": seconds,
+        "rows": rows,
+    }
+
+
+def write_issue_costs(archs: list[int], out: Path, path: Path = issue_costs.ISSUE_COSTS) -> Path:
+    """Run the issue-cost sweep on `archs` and write kernels/issue_costs.json (atomically; what the roofline reads)
+    and each arch's rows to `out`/issue-sm<arch>.json."""
+    archs_points = {}
+    for arch in archs:
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = run(list(ISSUE_VARIANTS), list(SHAPES), list(ISSUE_MS), arch, Path(tmp))
+        write_json_atomic(out / f"issue-sm{arch}.json", json.loads(json.dumps(_result(arch, rows,
+                                                                                 time.perf_counter() - started))))
+        archs_points[str(arch)] = dict(sorted(issue_points(rows).items()))
+    write_json_atomic(path, {
+        "command": "python -m allocator.benchmarks.kernel_static --issue-costs",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "triton": triton.__version__,
+        "note": "warp-instructions per dense weight element of each sparse kernel as compiled for each SASS arch "
+                "(static count of its SASS, allocator/benchmarks/kernel_static.py; launches sized for the arch's "
+                f"device: {', '.join(f'sm_{a} {ARCH_DEVICE[a]}' for a in archs)}); read by kernels/issue_costs.py",
+        "archs": archs_points,
+    })
+    print(f"wrote {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(ARCH_DEVICE))
+    parser.add_argument("--arch", type=int, nargs="+", default=None, choices=sorted(ARCH_DEVICE),
+                        help="default 90 80 (with --issue-costs: 90 89 80)")
     parser.add_argument("--only", nargs="+", default=list(VARIANTS), help="variants, e.g. bitmap70 csr8-70 nm2:4")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--ms", type=int, nargs="+", default=list(MS))
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--issue-costs", nargs="?", type=Path, const=issue_costs.ISSUE_COSTS, default=None,
+                        metavar="PATH", help="run the issue-cost sweep and write it to PATH (default "
+                                             "kernels/issue_costs.json); --only/--shapes/--ms do not apply")
     args = parser.parse_args(argv)
     if triton.knobs.runtime.interpret:
         raise SystemExit("kernel_static: TRITON_INTERPRET is set, so the kernels were built for the interpreter and "
                          "cannot be compiled; unset it")
+    if args.issue_costs is not None:
+        return [write_issue_costs(args.arch or list(ISSUE_ARCHS), args.out, args.issue_costs)]
     paths = []
-    for arch in args.arch:
+    for arch in args.arch or [90, 80]:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             rows = run(args.only, args.shapes, args.ms, arch, Path(tmp))
-        device = DEVICES[ARCH_DEVICE[arch]]
-        result = {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                            "platform": platform.platform(), "gpu": None},
-            "triton": triton.__version__,
-            "target": {"backend": "cuda", "arch": arch, "warp_size": 32},
-            "device_rates": {"profile": device.key, "sms": ISSUE_RATE[device.key][0],
-                             "clock_hz": ISSUE_RATE[device.key][1], "schedulers_per_sm": SCHEDULERS_PER_SM,
-                             "bandwidth": device.bandwidth, "flops": device.flops},
-            "note": "static prediction from compiled SASS, not a measurement (see allocator/benchmarks/"
-                    "kernel_static.py)",
-            "seconds": time.perf_counter() - started,
-            "rows": rows,
-        }
+        result = _result(arch, rows, time.perf_counter() - started)
         path = args.out / f"sm{arch}.json"
         write_json_atomic(path, json.loads(json.dumps(result)))
         print(table(rows, arch))

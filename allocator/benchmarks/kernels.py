@@ -216,13 +216,14 @@ def _clone(w: object) -> object:
 
 def fixed_config(fmt: str, params: dict, m: int) -> dict | None:
     """The config a fixed-config run launches N:M or BSR with at m rows of x: the first of the CUDA autotuner's
-    candidates (tiles, split, warps, stages); None for bitmap and for N:M at decode (its decode kernel, which the
-    op runs there, has one fixed launch and no autotuning)."""
+    candidates (tiles, split, warps, stages); None for bitmap and for N:M at decode (its decode kernel, or at 5-16
+    rows the 2:4 pair kernel, which the op runs there, has one fixed launch and no autotuning)."""
     if fmt == "nm":
         nm = _kernel_module("nm")
-        if nm.decodes(m, params["n"], nm.index_bits(params["m"])):
+        n, group = params["n"], params["m"]
+        if nm.decodes(m, n, nm.index_bits(group)) or nm.pair_kernel_runs(m, n, group, ELEMENT_BYTES):
             return None
-        config = nm.candidate_configs(m, params["m"])[0]
+        config = nm.candidate_configs(m, group)[0]
     elif fmt == "bsr":
         config = _kernel_module("bsr").candidate_configs(m, params["block"])[0]
     else:

@@ -31,13 +31,33 @@ REGIMES = [Regime("decode_b1", "decode", 1, 512), Regime("decode_b16", "decode",
            Regime("prefill", "prefill", 1, 512)]
 DEVICE = "h100"
 LINEAR = (4096, 4096)
+# Single linears (out, in) priced alone at decode (M rows of x), on these devices: the figures the static kernel
+# benchmark (allocator.benchmarks.kernel_static, H200 rates for sm_90) predicts for the same shapes.
+LINEARS = {"4096x4096": (4096, 4096), "4096x14336": (4096, 14336)}
+LINEAR_DEVICES = ("h100", "h200")
+LINEAR_MS = (1, 16)
+
+
+def linear_speedups(pattern: object, fmt: str) -> dict:
+    """{device: {linear: {"m<M>": dense / sparse roofline time of one call}}}, launch included."""
+    out: dict = {}
+    for key in LINEAR_DEVICES:
+        device = DEVICES[key]
+        out[key] = {
+            name: {f"m{m}": roofline.linear_cost(device, None, m, cols, rows).seconds
+                   / roofline.linear_cost(device, pattern, m, cols, rows, format_choice(pattern, fmt)).seconds
+                   for m in LINEAR_MS}
+            for name, (rows, cols) in LINEARS.items()
+        }
+    return out
 
 
 def model_seconds(shape: ModelShape, regime: Regime, option: object | None, unstructured: str = "bitmap") -> float:
     """Every unit at `option` (None: dense), unstructured options in `unstructured`, as the roofline prices it."""
     device = DEVICES[DEVICE]
     units = {kind: full_width(shape, kind) if option is None else option for kind in (ATTN, MLP)}
-    per_layer = sum(roofline.UNIT_SECONDS[kind](device, shape, regime, units[kind], unstructured) for kind in (ATTN, MLP))
+    per_layer = sum(roofline.UNIT_SECONDS[kind](device, shape, regime, units[kind],
+                                                    unstructured_format=unstructured) for kind in (ATTN, MLP))
     return roofline.fixed_seconds(device, shape, regime) + shape.num_layers * per_layer
 
 
@@ -54,6 +74,7 @@ def main() -> None:
         }
         for p, label, fmt in rows
     }
+    linears = {label: linear_speedups(p, fmt) for p, label, fmt in rows}
     speedups = {
         name: {
             r.name: {label: model_seconds(shape, r, None) / model_seconds(shape, r, p.label, fmt)
@@ -70,6 +91,12 @@ def main() -> None:
         row = per_element[label]
         cells = "".join(f" {speedups[name][r.name][label]:>22.2f}" for name in SHAPES for r in REGIMES)
         print(f"{label:>21} {row['bytes_per_element']:>7.4f} {row['ideal_decode_speedup']:>6.2f}{cells}")
+    print(f"single-linear speedups over dense (roofline, launch included), M = {', '.join(map(str, LINEAR_MS))}")
+    print(f"{'option':>21}" + "".join(f" {d + ' ' + n + ' m' + str(m):>22}" for d in LINEAR_DEVICES for n in LINEARS
+                                      for m in LINEAR_MS))
+    for _, label, _ in rows:
+        print(f"{label:>21}" + "".join(f" {linears[label][d][n][f'm{m}']:>22.2f}" for d in LINEAR_DEVICES
+                                       for n in LINEARS for m in LINEAR_MS))
     write_result("roofline", "formats", {
         "command": "python -m allocator.benchmarks.roofline",
         "method": roofline.METHOD,
@@ -79,6 +106,7 @@ def main() -> None:
         "per_element": per_element,
         "regimes": [r.name for r in REGIMES],
         "model_speedup": speedups,
+        "linear_speedup": linears,
     })
 
 

@@ -97,7 +97,8 @@ class SpaceConfig:
     # Calibration sequences used for the output Fisher (gradients: costlier than the Hessian forward pass).
     fisher_sequences: int = 16
     # Kernel format of unstructured sparse units: "bitmap", "csr8" (per-value decode work, fast at small batch,
-    # slow at prefill), or "auto": chosen once from budget.regime (allocator.core.formats.resolve_unstructured_format).
+    # slow at prefill), or "auto": chosen once for budget.regime, the one the roofline prices cheaper on the profile's
+    # device (allocator.core.formats.resolve_unstructured_format).
     unstructured_format: UnstructuredFormat = UnstructuredFormat.auto
     # The engine the plan is for: only options it runs at full benefit, each priced at the shape it runs.
     # "native": every option (this project's runtime); "vllm": structured, attention KV groups dividing the query

@@ -12,9 +12,9 @@ value the bitmap stores)."""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -22,6 +22,7 @@ from allocator.core.config import UnstructuredFormat, check_choice
 from allocator.core.patterns import KINDS, SparsityPattern, kept_count
 from allocator.core.space import ModelShape, unit_linear_shapes
 from kernels import formats as kernel_formats
+from kernels import issue_costs
 
 
 @dataclass(frozen=True)
@@ -45,24 +46,22 @@ UNSTRUCTURED_FORMATS = (FORMATS["unstructured"].format, *ALTERNATIVES["unstructu
 # the CUDA-core rate, which is what makes them lose at prefill.
 SCALAR_FORMATS = frozenset({"csr8"})
 
-# Decode regimes are named decode_b<batch> (profilers/regimes.py regimes_of).
-_DECODE_REGIME = re.compile(r"decode_b(\d+)")
-# `auto` picks csr8 for decode at batch <= 4. The static SASS benchmark (python -m allocator.benchmarks.kernel_static,
-# a prediction, no GPU measured) puts csr8 at 2.10x / 2.08x / 1.24x / 0.87x over cuBLAS at M = 1 / 2 / 4 / 8 on an
-# H200 (4096x14336 bf16, 70%), bitmap at 1.04-1.17x there, and csr8 at 0.04x against bitmap's 0.28x at M = 256:
-# csr8 wins through M = 4 and loses from M = 8 on, prefill by far.
-AUTO_CSR8_MAX_BATCH = 4
-
-
-def resolve_unstructured_format(choice: str, regime: str | None) -> str:
+def resolve_unstructured_format(choice: str, regime: str | None, cheaper: Callable[[str], str] | None = None) -> str:
     """The kernel format a plan exports its unstructured units in, from space.unstructured_format (`choice`) and the
-    budget's regime: `bitmap` or `csr8` as asked; `auto` is csr8 for a decode regime at batch <= AUTO_CSR8_MAX_BATCH
-    and bitmap otherwise (prefill, larger batches, or no regime). Resolved once, then priced and exported alike."""
+    budget's regime: `bitmap` or `csr8` as asked; `auto` is `cheaper(regime)`, the format the latency model prices
+    cheaper for that regime (profilers.roofline.cheaper_unstructured_format: so the rule and the pricing are one
+    fact), and bitmap without a regime (a profile job plans nothing). Resolved once, then priced and exported alike."""
     check_choice("space.unstructured_format", choice, UnstructuredFormat)
     if choice != UnstructuredFormat.auto:
         return str(choice)
-    decode = _DECODE_REGIME.fullmatch(regime or "")
-    return "csr8" if decode and int(decode.group(1)) <= AUTO_CSR8_MAX_BATCH else FORMATS["unstructured"].format
+    if regime is None:
+        return FORMATS["unstructured"].format
+    if cheaper is None:
+        raise ValueError("space.unstructured_format=auto with a regime needs the pricing that chooses (`cheaper`)")
+    chosen = cheaper(regime)
+    if chosen not in UNSTRUCTURED_FORMATS:
+        raise ValueError(f"auto chose {chosen!r}; valid: {', '.join(UNSTRUCTURED_FORMATS)}")
+    return chosen
 
 
 def format_choice(pattern: SparsityPattern, unstructured_format: str) -> str | None:
@@ -79,6 +78,9 @@ class KernelWork:
     activation_bytes: int  # x read, y written, in the weight's dtype
     flops: int  # 2 per weight element the kernel multiplies with each row of x
     tensor_cores: bool = True  # False: scalar FMAs on the CUDA cores (a roofline prices them at that rate)
+    # Warp-instructions the sparse kernel issues for the call on the architecture asked for (kernels.issue_costs,
+    # measured from its compiled SASS); 0 for a dense GEMM (cuBLAS: never issue-bound) or when not asked / measured.
+    warp_instructions: float = 0.0
 
     @property
     def bytes(self) -> int:
@@ -106,17 +108,22 @@ def stored_bytes(pattern: SparsityPattern, rows: int, cols: int, dtype: torch.dt
 
 
 def linear_work(
-    pattern: SparsityPattern | None, m: int, rows: int, cols: int, dtype: torch.dtype, fmt: str | None = None
+    pattern: SparsityPattern | None, m: int, rows: int, cols: int, dtype: torch.dtype, fmt: str | None = None,
+    arch: int = 0,
 ) -> KernelWork:
     """One call of a (rows, cols) linear on m rows of x: dense (`pattern` None, a GEMM over every element) or
-    stored and run as `pattern` is exported (or in `fmt`, one of its kind's ALTERNATIVES)."""
+    stored and run as `pattern` is exported (or in `fmt`, one of its kind's ALTERNATIVES); with `arch` (a SASS
+    architecture, e.g. 90) the warp-instructions its sparse kernel issues there."""
     activations = dtype.itemsize * m * (rows + cols)
     if pattern is None:
         return KernelWork(dtype.itemsize * rows * cols, activations, 2 * m * rows * cols)
     fmt, params = export_format(pattern, fmt)
-    multiplied = kernel_formats.dot_elements(fmt, (rows, cols), kept_count(pattern, rows, cols), **params)
+    kept = kept_count(pattern, rows, cols)
+    multiplied = kernel_formats.dot_elements(fmt, (rows, cols), kept, **params)
     weights = stored_bytes(pattern, rows, cols, dtype, fmt)
-    return KernelWork(weights, activations, 2 * m * multiplied, tensor_cores=fmt not in SCALAR_FORMATS)
+    issued = issue_costs.warp_instructions(fmt, params, arch, (rows, cols), kept, m) if arch else None
+    return KernelWork(weights, activations, 2 * m * multiplied, tensor_cores=fmt not in SCALAR_FORMATS,
+                      warp_instructions=issued or 0.0)
 
 
 def sparse_unit_bytes(
