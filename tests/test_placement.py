@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from allocator.app.config import SearchJob
-from allocator.app.search_job import prepare_search, run_search, validate_search_job
+from allocator.app.search_job import prepare_search, run_search, run_searcher, score_models, validate_search_job
 from allocator.core.config import BudgetConfig, DataConfig, FitnessConfig, ModelConfig, ScoreConfig, SpaceConfig
 from allocator.core.errors import UserInputError
 from allocator.model.loader import load_model
@@ -124,6 +124,27 @@ def test_a_dispatched_dense_pass_does_not_touch_a_pruned_model_sharing_its_tenso
             inference_pass(pruned, device_map=spread_map(pruned)) as spread:
         assert kl_to_dense(dense, {"p": spread}, tokens, 2) == expected
     assert kl_to_dense(setup.dense, {"p": pruned}, tokens, 2) == expected
+
+
+def test_the_search_jobs_dispatched_passes_score_what_the_placed_model_scores(tmp_path) -> None:
+    """The pipeline's dispatch path, run for real: a placement that dispatches (on this CPU accelerate's map puts
+    everything on "cpu", behind its hooks) gives the scores and the fitness the model placed on one device gives.
+    Only the GPUs the map would spread over on a real machine are missing here."""
+    cfg = tiny_job(tmp_path / "cache", "float32")
+    setup = prepare_search(cfg)
+    spread = replace(setup, placement=Placement(torch.device("cpu"), dispatch=True))
+    with inference_pass(setup.dense, spread.placement) as dispatched:
+        assert dispatched.hf_device_map == {"": "cpu"} and hasattr(dispatched, "_hf_hook")  # really behind hooks
+    allocations = {"a": {u.name: u.options[len(u.options) // 2] for u in setup.space.units},
+                   "b": {u.name: u.options[-1 if i % 2 else 0] for i, u in enumerate(setup.space.units)}}
+    models = {n: build_pruned_model(setup.dense, setup.space.shape, a, setup.db.source) for n, a in allocations.items()}
+    assert score_models(cfg, spread, models) == score_models(cfg, setup, models)
+    found = {}
+    for name, s in (("placed", setup), ("dispatched", spread)):
+        found[name] = run_searcher(cfg, tmp_path / name, s.problem, s.dense, s.space, s.db, s.data.fitness, s.placement)
+    assert found["dispatched"].choice == found["placed"].choice
+    assert found["dispatched"].info["fitness"] == found["placed"].info["fitness"]
+    assert not hasattr(setup.dense, "hf_device_map")
 
 
 def test_on_cpu_copies_only_what_is_elsewhere(tmp_path) -> None:
