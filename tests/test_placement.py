@@ -14,8 +14,21 @@ import torch
 from safetensors import safe_open
 
 from allocator.app.config import SearchJob
-from allocator.app.search_job import prepare_search, run_search, run_searcher, score_models, validate_search_job
-from allocator.core.config import BudgetConfig, DataConfig, FitnessConfig, ModelConfig, ScoreConfig, SpaceConfig
+from allocator.app.search_job import (
+    prepare_search,
+    run_search,
+    run_searcher,
+    score_models,
+    validate_search_job,
+)
+from allocator.core.config import (
+    BudgetConfig,
+    DataConfig,
+    FitnessConfig,
+    ModelConfig,
+    ScoreConfig,
+    SpaceConfig,
+)
 from allocator.core.errors import UserInputError
 from allocator.model.loader import load_model
 from allocator.model.placement import (
