@@ -213,7 +213,7 @@ def test_the_fitness_engine_runs_in_bfloat16_on_the_device_and_scores_near_float
     choices = candidates(half.space, 6)
     engines = {}
     for name, setup in (("fp32", full), ("bf16", half)):
-        assert input_device(setup.dense).type == device and setup.placement == Placement(torch.device(device), False)
+        assert input_device(setup.dense).type == setup.placement.device.type == device and not setup.placement.dispatch
         engines[name] = StitchedKLFitness(setup.dense, setup.space, setup.db.source, setup.data.fitness, batch_size=2)
     bf16 = engines["bf16"]
     assert bf16.pool.device.type == device and bf16._dense_logp.device.type == device
