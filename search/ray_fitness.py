@@ -100,13 +100,11 @@ class RayKLFitness(Fitness):
     ) -> None:
         super().__init__(seq_len=pool.shape[1], pool_sequences=pool.shape[0])
         ray = _ray()
-        # Workers score where the driver's dense model is: a model placed on a GPU needs one GPU per worker.
-        device = "cuda" if input_device(dense).type == "cuda" else "cpu"
-        if device == "cuda" and ray_cfg.num_gpus <= 0:
-            raise UserInputError(f"the model is on {input_device(dense)}: each Ray worker scores on a GPU of its own, "
-                                 f"but ray.num_gpus={ray_cfg.num_gpus}; set ray.num_gpus=1 (or device=cpu)")
         n, self._started = connect(workers, ray_cfg)
         self.threads = cfg.threads if cfg.threads > 0 else torch.get_num_threads()
+        # Workers score where the driver's dense model is: on a GPU of their own when it was placed on one (the
+        # search job checks that each worker reserves one, ray.num_gpus), else on their CPUs.
+        device = "cuda" if input_device(dense).type == "cuda" else "cpu"
         if dense_logp is None:
             with torch_threads(self.threads):  # as the serial engine computes them
                 dense_logp = dense_log_probs(dense, pool, cfg.batch_size)

@@ -89,6 +89,15 @@ def test_bad_device_map_and_combinations_fail_with_one_line() -> None:
         validate_search_job(cfg)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (without one device=cuda fails first)")
+def test_ray_workers_on_a_gpu_need_a_gpu_each() -> None:
+    cfg = SearchJob(model=ModelConfig(name="tiny-llama"), device="cuda", workers=2)
+    with pytest.raises(UserInputError, match="each worker scores on a GPU of its own, but ray.num_gpus=0.0"):
+        validate_search_job(cfg)
+    cfg.ray.num_gpus = 1.0
+    validate_search_job(cfg)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_every_dtype_runs_on_the_cpu(dtype, tmp_path) -> None:
     """float16 matmuls work on the CPU in this torch (2.13), so no dtype is refused there: a forward in each."""

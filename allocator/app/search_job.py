@@ -33,6 +33,7 @@ from allocator.core.budget import (
     validate_budget,
 )
 from allocator.core.config import ErrorMetric, Runtime, check_choice
+from allocator.core.device import resolve_device
 from allocator.core.errors import UserInputError
 from allocator.core.formats import resolve_unstructured_format
 from allocator.core.memory import kv_bytes
@@ -141,6 +142,9 @@ def validate_parallel(cfg: SearchJob) -> None:
             raise UserInputError(f"{key}={value!r} must be an integer >= 0 (0: {'torch default' if 'threads' in key else 'serial'})")
     if not cfg.ray.num_cpus > 0 or not cfg.ray.num_gpus >= 0:
         raise UserInputError(f"ray.num_cpus={cfg.ray.num_cpus} must be > 0 and ray.num_gpus={cfg.ray.num_gpus} >= 0")
+    if (cfg.workers > 1 or cfg.ray.address) and cfg.ray.num_gpus <= 0 and resolve_device(cfg.device).type == "cuda":
+        raise UserInputError(f"device={cfg.device} with Ray workers: each worker scores on a GPU of its own, but "
+                             f"ray.num_gpus={cfg.ray.num_gpus}; set ray.num_gpus=1 (or device=cpu)")
 
 
 def memory_limit(cfg: SearchJob, dense: nn.Module, space: Space) -> tuple[list, float] | None:
