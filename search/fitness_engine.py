@@ -23,6 +23,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from allocator.core.space import Space
+from allocator.model.placement import input_device
 from allocator.model.surgery import LevelSource, decoder_layers, unit_modules
 from search.fitness import Fitness
 
@@ -49,6 +50,7 @@ def torch_threads(threads: int) -> Iterator[None]:
 def dense_log_probs(dense: nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Log-probabilities of every position, kept in float16 (half the memory; KL agrees to a few 1e-3)."""
     out = []
+    tokens = tokens.to(input_device(dense))  # a dispatched model brings its outputs back to this device
     for start in range(0, tokens.shape[0], batch_size):
         logits = dense(tokens[start : start + batch_size]).logits.float()
         out.append(F.log_softmax(logits, dim=-1).to(torch.float16))
@@ -112,7 +114,10 @@ class StitchedKLFitness(Fitness):
         super().__init__(seq_len=pool.shape[1], pool_sequences=pool.shape[0])
         self.dense, self.source = dense, source
         self.shape, self.units = space.shape, space.units
-        self.pool = pool
+        # Everything a score touches lives where the dense model is (allocator/model/placement.py): the pool, its
+        # dense log-probabilities and, built from levels onto that device, the unit modules. On the CPU: no copy.
+        self.device = input_device(dense)
+        self.pool = pool.to(self.device)
         self.batch_size = batch_size
         self.prefix_references = prefix_references if prefix_reuse else 0
         self._layer_units: list[list[int]] = [[] for _ in range(self.shape.num_layers)]
@@ -127,8 +132,8 @@ class StitchedKLFitness(Fitness):
         self.threads = threads if threads > 0 else torch.get_num_threads()
         if dense_logp is None:
             with torch_threads(self.threads):
-                dense_logp = dense_log_probs(dense, pool, batch_size)
-        self._dense_logp = dense_logp
+                dense_logp = dense_log_probs(dense, self.pool, batch_size)
+        self._dense_logp = dense_logp.to(self.device)
         # n_sequences → LRU of (layer keys, inputs of every layer + the final hidden state)
         self._refs: dict[int, OrderedDict[tuple[LayerKey, ...], list[torch.Tensor]]] = {}
         self.layers_computed = 0

@@ -22,6 +22,7 @@ from torch import nn
 from allocator.core.config import FitnessConfig, RayConfig
 from allocator.core.errors import UserInputError
 from allocator.core.space import Space
+from allocator.model.placement import input_device, on_cpu
 from allocator.model.surgery import LevelSource
 from search.fitness import Fitness
 from search.fitness_engine import StitchedKLFitness, dense_log_probs, torch_threads
@@ -34,11 +35,13 @@ class ScoringWorker:
 
     def __init__(
         self, dense: nn.Module, space: Space, source: LevelSource, pool: torch.Tensor, dense_logp: torch.Tensor,
-        batch_size: int, cache_bytes: float, threads: int,
+        batch_size: int, cache_bytes: float, threads: int, device: str = "cpu",
     ) -> None:
         torch.set_num_threads(threads)  # Ray starts a worker on its reserved CPUs' count; the search's count rules
+        # The replica arrives on the CPU; "cuda" is the GPU Ray reserved for this actor (its CUDA_VISIBLE_DEVICES).
+        # The engine moves the pool and log-probabilities to where the replica is.
         self.engine = StitchedKLFitness(
-            dense, space, source, pool, batch_size=batch_size, cache_bytes=cache_bytes, threads=threads,
+            dense.to(device), space, source, pool, batch_size=batch_size, cache_bytes=cache_bytes, threads=threads,
             dense_logp=dense_logp,
         )
 
@@ -93,19 +96,25 @@ class RayKLFitness(Fitness):
 
     def __init__(
         self, dense: nn.Module, space: Space, source: LevelSource, pool: torch.Tensor, cfg: FitnessConfig,
-        workers: int, ray_cfg: RayConfig,
+        workers: int, ray_cfg: RayConfig, dense_logp: torch.Tensor | None = None,
     ) -> None:
         super().__init__(seq_len=pool.shape[1], pool_sequences=pool.shape[0])
         ray = _ray()
         n, self._started = connect(workers, ray_cfg)
         self.threads = cfg.threads if cfg.threads > 0 else torch.get_num_threads()
-        with torch_threads(self.threads):  # as the serial engine computes them
-            dense_logp = dense_log_probs(dense, pool, cfg.batch_size)
+        # Workers score where the driver's dense model is: on a GPU of their own when it was placed on one (the
+        # search job checks that each worker reserves one, ray.num_gpus), else on their CPUs.
+        device = "cuda" if input_device(dense).type == "cuda" else "cpu"
+        if dense_logp is None:
+            with torch_threads(self.threads):  # as the serial engine computes them
+                dense_logp = dense_log_probs(dense, pool, cfg.batch_size)
         self._layer_units = [[u for u, unit in enumerate(space.units) if unit.layer == layer]
                              for layer in range(space.shape.num_layers)]
-        shared = [ray.put(x) for x in (dense, space, source, pool, dense_logp)]
+        # Shipped as CPU tensors (a pickled CUDA tensor would name the driver's GPU); each worker places its replica.
+        shared = [ray.put(x) for x in (on_cpu(dense), space, source, pool.cpu(), dense_logp.cpu())]
         actor = ray.remote(ScoringWorker).options(num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus)
-        self.actors = [actor.remote(*shared, cfg.batch_size, cfg.cache_gb * GB, self.threads) for _ in range(n)]
+        self.actors = [actor.remote(*shared, cfg.batch_size, cfg.cache_gb * GB, self.threads, device)
+                       for _ in range(n)]
         ray.get([a.stats.remote() for a in self.actors])  # fail here, not mid-search, if a worker cannot start
 
     @property
@@ -154,12 +163,15 @@ def _split(order: Sequence[int], n: int) -> list[list[int]]:
 
 def kl_fitness(
     dense: nn.Module, space: Space, source: LevelSource, pool: torch.Tensor, cfg: FitnessConfig, workers: int = 0,
-    ray_cfg: RayConfig | None = None,
+    ray_cfg: RayConfig | None = None, dense_logp: torch.Tensor | None = None,
 ) -> Fitness:
-    """The KL fitness of a search: in this process, or on Ray workers when workers > 1 or a cluster address is given."""
+    """The KL fitness of a search: in this process, or on Ray workers when workers > 1 or a cluster address is given.
+    Candidates are scored where `dense` is; `dense_logp`, the pool's dense log-probabilities when the caller computed
+    them (on a dispatched model, allocator/model/placement.py)."""
     ray_cfg = ray_cfg or RayConfig()
     if workers > 1 or ray_cfg.address:
-        return RayKLFitness(dense, space, source, pool, cfg, workers, ray_cfg)
+        return RayKLFitness(dense, space, source, pool, cfg, workers, ray_cfg, dense_logp)
     return StitchedKLFitness(
-        dense, space, source, pool, batch_size=cfg.batch_size, cache_bytes=cfg.cache_gb * GB, threads=cfg.threads
+        dense, space, source, pool, batch_size=cfg.batch_size, cache_bytes=cfg.cache_gb * GB, threads=cfg.threads,
+        dense_logp=dense_logp,
     )

@@ -38,6 +38,10 @@ class SearchJob:
     # Where the level database is built and candidates are scored: cpu, cuda, cuda:N or auto (allocator/core/device.py;
     # default cpu, so results do not depend on the machine a run lands on).
     device: str = DEFAULT_DEVICE
+    # How a model is placed on a CUDA device (allocator/model/placement.py): auto (one GPU when the weights fit 85%
+    # of its free memory, else inference passes spread with accelerate over the GPUs, then CPU, then disk), single
+    # (always one GPU) or dispatch (always spread). Ignored on the CPU.
+    device_map: str = "auto"
     # Each format to <run>/export/<format>/ (default [native]; [] exports nothing and verifies nothing).
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: bool = True  # measure the native export against the dense model (needs native among export.formats)

@@ -23,6 +23,7 @@ from torch import nn
 from allocator.app.config import EvaluateJob
 from allocator.core.atomic_io import write_json_atomic
 from allocator.core.config import DataConfig
+from allocator.core.device import resolve_device
 from allocator.core.errors import UserInputError
 from allocator.core.plan import PLAN_FILE, Plan
 from allocator.model.calibration_data import build_calibration_data, text_blocks
@@ -171,10 +172,7 @@ def validate_evaluate_job(cfg: EvaluateJob) -> None:
                              "data.seq_len")
     if not cfg.perplexity and not cfg.tasks:
         raise UserInputError("nothing to evaluate: perplexity=false and no tasks")
-    if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
-        raise UserInputError(f"device={cfg.device!r} is unknown; use cpu or cuda[:N]")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError(f"device={cfg.device} but no CUDA device is visible")
+    resolve_device(cfg.device)  # the search job's resolver: the same names, the same one-line errors
     if cfg.data.path is not None and not Path(cfg.data.path).exists():
         raise FileNotFoundError(f"data={cfg.data.path}: no such file or directory")
 
@@ -204,10 +202,10 @@ def perplexity_text(cfg: EvaluateJob, tokenizer, saved_job: dict | None) -> Perp
 
 def evaluate_model(model: nn.Module, tokenizer, text: PerplexityText | None, selection: TaskSelection | None,
                    manager, cfg: EvaluateJob) -> dict:
-    model = model.to(cfg.device)
+    model = model.to(resolve_device(cfg.device))
     result: dict[str, Any] = {}
     if text is not None:
-        result["perplexity"] = perplexity(model, text.blocks.to(cfg.device), cfg.batch_size)
+        result["perplexity"] = perplexity(model, text.blocks, cfg.batch_size)  # moved to the model's device there
     if selection is not None:
         result["tasks"] = run_lm_eval(model, tokenizer, selection, manager, cfg)
     return result
@@ -239,8 +237,9 @@ def _environment(cfg: EvaluateJob) -> dict[str, str | None]:
     except PackageNotFoundError:  # perplexity alone runs without it
         lm_eval = None
 
-    if cfg.device.startswith("cuda"):
-        device = torch.cuda.get_device_name(torch.device(cfg.device))
+    resolved = resolve_device(cfg.device)
+    if resolved.type == "cuda":
+        device = torch.cuda.get_device_name(resolved)
     else:
         device = platform.processor() or platform.machine()
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,

@@ -74,6 +74,14 @@ from allocator.model.engines import (
 )
 from allocator.model.loader import load_model, validate_model_config
 from allocator.model.measure import fixed_bytes, weight_bytes
+from allocator.model.placement import (
+    Placement,
+    inference_pass,
+    on_cpu,
+    place,
+    resolve_placement,
+    validate_placement,
+)
 from allocator.model.quality import kl_to_dense, perplexity
 from allocator.model.sparse_export import build_deployable
 from allocator.model.surgery import build_pruned_model
@@ -90,6 +98,7 @@ from profilers.roofline import cheaper_unstructured_format
 from profilers.table import CostTable, RegimeCosts
 from search import SEARCHERS, Allocation, AllocationProblem, make_searcher
 from search.bayes import BayesConfig
+from search.fitness_engine import dense_log_probs, torch_threads
 from search.ray_fitness import kl_fitness
 from search.uniform import UniformSearcher
 
@@ -98,7 +107,7 @@ JOB_FILE = "search_job.yaml"
 
 def validate_search_job(cfg: SearchJob) -> None:
     """Everything checkable without loading weights, so bad input costs one line and no waiting."""
-    resolve_device(cfg.device)
+    validate_placement(cfg.device, cfg.model.dtype, cfg.device_map)
     validate_model_config(cfg.model)
     validate_data_config(cfg.data)
     validate_budget(cfg.budget)
@@ -136,6 +145,9 @@ def validate_parallel(cfg: SearchJob) -> None:
             raise UserInputError(f"{key}={value!r} must be an integer >= 0 (0: {'torch default' if 'threads' in key else 'serial'})")
     if not cfg.ray.num_cpus > 0 or not cfg.ray.num_gpus >= 0:
         raise UserInputError(f"ray.num_cpus={cfg.ray.num_cpus} must be > 0 and ray.num_gpus={cfg.ray.num_gpus} >= 0")
+    if (cfg.workers > 1 or cfg.ray.address) and cfg.ray.num_gpus <= 0 and resolve_device(cfg.device).type == "cuda":
+        raise UserInputError(f"device={cfg.device} with Ray workers: each worker scores on a GPU of its own, but "
+                             f"ray.num_gpus={cfg.ray.num_gpus}; set ray.num_gpus=1 (or device=cpu)")
 
 
 def memory_limit(cfg: SearchJob, dense: nn.Module, space: Space) -> tuple[list, float] | None:
@@ -227,6 +239,7 @@ class SearchSetup:
     data: CalibrationData
     db: LevelDatabase
     problem: AllocationProblem
+    placement: Placement  # where the dense model is and its passes run (allocator/model/placement.py)
 
 
 def auto_format_pricing(cfg: SearchJob, shape: ModelShape) -> Callable[[str], str]:
@@ -262,6 +275,9 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
 
     table, table_path = latency_table(cfg, dense, space, check_budget)
     costs = None if table is None else table.regime(cfg.budget.regime)
+    # Moved to the device once, after the latency table (profilers copy what they time) and before the database.
+    placement = resolve_placement(cfg.device, cfg.model.dtype, cfg.device_map, dense)
+    dense = place(dense, placement)
     fitness_pool = fitness_pool or SEARCHERS.get(cfg.searcher.name).uses_fitness
     data = build_calibration_data(cfg.data, loaded.tokenizer, cfg.fitness.sequences if fitness_pool else 0)
     # OWL allocates by each layer's activation-outlier ratio: gathered on the database's calibration pass.
@@ -278,7 +294,7 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     if outliers is not None:
         ratios = outliers.ratios()
         problem = replace(problem, outlier_ratios=tuple(ratios[u.layer] for u in space.units))
-    return SearchSetup(dense, loaded.tokenizer, space, table, table_path, costs, target_ms, data, db, problem)
+    return SearchSetup(dense, loaded.tokenizer, space, table, table_path, costs, target_ms, data, db, problem, placement)
 
 
 def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
@@ -291,16 +307,16 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
         setup.dense, setup.tokenizer, setup.space, setup.costs, setup.data, setup.db, setup.problem
     )
     shape, units = space.shape, space.units
-    found = run_searcher(cfg, run_dir, problem, dense, space, db, data.fitness)
+    found = run_searcher(cfg, run_dir, problem, dense, space, db, data.fitness, setup.placement)
     uniform = UniformSearcher().search(problem, seed=cfg.seed)
     allocations = {"searched": found.labels(problem), "uniform": uniform.labels(problem)}
     models = {name: build_pruned_model(dense, shape, alloc, db.source) for name, alloc in allocations.items()}
-
-    batch = cfg.score.batch_size
-    kl = kl_to_dense(dense, models, data.calibration[: cfg.score.kl_sequences], batch)
-    ppl = {name: perplexity(m, data.heldout, batch) for name, m in {"dense": dense, **models}.items()}
+    kl, ppl = score_models(cfg, setup, models)
+    # What is exported, verified and run is built on the CPU, from CPU tensors, so the files are a CPU run's files
+    # whatever the device (on the default CPU `home` is the dense model itself).
+    home = on_cpu(dense)
     # What is exported and run: sparse units in their compressed formats (the same model as the masked one).
-    deployed = build_deployable(dense, shape, allocations["searched"], db.source, unstructured_format=space.unstructured_format)
+    deployed = build_deployable(home, shape, allocations["searched"], db.source, unstructured_format=space.unstructured_format)
     # KV cache of budget.memory_batch sequences of budget.memory_context tokens (reported with or without a memory budget)
     dtype_bytes = next(dense.parameters()).element_size()
     b = cfg.budget
@@ -311,12 +327,12 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
     # The weights the plan's engine holds: natively the export's; elsewhere at the engine's shapes (zero-padded
     # query heads under vLLM, zero MLPs under llama.cpp), as the memory model prices them.
     served = deployed if space.runtime == Runtime.native else build_deployable(
-        dense, shape, allocations["searched"], db.source, space.rules)
+        home, shape, allocations["searched"], db.source, space.rules)
     plan = make_plan(cfg, setup, allocations, found, uniform, kl, ppl, weight_bytes(served), weight_bytes(dense), kv)
     write_problem(run_dir, problem, problem_cost_unit(cfg), None if costs is None else costs.fixed_ms)
     if cfg.export.formats:
         export_formats(deployed, tokenizer, run_dir, plan, cfg.export.formats)
-        plan = verified(cfg, run_dir, plan, dense)
+        plan = verified(cfg, run_dir, plan, home)
         refresh_cards(run_dir, plan, shape)  # the cards and plan.json of every export show what verify measured
     plan.save(run_dir / PLAN_FILE)
     plot_allocation(shape, allocations["searched"], allocations["uniform"], run_dir / "allocation.png")
@@ -324,6 +340,26 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
                     + export_lines(run_dir)))
     print(f"run directory: {run_dir}")
     return plan
+
+
+def score_models(cfg: SearchJob, setup: SearchSetup, models: dict[str, nn.Module]) -> tuple[dict, dict]:
+    """(KL to dense, held-out perplexity) by model name, perplexity also of "dense". Each pass runs where the
+    placement says: on the device the dense model was placed on, or, dispatched over GPUs, one model at a time
+    beside the dense one."""
+    dense, data, batch = setup.dense, setup.data, cfg.score.batch_size
+    tokens = data.calibration[: cfg.score.kl_sequences]
+    if not setup.placement.dispatch:
+        kl = kl_to_dense(dense, models, tokens, batch)
+        ppl = {name: perplexity(m, data.heldout, batch) for name, m in {"dense": dense, **models}.items()}
+        return kl, ppl
+    kl, ppl = {}, {}
+    with inference_pass(dense, setup.placement) as reference:
+        ppl["dense"] = perplexity(reference, data.heldout, batch)
+        for name, model in models.items():
+            with inference_pass(model, setup.placement) as pruned:
+                kl.update(kl_to_dense(reference, {name: pruned}, tokens, batch))
+                ppl[name] = perplexity(pruned, data.heldout, batch)
+    return kl, ppl
 
 
 def verified(cfg: SearchJob, run_dir: Path, plan: Plan, dense: nn.Module) -> Plan:
@@ -348,6 +384,7 @@ def run_searcher(
     space: Space,
     db: LevelDatabase,
     pool: torch.Tensor | None,
+    placement: Placement | None = None,
 ) -> Allocation:
     """Run the configured searcher (with the KL fitness engine on `pool`, the fitness sequences, if it scores real
     candidates); its trace and, for a multi-objective search, its Pareto front land in the run directory."""
@@ -357,7 +394,11 @@ def run_searcher(
     searcher = make_searcher(searcher_cfg)
     fitness = None
     if searcher.uses_fitness:
-        fitness = kl_fitness(dense, space, db.source, pool, cfg.fitness, cfg.workers, cfg.ray)
+        dense_logp = None
+        if placement is not None and placement.dispatch:  # the dense pass spread over the GPUs; candidates at home
+            with inference_pass(dense, placement) as spread, torch_threads(cfg.fitness.threads):
+                dense_logp = dense_log_probs(spread, pool, cfg.fitness.batch_size)
+        fitness = kl_fitness(dense, space, db.source, pool, cfg.fitness, cfg.workers, cfg.ray, dense_logp=dense_logp)
     try:
         found = searcher.search(problem, seed=cfg.seed, fitness=fitness)
     finally:

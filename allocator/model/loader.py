@@ -157,7 +157,13 @@ def _tiny_llama(cfg: ModelConfig) -> LoadedModel:
     )
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config).to(DTYPES[cfg.dtype]).eval()
-    return LoadedModel(model, tokenizer, _sha256_json(asdict(cfg)))
+    if cfg.dtype == "float32":
+        return LoadedModel(model, tokenizer, _sha256_json(asdict(cfg)))
+    # The cast rounded the rotary inverse frequencies too; a model loaded in this dtype (an export reloaded, any
+    # from_pretrained) keeps them in float32, so do the same here: what is scored is then what is exported and run.
+    # The fingerprint says so, so levels built from the old rounding are not reused.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return LoadedModel(model, tokenizer, _sha256_json({**asdict(cfg), "rotary": "float32"}))
 
 
 def load_tokenizer(path: str | Path):

@@ -132,18 +132,32 @@ def _sparsify(layer: nn.Module, kind: str, level: SparseUnitWeights) -> None:
         setattr(block, name, _linear(level.weights[name], getattr(block, name).bias))
 
 
+def _on_layer_device(layer: nn.Module, level: UnitWeights | SparseUnitWeights) -> UnitWeights | SparseUnitWeights:
+    """The level's weights on the device of the layer they go into (levels are read from disk onto the CPU; a
+    model placed on a GPU builds its units there). The kept indices stay where they are: they index, on any device.
+    On the CPU nothing is copied."""
+    device = next((p.device for p in layer.parameters()), None)
+    if device is None:
+        return level
+    if isinstance(level, SparseUnitWeights):
+        return SparseUnitWeights({name: w.to(device) for name, w in level.weights.items()})
+    return UnitWeights(level.kept, level.out_weight.to(device))
+
+
 def _apply_unit(layer: nn.Module, shape: ModelShape, kind: str, layer_idx: int, option: Option, source: LevelSource) -> None:
     """Put `option` into one unit of `layer` (a dense option leaves it untouched)."""
     if option == full_width(shape, kind):
         return
     if option == 0:
         _drop(layer, kind, layer_idx)
-    elif is_sparse(option):
-        _sparsify(layer, kind, source(layer_idx, kind, option))
+        return
+    level = _on_layer_device(layer, source(layer_idx, kind, option))
+    if is_sparse(option):
+        _sparsify(layer, kind, level)
     elif kind == ATTN:
-        _prune_attention(layer, shape, source(layer_idx, kind, option))
+        _prune_attention(layer, shape, level)
     else:
-        _prune_mlp(layer, source(layer_idx, kind, option))
+        _prune_mlp(layer, level)
 
 
 def _drop(layer: nn.Module, kind: str, layer_idx: int) -> None:
