@@ -48,6 +48,7 @@ from allocator.core.plan import (
     SearcherInfo,
     Uniform,
 )
+from allocator.core.ray_cluster import session as ray_session
 from allocator.core.space import (
     ATTN,
     ModelShape,
@@ -257,7 +258,7 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     levels_space = build_space(space.shape, replace(cfg.space, runtime=Runtime.native))
     db = open_or_build_database(
         dense, levels_space, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir,
-        also=[outliers] if outliers else [], device=cfg.device,
+        also=[outliers] if outliers else [], device=cfg.device, workers=cfg.workers, ray=cfg.ray,
     )
     target_ms = budget_ms.get("target")
     problem = build_problem(cfg, dense, space, costs, db, target_ms)
@@ -271,13 +272,16 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
     validate_search_job(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / JOB_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # what `export` re-runs
-    setup = prepare_search(cfg)
-    check_model_support(cfg.export.formats, setup.dense.config)  # before the search, not after it
-    dense, tokenizer, space, costs, data, db, problem = (
-        setup.dense, setup.tokenizer, setup.space, setup.costs, setup.data, setup.db, setup.problem
-    )
+    # One Ray cluster (with workers) for the database build and the search's scoring, stopped before the scoring
+    # and export below need the memory.
+    with ray_session(cfg.workers, cfg.ray):
+        setup = prepare_search(cfg)
+        check_model_support(cfg.export.formats, setup.dense.config)  # before the search, not after it
+        dense, tokenizer, space, costs, data, db, problem = (
+            setup.dense, setup.tokenizer, setup.space, setup.costs, setup.data, setup.db, setup.problem
+        )
+        found = run_searcher(cfg, run_dir, problem, dense, space, db, data.fitness)
     shape, units = space.shape, space.units
-    found = run_searcher(cfg, run_dir, problem, dense, space, db, data.fitness)
     uniform = UniformSearcher().search(problem, seed=cfg.seed)
     allocations = {"searched": found.labels(problem), "uniform": uniform.labels(problem)}
     models = {name: build_pruned_model(dense, shape, alloc, db.source) for name, alloc in allocations.items()}

@@ -34,10 +34,18 @@ def ray_module():
     return ray
 
 
+class _Session:
+    """The enclosing `session`s: how deep, and whether a stage inside them started Ray (theirs to stop)."""
+
+    depth = 0
+    started = False
+
+
 def connect(workers: int, cfg: RayConfig) -> tuple[int, bool]:
-    """(number of workers, whether this call started Ray). An address joins that cluster; else a local cluster with
-    exactly the resources of `workers` workers is started on this machine (no dashboard, no usage report). A
-    cluster this process already joined (`session`, or an earlier stage) is reused as it is."""
+    """(number of workers, whether the caller started Ray and so stops it). An address joins that cluster; else a
+    local cluster with exactly the resources of `workers` workers is started on this machine (no dashboard, no usage
+    report). A cluster this process already joined (an earlier stage's) is reused as it is; one started inside a
+    `session` is the session's to stop."""
     ray = ray_module()
     started = False
     if not ray.is_initialized():
@@ -50,7 +58,10 @@ def connect(workers: int, cfg: RayConfig) -> tuple[int, bool]:
                 address="local", num_cpus=max(1, round(workers * cfg.num_cpus)), num_gpus=round(workers * cfg.num_gpus),
                 include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": path}},
             )
-        started = True
+        if _Session.depth:
+            _Session.started = True
+        else:
+            started = True
     if workers <= 1:  # ray.address without workers: as many as the cluster's resources hold
         resources = ray.cluster_resources()
         key, per = ("GPU", cfg.num_gpus) if cfg.num_gpus > 0 else ("CPU", cfg.num_cpus)
@@ -63,14 +74,19 @@ def connect(workers: int, cfg: RayConfig) -> tuple[int, bool]:
 
 @contextmanager
 def session(workers: int, cfg: RayConfig) -> Iterator[None]:
-    """One cluster for every stage inside the block (the database build, then the search), started once and shut
-    down after it when this block started it; nothing at all when no workers are asked for."""
+    """One cluster for every stage inside the block (the database build, then the search's scoring): the first
+    stage that needs workers starts it (connect), the later ones join it, and it is stopped when the block ends.
+    Started lazily, not here: importing Ray patches a standard-library function (Cython's shim replaces
+    inspect.isgenerator), and the python-docs calibration corpus reads those docstrings, so Ray must not be
+    imported before the calibration data is built (its fingerprint, hence the database key, would change)."""
     if not wants_ray(workers, cfg):
         yield
         return
-    _n, started = connect(workers, cfg)
+    _Session.depth += 1
     try:
         yield
     finally:
-        if started:
+        _Session.depth -= 1
+        if not _Session.depth and _Session.started:
+            _Session.started = False
             ray_module().shutdown()
