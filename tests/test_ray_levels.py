@@ -31,9 +31,10 @@ def cluster():
     from allocator.core.ray_cluster import connect
 
     n, started = connect(2, RayConfig())
-    assert n == 2 and started
+    assert n == 2
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
