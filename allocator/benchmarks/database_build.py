@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from allocator.benchmarks.common import write_result
+from allocator.benchmarks.common import environment, write_result
 from allocator.core.config import DataConfig, ModelConfig, SpaceConfig
 from allocator.core.space import ModelShape, Space, build_space
 from allocator.levels.database import database_key, open_or_build_database
@@ -101,6 +101,7 @@ def main() -> None:
         "build_seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "torch_threads": torch.get_num_threads(), "workers": args.workers, "label": args.label,
         "cpu_count": os.cpu_count(), "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg(),
+        "environment": environment(),
     }
     if args.compare:
         result["compared_with"] = args.compare
