@@ -238,13 +238,13 @@ def _build_units(
     def build_layer(index: int) -> None:
         """Layer `index` has seen every batch (and is on the device): build and write its units (or hand them to
         the workers), and free their statistics."""
-        inputs = [unit_inputs(model, unit, stats, shape, cfg, device) for unit in by_layer.get(index, [])]
-        if pool is not None:
-            pool.submit(inputs)  # copied into Ray's object store: the statistics can go now
-        for unit_in in inputs:
+        here = by_layer.get(index, [])
+        if pool is not None:  # copied into Ray's object store: the statistics can go as soon as this returns
+            pool.submit([unit_inputs(model, unit, stats, shape, cfg, device) for unit in here])
+        for unit in here:
             if pool is None:
-                written(build_unit_levels(unit_in))
-            stats.release(unit_in.unit)
+                written(build_unit_levels(unit_inputs(model, unit, stats, shape, cfg, device)))
+            stats.release(unit)
 
     # Layers above the last one with work are streamed only when other statistics (`also`) want every layer.
     count = len(decoder_layers(model)) if also else max(by_layer) + 1
