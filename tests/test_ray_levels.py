@@ -19,7 +19,11 @@ from allocator.levels.database import open_or_build_database
 
 from .conftest import run_cli
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a cluster that must not reach outside the machine
+# As tests/test_ray_workers.py sets them, and before Ray is first imported (Ray reads RAY_AUTH_MODE then; a driver
+# and a cluster that disagree on it cannot talk): token authentication, no usage report from a cluster that must not
+# reach outside the machine.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
 WORKERS_LINE = "units built on 2 Ray workers"
