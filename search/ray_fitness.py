@@ -5,22 +5,19 @@ Each actor holds a replica of the dense model, the level store (it reads levels 
 log-probabilities are computed once here and shipped once through Ray's object store. Scores are deterministic per
 candidate (same tokens, same dtype, same thread count, and a candidate's layers give the same result whichever
 earlier candidate's prefix they start from), and they are returned in the order asked, so a search on N workers
-finds exactly what the serial search finds. Ray is imported only when workers are asked for: a serial search, and
-a machine without Ray, never need it."""
+finds exactly what the serial search finds. The cluster is started or joined by allocator/core/ray_cluster.py (the
+database build's workers use the same one); Ray is imported only when workers are asked for."""
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from allocator.core.config import FitnessConfig, RayConfig
-from allocator.core.errors import UserInputError
+from allocator.core.ray_cluster import connect, ray_module, wants_ray
 from allocator.core.space import Space
 from allocator.model.placement import input_device, on_cpu
 from allocator.model.surgery import LevelSource
@@ -55,42 +52,6 @@ class ScoringWorker:
                 "layers_reused": self.engine.layers_reused}
 
 
-def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise UserInputError("workers > 1 or ray.address need Ray: pip install -e '.[ray]' (pinned in pyproject.toml)")
-    return ray
-
-
-def connect(workers: int, cfg: RayConfig) -> tuple[int, bool]:
-    """(number of workers, whether this call started Ray). An address joins that cluster; else a local cluster with
-    exactly the resources of `workers` workers is started on this machine (no dashboard, no usage report)."""
-    ray = _ray()
-    started = False
-    if not ray.is_initialized():
-        if cfg.address:
-            ray.init(address=cfg.address, logging_level=logging.WARNING)
-        else:
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local cluster reports nothing outside
-            # Workers import this checkout (the one the driver runs), not whatever else is installed.
-            root = str(Path(__file__).resolve().parent.parent)
-            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-            ray.init(  # "local": a new cluster, even when another one on this machine would be found and joined
-                address="local", num_cpus=max(1, round(workers * cfg.num_cpus)), num_gpus=round(workers * cfg.num_gpus),
-                include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": path}},
-            )
-        started = True
-    if workers <= 1:  # ray.address without workers: as many as the cluster's resources hold
-        resources = ray.cluster_resources()
-        key, per = ("GPU", cfg.num_gpus) if cfg.num_gpus > 0 else ("CPU", cfg.num_cpus)
-        workers = int(resources.get(key, 0) // per)
-        if workers < 1:
-            raise UserInputError(f"ray.address={cfg.address!r}: the cluster has {resources.get(key, 0)} {key}, "
-                                 f"not enough for one worker of ray.num_{key.lower()}s={per}")
-    return workers, started
-
-
 class RayKLFitness(Fitness):
     """StitchedKLFitness's scores, computed on Ray actors; token accounting, memo and trace stay here."""
 
@@ -99,7 +60,7 @@ class RayKLFitness(Fitness):
         workers: int, ray_cfg: RayConfig, dense_logp: torch.Tensor | None = None,
     ) -> None:
         super().__init__(seq_len=pool.shape[1], pool_sequences=pool.shape[0])
-        ray = _ray()
+        ray = ray_module()
         n, self._started = connect(workers, ray_cfg)
         self.threads = cfg.threads if cfg.threads > 0 else torch.get_num_threads()
         # Workers score where the driver's dense model is: on a GPU of their own when it was placed on one (the
@@ -124,7 +85,7 @@ class RayKLFitness(Fitness):
     def _score(self, choices: list[tuple[int, ...]], n_sequences: int) -> list[float]:
         """Candidates sorted by layer keys (as the serial engine orders them) and cut into one contiguous run per
         worker, so each worker's candidates share prefixes; the values go back in the asked order."""
-        ray = _ray()
+        ray = ray_module()
         keys = [tuple(tuple(c[u] for u in units) for units in self._layer_units) for c in choices]
         order = sorted(range(len(choices)), key=lambda i: keys[i])
         runs = _split(order, len(self.actors))
@@ -136,13 +97,13 @@ class RayKLFitness(Fitness):
         return values
 
     def worker_stats(self) -> list[dict[str, Any]]:
-        return _ray().get([a.stats.remote() for a in self.actors])
+        return ray_module().get([a.stats.remote() for a in self.actors])
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "workers": len(self.actors), "threads_per_worker": self.threads}
 
     def close(self) -> None:
-        ray = _ray()
+        ray = ray_module()
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
@@ -169,7 +130,7 @@ def kl_fitness(
     Candidates are scored where `dense` is; `dense_logp`, the pool's dense log-probabilities when the caller computed
     them (on a dispatched model, allocator/model/placement.py)."""
     ray_cfg = ray_cfg or RayConfig()
-    if workers > 1 or ray_cfg.address:
+    if wants_ray(workers, ray_cfg):
         return RayKLFitness(dense, space, source, pool, cfg, workers, ray_cfg, dense_logp)
     return StitchedKLFitness(
         dense, space, source, pool, batch_size=cfg.batch_size, cache_bytes=cfg.cache_gb * GB, threads=cfg.threads,

@@ -38,21 +38,9 @@ def present_build(model, space, calibration, cfg, root: Path, batch_size: int) -
     todo = space.units
     stats = database.CalibrationStatistics(todo, calibration, cfg)
     calibration_pass(model, calibration, batch_size, [stats.hessians, stats.fisher, stats.calls])
-    layers = decoder_layers(model)
     for unit in todo:
-        layer = layers[unit.layer]
-        weight = (layer.self_attn.o_proj if unit.kind == ATTN else layer.mlp.down_proj).weight.detach()
-        hessian = stats.hessians.hessian(unit.layer, database.STRUCTURED_HESSIAN[unit.kind])
-        fisher = stats.fisher.fisher(unit.layer, unit.kind)
-        group = space.shape.heads_per_group * space.shape.head_dim if unit.kind == ATTN else 1
-
-        def build_levels(tmp, unit=unit, weight=weight, hessian=hessian, fisher=fisher, group=group):
-            errors = database._structured_levels(unit, weight, hessian, fisher, group, cfg.damp, tmp)
-            if database.has_sparse(unit):
-                errors.update(database._sparse_levels(model, unit, stats, fisher, cfg, tmp))
-            return errors
-
-        database._build_unit(build_levels, unit, root)
+        inputs = database.unit_inputs(model, unit, stats, space.shape, cfg, torch.device("cpu"))
+        database.write_unit(root, database.build_unit_levels(inputs))
 
 
 def assert_same_database(streamed: Path, present: Path, units, rtol: float = 1e-6) -> None:

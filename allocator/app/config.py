@@ -46,9 +46,10 @@ class SearchJob:
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: bool = True  # measure the native export against the dense model (needs native among export.formats)
     seed: int = 0
-    # Ray workers that score a fitness-driven searcher's candidates in parallel (0 or 1: in this process); the same
-    # seed finds exactly what the serial search finds. With ray.address set and workers=0: one per worker's worth
-    # of the cluster's CPUs (GPUs with ray.num_gpus).
+    # Ray workers that build the level database's units and score a fitness-driven searcher's candidates in
+    # parallel (0 or 1: in this process); the same database, and the same seed finds exactly what the serial search
+    # finds. With ray.address set and workers=0: one per worker's worth of the cluster's CPUs (GPUs with
+    # ray.num_gpus).
     workers: int = 0
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -49,6 +49,8 @@ from allocator.core.plan import (
     SearcherInfo,
     Uniform,
 )
+from allocator.core.ray_cluster import session as ray_session
+from allocator.core.ray_cluster import wants_ray
 from allocator.core.space import (
     ATTN,
     ModelShape,
@@ -145,7 +147,7 @@ def validate_parallel(cfg: SearchJob) -> None:
             raise UserInputError(f"{key}={value!r} must be an integer >= 0 (0: {'torch default' if 'threads' in key else 'serial'})")
     if not cfg.ray.num_cpus > 0 or not cfg.ray.num_gpus >= 0:
         raise UserInputError(f"ray.num_cpus={cfg.ray.num_cpus} must be > 0 and ray.num_gpus={cfg.ray.num_gpus} >= 0")
-    if (cfg.workers > 1 or cfg.ray.address) and cfg.ray.num_gpus <= 0 and resolve_device(cfg.device).type == "cuda":
+    if wants_ray(cfg.workers, cfg.ray) and cfg.ray.num_gpus <= 0 and resolve_device(cfg.device).type == "cuda":
         raise UserInputError(f"device={cfg.device} with Ray workers: each worker scores on a GPU of its own, but "
                              f"ray.num_gpus={cfg.ray.num_gpus}; set ray.num_gpus=1 (or device=cpu)")
 
@@ -287,7 +289,7 @@ def prepare_search(cfg: SearchJob, fitness_pool: bool = False) -> SearchSetup:
     levels_space = build_space(space.shape, replace(cfg.space, runtime=Runtime.native))
     db = open_or_build_database(
         dense, levels_space, data.calibration, loaded.fingerprint, data.fingerprint, cfg.space, cfg.cache_dir,
-        also=[outliers] if outliers else [], device=cfg.device,
+        also=[outliers] if outliers else [], device=cfg.device, workers=cfg.workers, ray=cfg.ray,
     )
     target_ms = budget_ms.get("target")
     problem = build_problem(cfg, dense, space, costs, db, target_ms)
@@ -301,13 +303,16 @@ def run_search(cfg: SearchJob, run_dir: Path) -> Plan:
     validate_search_job(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / JOB_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # what `export` re-runs
-    setup = prepare_search(cfg)
-    check_model_support(cfg.export.formats, setup.dense.config)  # before the search, not after it
-    dense, tokenizer, space, costs, data, db, problem = (
-        setup.dense, setup.tokenizer, setup.space, setup.costs, setup.data, setup.db, setup.problem
-    )
+    # One Ray cluster (with workers) for the database build and the search's scoring, stopped before the scoring
+    # and export below need the memory.
+    with ray_session(cfg.workers, cfg.ray):
+        setup = prepare_search(cfg)
+        check_model_support(cfg.export.formats, setup.dense.config)  # before the search, not after it
+        dense, tokenizer, space, costs, data, db, problem = (
+            setup.dense, setup.tokenizer, setup.space, setup.costs, setup.data, setup.db, setup.problem
+        )
+        found = run_searcher(cfg, run_dir, problem, dense, space, db, data.fitness, setup.placement)
     shape, units = space.shape, space.units
-    found = run_searcher(cfg, run_dir, problem, dense, space, db, data.fitness, setup.placement)
     uniform = UniformSearcher().search(problem, seed=cfg.seed)
     allocations = {"searched": found.labels(problem), "uniform": uniform.labels(problem)}
     models = {name: build_pruned_model(dense, shape, alloc, db.source) for name, alloc in allocations.items()}

@@ -2,7 +2,10 @@
 optionally compared with a database another build wrote (levels allclose, errors to a relative tolerance).
 
     python -m allocator.benchmarks.database_build --space structured --db-cache /tmp/db-fresh \
-        [--model-cache runs/cache] [--compare runs/cache/databases/<key>] [--label after]
+        [--model-cache runs/cache] [--compare runs/cache/databases/<key>] [--label after] [--units 12] [--workers 2]
+
+--workers N builds the units' levels on N Ray workers (a local cluster started for the build); the JSON records the
+load average around the build, since a shared machine's other jobs change the wall time.
 
 The database goes under --db-cache (use a fresh directory for a cold build); the converted model is read from
 --model-cache. JSON: runs/bench/database_build/<space>-<label>.json. The script uses only the build API that the
@@ -11,7 +14,9 @@ pre-streaming code also has, so it can time that code too (PYTHONPATH=<old check
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -19,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from allocator.benchmarks.common import write_result
+from allocator.benchmarks.common import environment, write_result
 from allocator.core.config import DataConfig, ModelConfig, SpaceConfig
 from allocator.core.space import ModelShape, Space, build_space
 from allocator.levels.database import database_key, open_or_build_database
@@ -28,9 +33,11 @@ from allocator.model.loader import load_model
 
 
 def compare_databases(got: Path, want: Path, units: list[str]) -> dict:
-    """Largest relative difference of any error, and largest absolute / relative difference of any level tensor."""
+    """Largest relative difference of any error, and largest absolute / relative difference of any level tensor;
+    and whether every unit's files are byte-identical (same names, same bytes)."""
     worst_error = worst_abs = worst_rel = 0.0
     levels = 0
+    identical = all(_same_files(got / unit, want / unit) for unit in units)
     for unit in units:
         a = json.loads((got / unit / "errors.json").read_text())
         b = json.loads((want / unit / "errors.json").read_text())
@@ -51,7 +58,15 @@ def compare_databases(got: Path, want: Path, units: list[str]) -> dict:
                 worst_rel = max(worst_rel, float(d.max()) / scale if scale else 0.0)
             levels += 1
     return {"units": len(units), "level_files": levels, "max_error_rel_diff": worst_error,
-            "max_level_abs_diff": worst_abs, "max_level_diff_over_max_abs": worst_rel}
+            "max_level_abs_diff": worst_abs, "max_level_diff_over_max_abs": worst_rel, "byte_identical": identical}
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in b.iterdir())
+    if names != sorted(p.name for p in a.iterdir()):
+        return False
+    match, _mismatch, _errors = filecmp.cmpfiles(a, b, names, shallow=False)
+    return len(match) == len(names)
 
 
 def main() -> None:
@@ -63,6 +78,7 @@ def main() -> None:
     parser.add_argument("--units", type=int, default=0, help="build only the first N units (0: all)")
     parser.add_argument("--compare", help="a database directory to compare the built one with")
     parser.add_argument("--label", default="run")
+    parser.add_argument("--workers", type=int, default=0, help="build the levels on this many Ray workers (0: here)")
     args = parser.parse_args()
 
     loaded = load_model(ModelConfig(name=args.model), args.model_cache)
@@ -74,14 +90,18 @@ def main() -> None:
     key = database_key(loaded.fingerprint, data.fingerprint, space.units, cfg)
     if (Path(args.db_cache) / "databases" / key).exists():
         raise SystemExit(f"{args.db_cache} already holds database {key}: give a fresh --db-cache for a cold build")
+    extra = {"workers": args.workers} if args.workers else {}  # only then: older checkouts lack the argument
+    load_before = os.getloadavg()
     start = time.perf_counter()
     db = open_or_build_database(loaded.model, space, data.calibration, loaded.fingerprint, data.fingerprint, cfg,
-                                args.db_cache)
+                                args.db_cache, **extra)
     seconds = time.perf_counter() - start
     result = {
         "model": args.model, "space": args.space, "units": len(space.units), "database_key": key,
         "build_seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-        "torch_threads": torch.get_num_threads(), "label": args.label,
+        "torch_threads": torch.get_num_threads(), "workers": args.workers, "label": args.label,
+        "cpu_count": os.cpu_count(), "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg(),
+        "environment": environment(),
     }
     if args.compare:
         result["compared_with"] = args.compare

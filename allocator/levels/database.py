@@ -9,38 +9,43 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from allocator.core.atomic_io import write_json_atomic
-from allocator.core.cache_lock import TMP_PREFIX, CacheLock
-from allocator.core.config import SpaceConfig
+from allocator.core.cache_lock import CacheLock
+from allocator.core.config import RayConfig, SpaceConfig
 from allocator.core.device import resolve_device
+from allocator.core.ray_cluster import wants_ray
 from allocator.core.space import (
     ATTN,
     MLP,
+    ModelShape,
     Option,
     Space,
     Unit,
     is_sparse,
-    option_key,
     parse_option_key,
-    sparse_pattern,
     unit_name,
 )
 from allocator.levels.compress.calibration_pass import Collector
 from allocator.levels.compress.fisher import OutputFisher
 from allocator.levels.compress.layer_stream import stream_fisher, stream_layers
 from allocator.levels.compress.linear_hessians import InputHessians
-from allocator.levels.compress.structured_obs import PrunedLevel, structured_obs_sweep
-from allocator.levels.sparse_levels import HESSIAN_OF, BlockCalls, block_output_errors, prune_unit, unit_block
+from allocator.levels.parallel_build import RayUnitBuilder
+from allocator.levels.sparse_levels import HESSIAN_OF, BlockCalls, unit_block
+from allocator.levels.unit_levels import (
+    SparseInputs,
+    UnitInputs,
+    UnitLevels,
+    build_unit_levels,
+    level_file,
+    write_unit,
+)
 from allocator.model.offload import LayerWeights
 from allocator.model.surgery import (
     UNIT_LINEARS,
@@ -48,7 +53,6 @@ from allocator.model.surgery import (
     SparseUnitWeights,
     UnitWeights,
     decoder_layers,
-    group_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -66,10 +70,6 @@ def database_key(model_fp: str, data_fp: str, units: list[Unit], cfg: SpaceConfi
         content.append(cfg.pruner)
     blob = json.dumps(content, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def level_file(root: Path, unit: str, option: Option) -> Path:
-    return root / unit / f"{option_key(option)}.safetensors"
 
 
 class LevelDatabase:
@@ -95,36 +95,6 @@ class LevelDatabase:
     @property
     def source(self) -> LevelSource:
         return self.level
-
-
-def fisher_error(weight: torch.Tensor, hessian: torch.Tensor, level: PrunedLevel, group: int, fisher: torch.Tensor) -> float:
-    """½ Σ_c F_c (ΔW H ΔWᵀ)_cc: the per-channel output error weighted by the loss's sensitivity to that channel."""
-    if level.kept_groups.numel() * group == weight.shape[1]:
-        return 0.0  # the dense level: ΔW = 0 (and a (d_out, d_in) x (d_in, d_in) float64 product saved)
-    pruned = torch.zeros_like(weight, dtype=torch.float64)
-    pruned[:, group_rows(level.kept_groups, group)] = level.weight.double()
-    delta = weight.double() - pruned
-    return 0.5 * float(fisher @ ((delta @ hessian) * delta).sum(dim=1))
-
-
-def _structured_levels(
-    unit: Unit, weight: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor, group: int, damp: float, tmp: Path
-) -> dict[Option, dict[str, float]]:
-    widths = tuple(o for o in unit.options if not is_sparse(o))
-    levels = structured_obs_sweep(weight, hessian, group, widths, damp=damp)
-    errors: dict[Option, dict[str, float]] = {}
-    for kept, level in levels.items():
-        errors[kept] = {
-            "absolute": level.error,
-            "relative": level.relative_error,
-            "fisher": fisher_error(weight, hessian, level, group, fisher),
-        }
-        if 0 < kept < unit.full:  # dense and dropped need no stored weights
-            save_file(
-                {"kept": level.kept_groups.cpu().contiguous(), "out_weight": level.weight.cpu().contiguous()},
-                level_file(tmp.parent, tmp.name, kept),
-            )
-    return errors
 
 
 # The input Hessian structured OBS prunes a unit against: its output projection's (o_proj / down_proj).
@@ -162,30 +132,29 @@ class CalibrationStatistics:
         self.calls.calls.pop((unit.layer, unit.kind), None)
 
 
-def _sparse_levels(
-    model: torch.nn.Module, unit: Unit, stats: CalibrationStatistics, fisher: torch.Tensor, cfg: SpaceConfig, tmp: Path
-) -> dict[Option, dict[str, float]]:
-    block = unit_block(model, unit.layer, unit.kind)
-    patterns = [sparse_pattern(o) for o in unit.options if is_sparse(o)]
-    levels = prune_unit(block, unit.kind, unit.layer, stats.hessians, patterns, cfg.pruner, cfg.damp)
-    calls = stats.calls.calls[(unit.layer, unit.kind)]
-    errors: dict[Option, dict[str, float]] = {}
-    for label, weights in levels.items():
-        errors[label] = block_output_errors(block, calls, weights, fisher, stats.scale)
-        save_file({name: w.cpu().contiguous() for name, w in weights.items()}, level_file(tmp.parent, tmp.name, label))
-    return errors
-
-
-def _build_unit(build_levels, unit: Unit, root: Path) -> None:
-    """Write one unit's levels and errors into a temporary directory, then rename it into place (atomic)."""
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{unit.name}-"))
-    try:
-        errors = build_levels(tmp)
-        (tmp / "errors.json").write_text(json.dumps({option_key(k): v for k, v in errors.items()}))
-        os.replace(tmp, root / unit.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def unit_inputs(
+    model: torch.nn.Module, unit: Unit, stats: CalibrationStatistics, shape: ModelShape, cfg: SpaceConfig,
+    device: torch.device,
+) -> UnitInputs:
+    """What `unit`'s levels are built from, once its layer has seen every calibration batch (and is resident)."""
+    layer = decoder_layers(model)[unit.layer]
+    sparse = None
+    if has_sparse(unit):
+        sparse = SparseInputs(
+            block=unit_block(model, unit.layer, unit.kind),
+            hessians={key: stats.hessians.hessian(unit.layer, key) for key in unit_hessians(unit)},
+            tokens=stats.hessians.tokens, calls=stats.calls.calls[(unit.layer, unit.kind)], scale=stats.scale,
+            pruner=cfg.pruner,
+        )
+    return UnitInputs(
+        unit=unit,
+        weight=(layer.self_attn.o_proj if unit.kind == ATTN else layer.mlp.down_proj).weight.detach(),
+        hessian=stats.hessians.hessian(unit.layer, STRUCTURED_HESSIAN[unit.kind]),
+        fisher=stats.fisher.fisher(unit.layer, unit.kind).to(device),
+        group=shape.heads_per_group * shape.head_dim if unit.kind == ATTN else 1,
+        damp=cfg.damp,
+        sparse=sparse,
+    )
 
 
 def open_or_build_database(
@@ -201,12 +170,16 @@ def open_or_build_database(
     device: str | torch.device | None = None,
     offload_activations: bool = False,
     weights: LayerWeights | None = None,
+    workers: int = 0,
+    ray: RayConfig | None = None,
 ) -> LevelDatabase:
     """The level database of the space's units, built (what is missing of it) layer by layer from `calibration` in
     batches of `batch_size` sequences, on `device` (default: where the model is; see allocator/core/device.py);
     `offload_activations` keeps the activations between layers on the CPU; an offloaded model (decoder layers on the
     meta device) has its layers materialised one at a time from `weights`. The collectors in `also` ride on the
-    build's layer stream (on a stream of their own when nothing is left to build)."""
+    build's layer stream (on a stream of their own when nothing is left to build). With `workers` > 1 or
+    `ray.address`, the units' levels are built on Ray workers (allocator/levels/parallel_build.py) while the stream
+    goes on; the database (its key, every level and error) is the same either way."""
     device = model.get_input_embeddings().weight.device if device is None else resolve_device(device)
     store = torch.device("cpu") if offload_activations else device
     units = space.units
@@ -222,7 +195,8 @@ def open_or_build_database(
             lock.remove_stale(root)  # a killed builder's unit directories (every builder of root holds this lock)
             todo = missing()
             if todo:
-                _build_units(model, space, calibration, cfg, root, todo, batch_size, also, device, store, weights)
+                _build_units(model, space, calibration, cfg, root, todo, batch_size, also, device, store, weights,
+                             workers, ray or RayConfig())
                 write_json_atomic(root / "manifest.json", {"version": DATABASE_VERSION, "units": [u.name for u in units]})
                 return LevelDatabase(root, units)
     log.info("level database: reusing %s", root)
@@ -235,12 +209,12 @@ def open_or_build_database(
 def _build_units(
     model: torch.nn.Module, space: Space, calibration: torch.Tensor, cfg: SpaceConfig, root: Path, todo: list[Unit],
     batch_size: int, also: Sequence[Collector], device: torch.device, store: torch.device,
-    weights: LayerWeights | None,
+    weights: LayerWeights | None, workers: int, ray: RayConfig,
 ) -> None:
     """Build the `todo` units' levels into `root` (the caller holds root's lock): the output Fisher from a gradient
     stream first (every unit's errors weigh by it), then one forward stream in which each layer's Hessians and
-    block calls are gathered, its units' levels built and written, and those statistics freed before the next
-    layer."""
+    block calls are gathered, its units' levels built (here, or on Ray workers) and written, and those statistics
+    freed before the next layer."""
     shape, units = space.shape, space.units
     log.info("level database: building %d of %d units into %s", len(todo), len(units), root)
     stats = CalibrationStatistics(todo, calibration, cfg)
@@ -250,33 +224,38 @@ def _build_units(
     for unit in todo:
         by_layer.setdefault(unit.layer, []).append(unit)
     sparse = any(has_sparse(u) for u in todo)
-    layers = decoder_layers(model)
     bar = tqdm(total=len(todo), desc=f"{cfg.kind} levels ({cfg.pruner if sparse else 'OBS'})", unit="unit",
                leave=False)
 
+    def written(levels: UnitLevels) -> None:
+        write_unit(root, levels)
+        bar.update()
+
+    pool = RayUnitBuilder(workers, ray, device, written) if wants_ray(workers, ray) else None
+    if pool is not None:
+        log.info("level database: units built on %d Ray workers (%d threads each)", pool.workers, pool.threads)
+
     def build_layer(index: int) -> None:
-        """Layer `index` has seen every batch (and is on the device): build, write and free its units."""
-        for unit in by_layer.get(index, []):
-            layer = layers[unit.layer]
-            weight = (layer.self_attn.o_proj if unit.kind == ATTN else layer.mlp.down_proj).weight.detach()
-            hessian = stats.hessians.hessian(unit.layer, STRUCTURED_HESSIAN[unit.kind])
-            fisher = stats.fisher.fisher(unit.layer, unit.kind).to(device)
-            group = shape.heads_per_group * shape.head_dim if unit.kind == ATTN else 1
-
-            def build_levels(tmp: Path, unit=unit, weight=weight, hessian=hessian, fisher=fisher, group=group):
-                errors = _structured_levels(unit, weight, hessian, fisher, group, cfg.damp, tmp)
-                if has_sparse(unit):
-                    errors.update(_sparse_levels(model, unit, stats, fisher, cfg, tmp))
-                return errors
-
-            _build_unit(build_levels, unit, root)
+        """Layer `index` has seen every batch (and is on the device): build and write its units (or hand them to
+        the workers), and free their statistics."""
+        here = by_layer.get(index, [])
+        if pool is not None:  # copied into Ray's object store: the statistics can go as soon as this returns
+            pool.submit([unit_inputs(model, unit, stats, shape, cfg, device) for unit in here])
+        for unit in here:
+            if pool is None:
+                written(build_unit_levels(unit_inputs(model, unit, stats, shape, cfg, device)))
             stats.release(unit)
-            bar.update()
 
     # Layers above the last one with work are streamed only when other statistics (`also`) want every layer.
-    count = len(layers) if also else max(by_layer) + 1
+    count = len(decoder_layers(model)) if also else max(by_layer) + 1
+    finished = False
     try:
         stream_layers(model, calibration, batch_size, [*stats.collectors, *also], build_layer, device=device,
                       store=store, layers=count, weights=weights, desc="calibration layers")
+        finished = True
     finally:
-        bar.close()
+        try:
+            if pool is not None:
+                pool.close(wait=finished)  # the layers still on the workers are written here
+        finally:
+            bar.close()

@@ -7,6 +7,7 @@ sparse options of a mixed space compete on one scale."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,6 @@ from torch.utils.hooks import RemovableHandle
 
 from allocator.core.patterns import SparsityPattern
 from allocator.levels.compress.calibration_pass import Collector
-from allocator.levels.compress.linear_hessians import InputHessians
 from allocator.levels.compress.sparse_prune import PRUNERS, sparsegpt_levels
 from allocator.model.surgery import BLOCK_ATTRIBUTE, UNIT_LINEARS, decoder_layers
 
@@ -28,19 +28,20 @@ HESSIAN_OF = {
 
 
 def prune_unit(
-    block: nn.Module, kind: str, layer: int, hessians: InputHessians, patterns: list[SparsityPattern], pruner: str,
-    damp: float,
+    block: nn.Module, kind: str, hessians: Mapping[str, torch.Tensor], tokens: int, patterns: list[SparsityPattern],
+    pruner: str, damp: float,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """{pattern label: {linear name: pruned weight}} for one unit."""
+    """{pattern label: {linear name: pruned weight}} for one unit, from its linears' input Hessians (by HESSIAN_OF
+    key) summed over `tokens` calibration tokens."""
     levels: dict[str, dict[str, torch.Tensor]] = {p.label: {} for p in patterns}
     for name in UNIT_LINEARS[kind]:
         weight = getattr(block, name).weight.detach()
-        hessian = hessians.hessian(layer, HESSIAN_OF[name])
+        hessian = hessians[HESSIAN_OF[name]]
         if pruner == "sparsegpt":
             pruned = sparsegpt_levels(weight, hessian, patterns, damp)
         else:
             prune = PRUNERS[pruner]
-            pruned = {p.label: prune(weight, hessian, p, tokens=hessians.tokens, damp=damp) for p in patterns}
+            pruned = {p.label: prune(weight, hessian, p, tokens=tokens, damp=damp) for p in patterns}
         for label, result in pruned.items():
             levels[label][name] = result.weight.contiguous()
     return levels
