@@ -43,6 +43,22 @@ def test_python_docs_corpus_large_and_deterministic():
     assert load_documents(DataConfig())
 
 
+def test_python_docs_corpus_does_not_depend_on_what_the_process_imported():
+    """Importing Ray replaces inspect.isgenerator with a compiled shim; read in this process, the corpus lost a
+    document and the data fingerprint changed. It is read in a fresh interpreter, so the corpus is the same."""
+    import inspect
+
+    from allocator.model import calibration_data, python_docs
+
+    before = calibration_data._python_docs()
+    pytest.importorskip("ray")  # the real patch (ray is in the test extra)
+    assert getattr(inspect.isgenerator, "__module__", None) != "inspect"
+    in_process = python_docs.collect()
+    calibration_data._python_docs.cache_clear()
+    assert calibration_data._python_docs() == before
+    assert len(in_process) == len(before) - 1  # what reading it here would have given
+
+
 def test_split_deterministic_disjoint_and_fraction():
     docs = [f"document number {i} " * 20 for i in range(1000)]
     calib, held = split_documents(docs, 0.2)

@@ -76,9 +76,9 @@ def connect(workers: int, cfg: RayConfig) -> tuple[int, bool]:
 def session(workers: int, cfg: RayConfig) -> Iterator[None]:
     """One cluster for every stage inside the block (the database build, then the search's scoring): the first
     stage that needs workers starts it (connect), the later ones join it, and it is stopped when the block ends.
-    Started lazily, not here: importing Ray patches a standard-library function (Cython's shim replaces
-    inspect.isgenerator), and the python-docs calibration corpus reads those docstrings, so Ray must not be
-    imported before the calibration data is built (its fingerprint, hence the database key, would change)."""
+    Started lazily, by the first stage that needs it, so a run whose stages all find their results cached never
+    imports or starts Ray. (Importing Ray patches inspect.isgenerator; the python-docs corpus is read in a fresh
+    interpreter, allocator/model/python_docs.py, so that cannot change the calibration data.)"""
     if not wants_ray(workers, cfg):
         yield
         return

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
-import inspect
+import json
 import logging
 import re
-import warnings
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,26 +21,14 @@ import torch
 
 from allocator.core.config import DataConfig
 from allocator.core.errors import UserInputError
+from allocator.model import python_docs
 
 log = logging.getLogger(__name__)
 
 KNOWN_NAMES = ("python-docs", "files")
-MIN_DOC_CHARS = 200  # shorter docstrings are mostly one-liners: little text, many EOS separators
 CHUNK_CHARS = 2000  # target size when one large file has to be cut into documents
 TEXT_SUFFIXES = (".txt", ".md")
 BINARY_UNDECODABLE = 0.1  # a file with more than this fraction of non-UTF-8 bytes is binary (Latin-1 text has ~2%)
-
-# Pure-Python stdlib modules with substantial docstrings; part of the corpus definition, so keep the order fixed.
-# (unittest's classes live in unittest.case, hence both.)
-DOC_MODULES = (
-    "argparse", "collections", "json", "pathlib", "textwrap", "string", "functools", "itertools", "dataclasses",
-    "enum", "typing", "datetime", "decimal", "fractions", "statistics", "random", "heapq", "bisect", "contextlib",
-    "csv", "logging", "unittest", "subprocess", "threading", "queue", "email.message", "http.client",
-    "urllib.parse", "xml.etree.ElementTree", "shutil", "tempfile", "zipfile", "tarfile", "pickle", "copy",
-    "pprint", "inspect", "ast", "difflib", "calendar", "configparser", "glob", "fnmatch", "gettext", "base64",
-    "unittest.case", "doctest", "optparse", "smtplib", "ftplib", "codecs", "http.server",
-)
-
 
 class Tokenizer(Protocol):
     eos_token_id: int | None
@@ -71,40 +59,15 @@ def validate_data_config(cfg: DataConfig) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _python_docs() -> tuple[str, ...]:
-    # Reading some docstrings (typing.io, typing.re) emits DeprecationWarning; it is noise here, and fatal under -W error.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _collect_python_docs()
-
-
-def _collect_python_docs() -> tuple[str, ...]:
-    # Cached: importing ~45 modules and walking their members costs ~0.1 s; a tuple so callers cannot mutate it.
-    from pydoc_data.topics import topics
-
-    docs = [topics[key] for key in sorted(topics)]
-    seen: set[str] = set()
-    for mod_name in DOC_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except Exception:  # a stripped-down Python may lack some modules; the corpus just gets smaller
-            continue
-        texts = [inspect.getdoc(mod)]
-        for name, obj in sorted(vars(mod).items()):
-            # Only the module's own public classes/functions: re-exports would duplicate other modules' text.
-            if name.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
-                continue
-            if getattr(obj, "__module__", None) != mod.__name__:
-                continue
-            texts.append(inspect.getdoc(obj))
-            if inspect.isclass(obj):  # public methods defined by the class itself (inherited ones come with the parent)
-                texts.extend(inspect.getdoc(f) for m, f in sorted(vars(obj).items())
-                             if not m.startswith("_") and inspect.isfunction(f))
-        for text in texts:
-            # getdoc inherits a parent's docstring for undocumented subclasses; `seen` keeps each text once.
-            if text and len(text) >= MIN_DOC_CHARS and text not in seen:
-                seen.add(text)
-                docs.append(text)
-    return tuple(d for d in docs if len(d) >= MIN_DOC_CHARS)
+    """The embedded corpus, read in a fresh interpreter (`python -I -S allocator/model/python_docs.py`) that imports
+    nothing but the standard library: packages imported here can patch stdlib objects (importing Ray replaces
+    `inspect.isgenerator` with a compiled shim, which dropped a document), and the corpus, hence the data fingerprint
+    and every cache keyed on it, must not depend on what this process happened to import first. ~0.2 s, once."""
+    done = subprocess.run([sys.executable, "-I", "-S", python_docs.__file__], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"reading the python-docs corpus failed: {done.stderr.strip()[-500:]}")
+    return tuple(json.loads(done.stdout))
 
 
 def _chunk(text: str, size: int = CHUNK_CHARS) -> list[str]:
