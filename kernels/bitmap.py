@@ -43,7 +43,7 @@ from kernels.errors import (
     check_layout_args,
     check_linear_call,
 )
-from kernels.splitk import INTERPRETED, Buffers, fp32_out
+from kernels.splitk import INTERPRETED, Buffers, fp32_out, store_split
 from kernels.splitk import buffers as splitk_buffers
 
 DTYPES = FLOAT_DTYPES
@@ -302,20 +302,9 @@ def _bitmap_matmul_kernel(
         total += tl.load(bias_ptr + on, mask=(on < N) & (pid_k == 0), other=0.0).to(tl.float32)
     mask = (rm < M) & (on < N)
     out = out_ptr + rm * stride_om + on * stride_on
-    if SPLIT:
-        # Split-K reduced in this launch (kernels/splitk.py): partials to the workspace, the last split to arrive
-        # on this output tile adds them in split order, casts, stores, and resets the tile's count.
-        part = rm * N + on
-        tl.store(ws_ptr + pid_k * M * N + part, total, mask=mask)
-        tl.debug_barrier()  # the whole program's partials are written before the (release) count below
-        counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == splits - 1:
-            reduced = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
-            for s in range(splits):
-                reduced += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out, reduced.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter, 0)
+    if SPLIT:  # split-K reduced in this launch (kernels/splitk.py)
+        store_split(total, out, mask, rm * N + on, ws_ptr, count_ptr + pid_m * tl.num_programs(1) + pid_n, pid_k,
+                    splits, M, N)
     else:
         tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -46,7 +46,7 @@ from kernels.errors import (
     check_layout_args,
     check_linear_call,
 )
-from kernels.splitk import INTERPRETED, Buffers, fp32_out
+from kernels.splitk import INTERPRETED, Buffers, fp32_out, store_split
 from kernels.splitk import buffers as splitk_buffers
 
 DTYPES = FLOAT_DTYPES
@@ -233,18 +233,9 @@ def _csr8_matmul_kernel(
         total += tl.load(bias_ptr + on, mask=(on < N) & (pid_k == 0), other=0.0).to(tl.float32)
     mask = (om < M) & (on < N)
     out = out_ptr + om.to(tl.int64) * stride_om + on * stride_on
-    if SPLIT:  # split-K reduced in this launch, as in kernels/bitmap.py (see kernels/splitk.py)
-        part = om.to(tl.int64) * N + on
-        tl.store(ws_ptr + pid_k * M * N + part, total, mask=mask)
-        tl.debug_barrier()  # the whole program's partials are written before the (release) count below
+    if SPLIT:  # split-K reduced in this launch (kernels/splitk.py)
         counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == splits - 1:
-            reduced = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
-            for i in range(splits):
-                reduced += tl.load(ws_ptr + i * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out, reduced.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter, 0)
+        store_split(total, out, mask, om.to(tl.int64) * N + on, ws_ptr, counter, pid_k, splits, M, N)
     else:
         tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
 

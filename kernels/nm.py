@@ -34,7 +34,7 @@ import triton.language as tl
 
 from kernels.compressed import CompressedWeight
 from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_layout_args, check_linear_call
-from kernels.splitk import arrival_counts
+from kernels.splitk import arrival_counts, store_split
 
 MAX_M = 16  # indices pack at least two per byte; 1:4, 2:4, 4:8, 8:16, 2:8 are all the patterns in practice
 # Triton built this module's kernels for its interpreter (TRITON_INTERPRET=1 when it was imported): they run on
@@ -476,18 +476,9 @@ def _nm_decode_kernel(
         total += tl.load(bias_ptr + on, mask=(on < N) & (pid_k == 0), other=0.0).to(tl.float32)
     mask = (om < M) & (on < N)
     out = out_ptr + om * stride_om + on * stride_on
-    if SPLIT:  # reduced in this launch, as in _nm_matmul_kernel (kernels/splitk.py)
-        part = om * N + on
-        tl.store(ws_ptr + pid_k * M * N + part, total, mask=mask)
-        tl.debug_barrier()
-        counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == splits - 1:
-            reduced = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(splits):
-                reduced += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out, reduced.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter, 0)
+    if SPLIT:  # reduced in this launch (kernels/splitk.py)
+        store_split(total, out, mask, om * N + on, ws_ptr, count_ptr + pid_m * tl.num_programs(1) + pid_n, pid_k,
+                    splits, M, N)
     else:
         tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -628,18 +619,9 @@ def _nm_pair_kernel(
         acc += tl.load(bias_ptr + on, mask=(on < N) & (pid_k == 0), other=0.0).to(tl.float32)
     mask = (om < M) & (on < N)
     out = out_ptr + om * stride_om + on * stride_on
-    if SPLIT:  # reduced in this launch, as in _nm_decode_kernel (kernels/splitk.py)
-        part = om * N + on
-        tl.store(ws_ptr + pid_k * M * N + part, acc, mask=mask)
-        tl.debug_barrier()
-        counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == splits - 1:
-            reduced = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(splits):
-                reduced += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out, reduced.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter, 0)
+    if SPLIT:  # reduced in this launch (kernels/splitk.py)
+        store_split(acc, out, mask, om * N + on, ws_ptr, count_ptr + pid_m * tl.num_programs(1) + pid_n, pid_k,
+                    splits, M, N)
     else:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 

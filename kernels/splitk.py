@@ -13,8 +13,26 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def store_split(total, out, mask, part, ws_ptr, counter, pid_k, splits, M, N):
+    """One K split's end (bitmap, csr8 and the N:M decode and pair kernels): its fp32 partial `total` (bias already
+    added by split 0) goes to the workspace at `part`, the program counts itself in on its output tile's `counter`
+    after a barrier (so the whole program's partials are written before the release), and the last split to arrive
+    adds all partials in split order, casts, stores to `out` and resets the count."""
+    tl.store(ws_ptr + pid_k * M * N + part, total, mask=mask)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    if arrived == splits - 1:
+        reduced = tl.zeros_like(total)
+        for s in range(splits):
+            reduced += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(out, reduced.to(out.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(counter, 0)
 
 COUNTS: dict[str, torch.Tensor] = {}
 
