@@ -42,7 +42,11 @@ MAX_DENSE_SPREAD = 0.5
 MAX_FRACTION_SPREAD = 0.5
 MAX_RECHECK_DRIFT = 0.25
 RECHECK_CALLS = 3  # dense calls timed at each end of a regime
-RECHECK_WARMUP = 2  # untimed dense calls before the first re-check
+RECHECK_WARMUP = 2  # untimed dense calls before the first re-check, at least,
+# and for at least this long: after the quiet wait and the regime change the first calls run slow for longer than two
+# fast calls last (a quiet fresh-clone run saw SmolLM2's decode_b1 re-check at 57-59 ms at the start against 40-41 ms
+# at the end, twice in a row, after 2 warm-up calls of ~50 ms each).
+RECHECK_WARMUP_S = 2.0
 QUIET_WINDOW_S = 1.0  # how long one look at the other processes' CPU use lasts (wait_for_quiet)
 QUIET_WINDOWS = 2  # consecutive quiet looks before measuring: one quiet second between two bursts is not quiet
 
@@ -202,6 +206,16 @@ def _dense_ms(call: Callable[[], object], n: int) -> float:
     return float(np.median(times))
 
 
+def _warm_up(call: Callable[[], object], seconds: float) -> None:
+    """Untimed dense calls, RECHECK_WARMUP of them and for `seconds` at least: the first calls of a regime allocate
+    its buffers, and the cores come back from the quiet wait's idle."""
+    end = time.perf_counter() + seconds
+    calls = 0
+    while calls < RECHECK_WARMUP or time.perf_counter() < end:
+        call()
+        calls += 1
+
+
 def measure_checked(
     name: str,
     measure: Callable[[], RegimeCosts],
@@ -211,6 +225,7 @@ def measure_checked(
     allow_unstable: bool,
     quiet_wait_s: float = 0.0,
     sample: Callable[[], CpuSample] = cpu_sample,
+    warmup_s: float = RECHECK_WARMUP_S,
 ) -> RegimeCosts:
     """`measure()` with its checks recorded in `stability`, each attempt after waiting up to `quiet_wait_s` for the
     other processes to leave the cores quiet; re-measured up to `retries` times while a check fails, then refused
@@ -223,8 +238,7 @@ def measure_checked(
     for attempt in range(1, retries + 2):
         if quiet_wait_s > 0:
             wait_for_quiet(threads, cores, quiet_wait_s, sample)
-        for _ in range(RECHECK_WARMUP):  # untimed: the first calls of a regime allocate its buffers
-            dense_call()
+        _warm_up(dense_call, warmup_s)
         before = sample()
         start_ms = _dense_ms(dense_call, RECHECK_CALLS)
         costs = measure()

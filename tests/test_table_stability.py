@@ -4,6 +4,7 @@
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict, replace
 
 import pytest
@@ -67,21 +68,21 @@ def test_busy_regime_is_measured_again_then_refused_or_kept_marked(monkeypatch):
     monkeypatch.setattr("profilers.stability._dense_ms", lambda call, n: 10.0)  # the re-checks agree
     quiet, noisy = _costs([10.0, 10.2, 9.9], [5.0, 5.1, 5.0]), _costs([10.0, 30.0, 9.0], [5.0, 5.1, 14.0])
     runs = iter([noisy, quiet])
-    costs = measure_checked("prefill", lambda: next(runs), lambda: None, 2, 1, False, sample=_sampler(0.0))
+    costs = measure_checked("prefill", lambda: next(runs), lambda: None, 2, 1, False, sample=_sampler(0.0), warmup_s=0.0)
     assert costs.raw == quiet.raw
     assert costs.stability["stable"] and costs.stability["attempts"] == 2 and costs.stability["reasons"] == []
 
     busy = _sampler(1.5)  # other processes keep 1.5 of this machine's cores busy
     with pytest.raises(UserInputError, match=r"^latency table not saved: regime prefill was measured on a busy or "
                                              r"unstable machine after 2 attempt\(s\): other processes used 1\.50 of"):
-        measure_checked("prefill", lambda: quiet, lambda: None, os.cpu_count(), 1, False, sample=busy)
-    kept = measure_checked("prefill", lambda: quiet, lambda: None, os.cpu_count(), 0, True, sample=_sampler(1.5 * 64))
+        measure_checked("prefill", lambda: quiet, lambda: None, os.cpu_count(), 1, False, sample=busy, warmup_s=0.0)
+    kept = measure_checked("prefill", lambda: quiet, lambda: None, os.cpu_count(), 0, True, sample=_sampler(1.5 * 64), warmup_s=0.0)
     assert not kept.stability["stable"] and "other processes used" in kept.stability["reasons"][0]
 
     degenerate = _costs([10.0, 10.1, 10.0], [5.0, 5.0, 5.0], fixed_ms=0.0)
     with pytest.raises(UserInputError, match="fixed cost clipped to 0 ms"):
-        measure_checked("prefill", lambda: degenerate, lambda: None, 2, 0, False, sample=_sampler(0.0))
-    marked = measure_checked("prefill", lambda: degenerate, lambda: None, 2, 0, True, sample=_sampler(0.0))
+        measure_checked("prefill", lambda: degenerate, lambda: None, 2, 0, False, sample=_sampler(0.0), warmup_s=0.0)
+    marked = measure_checked("prefill", lambda: degenerate, lambda: None, 2, 0, True, sample=_sampler(0.0), warmup_s=0.0)
     assert not marked.stability["stable"]  # kept only on request, never as clean (budgets on it are refused)
 
 
@@ -198,3 +199,17 @@ def test_verify_of_a_plan_from_a_stale_table_prints_the_mismatch_and_the_refresh
     measured = Plan.load(run / "plan.json").measured
     assert measured.table_stale and measured.dense_prediction_error < -0.25 and command in measured.table_note
     assert measured.predicted_dense_latency_ms == pytest.approx(Plan.load(run / "plan.json").predicted.dense_latency_ms)
+
+
+def test_start_recheck_warm_up_lasts_its_calls_and_its_seconds():
+    """The re-check's warm-up: at least RECHECK_WARMUP calls, and for `warmup_s` at least (a quiet run's first fast
+    decode calls stayed slow for longer than two of them)."""
+    from profilers.stability import RECHECK_WARMUP, _warm_up
+
+    calls = []
+    _warm_up(lambda: calls.append(1), 0.0)
+    assert len(calls) == RECHECK_WARMUP
+    calls.clear()
+    start = time.perf_counter()
+    _warm_up(lambda: (calls.append(1), time.sleep(0.02)), 0.3)
+    assert time.perf_counter() - start >= 0.3 and len(calls) >= 0.3 / 0.02 * 0.5
