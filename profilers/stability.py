@@ -42,10 +42,11 @@ MAX_DENSE_SPREAD = 0.5
 MAX_FRACTION_SPREAD = 0.5
 MAX_RECHECK_DRIFT = 0.25
 RECHECK_CALLS = 3  # dense calls timed at each end of a regime
-RECHECK_WARMUP = 2  # untimed dense calls before the first re-check, at least,
-# and for at least this long: after the quiet wait and the regime change the first calls run slow for longer than two
-# fast calls last (a quiet fresh-clone run saw SmolLM2's decode_b1 re-check at 57-59 ms at the start against 40-41 ms
-# at the end, twice in a row, after 2 warm-up calls of ~50 ms each).
+RECHECK_WARMUP = 2  # untimed dense calls before each re-check, at least,
+# and for at least this long. Freeing the previous regime's (or this regime's) variant models leaves the next dense
+# calls slow for longer than two fast calls last, as their memory is faulted back in: on a quiet machine, a fresh
+# clone's Quickstart saw SmolLM2's decode_b1 re-check at 57-59 ms at the start against 40-41 ms at the end after 2
+# warm-up calls, and, with this warm-up at the start only, 40 ms at the start against 88-115 ms at the end.
 RECHECK_WARMUP_S = 2.0
 QUIET_WINDOW_S = 1.0  # how long one look at the other processes' CPU use lasts (wait_for_quiet)
 QUIET_WINDOWS = 2  # consecutive quiet looks before measuring: one quiet second between two bursts is not quiet
@@ -207,8 +208,8 @@ def _dense_ms(call: Callable[[], object], n: int) -> float:
 
 
 def _warm_up(call: Callable[[], object], seconds: float) -> None:
-    """Untimed dense calls, RECHECK_WARMUP of them and for `seconds` at least: the first calls of a regime allocate
-    its buffers, and the cores come back from the quiet wait's idle."""
+    """Untimed dense calls, RECHECK_WARMUP of them and for `seconds` at least, before a re-check: the first calls
+    after a regime's variants are built or freed fault their memory in."""
     end = time.perf_counter() + seconds
     calls = 0
     while calls < RECHECK_WARMUP or time.perf_counter() < end:
@@ -242,6 +243,7 @@ def measure_checked(
         before = sample()
         start_ms = _dense_ms(dense_call, RECHECK_CALLS)
         costs = measure()
+        _warm_up(dense_call, warmup_s)  # measure() has just freed its variants: the next calls fault memory back in
         end_ms = _dense_ms(dense_call, RECHECK_CALLS)
         checks = Checks(spread_of(costs.raw), start_ms, end_ms, others_cores(before, sample()), threads, cores)
         checks.reasons = judge(checks, costs)
