@@ -4,6 +4,7 @@ same perplexity protocol on a torch model, so the two are compared on identical 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -20,6 +21,10 @@ from tqdm import tqdm
 
 from allocator.model.engines.llamacpp_build import tool
 
+log = logging.getLogger(__name__)
+
+# Runs of llama-perplexity before its missing final line is an error (see llama_perplexity).
+PERPLEXITY_ATTEMPTS = 3
 DECODE_TOKENS = 32  # tokens generated per decode sample (llama-bench `-n`): one sample is their mean
 
 
@@ -49,21 +54,28 @@ def llama_perplexity(gguf: Path, text_file: Path, n_ctx: int, cache_dir: str | P
     """`llama-perplexity` on `text_file` in chunks of `n_ctx` tokens, KV cache in f32 (llama.cpp's default f16 cache
     would round K and V: the comparison is about the weights and the graph). The tokens come back from the logits
     file it writes (`--kl-divergence-base`), so the native model can be scored on exactly them."""
-    with tempfile.TemporaryDirectory(prefix="llamacpp-ppl-") as tmp:
-        logits = Path(tmp) / "logits.bin"
-        cmd = [tool("llama-perplexity", cache_dir), "-m", gguf, "-f", text_file, "-c", n_ctx, "-b", n_ctx,
-               "-t", threads or default_threads(), "-ctk", "f32", "-ctv", "f32", "--kl-divergence-base", logits]
-        if chunks is not None:
-            cmd += ["--chunks", chunks]
-        out = _run(cmd, "llama-perplexity")
-        with logits.open("rb") as f:
-            if f.read(8) != b"_logits_":
-                raise RuntimeError(f"{logits}: not a llama-perplexity logits file")
-            ctx, _vocab, n_chunk = np.frombuffer(f.read(12), dtype=np.int32)  # header: n_ctx, n_vocab, n_chunk
-            tokens = np.frombuffer(f.read(4 * int(n_chunk) * int(ctx)), dtype=np.int32).reshape(n_chunk, ctx)
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
-    if found is None:
-        raise RuntimeError(f"llama-perplexity printed no final estimate:\n{out[-2000:]}")
+    for attempt in range(1, PERPLEXITY_ATTEMPTS + 1):
+        with tempfile.TemporaryDirectory(prefix="llamacpp-ppl-") as tmp:
+            logits = Path(tmp) / "logits.bin"
+            cmd = [tool("llama-perplexity", cache_dir), "-m", gguf, "-f", text_file, "-c", n_ctx, "-b", n_ctx,
+                   "-t", threads or default_threads(), "-ctk", "f32", "-ctv", "f32", "--kl-divergence-base", logits]
+            if chunks is not None:
+                cmd += ["--chunks", chunks]
+            out = _run(cmd, "llama-perplexity")
+            with logits.open("rb") as f:
+                if f.read(8) != b"_logits_":
+                    raise RuntimeError(f"{logits}: not a llama-perplexity logits file")
+                ctx, _vocab, n_chunk = np.frombuffer(f.read(12), dtype=np.int32)  # header: n_ctx, n_vocab, n_chunk
+                tokens = np.frombuffer(f.read(4 * int(n_chunk) * int(ctx)), dtype=np.int32).reshape(n_chunk, ctx)
+        found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+        if found is not None:
+            break
+        # llama.cpp's logger writes from a thread it never joins (common/log.cpp, ggml-org/llama.cpp#22142), so
+        # the last lines can be lost when the tool exits: run it again (deterministic: the same result).
+        log.warning("llama-perplexity printed no final estimate (attempt %d of %d): its logger can drop the last "
+                    "lines at exit", attempt, PERPLEXITY_ATTEMPTS)
+    else:
+        raise RuntimeError(f"llama-perplexity printed no final estimate in {PERPLEXITY_ATTEMPTS} runs:\n{out[-2000:]}")
     return LlamaPerplexity(float(found.group(1)), tokens.copy(), int(ctx), int(ctx) // 2, out)
 
 
