@@ -34,7 +34,6 @@ from allocator.core.space import ModelShape, build_space
 from allocator.levels.database import has_sparse, open_or_build_database, unit_hessians
 from allocator.model.loader import DTYPES
 from allocator.model.offload import RandomLayers
-from allocator.model.surgery import SparseUnitWeights, UnitWeights
 from search.fitness_engine import StitchedKLFitness
 
 # Published shapes (config.json of each model); vocabularies included, they set the embedding and lm_head size.
@@ -110,22 +109,11 @@ def present_design_bytes(model_shape: ModelShape, units, calib_tokens: int, fish
     }
 
 
-def level_source(db, device: torch.device):
-    """The database's levels moved to the fitness engine's device."""
-    def source(layer: int, kind: str, kept):
-        level = db.level(layer, kind, kept)
-        if isinstance(level, SparseUnitWeights):
-            return SparseUnitWeights({k: v.to(device) for k, v in level.weights.items()})
-        return UnitWeights(level.kept, level.out_weight.to(device))
-
-    return source
-
-
 def fitness_speed(model, space, db, device, vocab: int, seq_len: int, sequences: int, candidates: int, seed: int):
     """Tokens per second of the fitness engine scoring random candidates (each on `sequences` sequences)."""
     gen = torch.Generator().manual_seed(seed + 1)
     pool = torch.randint(0, vocab, (sequences, seq_len), generator=gen).to(device)
-    engine = StitchedKLFitness(model, space, level_source(db, device), pool, batch_size=max(1, sequences))
+    engine = StitchedKLFitness(model, space, db.source, pool, batch_size=max(1, sequences))
     rng = np.random.default_rng(seed)
     choices = [[int(rng.integers(len(u.options))) for u in space.units] for _ in range(candidates)]
     _sync(device)
