@@ -1,6 +1,6 @@
 """GPU benchmark of the sparse-format kernels against cuBLAS dense and torch's own 2:4 semi-structured matmul.
 
-Kernels, all fp16, y = x W^T for x (M, K) and W (N, K):
+Kernels, all bf16 (the precision the latency tables and the roofline price), y = x W^T for x (M, K) and W (N, K):
 - cublas-dense: F.linear on the pruned weight stored dense (the baseline every speedup is relative to);
 - torch-2:4-cusparselt / torch-2:4-cutlass: torch.sparse.to_sparse_semi_structured (sparse tensor cores), 50 % only;
 - triton-nm-2:4 (kernels.nm), triton-bitmap (kernels.bitmap), triton-csr8 (kernels.csr8: unstructured, per-stored-value
@@ -15,7 +15,7 @@ order each round, so drift hits all alike; speedups are medians of per-round rat
 
 Roofline model (`roofline_ideal_speedup`): in the memory-bound regime (small M) a linear costs its bytes over the
 memory bandwidth, so the ideal speedup of a format is (dense weight bytes + activation bytes) / (format `nbytes` +
-activation bytes), activations being x read and y written once in fp16. `fraction_of_ideal` = measured speedup /
+activation bytes), activations being x read and y written once in bf16. `fraction_of_ideal` = measured speedup /
 ideal. It only bounds kernels that are memory bound: `dense_memory_bound` says whether dense cuBLAS is, on a GPU
 whose datasheet numbers profilers.devices knows. Where it is compute bound, formats that expand to dense tiles
 (bitmap, N:M, BSR) can at best match dense, and only the 2:4 sparse tensor cores can beat it.
@@ -50,8 +50,8 @@ from allocator.core.patterns import SparsityPattern, select_mask
 from kernels.errors import UnsupportedShape
 from profilers.timing import interleaved_schedule
 
-DTYPE = torch.float16
-ELEMENT_BYTES = 2
+DTYPE = torch.bfloat16
+ELEMENT_BYTES = DTYPE.itemsize
 SHAPES: dict[str, tuple[int, int]] = {  # (N, K) = (out_features, in_features)
     "llama3-8b attn q/o": (4096, 4096),
     "llama3-8b mlp gate/up": (14336, 4096),
@@ -68,7 +68,7 @@ QUICK_MS = (1, 16, 256)
 BSR_BLOCKS = ((16, 16), (32, 32))
 MAX_COPIES = 1024  # bounds capture time for tiny compressed weights
 WARMUP_CALLS = 3  # eager calls before capture: autotuning, lazy cuBLAS/cuSPARSELt initialisation
-TOLERANCE = 2e-2  # max |y - y_dense| relative to max |y_dense|: fp16 outputs, different summation orders
+TOLERANCE = 2e-2  # max |y - y_dense| relative to max |y_dense|: bf16 outputs (8-bit mantissa), different summation orders
 BASELINE = "cublas-dense"
 
 
@@ -504,7 +504,7 @@ def main(quick: bool = False) -> dict:
     for name, (n, k) in cfg.shapes.items():
         rows += bench_shape(name, n, k, cfg, numbers, env["l2_bytes"])
     result = {
-        "what": "fp16 y = x W^T: sparse-format Triton kernels and torch 2:4 vs cuBLAS dense, per weight shape, M "
+        "what": "bf16 y = x W^T: sparse-format Triton kernels and torch 2:4 vs cuBLAS dense, per weight shape, M "
                 "and sparsity",
         "environment": env,
         "settings": {
@@ -527,7 +527,7 @@ def main(quick: bool = False) -> dict:
     stem = result_name(env["gpu"], quick)
     path = write_result("kernels", stem, result)
     plot_speedups(rows, PLOT_SHAPE, path.with_suffix(".png"),
-                  f"{PLOT_SHAPE[0]}x{PLOT_SHAPE[1]} fp16 on {env['gpu']}: speedup vs cuBLAS (dotted: roofline ideal)")
+                  f"{PLOT_SHAPE[0]}x{PLOT_SHAPE[1]} bf16 on {env['gpu']}: speedup vs cuBLAS (dotted: roofline ideal)")
     return result
 
 
