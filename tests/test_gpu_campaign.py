@@ -90,3 +90,22 @@ def test_a_step_past_its_timeout_is_killed(tmp_path):
 def test_unknown_step_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown step.*nope.*valid: probe"):
         gc.run_all(tmp_path, True, 10, ["nope"], None)
+
+
+def test_report_files_the_results(dry_run, tmp_path):
+    from allocator.benchmarks.gpu_report import join_static, report
+
+    out, _, _ = dry_run
+    tables, bench = tmp_path / "tables", tmp_path / "bench"
+    tables.mkdir()
+    result = report(out, tables, bench)
+    assert sorted(p.name for p in tables.iterdir()) == sorted(p.name.split("--")[1] for p in (out / "tables").iterdir())
+    assert result["smoke"]["failed"] == 0 and result["tests"]["failures"] == 0
+    assert all(r["roofline_ms"] > 0 for r in result["verify"])
+    assert (bench / "gpu" / "unknown-gpu-verify.png").stat().st_size > 0
+    assert set(result["table_vs_roofline"]["tiny"]) == {"prefill", "decode_b1", "decode_b4"}
+    static = {"rows": [{"variant": "csr8-70", "shape": [4096, 14336], "m": 1, "predicted_speedup_vs_cublas": 2.1,
+                        "bound_by": "issue"}]}
+    row = {"kernel": "triton-csr8", "sparsity": 0.7, "shape": [4096, 14336], "M": 1}
+    assert join_static([row], static)[0]["static_predicted_speedup"] == 2.1
+    assert join_static([{**row, "M": 16}], static)[0]["static_predicted_speedup"] is None

@@ -1,0 +1,191 @@
+"""What a GPU campaign (allocator.benchmarks.gpu_campaign) measured, put where the project reads it, on this machine.
+
+- the measured latency tables into profilers/tables/ (the h200 profile finds them there: `source: measured`);
+- runs/bench/kernels/<gpu>-campaign.json and .png: the decode benchmark, each row beside the static SASS
+  prediction of the same kernel (runs/bench/kernels/static/sm<arch>.json) and its roofline fraction;
+- runs/bench/gpu/<gpu>-campaign.json: environment, ceilings, smoke test and CUDA test results, every verify point
+  with the measured table's prediction and the datasheet roofline's (profilers.roofline) beside the measurement,
+  and the measured tables against the roofline, regime by regime;
+- runs/bench/gpu/<gpu>-verify.png: predicted against measured latency, both predictors.
+
+python -m allocator.benchmarks.gpu_report DIR  (DIR: the campaign's --out, e.g. unpacked from campaign.tar.gz)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from allocator.benchmarks.gpu_campaign import MODELS, SPACES, profile_config
+from allocator.benchmarks.kernels import BASELINE, plot_speedups, result_name
+from allocator.core.atomic_io import write_json_atomic
+from allocator.core.config import SpaceConfig
+from allocator.core.space import ATTN, MLP, ModelShape, build_space, unit_name
+from profilers.devices import DEVICES
+from profilers.gpu import gpu_regimes
+from profilers.registry import TABLES_DIR
+from profilers.roofline import roofline_table
+from profilers.table import CostTable, load_table
+
+BENCH = Path("runs/bench")
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def static_key(row: dict) -> str | None:
+    """The static benchmark's variant name for a kernel benchmark row (None: not compiled there)."""
+    pct = round(row["sparsity"] * 100)
+    if row["kernel"] == "triton-bitmap":
+        return f"bitmap{pct}"
+    if row["kernel"] == "triton-csr8":
+        return f"csr8-{pct}"
+    if row["kernel"] == "triton-nm-2:4":
+        return "nm2:4"
+    if row["kernel"] == "triton-bsr-16x16":
+        return f"bsr16x16-{pct}"
+    return None
+
+
+def join_static(rows: list[dict], static: dict | None) -> list[dict]:
+    """Each measured row with the static prediction of the same kernel, shape and M, where one was compiled."""
+    by_key = {(r["variant"], tuple(r["shape"]), r["m"]): r for r in (static or {}).get("rows", [])}
+    out = []
+    for row in rows:
+        match = by_key.get((static_key(row), tuple(row["shape"]), row["M"])) if row["kernel"] != BASELINE else None
+        out.append({**row, "static_predicted_speedup": match and match["predicted_speedup_vs_cublas"],
+                    "static_bound_by": match and match["bound_by"]})
+    return out
+
+
+def test_summary(xml_path: Path) -> dict | None:
+    if not xml_path.is_file():
+        return None
+    suite = ET.parse(xml_path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    failures = [{"test": f"{case.get('classname')}::{case.get('name')}", "message": (bad.get("message") or "")[:500]}
+                for case in suite.iter("testcase") for bad in case if bad.tag in ("failure", "error")]
+    return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")} | {"failed": failures}
+
+
+def _space(name: str):
+    from transformers import LlamaConfig
+
+    fields = dict(MODELS[name])
+    fields.pop("rope_theta")
+    return build_space(ModelShape.from_config(LlamaConfig(**fields)), SpaceConfig(**SPACES[name]))
+
+
+def roofline_of(name: str) -> CostTable:
+    return roofline_table(DEVICES["h200"], _space(name), gpu_regimes(profile_config(False)), "bfloat16")
+
+
+def table_vs_roofline(measured: CostTable, roofline: CostTable) -> dict:
+    """Per regime: dense and fixed time, and the per-layer unit costs (mean over options), measured vs roofline."""
+    out = {}
+    for regime, m in measured.regimes.items():
+        r = roofline.regime(regime)
+        units = {}
+        for kind in m.unit_ms:
+            pairs = [(m.unit_ms[kind][o], r.unit_ms[kind][o]) for o in m.unit_ms[kind] if o in r.unit_ms[kind]]
+            full_m, full_r = max(pairs, key=lambda p: p[0])
+            units[kind] = {"measured_dense_unit_ms": full_m, "roofline_dense_unit_ms": full_r}
+        out[regime] = {"dense_ms": [m.dense_ms, r.dense_ms], "fixed_ms": [m.fixed_ms, r.fixed_ms],
+                       "dense_roofline_over_measured": r.dense_ms / m.dense_ms, "units": units}
+    return out
+
+
+def with_roofline(rows: list[dict], allocations: dict[str, dict[str, dict]]) -> list[dict]:
+    """Each verify row with the roofline's prediction of the same allocation beside the measured table's."""
+    tables = {name: roofline_of(name) for name in {r["model"] for r in rows}}
+    out = []
+    for row in rows:
+        name = row["model"]
+        alloc = allocations[name][row["allocation"]]
+        layers = MODELS[name]["num_hidden_layers"]
+        widths = {kind: [alloc[unit_name(i, kind)] for i in range(layers)] for kind in (ATTN, MLP)}
+        predicted = tables[name].regime(row["regime"]).predict_ms(widths)
+        out.append({**row, "roofline_ms": predicted, "roofline_error": predicted / row["measured_ms"] - 1.0})
+    return out
+
+
+def plot_verify(rows: list[dict], path: Path, gpu: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), squeeze=False)
+    for ax, model in zip(axes[0], dict.fromkeys(r["model"] for r in rows)):
+        pts = [r for r in rows if r["model"] == model]
+        ms = [r["measured_ms"] for r in pts]
+        ax.scatter(ms, [r["predicted_ms"] for r in pts], s=14, label="measured table")
+        ax.scatter(ms, [r["roofline_ms"] for r in pts], s=14, marker="x", label="datasheet roofline")
+        lo, hi = min(ms) * 0.8, max(max(ms), max(r["roofline_ms"] for r in pts)) * 1.2
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
+        ax.fill_between([lo, hi], [lo * 0.95, hi * 0.95], [lo * 1.05, hi * 1.05], color="grey", alpha=0.2,
+                        label="±5%")
+        ax.set(xscale="log", yscale="log", xlabel="measured ms (CUDA graph, median)", ylabel="predicted ms",
+               title=f"{model}: {len(pts)} allocation x regime points")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"end-to-end latency on {gpu}: predicted vs measured")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def report(run: Path, tables_dir: Path = TABLES_DIR, bench: Path = BENCH) -> dict:
+    (bench / "gpu").mkdir(parents=True, exist_ok=True)
+    probe = _load(run / "probe.json") or {}
+    gpu = probe.get("gpu", "unknown-gpu")
+    stem = result_name(gpu, False)
+    copied = []
+    for path in sorted((run / "tables").glob("*--*.json")):
+        table = load_table(path)
+        if table.source == "measured" and not path.name.endswith(".partial.json"):
+            target = tables_dir / path.name.split("--", 1)[1]
+            shutil.copy(path, target)
+            copied.append(str(target))
+    kernels = _load(run / "kernels.json")
+    if kernels:
+        arch = "".join(map(str, probe.get("capability", [9, 0])))
+        rows = join_static(kernels["results"], _load(bench / "kernels" / "static" / f"sm{arch}.json"))
+        path = bench / "kernels" / f"{stem}-campaign.json"
+        write_json_atomic(path, {**kernels, "results": rows})
+        plot_speedups(rows, (4096, 14336), path.with_suffix(".png"),
+                      f"4096x14336 bf16 on {gpu}: speedup vs cuBLAS (dotted: bytes roofline)")
+    verify = _load(run / "verify.json")
+    result = {
+        "probe": probe, "ceilings": _load(run / "ceilings.json"), "steps": (_load(run / "campaign.json") or {}),
+        "smoke": (lambda s: s and {k: s[k] for k in ("checks", "failed", "tolerance")} | {
+            "failures": [r for r in s["rows"] if r["status"] != "ok"]})(_load(run / "smoke.json")),
+        "tests": test_summary(run / "tests.xml"), "tables": copied,
+    }
+    if verify:
+        rows = with_roofline(verify["rows"], verify["allocations"])
+        result["verify"] = rows
+        result["allocations"] = verify["allocations"]
+        plot_verify(rows, bench / "gpu" / f"{stem}-verify.png", gpu)
+    result["table_vs_roofline"] = {}
+    for path in sorted((run / "tables").glob("*--*.json")):
+        name = path.name.split("--", 1)[0]
+        if name in MODELS:
+            result["table_vs_roofline"][name] = table_vs_roofline(load_table(path), roofline_of(name))
+    write_json_atomic(bench / "gpu" / f"{stem}-campaign.json", result)
+    print(f"wrote {bench / 'gpu' / f'{stem}-campaign.json'}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m allocator.benchmarks.gpu_report", description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=Path, help="the campaign's --out directory")
+    report(parser.parse_args(argv).run)
+
+
+if __name__ == "__main__":
+    main()
