@@ -280,7 +280,12 @@ def _bitmap_matmul_kernel(
         for w in tl.static_range(WORDS):
             words = tl.load(bitmap_ptr + (tile * WORDS + w) * TILE_N + rn).to(tl.uint32, bitcast=True)
             stored = (words & own) != 0
-            v = tl.load(values_ptr + (rank + _popc(words & below, NATIVE_POPC)), mask=stored, other=0.0)
+            v_ptrs = values_ptr + (rank + _popc(words & below, NATIVE_POPC))
+            if USE_DOT:
+                v = tl.load(v_ptrs, mask=stored, other=0.0)
+            else:  # a flat gather: Triton 3.6 would convert a 2-D one's layout every word (kernels.triton_compat)
+                v = tl.reshape(tl.load(tl.reshape(v_ptrs, (TILE_N * 32,)), mask=tl.reshape(stored, (TILE_N * 32,)),
+                                       other=0.0), (TILE_N, 32))
             if w + 1 < WORDS:
                 rank += _popc(words, NATIVE_POPC)
             xk = t * TILE_K + w * 32 + lane

@@ -20,11 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import triton_compat
 from kernels.compressed import CompressedWeight
 from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_layout_args, check_linear_call
 
 MIN_BLOCK, MAX_BLOCK = 16, 128
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # see kernels.nm: the kernel was built for the interpreter
+triton_compat.patch()  # Triton 3.6's interpreter with NumPy >= 2.4
 INT32_LIMIT = 2**31  # the kernel indexes with 32-bit offsets
 
 

@@ -48,6 +48,7 @@ from kernels.errors import (
 )
 from kernels.splitk import INTERPRETED, Buffers, fp32_out, store_split
 from kernels.splitk import buffers as splitk_buffers
+from kernels.triton_compat import FLAT_GATHER as _FLAT_GATHER
 
 DTYPES = FLOAT_DTYPES
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -59,6 +60,7 @@ WARP = 32
 # one lane per row: Triton 3.7's code for the wider layout splits the loop (see `lanes_per_row`).
 DECODE_LANES = 4
 FORMAT_VERSION = 1
+FLAT_GATHER = tl.constexpr(_FLAT_GATHER)  # the decode loop's loads under Triton < 3.7 (kernels.triton_compat)
 _MAX_INT32 = 2**31 - 1
 
 
@@ -203,6 +205,7 @@ def _csr8_matmul_kernel(
     rows = pid_n * ROWS + tl.arange(0, ROWS)
     live = rows < N
     STEP: tl.constexpr = LANES * VEC  # entries of a row per trip: LANES lanes load VEC consecutive entries each
+    FLAT: tl.constexpr = BLOCK_M * ROWS * STEP
     entry = tl.arange(0, STEP)[None, None, :]
     part = entry // VEC  # which of the row's lanes (its VEC-entry chunk of the trip)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -221,9 +224,19 @@ def _csr8_matmul_kernel(
         chunks3 = chunks[None, :, None]
         for j in range(tl.cdiv(tl.max(chunks), LANES)):  # to the group's longest segment; shorter rows masked
             ok = j * LANES + part < chunks3  # whole VEC-entry chunks: the loads stay vectors
-            v = tl.load(values_ptr + (start3 + j * STEP), mask=ok, other=0.0)
-            col = tl.load(cols_ptr + (start3 + j * STEP), mask=ok, other=0)
-            x = tl.load(x_seg + col.to(tl.int32) * stride_xk)  # padding: column 0 of the segment, in bounds
+            if LANES == 1 or not FLAT_GATHER:
+                v = tl.load(values_ptr + (start3 + j * STEP), mask=ok, other=0.0)
+                col = tl.load(cols_ptr + (start3 + j * STEP), mask=ok, other=0)
+            else:  # Triton < 3.7 (kernels.triton_compat): all three loads flat, so the loop keeps one layout
+                v = tl.reshape(tl.load(tl.reshape(values_ptr + (start3 + j * STEP), (FLAT,)),
+                                       mask=tl.reshape(ok, (FLAT,)), other=0.0), (BLOCK_M, ROWS, STEP))
+                col = tl.reshape(tl.load(tl.reshape(cols_ptr + (start3 + j * STEP), (FLAT,)),
+                                         mask=tl.reshape(ok, (FLAT,)), other=0), (BLOCK_M, ROWS, STEP))
+            x_ptrs = x_seg + col.to(tl.int32) * stride_xk  # padding: column 0 of the segment, in bounds
+            if LANES == 1 or FLAT_GATHER:  # a flat gather (kernels.triton_compat; no worse under Triton 3.7)
+                x = tl.reshape(tl.load(tl.reshape(x_ptrs, (FLAT,))), (BLOCK_M, ROWS, STEP))
+            else:
+                x = tl.load(x_ptrs)
             acc += v.to(tl.float32) * x.to(tl.float32)
 
     total = tl.sum(acc, axis=2)  # (BLOCK_M, ROWS)

@@ -35,11 +35,13 @@ import triton.language as tl
 from kernels.compressed import CompressedWeight
 from kernels.errors import FLOAT_DTYPES, UnsupportedShape, check_kernel_device, check_layout_args, check_linear_call
 from kernels.splitk import arrival_counts, store_split
+from kernels.triton_compat import FLAT_GATHER as _FLAT_GATHER
 
 MAX_M = 16  # indices pack at least two per byte; 1:4, 2:4, 4:8, 8:16, 2:8 are all the patterns in practice
 # Triton built this module's kernels for its interpreter (TRITON_INTERPRET=1 when it was imported): they run on
 # CPU tensors there and nowhere else; compiled kernels run on CUDA tensors only.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+FLAT_GATHER = tl.constexpr(_FLAT_GATHER)  # the decode kernel's gathers under Triton < 3.7 (kernels.triton_compat)
 INT32_LIMIT = 2**31  # the kernels index with 32-bit offsets
 SPLIT_M_MAX = 64  # M (rounded up to a power of two) up to which autotuning may split K
 
@@ -456,11 +458,19 @@ def _nm_decode_kernel(
         p = step * KC + e  # entry of each row: group p // NN, slot p % NN
         ok = (p < groups * NN) & (rn < N)
         v = tl.load(val_ptr + rn * stride_vn + p, mask=ok, other=0.0)
-        byte = tl.load(idx_ptr + rn * stride_in + p // PER_BYTE, mask=ok, other=0)
+        if FLAT_GATHER and BLOCK_M == 1:  # Triton < 3.7 (kernels.triton_compat)
+            byte = tl.reshape(tl.load(tl.reshape(idx_ptr + rn * stride_in + p // PER_BYTE, (BLOCK_N * KC,)),
+                                      mask=tl.reshape(ok, (BLOCK_N * KC,)), other=0), (BLOCK_N, KC))
+        else:
+            byte = tl.load(idx_ptr + rn * stride_in + p // PER_BYTE, mask=ok, other=0)
         code = (byte.to(tl.int32) >> ((p % PER_BYTE) * BITS)) & ((1 << BITS) - 1)
         col = (p // NN) * MM + code
         if BLOCK_M == 1:  # 2-D, so the compiler keeps one layout for the whole loop (no conversion, no barrier)
-            x = tl.load(x_rows + col * stride_xk, mask=ok, other=0.0)
+            if FLAT_GATHER:
+                x = tl.reshape(tl.load(tl.reshape(x_rows + col * stride_xk, (BLOCK_N * KC,)),
+                                       mask=tl.reshape(ok, (BLOCK_N * KC,)), other=0.0), (BLOCK_N, KC))
+            else:
+                x = tl.load(x_rows + col * stride_xk, mask=ok, other=0.0)
             acc += v.to(tl.float32) * x.to(tl.float32)
         else:
             x = tl.load(x_rows + col[None] * stride_xk, mask=ok[None] & (rm < M), other=0.0)

@@ -15,7 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import triton_compat
+
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+triton_compat.patch()  # Triton 3.6's interpreter with NumPy >= 2.4 (bitmap, csr8 and N:M import this module)
 
 
 @triton.jit
