@@ -4,10 +4,13 @@ Steps, each in its own process under its own timeout, output tee'd to <out>/<ste
   probe     nvidia-smi, versions (python, torch, triton, transformers), device name, SMs, L2, cuSPARSELt
   ceilings  device-to-device copy bandwidth and the bf16 matmul rate on random data (the two ceilings), and the
             per-kernel overhead of a linear inside a CUDA graph (what the roofline's `launch_s` assumes)
+  kernels   the decode benchmark (allocator.benchmarks.kernels, bf16): bitmap / csr8 / N:M / BSR vs cuBLAS and
+            torch's 2:4 on 4096x14336 and 14336x4096 at M = 1, 16, 256 and 50 / 70 / 90 %, each checked against
+            the dense product
+  occupancy the one-warp decode kernels (bitmap, csr8, 2:4) at M = 1, 16 with split-K aiming at 8 ... 128 programs
+            per SM, against cuBLAS
   smoke     every kernel (bitmap, csr8, 2:4, 4:8, BSR) compiled, against float64 at M = 1, 3, 16, 17, 70, with bias,
             forced split-K values, and each format's custom op captured in a CUDA graph and replayed on new inputs
-  kernels   the decode benchmark (allocator.benchmarks.kernels, bf16): bitmap / csr8 / N:M / BSR vs cuBLAS and
-            torch's 2:4 on 4096x14336 and 14336x4096 at M = 1, 16, 256 and 50 / 70 / 90 %
   tests     the test files that run on CUDA when it is present (the compiled kernels, the GPU profiler, placement)
   tables    latency tables (profilers.gpu.profile_gpu: prefill, decode at batch 1/4/16/64) of random-weight models
             of SmolLM2-135M's and Llama-3-8B's shapes, for the h200 profile
@@ -301,12 +304,15 @@ def smoke(out: Path, dry: bool) -> None:
             w = module.compress(dense, **params)
             bias = torch.randn(n, generator=gen, device=device).to(DTYPE)
             for m in ms:
-                for split in (None, 1, 3) if fmt in ("bitmap", "csr8") else (None,):
+                # forced splits (bitmap, csr8) at one and at 17 rows; bias with and without at the default split
+                splits = (None, 1, 3) if fmt in ("bitmap", "csr8") and m in (1, 17) else (None,)
+                for split in splits:
                     kwargs = {} if split is None else {"split_k": split}
-                    for b in (None, bias):
+                    for b in (None, bias) if split is None else (bias,):
                         x = torch.randn(m, k, generator=gen, device=device).to(DTYPE)  # fresh inputs every check
                         rows.append(_check(fmt, pattern, lambda x, b=b, kw=kwargs: module.triton_matmul(x, w, b, **kw),
                                            x, dense, b, split_k=split))
+        print(f"smoke {pattern}: {sum(r['status'] == 'ok' for r in rows)}/{len(rows)} ok so far", flush=True)
         # the custom op a model runs, captured in a CUDA graph and replayed on new inputs
         linear = SparseLinear.from_dense(dense, bias, fmt, **params)
         for m in (1, 16):
@@ -348,6 +354,70 @@ def kernels(out: Path, dry: bool) -> None:
         write(out / "kernels.json", {"environment": env, "dtype": str(kb.DTYPE), "shapes": cfg.shapes,
                                      "M": list(cfg.ms), "sparsities": list(cfg.sparsities), "repeats": cfg.repeats,
                                      "configs": "N:M and BSR at the first autotune candidate per M", "results": rows})
+
+
+# ---- occupancy: split-K (programs per SM) of the one-warp decode kernels ----
+
+SWEEP_PPS = (8, 32, 64, 128)  # one-warp programs per SM that split-K aims for (kernels' PROGRAMS_PER_SM)
+
+
+def occupancy(out: Path, dry: bool) -> None:
+    """bitmap, csr8 (50/70/90 %) and 2:4 at M = 1 and 16 with each module's PROGRAMS_PER_SM set to each of
+    SWEEP_PPS while its calls are captured (the launch plan reads it at call time), against cuBLAS, interleaved: how
+    many one-warp programs per SM it takes to hide the gathers' latency."""
+    import importlib
+
+    import torch.nn.functional as F
+
+    from allocator.benchmarks import kernels as kb
+
+    device = cuda_device(dry)
+    l2 = int(torch.cuda.get_device_properties(0).L2_cache_size) if device.type == "cuda" else 0
+    sampler = graph_sampler(dry)
+    shapes = {"tiny": (64, 256)} if dry else KERNEL_SHAPES
+    specs = [kb.Spec(f"triton-{f}", f, s) for f in ("bitmap", "csr8") for s in ((0.7,) if dry else (0.5, 0.7, 0.9))]
+    specs.append(kb.Spec("triton-nm-2:4", "2:4", 0.5))
+    sweep = SWEEP_PPS[:2] if dry else SWEEP_PPS
+    rows = []
+    for name, (n, k) in shapes.items():
+        gen = torch.Generator(device=device).manual_seed(0)
+        base = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(DTYPE)
+        dense = kb.build_variant(kb.Spec(kb.BASELINE, "dense", 0.0), base, l2)
+        variants = [kb.build_variant(spec, base, l2) for spec in specs]
+        for m in (1, 16):
+            x = torch.randn(m, k, generator=gen, device=device).to(DTYPE)
+            samplers = {("cublas", 0): sampler([lambda w=w: F.linear(x, w) for w in dense.copies])}
+            errors = {}
+            for v in variants:
+                module = importlib.import_module(f"kernels.{kb._export_format(v.spec)[0]}")
+                for pps in sweep:
+                    old, module.PROGRAMS_PER_SM = module.PROGRAMS_PER_SM, pps
+                    try:
+                        y = v.call(x, v.copies[0])
+                        errors[(v.spec.label, pps)] = _rel_error(y, x.double() @ v.dense.double().T)
+                        samplers[(v.spec.label, pps)] = sampler([lambda w=w, v=v: v.call(x, w) for w in v.copies])
+                    finally:
+                        module.PROGRAMS_PER_SM = old
+            samples: dict = {key: [] for key in samplers}
+            keys = list(samplers)
+            for r in range(14):
+                random.Random(r).shuffle(keys)
+                for key in keys:
+                    samples[key].append(samplers[key][0]())
+            base_us = samples[("cublas", 0)][2:]
+            for (label, pps), times in samples.items():
+                times = times[2:]  # warm-up rounds
+                ratios = sorted(b / t for b, t in zip(base_us, times))
+                rows.append({"shape": [n, k], "M": m, "kernel": label, "programs_per_sm": pps,
+                             "us": sorted(times)[len(times) // 2], "speedup_vs_cublas": ratios[len(ratios) // 2],
+                             "p10": ratios[len(ratios) // 10], "p90": ratios[-1 - len(ratios) // 10],
+                             "rel_error": errors.get((label, pps)), "timing": samplers[(label, pps)][1]})
+                if label != "cublas":
+                    print(f"{n}x{k} M={m} {label} {pps}/SM: {rows[-1]['us']:.1f} us, "
+                          f"{rows[-1]['speedup_vs_cublas']:.2f}x", flush=True)
+            write(out / "occupancy.json", {"sweep": list(sweep), "rows": rows})
+            del samplers
+        del variants, dense
 
 
 # ---- tests ----
@@ -541,8 +611,9 @@ def mixed_tables(out: Path, dry: bool) -> None:
 STEPS: dict[str, Step] = {
     "probe": Step(probe, 40, 5),
     "ceilings": Step(ceilings, 45, 10),
-    "smoke": Step(smoke, 90, 20),
     "kernels": Step(kernels, 110, 30),
+    "occupancy": Step(occupancy, 120, 30, reserved=False),
+    "smoke": Step(smoke, 90, 20),
     "tests": Step(tests, 75, 30),
     "tables": Step(tables, 200, 100),
     "verify": Step(verify, 120, 60),
