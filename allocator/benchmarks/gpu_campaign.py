@@ -390,14 +390,18 @@ def occupancy(out: Path, dry: bool) -> None:
             errors = {}
             for v in variants:
                 module = importlib.import_module(f"kernels.{kb._export_format(v.spec)[0]}")
+                names = [a for a in ("PROGRAMS_PER_SM", "PAIR_PROGRAMS_PER_SM") if hasattr(module, a)]
                 for pps in sweep:
-                    old, module.PROGRAMS_PER_SM = module.PROGRAMS_PER_SM, pps
+                    saved = {a: getattr(module, a) for a in names}
+                    for a in names:
+                        setattr(module, a, pps)
                     try:
                         y = v.call(x, v.copies[0])
                         errors[(v.spec.label, pps)] = _rel_error(y, x.double() @ v.dense.double().T)
                         samplers[(v.spec.label, pps)] = sampler([lambda w=w, v=v: v.call(x, w) for w in v.copies])
                     finally:
-                        module.PROGRAMS_PER_SM = old
+                        for a, value in saved.items():
+                            setattr(module, a, value)
             samples: dict = {key: [] for key in samplers}
             keys = list(samplers)
             for r in range(14):
@@ -542,12 +546,13 @@ def verify(out: Path, dry: bool) -> None:
 
     device = cuda_device(dry)
     cfg = profile_config(dry)
-    rows = []
+    rows: list[dict] = []
+    timed: dict[str, dict] = {}
     for name in campaign_models(dry):
         model = random_model(name, device)
         space = model_space(name, model)
         table = model_table(out, name)
-        allocs = allocations(name, space)
+        allocs = timed[name] = allocations(name, space)
         source = leading_levels(model, space.shape)
         timer = make_timer(device)
         layers = space.shape.num_layers
@@ -578,7 +583,7 @@ def verify(out: Path, dry: bool) -> None:
                              "rotations": info["rotations"].get(a), "stats": stats[a].__dict__})
                 print(f"{name} {regime.name} {a}: predicted {predicted:.3f} ms, measured {measured:.3f} ms "
                       f"({(predicted / measured - 1) * 100:+.1f}%)", flush=True)
-            write(out / "verify.json", {"rows": rows, "allocations": {name: allocs}})
+            write(out / "verify.json", {"rows": rows, "allocations": timed})
         del model, source
         timer.release()
     errors = sorted(abs(r["error"]) for r in rows)

@@ -8,18 +8,21 @@
   and the measured tables against the roofline, regime by regime;
 - runs/bench/gpu/<gpu>-verify.png: predicted against measured latency, both predictors.
 
-python -m allocator.benchmarks.gpu_report DIR  (DIR: the campaign's --out, e.g. unpacked from campaign.tar.gz)
+python -m allocator.benchmarks.gpu_report DIR [DIR ...]  (each a campaign's --out, e.g. unpacked from campaign.tar.gz;
+  a file in a later one replaces the same file in an earlier one)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from allocator.benchmarks.gpu_campaign import MODELS, SPACES, profile_config
+from allocator.benchmarks.gpu_campaign import allocations as campaign_allocations
 from allocator.benchmarks.kernels import BASELINE, plot_speedups, result_name
 from allocator.core.atomic_io import write_json_atomic
 from allocator.core.config import SpaceConfig
@@ -62,9 +65,19 @@ def join_static(rows: list[dict], static: dict | None) -> list[dict]:
     return out
 
 
+def progress_counts(log: Path) -> dict | None:
+    """Outcomes counted off pytest's progress dots in a log (a run stopped before it wrote its JUnit XML)."""
+    if not log.is_file():
+        return None
+    marks = "".join(re.sub(r"\s*\[\s*\d+%\]$", "", line) for line in log.read_text().replace("\r", "\n").splitlines()
+                    if re.fullmatch(r"[.sFExX]+(\s*\[\s*\d+%\])?", line.strip()))
+    return {"passed": marks.count("."), "skipped": marks.count("s"), "failed": marks.count("F"),
+            "errors": marks.count("E"), "source": f"progress marks in {log.name} (no JUnit XML: the run was cut short)"}
+
+
 def test_summary(xml_path: Path) -> dict | None:
     if not xml_path.is_file():
-        return None
+        return progress_counts(xml_path.with_name("tests.log"))
     suite = ET.parse(xml_path).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     failures = [{"test": f"{case.get('classname')}::{case.get('name')}", "message": (bad.get("message") or "")[:500]}
@@ -102,6 +115,9 @@ def table_vs_roofline(measured: CostTable, roofline: CostTable) -> dict:
 def with_roofline(rows: list[dict], allocations: dict[str, dict[str, dict]]) -> list[dict]:
     """Each verify row with the roofline's prediction of the same allocation beside the measured table's."""
     tables = {name: roofline_of(name) for name in {r["model"] for r in rows}}
+    # campaigns before verify.json kept every model's allocations held only the last model's; allocations() is
+    # deterministic (the committed plans, uniform and seeded random ones), so the others are rebuilt
+    allocations = {name: allocations.get(name) or campaign_allocations(name, _space(name)) for name in tables}
     out = []
     for row in rows:
         name = row["model"]
@@ -139,19 +155,27 @@ def plot_verify(rows: list[dict], path: Path, gpu: str) -> None:
     print(f"wrote {path}")
 
 
-def report(run: Path, tables_dir: Path = TABLES_DIR, bench: Path = BENCH) -> dict:
+def report(runs: list[Path], tables_dir: Path = TABLES_DIR, bench: Path = BENCH) -> dict:
+    """`runs`: campaign directories, later ones taking precedence for a file they both hold (a second call that
+    re-ran some steps)."""
     (bench / "gpu").mkdir(parents=True, exist_ok=True)
-    probe = _load(run / "probe.json") or {}
+
+    def find(name: str) -> Path:
+        return next((r / name for r in reversed(runs) if (r / name).exists()), runs[-1] / name)
+
+    probe = _load(find("probe.json")) or {}
     gpu = probe.get("gpu", "unknown-gpu")
     stem = result_name(gpu, False)
     copied = []
-    for path in sorted((run / "tables").glob("*--*.json")):
+    tables = sorted(p for r in runs for p in (r / "tables").glob("*--*.json"))
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    for path in tables:
         table = load_table(path)
         if table.source == "measured" and not path.name.endswith(".partial.json"):
             target = tables_dir / path.name.split("--", 1)[1]
             shutil.copy(path, target)
             copied.append(str(target))
-    kernels = _load(run / "kernels.json")
+    kernels = _load(find("kernels.json"))
     if kernels:
         arch = "".join(map(str, probe.get("capability", [9, 0])))
         rows = join_static(kernels["results"], _load(bench / "kernels" / "static" / f"sm{arch}.json"))
@@ -159,12 +183,14 @@ def report(run: Path, tables_dir: Path = TABLES_DIR, bench: Path = BENCH) -> dic
         write_json_atomic(path, {**kernels, "results": rows})
         plot_speedups(rows, (4096, 14336), path.with_suffix(".png"),
                       f"4096x14336 bf16 on {gpu}: speedup vs cuBLAS (dotted: bytes roofline)")
-    verify = _load(run / "verify.json")
+    verify = _load(find("verify.json"))
     result = {
-        "probe": probe, "ceilings": _load(run / "ceilings.json"), "steps": (_load(run / "campaign.json") or {}),
+        "probe": probe, "ceilings": _load(find("ceilings.json")),
+        "steps": {str(r): (_load(r / "campaign.json") or {}).get("steps") for r in runs},
         "smoke": (lambda s: s and {k: s[k] for k in ("checks", "failed", "tolerance")} | {
-            "failures": [r for r in s["rows"] if r["status"] != "ok"]})(_load(run / "smoke.json")),
-        "tests": test_summary(run / "tests.xml"), "tables": copied,
+            "failures": [r for r in s["rows"] if r["status"] != "ok"]})(_load(find("smoke.json"))),
+        "tests": {str(r): test_summary(r / "tests.xml") for r in runs if (r / "tests.log").is_file()},
+        "tables": copied,
     }
     if verify:
         rows = with_roofline(verify["rows"], verify["allocations"])
@@ -172,10 +198,13 @@ def report(run: Path, tables_dir: Path = TABLES_DIR, bench: Path = BENCH) -> dic
         result["allocations"] = verify["allocations"]
         plot_verify(rows, bench / "gpu" / f"{stem}-verify.png", gpu)
     result["table_vs_roofline"] = {}
-    for path in sorted((run / "tables").glob("*--*.json")):
+    for path in tables:
         name = path.name.split("--", 1)[0]
         if name in MODELS:
             result["table_vs_roofline"][name] = table_vs_roofline(load_table(path), roofline_of(name))
+    occupancy = _load(find("occupancy.json"))
+    if occupancy:
+        write_json_atomic(bench / "gpu" / f"{stem}-occupancy.json", {"probe": probe, **occupancy})
     write_json_atomic(bench / "gpu" / f"{stem}-campaign.json", result)
     print(f"wrote {bench / 'gpu' / f'{stem}-campaign.json'}")
     return result
@@ -183,8 +212,8 @@ def report(run: Path, tables_dir: Path = TABLES_DIR, bench: Path = BENCH) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m allocator.benchmarks.gpu_report", description=__doc__.split("\n")[0])
-    parser.add_argument("run", type=Path, help="the campaign's --out directory")
-    report(parser.parse_args(argv).run)
+    parser.add_argument("runs", type=Path, nargs="+", help="the campaigns' --out directories; a later one's file replaces an earlier one's")
+    report(parser.parse_args(argv).runs)
 
 
 if __name__ == "__main__":
