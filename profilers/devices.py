@@ -15,7 +15,8 @@ class DeviceSpec:
     sparse_tensor_cores: bool  # 2:4 structured sparsity runs at twice the dense rate
     memory_gb: float
     # Per-kernel cost beyond its roofline (launch, ramp-up, tail), s. Not a datasheet number: ~4 µs is the usual
-    # back-to-back kernel gap on recent NVIDIA GPUs in eager PyTorch; it dominates small models at batch 1.
+    # back-to-back kernel gap on recent NVIDIA GPUs in eager PyTorch; it dominates small models at batch 1. H100 and
+    # H200 carry the value measured on an H200 instead.
     launch_s: float = 4e-6
     is_gpu: bool = True
     # Instruction issue (a third roof for the sparse kernels, profilers.roofline): streaming multiprocessors, max
@@ -35,16 +36,24 @@ class DeviceSpec:
         return self.sms * self.schedulers_per_sm * self.clock_hz
 
 
+# Measured on an H200 (runs/bench/gpu/NVIDIA_H200-campaign.json, "ceilings"; python -m allocator.benchmarks.gpu_campaign):
+# a bf16 linear at one row of x inside a CUDA graph, over L2-rotated weights, costs 3.15-3.18 µs beyond its bytes at
+# the measured bandwidth for SmolLM2's 576x576 and 1536x576 (4.6-7.0 µs for larger ones, whose ramp and tail grow).
+# The H100 is the same GH100 chip and takes the same value.
+H200_LINEAR_OVERHEAD_S = 3.2e-6
+
 DEVICES: dict[str, DeviceSpec] = {
     d.key: d
     for d in (
         # NVIDIA H100 Tensor Core GPU datasheet, SXM5 column: 3.35 TB/s HBM3, BF16 1,979 TFLOPS with sparsity
         # (989.5 dense), 80 GB. NVIDIA Hopper architecture whitepaper: H100 SXM5 has 132 SMs, 1.98 GHz max boost
         # (the clock its 989.5 TFLOPS is quoted at); sm_90.
-        DeviceSpec("h100", "NVIDIA H100 80GB HBM3", 3.35e12, 989.5e12, True, 80, sms=132, clock_hz=1.98e9, arch=90),
+        DeviceSpec("h100", "NVIDIA H100 80GB HBM3", 3.35e12, 989.5e12, True, 80, launch_s=H200_LINEAR_OVERHEAD_S,
+                   sms=132, clock_hz=1.98e9, arch=90),
         # NVIDIA H200 Tensor Core GPU datasheet, SXM column: 4.8 TB/s HBM3e, BF16 1,979 TFLOPS with sparsity
         # (989.5 dense), 141 GB. The same GH100 as H100 SXM5 (same 989.5 TFLOPS): 132 SMs, 1.98 GHz; sm_90.
-        DeviceSpec("h200", "NVIDIA H200", 4.8e12, 989.5e12, True, 141, sms=132, clock_hz=1.98e9, arch=90),
+        DeviceSpec("h200", "NVIDIA H200", 4.8e12, 989.5e12, True, 141, launch_s=H200_LINEAR_OVERHEAD_S, sms=132,
+                   clock_hz=1.98e9, arch=90),
         # NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM column: 2,039 GB/s HBM2e, BF16 312 TFLOPS dense
         # (624 with sparsity), 80 GB. NVIDIA A100 whitepaper: 108 SMs, 1,410 MHz boost; sm_80.
         DeviceSpec("a100", "NVIDIA A100-SXM4-80GB", 2.039e12, 312e12, True, 80, sms=108, clock_hz=1.41e9, arch=80),

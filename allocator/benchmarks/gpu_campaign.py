@@ -90,10 +90,13 @@ def cuda_device(dry: bool) -> torch.device:
     return torch.device("cuda")
 
 
-def write(path: Path, data: object) -> None:
+def write(path: Path, data: object, quiet: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=str))
-    print(f"wrote {path}", flush=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)  # whole or not at all, should the step be killed mid-write
+    if not quiet:
+        print(f"wrote {path}", flush=True)
 
 
 def median_time_s(fn: Callable[[], object], reps: int, device: torch.device) -> float:
@@ -294,7 +297,15 @@ def smoke(out: Path, dry: bool) -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     shapes = ((64, 256),) if dry else ((512, 1536), (576, 576))
     ms = (1, 3, 17) if dry else (1, 3, 16, 17, 70)
-    rows = []
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:  # every failure printed and the file rewritten as it comes: a timeout loses nothing
+        rows.append(row)
+        if row["status"] != "ok":
+            print("FAILED", row, flush=True)
+        write(out / "smoke.json", {"checks": len(rows), "failed": sum(r["status"] != "ok" for r in rows),
+                                   "tolerance": REL_TOL, "rows": rows}, quiet=True)
+
     for kind, level, fmt_override in SMOKE_PATTERNS:
         pattern = _pattern(kind, level)
         fmt, params = export_format(pattern, fmt_override)
@@ -310,18 +321,15 @@ def smoke(out: Path, dry: bool) -> None:
                     kwargs = {} if split is None else {"split_k": split}
                     for b in (None, bias) if split is None else (bias,):
                         x = torch.randn(m, k, generator=gen, device=device).to(DTYPE)  # fresh inputs every check
-                        rows.append(_check(fmt, pattern, lambda x, b=b, kw=kwargs: module.triton_matmul(x, w, b, **kw),
-                                           x, dense, b, split_k=split))
+                        add(_check(fmt, pattern, lambda x, b=b, kw=kwargs: module.triton_matmul(x, w, b, **kw),
+                                   x, dense, b, split_k=split))
         print(f"smoke {pattern}: {sum(r['status'] == 'ok' for r in rows)}/{len(rows)} ok so far", flush=True)
         # the custom op a model runs, captured in a CUDA graph and replayed on new inputs
         linear = SparseLinear.from_dense(dense, bias, fmt, **params)
         for m in (1, 16):
             x = torch.randn(m, dense.shape[1], generator=gen, device=device).to(DTYPE)
-            rows.append(_check(fmt, pattern, lambda x: graph_replay(linear, x), x, dense, bias, graph=True))
+            add(_check(fmt, pattern, lambda x: graph_replay(linear, x), x, dense, bias, graph=True))
     failed = [r for r in rows if r["status"] != "ok"]
-    write(out / "smoke.json", {"checks": len(rows), "failed": len(failed), "tolerance": REL_TOL, "rows": rows})
-    for r in failed:
-        print("FAILED", r)
     print(f"smoke: {len(rows) - len(failed)}/{len(rows)} checks passed (rel. error <= {REL_TOL})")
     if failed:
         sys.exit(1)
