@@ -420,7 +420,11 @@ DECODE_BLOCK_N = 16  # rows of W per program
 # Groups per step, by rows of x: 32 * n entries of each row of W (contiguous vector loads), fewer when the
 # (rows of x, BLOCK_N, entries) accumulator would otherwise spill.
 DECODE_BLOCK_G = {1: 32, 2: 32, 4: 16}
-PROGRAMS_PER_SM = 8  # one-warp programs per SM that split-K aims for
+# One-warp programs per SM that the decode kernel's split-K aims for. Measured on an H200 (2:4, M=1, 4096x14336 /
+# 14336x4096; runs/bench/gpu/NVIDIA_H200-occupancy.json): 8 → 0.85x / 0.90x cuBLAS, 32 → 0.95x / 1.00x, 64 → 0.92x /
+# 0.96x. The pair kernel (5-16 rows) measured no better above 8 (0.14x at 8, 0.11-0.14x above).
+PROGRAMS_PER_SM = 32
+PAIR_PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -654,7 +658,7 @@ def pair_plan(m: int, out_features: int, in_features: int, sms: int | None, spli
     blocks = triton.cdiv(out_features, PAIR_BLOCK_N)
     steps = triton.cdiv(in_features, PAIR_BLOCK_K)
     if split_k is None:
-        target = PROGRAMS_PER_SM * sms if sms is not None else 0
+        target = PAIR_PROGRAMS_PER_SM * sms if sms is not None else 0
         split_k = 1 if blocks >= target else max(1, min(-(-target // blocks), steps // 2))
     if split_k < 1:
         raise UnsupportedShape(f"nm.triton_matmul: split_k={split_k} must be >= 1")
