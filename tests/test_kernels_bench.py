@@ -165,18 +165,8 @@ def test_plot_speedups(tmp_path):
 def test_bench_shape_bookkeeping_on_cpu():
     # The whole per-shape loop with the Triton kernels interpreted and a wall-clock sampler: every variant gets a
     # row; torch's 2:4 (CUDA only) is skipped with its reason; the others are correct and carry their numbers.
-    import time
-
-    def wall_clock(calls):
-        def sample() -> float:
-            start = time.perf_counter()
-            for call in calls:
-                call()
-            return (time.perf_counter() - start) * 1e6 / len(calls)
-        return sample, "wall-clock", calls
-
     cfg = kb.Settings(True, {"tiny": (64, 128)}, (1,), (0.5,), repeats=2, warmup_rounds=1)
-    rows = kb.bench_shape("tiny", 64, 128, cfg, (None, None), l2_bytes=0, device="cpu", sampler=wall_clock)
+    rows = kb.bench_shape("tiny", 64, 128, cfg, (None, None), l2_bytes=0, device="cpu", sampler=kb.wall_clock_sampler)
     by_kernel = {r["kernel"]: r for r in rows}
     assert len(rows) == len(kb.variant_specs((0.5,)))
     for name in ("torch-2:4-cusparselt", "torch-2:4-cutlass"):
@@ -217,17 +207,8 @@ def test_cutlass_is_skipped_off_sm8():
 
 def test_bench_shape_with_fixed_configs_on_cpu():
     """The quick mode's fixed N:M and BSR configs run (interpreted) and give correct results."""
-    import time
-
-    def wall_clock(calls):
-        def sample() -> float:
-            start = time.perf_counter()
-            calls[0]()
-            return (time.perf_counter() - start) * 1e6
-        return sample, "wall-clock", calls
-
     cfg = kb.Settings(True, {"tiny": (64, 128)}, (1,), (0.5,), repeats=1, warmup_rounds=0, fixed_configs=True)
-    rows = kb.bench_shape("tiny", 64, 128, cfg, (None, None), l2_bytes=0, device="cpu", sampler=wall_clock)
+    rows = kb.bench_shape("tiny", 64, 128, cfg, (None, None), l2_bytes=0, device="cpu", sampler=kb.wall_clock_sampler)
     by_kernel = {r["kernel"]: r for r in rows}
     assert "no CUDA GPU" in by_kernel["torch-2:4-cutlass"]["reason"]
     for name in ("triton-nm-2:4", "triton-bsr-16x16", "triton-bsr-32x32"):

@@ -42,9 +42,10 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -119,19 +120,8 @@ def median_time_s(fn: Callable[[], object], reps: int, device: torch.device) -> 
     return sorted(times)[len(times) // 2]
 
 
-def wall_clock_sampler(calls: list[Callable[[], object]]) -> tuple[Callable[[], float], str, object]:
-    """kernels.make_sampler's CPU twin: µs per call, by the wall clock."""
-    def sample() -> float:
-        t0 = time.perf_counter()
-        for call in calls:
-            call()
-        return (time.perf_counter() - t0) * 1e6 / len(calls)
-
-    return sample, "wall-clock", calls
-
-
 def graph_sampler(dry: bool):
-    from allocator.benchmarks.kernels import make_sampler
+    from allocator.benchmarks.kernels import make_sampler, wall_clock_sampler
 
     return wall_clock_sampler if dry else make_sampler
 
@@ -178,6 +168,19 @@ def probe(out: Path, dry: bool) -> None:
 
 # ---- ceilings ----
 
+def copy_bandwidth(nbytes: int, device: torch.device) -> float:
+    """Device-to-device copy of `nbytes` of random bf16, bytes read + bytes written per second."""
+    src = torch.randn(nbytes // 2, device=device, dtype=DTYPE)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / median_time_s(lambda: dst.copy_(src), 20, device)
+
+
+def matmul_rate(n: int, device: torch.device) -> float:
+    """FLOP/s of an n x n x n bf16 matmul on random data."""
+    a, b = (torch.randn(n, n, device=device, dtype=DTYPE) for _ in "ab")
+    return 2 * n ** 3 / median_time_s(lambda: a @ b, 10, device)
+
+
 # Linear shapes (N, K) of both models whose per-call time inside a CUDA graph gives the overhead over their bytes.
 LAUNCH_SHAPES = ((576, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096), (4096, 14336))
 
@@ -189,15 +192,8 @@ def ceilings(out: Path, dry: bool) -> None:
 
     device = cuda_device(dry)
     copy_bytes, mm = (1 << 22, 256) if dry else (1 << 31, 8192)  # 2 GiB: far past the 60 MB L2
-    src = torch.randn(copy_bytes // 2, device=device, dtype=DTYPE)
-    dst = torch.empty_like(src)
-    t_copy = median_time_s(lambda: dst.copy_(src), 20, device)
-    bandwidth = 2 * copy_bytes / t_copy  # bytes read + bytes written
-    del src, dst
-    a, b = (torch.randn(mm, mm, device=device, dtype=DTYPE) for _ in "ab")
-    t_mm = median_time_s(lambda: a @ b, 10, device)
-    flops = 2 * mm ** 3 / t_mm
-    del a, b
+    bandwidth = copy_bandwidth(copy_bytes, device)
+    flops = matmul_rate(mm, device)
     l2 = int(torch.cuda.get_device_properties(0).L2_cache_size) if device.type == "cuda" else 0
     sampler = graph_sampler(dry)
     launch = []
@@ -205,7 +201,7 @@ def ceilings(out: Path, dry: bool) -> None:
         nbytes = n * k * DTYPE.itemsize
         weights = [torch.randn(n, k, device=device, dtype=DTYPE) for _ in range(rotation_count(l2, nbytes))]
         x = torch.randn(1, k, device=device, dtype=DTYPE)
-        sample, method, keep = sampler([lambda w=w: F.linear(x, w) for w in weights])
+        sample, method, keep = sampler([lambda w=w, x=x: F.linear(x, w) for w in weights])
         us = sorted(sample() for _ in range(15))[7]
         launch.append({"shape": [n, k], "copies": len(weights), "us_per_call": us, "timing": method,
                        "bytes_us": nbytes / bandwidth * 1e6, "overhead_us": us - nbytes / bandwidth * 1e6})
@@ -321,14 +317,14 @@ def smoke(out: Path, dry: bool) -> None:
                     kwargs = {} if split is None else {"split_k": split}
                     for b in (None, bias) if split is None else (bias,):
                         x = torch.randn(m, k, generator=gen, device=device).to(DTYPE)  # fresh inputs every check
-                        add(_check(fmt, pattern, lambda x, b=b, kw=kwargs: module.triton_matmul(x, w, b, **kw),
-                                   x, dense, b, split_k=split))
+                        add(_check(fmt, pattern, partial(module.triton_matmul, w=w, bias=b, **kwargs), x, dense, b,
+                                   split_k=split))
         print(f"smoke {pattern}: {sum(r['status'] == 'ok' for r in rows)}/{len(rows)} ok so far", flush=True)
         # the custom op a model runs, captured in a CUDA graph and replayed on new inputs
         linear = SparseLinear.from_dense(dense, bias, fmt, **params)
         for m in (1, 16):
             x = torch.randn(m, dense.shape[1], generator=gen, device=device).to(DTYPE)
-            add(_check(fmt, pattern, lambda x: graph_replay(linear, x), x, dense, bias, graph=True))
+            add(_check(fmt, pattern, partial(graph_replay, linear), x, dense, bias, graph=True))
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"smoke: {len(rows) - len(failed)}/{len(rows)} checks passed (rel. error <= {REL_TOL})")
     if failed:
@@ -394,7 +390,7 @@ def occupancy(out: Path, dry: bool) -> None:
         variants = [kb.build_variant(spec, base, l2) for spec in specs]
         for m in (1, 16):
             x = torch.randn(m, k, generator=gen, device=device).to(DTYPE)
-            samplers = {("cublas", 0): sampler([lambda w=w: F.linear(x, w) for w in dense.copies])}
+            samplers = {("cublas", 0): sampler([lambda w=w, x=x: F.linear(x, w) for w in dense.copies])}
             errors = {}
             for v in variants:
                 module = importlib.import_module(f"kernels.{kb._export_format(v.spec)[0]}")
@@ -406,7 +402,8 @@ def occupancy(out: Path, dry: bool) -> None:
                     try:
                         y = v.call(x, v.copies[0])
                         errors[(v.spec.label, pps)] = _rel_error(y, x.double() @ v.dense.double().T)
-                        samplers[(v.spec.label, pps)] = sampler([lambda w=w, v=v: v.call(x, w) for w in v.copies])
+                        samplers[(v.spec.label, pps)] = sampler([lambda w=w, v=v, x=x: v.call(x, w)
+                                                                 for w in v.copies])
                     finally:
                         for a, value in saved.items():
                             setattr(module, a, value)
@@ -565,10 +562,11 @@ def verify(out: Path, dry: bool) -> None:
         timer = make_timer(device)
         layers = space.shape.num_layers
         for regime in gpu_regimes(cfg):
-            build = {"dense": lambda: model}
-            build.update({a: (lambda alloc=alloc: build_deployable(model, space.shape, alloc, source, space.rules,
-                                                                   space.unstructured_format))
-                          for a, alloc in allocs.items()})
+            def deployable(alloc: dict, model=model, space=space, source=source):  # as the export builds it
+                return build_deployable(model, space.shape, alloc, source, space.rules, space.unstructured_format)
+
+            build = {"dense": lambda model=model: model}
+            build.update({a: partial(deployable, alloc) for a, alloc in allocs.items()})
             sizes = {}
             for a, alloc in allocs.items():
                 read, own = variant_bytes(space, alloc, regime, DTYPE.itemsize)
@@ -615,7 +613,7 @@ def mixed_tables(out: Path, dry: bool) -> None:
         t0 = time.perf_counter()
         small = {"sparsities": [0.5], "nm_patterns": ["2:4"], "block_sparsities": [0.5]} if dry else {}
         space = build_space(shape, SpaceConfig(kind=SpaceKind.mixed, **SPACES[name], **small), fmt)
-        table, path = profile_gpu(model, space, profile_config(dry), "bfloat16", out / "cache", device=device)
+        _, path = profile_gpu(model, space, profile_config(dry), "bfloat16", out / "cache", device=device)
         (out / "tables").mkdir(exist_ok=True)
         shutil.copy(path, out / "tables" / f"{name}-mixed-{fmt}--{path.name}")
         print(f"{name} mixed {fmt}: table {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -184,11 +184,12 @@ def report(runs: list[Path], tables_dir: Path = TABLES_DIR, bench: Path = BENCH)
         plot_speedups(rows, (4096, 14336), path.with_suffix(".png"),
                       f"4096x14336 bf16 on {gpu}: speedup vs cuBLAS (dotted: bytes roofline)")
     verify = _load(find("verify.json"))
+    smoke = _load(find("smoke.json"))
     result = {
         "probe": probe, "ceilings": _load(find("ceilings.json")),
         "steps": {str(r): (_load(r / "campaign.json") or {}).get("steps") for r in runs},
-        "smoke": (lambda s: s and {k: s[k] for k in ("checks", "failed", "tolerance")} | {
-            "failures": [r for r in s["rows"] if r["status"] != "ok"]})(_load(find("smoke.json"))),
+        "smoke": smoke and {**{k: smoke[k] for k in ("checks", "failed", "tolerance")},
+                            "failures": [r for r in smoke["rows"] if r["status"] != "ok"]},
         "tests": {str(r): test_summary(r / "tests.xml") for r in runs if (r / "tests.log").is_file()},
         "tables": copied,
     }

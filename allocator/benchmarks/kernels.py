@@ -36,6 +36,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -341,6 +342,17 @@ def make_sampler(calls: list[Callable[[], object]]) -> tuple[Callable[[], float]
         return start.elapsed_time(end) * 1e3 / len(calls)
 
     return sample, method, (graph, calls)
+
+
+def wall_clock_sampler(calls: list[Callable[[], object]]) -> tuple[Callable[[], float], str, object]:
+    """make_sampler's CPU twin (tests, the GPU campaign's --dry-run): µs per call by the wall clock, no graph."""
+    def sample() -> float:
+        start = time.perf_counter()
+        for call in calls:
+            call()
+        return (time.perf_counter() - start) * 1e6 / len(calls)
+
+    return sample, "wall-clock", calls
 
 
 def _error(y: torch.Tensor, expect: torch.Tensor) -> float:
