@@ -98,7 +98,8 @@ def roofline_of(name: str) -> CostTable:
 
 
 def table_vs_roofline(measured: CostTable, roofline: CostTable) -> dict:
-    """Per regime: dense and fixed time, and the per-layer unit costs (mean over options), measured vs roofline."""
+    """Per regime: dense and fixed time, and each kind's dense unit (its costliest option) per layer, measured vs
+    roofline."""
     out = {}
     for regime, m in measured.regimes.items():
         r = roofline.regime(regime)
