@@ -515,19 +515,16 @@ def model_table(out: Path, name: str):
 
 
 def allocations(name: str, space, seed: int = 0) -> dict[str, dict]:
-    """SmolLM2: the searched plans (PLANS) that fit this space; every model: uniform allocations at 3/4 and 1/2 of
-    each unit kept, and seeded random ones, up to 5 with the plans first."""
-    out: dict[str, dict] = {}
+    """SmolLM2: the searched plans (PLANS, made in its default structured space) and two uniform allocations (3/4
+    and 1/2 of each unit kept); other models, or SmolLM2 without PLANS: the two uniform and three seeded random."""
+    uniform = {f"uniform-{fraction}": {u.name: min(u.options, key=lambda o: abs(o - fraction * u.full))
+                                       for u in space.units}
+               for fraction in (0.75, 0.5)}
     if name == "smollm2-135m" and PLANS.is_file():
-        for plan_name, plan in json.loads(PLANS.read_text())["plans"].items():
-            out[plan_name] = plan["allocation"]
-    for fraction in (0.75, 0.5):
-        out[f"uniform-{fraction}"] = {u.name: min(u.options, key=lambda o: abs(o - fraction * u.full))
-                                      for u in space.units}
+        plans = json.loads(PLANS.read_text())["plans"]
+        return {**{plan_name: plan["allocation"] for plan_name, plan in plans.items()}, **uniform}
     rng = random.Random(seed)
-    for i in range(3):
-        out[f"random-{i}"] = {u.name: rng.choice(u.options) for u in space.units}
-    return dict(list(out.items())[:5]) if name != "smollm2-135m" else dict(list(out.items())[:7])
+    return {**uniform, **{f"random-{i}": {u.name: rng.choice(u.options) for u in space.units} for i in range(3)}}
 
 
 def collect_plans(runs: list[Path], path: Path = PLANS) -> dict:

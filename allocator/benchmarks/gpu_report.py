@@ -113,12 +113,16 @@ def table_vs_roofline(measured: CostTable, roofline: CostTable) -> dict:
     return out
 
 
+def timed_allocations(rows: list[dict], recorded: dict[str, dict]) -> dict[str, dict]:
+    """Every verified model's allocations: as verify.json recorded them, or rebuilt (campaigns before verify.json
+    kept every model's held only the last model's; allocations() is deterministic: the committed plans, uniform and
+    seeded random ones)."""
+    return {name: recorded.get(name) or campaign_allocations(name, _space(name)) for name in {r["model"] for r in rows}}
+
+
 def with_roofline(rows: list[dict], allocations: dict[str, dict[str, dict]]) -> list[dict]:
     """Each verify row with the roofline's prediction of the same allocation beside the measured table's."""
-    tables = {name: roofline_of(name) for name in {r["model"] for r in rows}}
-    # campaigns before verify.json kept every model's allocations held only the last model's; allocations() is
-    # deterministic (the committed plans, uniform and seeded random ones), so the others are rebuilt
-    allocations = {name: allocations.get(name) or campaign_allocations(name, _space(name)) for name in tables}
+    tables = {name: roofline_of(name) for name in allocations}
     out = []
     for row in rows:
         name = row["model"]
@@ -195,9 +199,10 @@ def report(runs: list[Path], tables_dir: Path = TABLES_DIR, bench: Path = BENCH)
         "tables": copied,
     }
     if verify:
-        rows = with_roofline(verify["rows"], verify["allocations"])
+        allocations = timed_allocations(verify["rows"], verify["allocations"])
+        rows = with_roofline(verify["rows"], allocations)
         result["verify"] = rows
-        result["allocations"] = verify["allocations"]
+        result["allocations"] = allocations
         plot_verify(rows, bench / "gpu" / f"{stem}-verify.png", gpu)
     result["table_vs_roofline"] = {}
     for path in tables:
