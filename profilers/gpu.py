@@ -115,6 +115,21 @@ def variant_bytes(
     return read, own
 
 
+def variant_groups(
+    space: Space, allocations: dict[str, dict[str, int]], regime: Regime, timer: Timer, l2_rotations: int,
+    element_bytes: int,
+) -> list[list[str]]:
+    """Groups of the variants (all but "dense", which stays resident) that fit the timer's memory budget together:
+    each variant's own weights and KV cache plus its L2-rotation copies."""
+    sizes = {}
+    for name, alloc in allocations.items():
+        read, own = variant_bytes(space, alloc, regime, element_bytes)
+        sizes[name] = own + (rotation_count(timer.l2_bytes, read, l2_rotations) - 1) * read
+    budget = timer.memory_budget()
+    return memory_groups({n: s for n, s in sizes.items() if n != "dense"},
+                         None if budget is None else max(0, budget - sizes["dense"]))
+
+
 def regime_costs(
     regime: Regime, num_layers: int, options: dict[str, list[int]], stats: dict[str, TimingStats], raw: dict
 ) -> RegimeCosts:
@@ -325,14 +340,8 @@ def measure_regime(
     """`dense` is already on the timer's device in the timed dtype."""
     source = leading_levels(dense, space.shape)
     variants = gpu_variants(space)
-    element_bytes = next(dense.parameters()).element_size()
-    sizes = {}
-    for name, alloc in variants.items():
-        read, own = variant_bytes(space, alloc, regime, element_bytes)
-        sizes[name] = own + (rotation_count(timer.l2_bytes, read, cfg.l2_rotations) - 1) * read
-    budget = timer.memory_budget()
-    groups = memory_groups({n: s for n, s in sizes.items() if n != "dense"},
-                           None if budget is None else max(0, budget - sizes["dense"]))
+    groups = variant_groups(space, variants, regime, timer, cfg.l2_rotations,
+                            next(dense.parameters()).element_size())
     build = {name: (lambda a=alloc: build_deployable(dense, space.shape, a, source, space.rules,
                                                      space.unstructured_format))
              for name, alloc in variants.items()}

@@ -52,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from allocator.core.atomic_io import write_json_atomic
+
 REPO = Path(__file__).resolve().parents[2]
 PLANS = REPO / "runs" / "bench" / "gpu" / "smollm2-135m-plans.json"
 DTYPE = torch.bfloat16
@@ -94,11 +96,8 @@ def cuda_device(dry: bool) -> torch.device:
     return torch.device("cuda")
 
 
-def write(path: Path, data: object, quiet: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)  # whole or not at all, should the step be killed mid-write
+def write(path: Path, data: dict, quiet: bool = False) -> None:
+    write_json_atomic(path, data)  # whole or not at all, should the step be killed mid-write
     if not quiet:
         print(f"wrote {path}", flush=True)
 
@@ -221,18 +220,9 @@ def ceilings(out: Path, dry: bool) -> None:
 
 # ---- smoke: compiled kernels against float64 ----
 
-SMOKE_PATTERNS = (("unstructured", 0.7, "bitmap"), ("unstructured", 0.7, "csr8"), ("nm", (2, 4), None),
-                  ("nm", (4, 8), None), ("block", 0.5, None))
-
-
-def _pattern(kind: str, level: object):
-    from allocator.core.patterns import SparsityPattern
-
-    if kind == "nm":
-        return SparsityPattern("nm", n=level[0], m=level[1])
-    if kind == "block":
-        return SparsityPattern("block", level, block=(16, 16))
-    return SparsityPattern("unstructured", level)
+# (pattern label, unstructured format): every exportable kernel
+SMOKE_PATTERNS = (("unstructured70", "bitmap"), ("unstructured70", "csr8"), ("2:4", None), ("4:8", None),
+                  ("block16x16-50", None))
 
 
 def _rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -240,14 +230,6 @@ def _rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(got).all():
         return float("inf")
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def _pruned(n: int, k: int, pattern, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """A random bf16 weight with `pattern` applied by the mask selection every pruner and the export use."""
-    from allocator.core.patterns import select_mask
-
-    base = torch.randn(n, k, generator=gen, device=device).to(DTYPE)
-    return torch.where(select_mask(base.abs().float(), pattern), base, torch.zeros((), dtype=DTYPE, device=device))
 
 
 def _check(fmt: str, pattern, call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dense: torch.Tensor,
@@ -290,6 +272,7 @@ def smoke(out: Path, dry: bool) -> None:
     import importlib
 
     from allocator.core.formats import export_format
+    from allocator.core.patterns import SparsityPattern, magnitude_prune
     from kernels.sparse_linear import SparseLinear
 
     device = cuda_device(dry)
@@ -305,12 +288,12 @@ def smoke(out: Path, dry: bool) -> None:
         write(out / "smoke.json", {"checks": len(rows), "failed": sum(r["status"] != "ok" for r in rows),
                                    "tolerance": REL_TOL, "rows": rows}, quiet=True)
 
-    for kind, level, fmt_override in SMOKE_PATTERNS:
-        pattern = _pattern(kind, level)
+    for label, fmt_override in SMOKE_PATTERNS:
+        pattern = SparsityPattern.parse(label)
         fmt, params = export_format(pattern, fmt_override)
         module = importlib.import_module(f"kernels.{fmt}")
         for n, k in shapes:
-            dense = _pruned(n, k, pattern, gen, device)
+            dense = magnitude_prune(torch.randn(n, k, generator=gen, device=device).to(DTYPE), pattern)
             w = module.compress(dense, **params)
             bias = torch.randn(n, generator=gen, device=device).to(DTYPE)
             for m in ms:
@@ -451,14 +434,21 @@ def tests(out: Path, dry: bool) -> None:
 
 # ---- models, tables, verify ----
 
-def random_model(name: str, device: torch.device):
-    """A random-weight Llama of the model's real shapes, in bf16 on `device` (built there: an 8B model's init on the
-    CPU would take minutes), rotary frequencies in float32 as a loaded model keeps them."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_config(name: str):
+    """The Llama config of one of MODELS (no special tokens: nothing is tokenized)."""
+    from transformers import LlamaConfig
 
     fields = dict(MODELS[name])
     rope = {"rope_theta": fields.pop("rope_theta"), "rope_type": "default"}
-    config = LlamaConfig(**fields, rope_parameters=rope, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return LlamaConfig(**fields, rope_parameters=rope, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def random_model(name: str, device: torch.device):
+    """A random-weight Llama of the model's real shapes, in bf16 on `device` (built there: an 8B model's init on the
+    CPU would take minutes), rotary frequencies in float32 as a loaded model keeps them."""
+    from transformers import LlamaForCausalLM
+
+    config = model_config(name)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config)
@@ -467,11 +457,12 @@ def random_model(name: str, device: torch.device):
     return model
 
 
-def model_space(name: str, model):
+def model_space(name: str):
+    """The space each model's table is measured in (SPACES)."""
     from allocator.core.config import SpaceConfig
     from allocator.core.space import ModelShape, build_space
 
-    return build_space(ModelShape.from_config(model.config), SpaceConfig(**SPACES[name]))
+    return build_space(ModelShape.from_config(model_config(name)), SpaceConfig(**SPACES[name]))
 
 
 def profile_config(dry: bool):
@@ -494,7 +485,7 @@ def tables(out: Path, dry: bool) -> None:
     for name in campaign_models(dry):
         t0 = time.perf_counter()
         model = random_model(name, device)
-        table, path = profile_gpu(model, model_space(name, model), profile_config(dry), "bfloat16",
+        table, path = profile_gpu(model, model_space(name), profile_config(dry), "bfloat16",
                                   out / "cache", device=device)
         (out / "tables").mkdir(exist_ok=True)
         shutil.copy(path, out / "tables" / f"{name}--{path.name}")
@@ -546,8 +537,8 @@ def verify(out: Path, dry: bool) -> None:
     from allocator.core.space import ATTN, MLP, unit_name
     from allocator.model.sparse_export import build_deployable
     from allocator.model.surgery import leading_levels
-    from profilers.gpu import gpu_regimes, memory_groups, time_models, variant_bytes
-    from profilers.gpu_timing import make_timer, rotation_count
+    from profilers.gpu import gpu_regimes, time_models, variant_groups
+    from profilers.gpu_timing import make_timer
 
     device = cuda_device(dry)
     cfg = profile_config(dry)
@@ -555,7 +546,7 @@ def verify(out: Path, dry: bool) -> None:
     timed: dict[str, dict] = {}
     for name in campaign_models(dry):
         model = random_model(name, device)
-        space = model_space(name, model)
+        space = model_space(name)
         table = model_table(out, name)
         allocs = timed[name] = allocations(name, space)
         source = leading_levels(model, space.shape)
@@ -567,13 +558,8 @@ def verify(out: Path, dry: bool) -> None:
 
             build = {"dense": lambda model=model: model}
             build.update({a: partial(deployable, alloc) for a, alloc in allocs.items()})
-            sizes = {}
-            for a, alloc in allocs.items():
-                read, own = variant_bytes(space, alloc, regime, DTYPE.itemsize)
-                sizes[a] = own + (rotation_count(timer.l2_bytes, read, cfg.l2_rotations) - 1) * read
-            budget = timer.memory_budget()
-            dense_read, _ = variant_bytes(space, space.dense_allocation(), regime, DTYPE.itemsize)
-            groups = memory_groups(sizes, None if budget is None else max(0, budget - dense_read))
+            groups = variant_groups(space, {"dense": space.dense_allocation(), **allocs}, regime, timer,
+                                    cfg.l2_rotations, DTYPE.itemsize)
             stats, info = time_models(build, regime, timer, cfg.warmup, cfg.verify_repeats, cfg.l2_rotations, groups,
                                       desc=f"verify {name} {regime.name}")
             costs = table.regime(regime.name)

@@ -21,12 +21,11 @@ import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from allocator.benchmarks.gpu_campaign import MODELS, SPACES, profile_config
+from allocator.benchmarks.gpu_campaign import MODELS, model_space, profile_config
 from allocator.benchmarks.gpu_campaign import allocations as campaign_allocations
 from allocator.benchmarks.kernels import BASELINE, plot_speedups, result_name
 from allocator.core.atomic_io import write_json_atomic
-from allocator.core.config import SpaceConfig
-from allocator.core.space import ATTN, MLP, ModelShape, build_space, unit_name
+from allocator.core.space import ATTN, MLP, unit_name
 from profilers.devices import DEVICES
 from profilers.gpu import gpu_regimes
 from profilers.registry import TABLES_DIR
@@ -85,16 +84,8 @@ def test_summary(xml_path: Path) -> dict | None:
     return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")} | {"failed": failures}
 
 
-def _space(name: str):
-    from transformers import LlamaConfig
-
-    fields = dict(MODELS[name])
-    fields.pop("rope_theta")
-    return build_space(ModelShape.from_config(LlamaConfig(**fields)), SpaceConfig(**SPACES[name]))
-
-
 def roofline_of(name: str) -> CostTable:
-    return roofline_table(DEVICES["h200"], _space(name), gpu_regimes(profile_config(False)), "bfloat16")
+    return roofline_table(DEVICES["h200"], model_space(name), gpu_regimes(profile_config(False)), "bfloat16")
 
 
 def table_vs_roofline(measured: CostTable, roofline: CostTable) -> dict:
@@ -117,7 +108,8 @@ def timed_allocations(rows: list[dict], recorded: dict[str, dict]) -> dict[str, 
     """Every verified model's allocations: as verify.json recorded them, or rebuilt (campaigns before verify.json
     kept every model's held only the last model's; allocations() is deterministic: the committed plans, uniform and
     seeded random ones)."""
-    return {name: recorded.get(name) or campaign_allocations(name, _space(name)) for name in {r["model"] for r in rows}}
+    return {name: recorded.get(name) or campaign_allocations(name, model_space(name))
+            for name in {r["model"] for r in rows}}
 
 
 def with_roofline(rows: list[dict], allocations: dict[str, dict[str, dict]]) -> list[dict]:

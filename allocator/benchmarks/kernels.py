@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from allocator.benchmarks.common import environment, spread, write_result
 from allocator.core.errors import UserInputError
-from allocator.core.patterns import SparsityPattern, select_mask
+from allocator.core.patterns import SparsityPattern, magnitude_prune
 from kernels.errors import UnsupportedShape
 from profilers.timing import interleaved_schedule
 
@@ -180,10 +180,7 @@ def pruned_weight(base: torch.Tensor, spec: Spec) -> torch.Tensor:
     """`base` pruned to the spec's pattern by magnitude with the mask selection every pruner and the export use
     (allocator.core.patterns.select_mask): unstructured per row, N:M per group, blocks over the whole weight (so
     block-rows end up uneven, as in a pruned model)."""
-    if spec.pattern is None:
-        return base
-    keep = select_mask(base.abs().float(), spec.pattern)
-    return torch.where(keep, base, torch.zeros((), dtype=base.dtype, device=base.device))
+    return base if spec.pattern is None else magnitude_prune(base, spec.pattern)
 
 
 # ---- building the variants (CUDA) ----

@@ -186,6 +186,11 @@ def select_mask(
     return keep_tiles.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
 
 
+def magnitude_prune(weight: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
+    """``weight`` with the entries ``select_mask`` drops by magnitude set to zero (same dtype and device)."""
+    return torch.where(select_mask(weight.abs().float(), pattern), weight, 0.0)
+
+
 def keep_top_per_row(scores: torch.Tensor, n_pruned: int) -> torch.Tensor:
     """Per row of a 2-D tensor, False at the ``n_pruned`` lowest scores, True elsewhere."""
     keep = torch.ones_like(scores, dtype=torch.bool)

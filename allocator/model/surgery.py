@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from allocator.core.config import Runtime
-from allocator.core.patterns import select_mask
+from allocator.core.patterns import magnitude_prune
 from allocator.core.space import (
     ATTN,
     MLP,
@@ -270,8 +270,7 @@ def leading_levels(dense: nn.Module, shape: ModelShape) -> LevelSource:
             block = getattr(layers[layer], BLOCK_ATTRIBUTE[kind])
             weights = {}
             for name in UNIT_LINEARS[kind]:
-                w = getattr(block, name).weight.detach()
-                weights[name] = torch.where(select_mask(w.abs().float(), pattern), w, 0.0)
+                weights[name] = magnitude_prune(getattr(block, name).weight.detach(), pattern)
             return SparseUnitWeights(weights)
         idx = torch.arange(kept)
         if kind == ATTN:
