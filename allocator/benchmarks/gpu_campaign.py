@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from allocator.benchmarks.scale import SHAPES
 from allocator.core.atomic_io import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,14 +61,13 @@ DTYPE = torch.bfloat16
 REL_TOL = 1e-2  # ||y - y64|| / ||y64||: bf16 operands and outputs land between 1e-3 and 1e-2 (METHOD.md)
 
 # Real shapes (Llama config fields). SmolLM2-135M: the embedded model's config as transformers loads it; Llama-3-8B:
-# meta-llama/Meta-Llama-3-8B's config.json.
+# its published shape (allocator.benchmarks.scale.SHAPES, from meta-llama/Meta-Llama-3-8B's config.json).
 MODELS: dict[str, dict] = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
                          tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
-                      tie_word_embeddings=False, rope_theta=500000.0, rms_norm_eps=1e-5),
+    "llama3-8b": dict(SHAPES["llama3-8b"], head_dim=128, max_position_embeddings=8192, tie_word_embeddings=False,
+                      rms_norm_eps=1e-5),
     # --dry-run only: two layers, two MLP widths
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
